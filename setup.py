@@ -1,0 +1,61 @@
+"""Build megatron_lite and its optional native extensions.
+
+Extensions (each optional; the pure-Python reference runs when one is missing):
+  megatron_lite._data_helpers  csrc/data_helpers.cpp  pybind11: sample-index and blend-index builders
+  megatron_lite._rope_ops      csrc/rope.cpp (+ csrc/rope_cuda.cu when CUDA is available)
+                               torch custom op: fused RoPE forward/backward (CPU OpenMP kernel)
+
+Install with ``pip install --no-build-isolation -e .`` so the build sees the installed torch
+(an isolated build would fetch a different torch wheel).
+"""
+
+import os
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _extensions():
+    exts, cmdclass = [], {}
+    if os.environ.get("MEGATRON_LITE_NO_EXT") == "1":
+        return exts, cmdclass
+    data_src = os.path.join("csrc", "data_helpers.cpp")
+    if os.path.exists(os.path.join(HERE, data_src)):
+        from pybind11.setup_helpers import Pybind11Extension
+
+        exts.append(Pybind11Extension("megatron_lite._data_helpers", [data_src],
+                                      extra_compile_args=["-O3"], cxx_std=17))
+    rope_src = os.path.join("csrc", "rope.cpp")
+    if os.path.exists(os.path.join(HERE, rope_src)):
+        import torch
+        from torch.utils import cpp_extension
+
+        sources = [rope_src]
+        use_cuda = torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None and \
+            os.path.exists(os.path.join(HERE, "csrc", "rope_cuda.cu"))
+        define = []
+        if use_cuda:
+            sources.append(os.path.join("csrc", "rope_cuda.cu"))
+            define = [("WITH_CUDA", None)]
+            ext_cls = cpp_extension.CUDAExtension
+        else:
+            ext_cls = cpp_extension.CppExtension
+        exts.append(ext_cls("megatron_lite._rope_ops", sources, define_macros=define,
+                            extra_compile_args={"cxx": ["-O3", "-fopenmp"], "nvcc": ["-O3"]},
+                            extra_link_args=["-fopenmp"]))
+        cmdclass["build_ext"] = cpp_extension.BuildExtension.with_options(use_ninja=True)
+    return exts, cmdclass
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="megatron_lite",
+    version="0.1.0",
+    description="Megatron-style pretraining / CPT of LLaMA-style models: TP, packing, DeepSpeed ZeRO",
+    packages=find_packages(include=["megatron_lite", "megatron_lite.*"]),
+    python_requires=">=3.10",
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
