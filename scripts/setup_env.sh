@@ -15,7 +15,6 @@ _STAMP="$_ROOT/.venv/.megatron_lite_installed"
 _HASH="$(cat "$_ROOT/requirements.txt" "$_ROOT/requirements-dev.txt" "$_ROOT/setup.py" "$_ROOT"/csrc/* 2>/dev/null | sha256sum | cut -c1-16)"
 if [ ! -f "$_STAMP" ] || [ "$(cat "$_STAMP")" != "$_HASH" ]; then
   echo "[setup] installing requirements (first run: a few minutes)"
-  python -m pip install -q --upgrade pip >/dev/null
   python -m pip install -q -r "$_ROOT/requirements-dev.txt"
   echo "[setup] building megatron_lite (C++ extensions)"
   python -m pip install -q --no-build-isolation -e "$_ROOT"
