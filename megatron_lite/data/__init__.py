@@ -1,0 +1,1 @@
+"""Data pipeline: indexed token files, packing GPT dataset, blending, samplers, batches."""
