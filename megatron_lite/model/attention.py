@@ -1,0 +1,255 @@
+"""Causal self-attention kernels with document boundaries (packed samples) and GQA.
+
+All backends share one contract, :func:`attention_forward`, and agree with the ``eager`` reference
+(``tests/test_attention.py``). Document boundaries come as ``cu_seqlens`` in the flash-attn varlen
+format: offsets into the flattened ``b*s`` token stream, every row starting a new segment; no
+token attends to a token of another segment.
+
+Backends (``--attention-backend``):
+  flash  flash-attn ``flash_attn_varlen_func`` (CUDA, fp16/bf16, only when importable).
+  sdpa   ``torch.nn.functional.scaled_dot_product_attention``: one causal call per document, or a
+         dense block-diagonal causal mask when documents are short (a Python loop over hundreds of
+         tiny documents costs more than the masked dense kernel). Measured on torch 2.13 CPU
+         (b=4, s=1024, 8x64 heads, 4 docs/row, fwd+bwd): per-document loop 0.18 s = unmasked causal
+         SDPA, dense mask 0.26 s; the two agree to 3e-6.
+  flex   ``torch.nn.attention.flex_attention`` with a document-causal block mask. torch 2.13 has
+         no FlexAttention backward on CPU, so on CPU it serves inference only (raises if grads needed).
+  eager  plain softmax(QK^T * scale + mask) V in fp32: the reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_BACKENDS = ("auto", "flash", "sdpa", "flex", "eager")
+
+# A per-document SDPA loop is used while documents average at least this many tokens; below it the
+# Python loop overhead dominates and one dense block-diagonal masked call is faster.
+_MIN_AVG_DOC_TOKENS_FOR_LOOP = 128
+
+_announced: set[tuple[str, str]] = set()
+
+
+def flash_attn_available() -> bool:
+    """True when ``flash_attn.flash_attn_varlen_func`` imports and CUDA is available."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from flash_attn import flash_attn_varlen_func  # noqa: F401
+    except Exception:  # ImportError, or a broken build raising OSError / RuntimeError
+        return False
+    return True
+
+
+def flex_attention_available() -> bool:
+    """True when ``torch.nn.attention.flex_attention`` exists in this torch."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_attention_backend(name: str, device, dtype: torch.dtype | None = None) -> str:
+    """Map ``--attention-backend`` to a concrete backend for ``device``.
+
+    ``auto`` picks the fastest available: flash on CUDA when flash-attn imports (and ``dtype`` is
+    fp16/bf16 or unknown), else sdpa (on CPU sdpa's per-document loop matched unmasked causal SDPA,
+    and flex has no CPU backward). The choice for ``auto`` is printed once per (device type, result).
+
+    Args:
+        name: one of ``auto|flash|sdpa|flex|eager``.
+        device: torch.device or str the model runs on.
+        dtype: optional model dtype; flash-attn has no fp32 kernel.
+
+    Returns:
+        the concrete backend name.
+
+    Raises:
+        ValueError: unknown name, or ``flash`` requested where flash-attn cannot run.
+    """
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"--attention-backend {name!r} unknown; choose one of {', '.join(ATTENTION_BACKENDS)}")
+    dev_type = torch.device(device).type
+    if name == "flash":
+        if dev_type != "cuda" or not flash_attn_available():
+            raise ValueError("--attention-backend flash needs CUDA and an importable flash_attn "
+                             "(pip install flash-attn); use --attention-backend sdpa instead")
+        if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"--attention-backend flash supports fp16/bf16 only, model dtype is {dtype}; "
+                             "use --bf16 or --attention-backend sdpa")
+        return name
+    if name == "flex" and not flex_attention_available():
+        raise ValueError("--attention-backend flex needs torch>=2.5 (torch.nn.attention.flex_attention)")
+    if name != "auto":
+        return name
+    half = dtype is None or dtype in (torch.float16, torch.bfloat16)
+    chosen = "flash" if dev_type == "cuda" and half and flash_attn_available() else "sdpa"
+    if (dev_type, chosen) not in _announced:
+        _announced.add((dev_type, chosen))
+        print(f"[megatron_lite] --attention-backend auto -> {chosen} on {dev_type}", flush=True)
+    return chosen
+
+
+def _check_inputs(q, k, v, cu_seqlens):
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"attention expects q [b, s, hq, d], k/v [b, s, hk, d]; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    b, s, hq, d = q.shape
+    if k.shape[0] != b or k.shape[1] != s or k.shape[3] != d:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on b, s or head dim")
+    if hq % k.shape[2]:
+        raise ValueError(f"GQA needs query heads ({hq}) divisible by key/value heads ({k.shape[2]})")
+    if cu_seqlens is None:
+        return None
+    bounds = [int(x) for x in cu_seqlens.tolist()]
+    if bounds[0] != 0 or bounds[-1] != b * s or any(e <= st for st, e in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens must rise strictly from 0 to b*s={b * s}; got {bounds[:8]}...")
+    missing = set(range(0, b * s, s)) - set(bounds)
+    if missing:
+        raise ValueError(f"cu_seqlens must start a segment at every row start (multiples of s={s}); "
+                         f"missing {sorted(missing)[:4]}")
+    return bounds
+
+
+def _document_ids(bounds: list[int], b: int, s: int, device) -> torch.Tensor:
+    """Segment index of every token, [b, s] int32 (segments numbered over the flattened stream)."""
+    lengths = torch.tensor([e - st for st, e in zip(bounds, bounds[1:])], device=device)
+    ids = torch.repeat_interleave(torch.arange(len(lengths), device=device, dtype=torch.int32), lengths)
+    return ids.view(b, s)
+
+
+def _doc_causal_mask(bounds: list[int] | None, b: int, s: int, device) -> torch.Tensor:
+    """Boolean [b, 1, s, s] mask, True where query i may attend key j (same document, j <= i)."""
+    causal = torch.ones(s, s, dtype=torch.bool, device=device).tril()
+    if bounds is None:
+        return causal.expand(b, 1, s, s)
+    doc = _document_ids(bounds, b, s, device)
+    return (doc[:, :, None] == doc[:, None, :]).unsqueeze(1) & causal
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[b, s, hk, d] -> [b, s, hk * n_rep, d]; query head j reads kv head j // n_rep (HF repeat_kv)."""
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=2)
+
+
+def _eager(q, k, v, bounds, scale):
+    b, s, hq, _ = q.shape
+    n_rep = hq // k.shape[2]
+    qf, kf, vf = (t.float().transpose(1, 2) for t in (q, _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)))
+    scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # [b, hq, s, s]
+    scores = scores.masked_fill(~_doc_causal_mask(bounds, b, s, q.device), float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1), vf)
+    return out.transpose(1, 2).to(q.dtype)
+
+
+def _sdpa_call(q, k, v, scale, **kw):
+    """SDPA on [b, s, h, d] tensors (transposed to [b, h, s, d] for the kernel and back)."""
+    gqa = q.shape[2] != k.shape[2]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         scale=scale, enable_gqa=gqa, **kw)
+    return out.transpose(1, 2)
+
+
+def _sdpa(q, k, v, bounds, scale):
+    b, s, hq, d = q.shape
+    if bounds is None or len(bounds) - 1 == b:  # one segment per row: plain causal
+        return _sdpa_call(q, k, v, scale, is_causal=True)
+    n_docs = len(bounds) - 1
+    if b * s / n_docs < _MIN_AVG_DOC_TOKENS_FOR_LOOP:
+        return _sdpa_call(q, k, v, scale, attn_mask=_doc_causal_mask(bounds, b, s, q.device))
+    # Per-document loop over the flattened stream; segments never cross rows (checked above).
+    qf, kf, vf = (t.reshape(b * s, t.shape[2], d) for t in (q, k, v))
+    pieces = [_sdpa_call(qf[st:e][None], kf[st:e][None], vf[st:e][None], scale, is_causal=True)[0]
+              for st, e in zip(bounds, bounds[1:])]
+    return torch.cat(pieces, dim=0).view(b, s, hq, d)
+
+
+def _flex(q, k, v, bounds, scale):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise RuntimeError("--attention-backend flex has no backward on CPU in this torch (FlexAttention "
+                           "CPU backward is not implemented); use --attention-backend sdpa for CPU "
+                           "training, or run under torch.no_grad() for inference")
+    b, s, hq, _ = q.shape
+    if bounds is None:
+        def mask_mod(b_idx, h_idx, q_idx, kv_idx):
+            return q_idx >= kv_idx
+        mask_b = None
+    else:
+        doc = _document_ids(bounds, b, s, q.device)
+
+        def mask_mod(b_idx, h_idx, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (doc[b_idx, q_idx] == doc[b_idx, kv_idx])
+        mask_b = b
+    block_mask = create_block_mask(mask_mod, mask_b, None, s, s, device=q.device)
+    # Eager flex materialises the full score matrix; on CUDA compile it into the fused kernel.
+    flex = _compiled_flex(flex_attention) if q.device.type == "cuda" else flex_attention
+    out = flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
+                         scale=scale, enable_gqa=hq != k.shape[2])
+    return out.transpose(1, 2)
+
+
+_COMPILED_FLEX = []
+
+
+def _compiled_flex(fn):
+    if not _COMPILED_FLEX:
+        _COMPILED_FLEX.append(torch.compile(fn, dynamic=False))
+    return _COMPILED_FLEX[0]
+
+
+def _flash(q, k, v, bounds, max_seqlen, scale):
+    from flash_attn import flash_attn_varlen_func
+
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"flash-attn supports fp16/bf16 only, got {q.dtype}; use --bf16 or --attention-backend sdpa")
+    b, s, hq, d = q.shape
+    if bounds is None:
+        bounds, max_seqlen = list(range(0, b * s + 1, s)), s
+    cu = torch.tensor(bounds, dtype=torch.int32, device=q.device)
+    if max_seqlen is None:
+        max_seqlen = max(e - st for st, e in zip(bounds, bounds[1:]))
+    flat = [t.reshape(b * s, t.shape[2], d) for t in (q, k, v)]
+    out = flash_attn_varlen_func(*flat, cu, cu, max_seqlen, max_seqlen, dropout_p=0.0,
+                                 softmax_scale=scale, causal=True)
+    return out.view(b, s, hq, d)
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None,
+                      max_seqlen: int | None, backend: str, softmax_scale: float | None = None) -> torch.Tensor:
+    """Causal, document-masked attention with GQA.
+
+    Args:
+        q: [b, s, hq, d] queries (this rank's heads).
+        k, v: [b, s, hk, d] keys / values, hq % hk == 0 (query head j uses kv head j // (hq/hk)).
+        cu_seqlens: [n+1] int32 document boundaries in the flattened b*s stream (0, ..., b*s; every
+            multiple of s present), or None for one causal segment per row.
+        max_seqlen: longest segment in tokens (flash only; computed if None).
+        backend: a concrete backend (``flash|sdpa|flex|eager``) or ``auto`` (resolved for q's device).
+        softmax_scale: multiplier on QK^T, default 1/sqrt(d).
+
+    Returns:
+        [b, s, hq, d] in q's dtype.
+
+    Raises:
+        ValueError: bad shapes, malformed cu_seqlens, unknown backend.
+        RuntimeError: flex with gradients on CPU.
+    """
+    bounds = _check_inputs(q, k, v, cu_seqlens)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if backend == "auto":
+        backend = resolve_attention_backend("auto", q.device, q.dtype)
+    if backend == "eager":
+        return _eager(q, k, v, bounds, scale)
+    if backend == "sdpa":
+        return _sdpa(q, k, v, bounds, scale)
+    if backend == "flex":
+        return _flex(q, k, v, bounds, scale)
+    if backend == "flash":
+        return _flash(q, k, v, bounds, max_seqlen, scale)
+    raise ValueError(f"--attention-backend {backend!r} unknown; choose one of {', '.join(ATTENTION_BACKENDS)}")
