@@ -1,0 +1,300 @@
+"""Per-device memory estimate for one training rank: model states under ZeRO 0-3 and activations.
+
+Everything here is plain arithmetic on integers (bytes), so it runs for a 13B model on a laptop.
+
+Model states follow the ZeRO paper (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward
+Training Trillion Parameter Models", sections 3.1 and 5.1, figure 1): with mixed-precision Adam a
+model of Ψ parameters holds 2Ψ bytes of 16-bit weights, 2Ψ bytes of 16-bit gradients and KΨ bytes of
+optimizer state (K = 12: fp32 master weights, momentum, variance). Stage 1 divides the K term by the
+data-parallel degree N_d, stage 2 also the gradients, stage 3 also the weights.
+
+Activations follow Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
+Models", section 4 (eq. 1: s·b·h·(34 + 5·a·s/h) bytes per layer for GPT with 16-bit activations,
+eq. 2-4 for tensor and sequence parallelism and selective recomputation). The GPT terms are rederived
+for a LLaMA block; the adjustments are listed in :func:`activation_bytes_per_layer`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+GiB = 1024 ** 3
+
+RECOMPUTE_CHOICES = ("none", "selective", "full")
+
+
+def precision_bytes(precision: str) -> tuple[int, int, int]:
+    """Bytes per parameter for (weights, gradients, optimizer states) with Adam/AdamW.
+
+    Args:
+        precision: ``"bf16"`` or ``"fp16"`` (mixed precision: 16-bit weights and gradients, fp32
+            master copy + momentum + variance, K = 12 in the ZeRO paper) or ``"fp32"`` (fp32 weights
+            and gradients, momentum + variance only, K = 8).
+
+    Returns:
+        ``(param_bytes, grad_bytes, optimizer_bytes)`` per parameter.
+
+    Raises:
+        ValueError: unknown precision.
+    """
+    if precision in ("bf16", "fp16"):
+        return 2, 2, 12
+    if precision == "fp32":
+        return 4, 4, 8
+    raise ValueError(f"precision must be one of bf16, fp16, fp32 (got {precision!r})")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelStateMemory:
+    """Model-state bytes held by one rank (GPU) and the bytes offloaded to host memory.
+
+    Attributes:
+        weights, gradients, optimizer: device bytes.
+        weights_host, optimizer_host: bytes kept in CPU memory by ZeRO-Offload / ZeRO-Infinity.
+    """
+
+    weights: int
+    gradients: int
+    optimizer: int
+    weights_host: int = 0
+    optimizer_host: int = 0
+
+    @property
+    def total(self) -> int:
+        """Device bytes of weights + gradients + optimizer states."""
+        return self.weights + self.gradients + self.optimizer
+
+
+def model_state_memory(num_params: int, data_parallel_size: int, zero_stage: int,
+                       precision: str = "bf16", offload_optimizer: bool = False,
+                       offload_params: bool = False) -> ModelStateMemory:
+    """Weights, gradients and optimizer states on one rank under a ZeRO stage.
+
+    Formula (ZeRO paper, section 5.1 / figure 1), Ψ = ``num_params`` held by this rank before
+    ZeRO partitioning (already divided by TP), N_d = ``data_parallel_size``, (p, g, K) from
+    :func:`precision_bytes`:
+
+    - stage 0: pΨ + gΨ + KΨ
+    - stage 1 (P_os): pΨ + gΨ + KΨ/N_d
+    - stage 2 (P_os+g): pΨ + (g + K)Ψ/N_d
+    - stage 3 (P_os+g+p): (p + g + K)Ψ/N_d
+
+    ``offload_optimizer`` (ZeRO-Offload, Ren et al. 2021) moves the K term of this rank's partition
+    to host memory; ``offload_params`` (ZeRO-Infinity, stage 3 only) moves the 16-bit weight
+    partition there too. Gradients stay counted on the device: DeepSpeed reduces them there before
+    copying to the host, so this is the conservative figure. Partition sizes round up (ceil).
+
+    Args:
+        num_params: parameters on this rank before ZeRO (per-TP-rank shard count).
+        data_parallel_size: N_d, ranks that ZeRO partitions over.
+        zero_stage: 0, 1, 2 or 3.
+        precision: see :func:`precision_bytes`.
+        offload_optimizer: optimizer states on CPU (needs stage >= 1).
+        offload_params: parameters on CPU (needs stage 3).
+
+    Returns:
+        :class:`ModelStateMemory` in bytes.
+
+    Raises:
+        ValueError: bad stage, a non-positive size, or an offload the stage does not support
+            (DeepSpeed rejects the same combinations).
+    """
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"--zero-stage must be 0, 1, 2 or 3 (got {zero_stage})")
+    if num_params <= 0 or data_parallel_size <= 0:
+        raise ValueError(f"num_params and data_parallel_size must be positive "
+                         f"(got {num_params}, {data_parallel_size})")
+    if offload_optimizer and zero_stage == 0:
+        raise ValueError("--offload-optimizer needs --zero-stage 1, 2 or 3")
+    if offload_params and zero_stage != 3:
+        raise ValueError("--offload-params needs --zero-stage 3")
+    p, g, k = precision_bytes(precision)
+    part = -(-num_params // data_parallel_size)  # ceil: the last rank's partition is padded
+    weights = p * (part if zero_stage >= 3 else num_params)
+    grads = g * (part if zero_stage >= 2 else num_params)
+    optim = k * (part if zero_stage >= 1 else num_params)
+    weights_host = optim_host = 0
+    if offload_optimizer:
+        optim_host, optim = optim, 0
+    if offload_params:
+        weights_host, weights = weights, 0
+    return ModelStateMemory(weights, grads, optim, weights_host, optim_host)
+
+
+def activation_bytes_per_layer(seq_length: int, micro_batch_size: int, hidden_size: int,
+                               num_attention_heads: int, num_query_groups: int,
+                               ffn_hidden_size: int, tensor_parallel_size: int = 1,
+                               sequence_parallel: bool = False, flash_attention: bool = True,
+                               recompute: str = "none", bytes_per_element: int = 2) -> int:
+    """Activation bytes one LLaMA decoder layer keeps for its backward pass, on one TP rank.
+
+    Starting point: Korthikanti et al. 2022, eq. 1, s·b·h·(34 + 5·a·s/h) bytes per GPT layer
+    (16-bit tensors, 1-byte dropout masks). Adjustments for the LLaMA block, each term being a
+    tensor autograd saves (s = seq_length, b = micro batch, h = hidden, a = heads,
+    g = query groups, f = ffn hidden, p = ``bytes_per_element``, t = TP):
+
+    - no dropout (LLaMA trains without it): the three masks (sbh + sbh + a·s²·b bytes) and the
+      separate post-dropout attention probabilities are gone; the softmax output (p·a·s²·b) is
+      stored once and serves both the softmax and the probs·V backward.
+    - RMSNorm instead of LayerNorm: its input is still saved, 2 norms × p·sbh.
+    - GQA: K and V are h·g/a wide, so Q + K + V saved for the score and value matmuls cost
+      p·sbh·(1 + 2g/a) instead of GPT's 3·p·sbh (MHA, g = a, gives the GPT term back).
+    - SwiGLU with an eager (unfused) implementation: the MLP input (p·sbh, shared by gate and up
+      projections), the gate output (SiLU input), the SiLU output, the up output and their product
+      (down-projection input): 4·p·sbf, replacing GPT's 16·p·sbh GeLU MLP.
+    - RoPE saves only its cos/sin tables (shared, not per layer); the rotated Q and K are the
+      tensors counted above.
+    - flash attention (flash-attn, SDPA flash/memory-efficient kernels) keeps no s² matrix, only
+      the fp32 log-sum-exp per query and head: 4·a·s·b bytes.
+
+    Per layer without recompute: p·sbh·(4 + 2 + 2g/a) + 4·p·sbf + scores, where the 4·p·sbh
+    (norm inputs, QKV input, MLP input) are replicated over TP unless sequence parallelism splits
+    them (Korthikanti eq. 2 vs 3) and everything else is split by t.
+    ``recompute="selective"`` drops the score term, recomputing core attention (Korthikanti
+    section 4.2, eq. 4);
+    ``recompute="full"`` keeps only the layer input p·sbh (/t with SP); the recomputed layer's
+    working set is added once by :func:`activation_memory`.
+
+    Args:
+        seq_length: s, tokens per sample.
+        micro_batch_size: b, samples per micro-batch.
+        hidden_size: h.
+        num_attention_heads: a (whole model, not per rank).
+        num_query_groups: g, K/V heads (g = a for MHA).
+        ffn_hidden_size: f, SwiGLU intermediate size.
+        tensor_parallel_size: t.
+        sequence_parallel: whether norm/dropout-region activations are split over TP.
+        flash_attention: a kernel that never stores the s×s score matrix.
+        recompute: ``"none"``, ``"selective"`` or ``"full"``.
+        bytes_per_element: 2 for bf16/fp16 activations, 4 for fp32.
+
+    Returns:
+        Bytes per layer per TP rank (int, rounded up).
+
+    Raises:
+        ValueError: unknown recompute mode or non-positive sizes.
+    """
+    if recompute not in RECOMPUTE_CHOICES:
+        raise ValueError(f"recompute must be one of {RECOMPUTE_CHOICES} (got {recompute!r})")
+    s, b, h, a, g, f, t = (seq_length, micro_batch_size, hidden_size, num_attention_heads,
+                           num_query_groups, ffn_hidden_size, tensor_parallel_size)
+    if min(s, b, h, a, g, f, t) <= 0:
+        raise ValueError("activation sizes must all be positive")
+    p = bytes_per_element
+    sbh = s * b * h
+    if recompute == "full":
+        return -(-p * sbh // (t if sequence_parallel else 1))
+    replicated = 4 * p * sbh                                   # 2 norm inputs, QKV input, MLP input
+    split = p * sbh * (2 + 2 * g / a) + 4 * p * s * b * f      # Q, K, V, attn out; SwiGLU tensors
+    if recompute == "selective":
+        scores = 0                                             # core attention recomputed
+    elif flash_attention:
+        scores = 4 * a * s * b                                 # fp32 log-sum-exp
+    else:
+        scores = p * a * s * s * b                             # softmax output
+    total = (replicated / (t if sequence_parallel else 1)) + (split + scores) / t
+    return int(-(-total // 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationMemory:
+    """Activation bytes on one rank for one micro-batch in flight.
+
+    Attributes:
+        per_layer: bytes one layer keeps (see :func:`activation_bytes_per_layer`).
+        layers: ``per_layer × num_layers``.
+        recompute_working: one layer's full activations rebuilt during backward (full recompute).
+        output_layer: final-norm input, LM-head input and the fp32 logits/softmax of the loss.
+        total: sum of the above.
+    """
+
+    per_layer: int
+    layers: int
+    recompute_working: int
+    output_layer: int
+
+    @property
+    def total(self) -> int:
+        """Sum of all terms, bytes."""
+        return self.layers + self.recompute_working + self.output_layer
+
+
+def activation_memory(seq_length: int, micro_batch_size: int, hidden_size: int,
+                      num_attention_heads: int, num_query_groups: int, ffn_hidden_size: int,
+                      num_layers: int, padded_vocab_size: int, tensor_parallel_size: int = 1,
+                      sequence_parallel: bool = False, flash_attention: bool = True,
+                      recompute: str = "none", bytes_per_element: int = 2) -> ActivationMemory:
+    """Activation memory of the whole model for one micro-batch on one TP rank.
+
+    Layers as in :func:`activation_bytes_per_layer`. With full recompute the layer being
+    recomputed holds its no-recompute activations once (Korthikanti et al. 2022, section 4:
+    "2sbhL" stored plus one layer's working set). The output layer (Korthikanti section 4.3,
+    adapted): final RMSNorm input and LM-head input, p·sbh each (replicated unless SP), plus the
+    vocab-parallel loss's fp32 logits and their softmax/gradient buffer, 2 × 4·s·b·V/t bytes.
+
+    Args:
+        num_layers: L.
+        padded_vocab_size: V (padded, whole model).
+        Others: as in :func:`activation_bytes_per_layer`.
+
+    Returns:
+        :class:`ActivationMemory` in bytes.
+    """
+    kw = dict(seq_length=seq_length, micro_batch_size=micro_batch_size, hidden_size=hidden_size,
+              num_attention_heads=num_attention_heads, num_query_groups=num_query_groups,
+              ffn_hidden_size=ffn_hidden_size, tensor_parallel_size=tensor_parallel_size,
+              sequence_parallel=sequence_parallel, flash_attention=flash_attention,
+              bytes_per_element=bytes_per_element)
+    per_layer = activation_bytes_per_layer(recompute=recompute, **kw)
+    working = activation_bytes_per_layer(recompute="none", **kw) if recompute == "full" else 0
+    t = tensor_parallel_size
+    sb = seq_length * micro_batch_size
+    head_inputs = 2 * bytes_per_element * sb * hidden_size // (t if sequence_parallel else 1)
+    logits = 2 * 4 * sb * (-(-padded_vocab_size // t))
+    return ActivationMemory(per_layer, per_layer * num_layers, working, head_inputs + logits)
+
+
+def zero3_working_bytes(layer_params: int, precision: str = "bf16") -> int:
+    """Transient device bytes ZeRO-3 needs for gathered parameters and unreduced gradients.
+
+    DeepSpeed stage 3 all-gathers a layer's 16-bit weights just before use and prefetches the
+    next one, and a layer's full gradients exist until they are reduce-scattered. Estimate:
+    two layers of gathered weights + one layer of gradients, (2p + g)·layer_params.
+
+    Args:
+        layer_params: parameters of one decoder layer on this TP rank.
+        precision: see :func:`precision_bytes`.
+
+    Returns:
+        Bytes.
+    """
+    p, g, _ = precision_bytes(precision)
+    return (2 * p + g) * layer_params
+
+
+def largest_micro_batch(total_bytes_for, budget_bytes: int, limit: int = 4096) -> int:
+    """Largest micro-batch size b with ``total_bytes_for(b) <= budget_bytes``.
+
+    ``total_bytes_for`` must be non-decreasing in b (activations grow linearly with b), so a
+    binary search is exact.
+
+    Args:
+        total_bytes_for: callable b -> per-device bytes.
+        budget_bytes: device memory available, bytes.
+        limit: upper bound searched (samples).
+
+    Returns:
+        The largest fitting b, or 0 when even b = 1 does not fit.
+    """
+    if total_bytes_for(1) > budget_bytes:
+        return 0
+    lo, hi = 1, limit
+    if total_bytes_for(hi) <= budget_bytes:
+        return hi
+    while hi - lo > 1:  # invariant: lo fits, hi does not
+        mid = (lo + hi) // 2
+        if total_bytes_for(mid) <= budget_bytes:
+            lo = mid
+        else:
+            hi = mid
+    return lo

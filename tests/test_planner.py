@@ -1,0 +1,170 @@
+"""Planner formulas against hand-computed values: ZeRO memory, activations, time/cost, Chinchilla."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megatron_lite.planning import chinchilla, memory, time_cost
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------- ZeRO model states (ZeRO paper)
+def test_zero_stages_match_paper_example():
+    # ZeRO paper figure 1: Ψ = 7.5B, N_d = 64, K = 12 -> 120 GB, 31.4 GB, 16.6 GB, 1.9 GB.
+    psi, nd = 7.5e9, 64
+    got = [memory.model_state_memory(int(psi), nd, st).total / 1e9 for st in range(4)]
+    assert got[0] == pytest.approx(120.0)
+    assert got[1] == pytest.approx(2 * 7.5 + 2 * 7.5 + 12 * 7.5 / 64, rel=1e-6)  # 31.40625
+    assert round(got[1], 1) == 31.4
+    assert got[2] == pytest.approx(2 * 7.5 + 14 * 7.5 / 64, rel=1e-6)
+    assert round(got[2], 1) == 16.6
+    assert got[3] == pytest.approx(16 * 7.5 / 64, rel=1e-6)
+    assert round(got[3], 1) == 1.9
+
+
+def test_zero_stage_terms_exact_and_offload():
+    m = memory.model_state_memory(1000, 8, 2, "bf16")
+    assert (m.weights, m.gradients, m.optimizer) == (2000, 2 * 125, 12 * 125)
+    m = memory.model_state_memory(1001, 8, 3, "bf16")  # ceil partition: 126
+    assert (m.weights, m.gradients, m.optimizer) == (252, 252, 12 * 126)
+    m = memory.model_state_memory(1000, 4, 3, "bf16", offload_optimizer=True, offload_params=True)
+    assert (m.weights, m.gradients, m.optimizer) == (0, 500, 0)
+    assert (m.weights_host, m.optimizer_host) == (500, 3000)
+    m = memory.model_state_memory(1000, 4, 0, "fp32")
+    assert (m.weights, m.gradients, m.optimizer) == (4000, 4000, 8000)
+    with pytest.raises(ValueError, match="offload-params needs --zero-stage 3"):
+        memory.model_state_memory(1000, 4, 2, offload_params=True)
+    with pytest.raises(ValueError, match="offload-optimizer"):
+        memory.model_state_memory(1000, 4, 0, offload_optimizer=True)
+    with pytest.raises(ValueError, match="zero-stage"):
+        memory.model_state_memory(1000, 4, 4)
+
+
+# ---------------------------------------------------------------- activations (Korthikanti et al.)
+def test_activation_per_layer_by_hand():
+    s, b, h, a, g, f = 8, 2, 16, 4, 2, 40
+    # no flash, no recompute, TP=1, 2-byte: 4·2·sbh + 2·sbh(2 + 2g/a) + 4·2·sbf + 2·a·s²·b
+    sbh, sbf = s * b * h, s * b * f
+    want = 8 * sbh + 2 * sbh * 3 + 8 * sbf + 2 * a * s * s * b
+    got = memory.activation_bytes_per_layer(s, b, h, a, g, f, flash_attention=False)
+    assert got == want == 2048 + 1536 + 5120 + 1024
+    # flash: the s² term becomes the fp32 log-sum-exp 4·a·s·b
+    assert memory.activation_bytes_per_layer(s, b, h, a, g, f) == 2048 + 1536 + 5120 + 4 * a * s * b
+    # selective drops the score term; full keeps the layer input only
+    assert memory.activation_bytes_per_layer(s, b, h, a, g, f, flash_attention=False,
+                                             recompute="selective") == 2048 + 1536 + 5120
+    assert memory.activation_bytes_per_layer(s, b, h, a, g, f, recompute="full") == 2 * sbh
+    # TP=2 without SP: replicated 4·p·sbh stays, the rest halves; with SP everything halves
+    t2 = memory.activation_bytes_per_layer(s, b, h, a, g, f, tensor_parallel_size=2,
+                                           flash_attention=False)
+    assert t2 == 2048 + (1536 + 5120 + 1024) // 2
+    t2sp = memory.activation_bytes_per_layer(s, b, h, a, g, f, tensor_parallel_size=2,
+                                             sequence_parallel=True, flash_attention=False)
+    assert t2sp == want // 2
+
+
+def test_activation_gpt_limit_matches_korthikanti_attention_term():
+    # For MHA (g = a) our attention part is Korthikanti's 11sbh + 5as²b minus the dropout terms
+    # (sbh mask, 2as²b dropout output, as²b mask): 10sbh + 2as²b for 16-bit activations.
+    s, b, h, a = 128, 1, 64, 4
+    f_zero_like = 1  # isolate attention: MLP part 4·2·s·b·1
+    got = memory.activation_bytes_per_layer(s, b, h, a, a, f_zero_like, flash_attention=False)
+    mlp = 2 * s * b * h + 8 * s * b * f_zero_like  # MLP input + SwiGLU tensors
+    norms = 2 * 2 * s * b * h
+    attn = got - mlp - norms
+    sbh, as2b = s * b * h, a * s * s * b
+    # ours: QKV input + Q + K + V + attention output = 10·sbh, softmax output 2·as²b
+    assert attn == 10 * sbh + 2 * as2b
+    assert attn == (11 * sbh + 5 * as2b) - (sbh + 3 * as2b)
+
+
+def test_activation_memory_totals_and_recompute_working():
+    kw = dict(seq_length=16, micro_batch_size=1, hidden_size=8, num_attention_heads=2,
+              num_query_groups=2, ffn_hidden_size=24, num_layers=3, padded_vocab_size=128)
+    none = memory.activation_memory(**kw, flash_attention=False)
+    assert none.layers == 3 * none.per_layer and none.recompute_working == 0
+    assert none.output_layer == 2 * 2 * 16 * 8 + 8 * 16 * 128
+    full = memory.activation_memory(**kw, flash_attention=False, recompute="full")
+    assert full.per_layer == 2 * 16 * 8
+    assert full.recompute_working == none.per_layer
+    assert full.total == 3 * 256 + none.per_layer + none.output_layer
+
+
+def test_largest_micro_batch_binary_search():
+    assert memory.largest_micro_batch(lambda b: 100 + 7 * b, 100 + 7 * 13) == 13
+    assert memory.largest_micro_batch(lambda b: 100 + 7 * b, 100 + 7 * 13 - 1) == 12
+    assert memory.largest_micro_batch(lambda b: 100 + 7 * b, 106) == 0
+    assert memory.largest_micro_batch(lambda b: b, 10 ** 9, limit=64) == 64
+
+
+# ---------------------------------------------------------------- time and cost
+def test_recipe_llama65b_days():
+    # 8 · 6.5e10 · 1.4e12 / (2048 · 2e14) = 7.28e23 / 4.096e17 = 1,777,343.75 s = 20.57 days
+    sec = time_cost.recipe_training_seconds(6.5e10, 1.4e12, 2048, 2e14)
+    assert sec == pytest.approx(1777343.75)
+    assert round(sec / 86400, 1) == 20.6
+
+
+def test_run_cost_by_hand():
+    # 1e12 tokens at 1e6 tokens/s = 1e6 s = 277.78 h; 64 GPUs
+    r = time_cost.run_cost(1e12, 1e6, 64, price_gpu_hour=20.0, price_kwh=0.8, pue=1.3,
+                           gpu_power_kw=0.7, cost_other=1000.0)
+    hours = 1e6 / 3600
+    assert r.seconds == pytest.approx(1e6)
+    assert r.days == pytest.approx(1e6 / 86400)
+    assert r.gpu_hours == pytest.approx(64 * hours)
+    assert r.cost_gpu == pytest.approx(64 * hours * 20)
+    assert r.energy_kwh == pytest.approx(64 * 0.7 * hours * 1.3)
+    assert r.cost_power == pytest.approx(64 * 0.7 * hours * 1.3 * 0.8)
+    assert r.cost_total == pytest.approx(r.cost_gpu + r.cost_power + 1000.0)
+    with pytest.raises(ValueError, match="pue"):
+        time_cost.run_cost(1e12, 1e6, 64, pue=0.9)
+
+
+def test_tokens_per_second_from_mfu():
+    # 0.5 · 1e15 · 8 / 4e10 = 1e5 tokens/s
+    assert time_cost.tokens_per_second(4e10, 8, peak_flops=1e15, mfu=0.5) == pytest.approx(1e5)
+    assert time_cost.tokens_per_second(4e10, 8, measured=123.0) == 123.0
+    with pytest.raises(ValueError, match="--tokens-per-sec"):
+        time_cost.tokens_per_second(4e10, 8)
+    with pytest.raises(ValueError, match="--mfu"):
+        time_cost.tokens_per_second(4e10, 8, peak_flops=1e15, mfu=1.5)
+    assert time_cost.flops_train_6nt(7e9, 1e12) == 4.2e22
+
+
+# ---------------------------------------------------------------- Chinchilla
+def test_chinchilla_by_hand():
+    e, a, b, al, be = 1.69, 406.4, 410.7, 0.34, 0.28
+    n, d = 7e9, 1e12
+    assert chinchilla.predicted_loss(n, d) == pytest.approx(e + a / n ** al + b / d ** be)
+    # Chinchilla itself: 70B params, 1.4T tokens -> 1.69 + 406.4/70e9^0.34 + 410.7/1.4e12^0.28
+    assert chinchilla.predicted_loss(70e9, 1.4e12) == pytest.approx(1.9366, abs=1e-4)
+    c = 5.76e23
+    opt = chinchilla.compute_optimal(c)
+    g = (al * a / (be * b)) ** (1 / (al + be))
+    assert opt.n_params == pytest.approx(g * (c / 6) ** (be / (al + be)))
+    assert opt.tokens == pytest.approx((c / 6) ** (al / (al + be)) / g)
+    assert 6 * opt.n_params * opt.tokens == pytest.approx(c)
+    # the optimum beats any other split of the same budget
+    for scale in (0.5, 0.8, 1.25, 2.0):
+        nn = opt.n_params * scale
+        assert chinchilla.predicted_loss(nn, c / (6 * nn)) > opt.loss
+    rule = chinchilla.twenty_tokens_rule(c)
+    assert rule.n_params == pytest.approx(math.sqrt(c / 120))  # 6.928e10
+    assert rule.tokens == pytest.approx(20 * rule.n_params)
+
+
+def test_chinchilla_cli_json():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "chinchilla.py"),
+                          "--params", "7e9", "--tokens", "1e12", "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    res = json.loads(out)
+    assert res["plan"]["flops"] == pytest.approx(4.2e22)
+    assert res["approach3"]["n_params"] == pytest.approx(
+        chinchilla.compute_optimal(4.2e22).n_params)
+    assert res["tokens_per_param_rule"]["tokens_per_param"] == pytest.approx(20.0)
