@@ -1,0 +1,541 @@
+"""Training logging: the Megatron-style console line, TensorBoard scalars, metrics.jsonl, run info.
+
+The training loop calls :meth:`TrainingLogger.log_step` after every optimizer step (skipped steps
+included) and :meth:`TrainingLogger.log_eval` after each evaluation. Every ``--log-interval`` steps
+rank 0 prints one line and writes the same scalars to TensorBoard and to ``metrics.jsonl``.
+
+Throughput arithmetic (one place, used by the line, TensorBoard and the jsonl record):
+
+* ``tokens_per_sec``            = tokens processed in the interval / wall seconds of the interval
+  (skipped steps count: their compute was spent);
+* ``tokens_per_sec_per_device`` = tokens_per_sec / world_size;
+* ``tflops_per_device``         = flops_per_token * tokens_per_sec_per_device / 1e12, where
+  ``flops_per_token`` is the model's training FLOPs (forward + backward) per token from
+  ``megatron_lite.model.counting.flops_per_token`` (the caller passes the number);
+* ``mfu``                       = tflops_per_device / peak_tflops (a fraction; printed in %), the
+  model-FLOPs utilisation of PaLM (Chowdhery et al., 2022, appendix B).
+
+The peak is ``--peak-tflops`` when given, else the dense tensor-core peak of a known GPU at the
+training precision (:data:`PEAK_TFLOPS`), else, on CPU, the measured speed of a large matmul at
+that precision (the assumption is printed once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import platform
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Iterator
+
+import torch
+
+from megatron_lite.config_field import arg
+from megatron_lite.training.timers import DATA_WAIT, FORWARD_BACKWARD, OPTIMIZER, Timers
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+    """Logging settings (section ``logging`` of the run config)."""
+
+    log_interval: int = arg(100, "print one log line, and write TensorBoard scalars and a "
+                            "metrics.jsonl record, every this many steps (1 = every step)")
+    tensorboard_dir: str | None = arg(None, "write TensorBoard event files to this folder "
+                                      "(rank 0); off when unset")
+    metrics_file: str | None = arg(None, "JSON-lines metrics file, one object per logged step "
+                                   "or evaluation (default: <save or run dir>/metrics.jsonl)")
+    peak_tflops: float | None = arg(None, "peak dense TFLOP/s of one device at the training "
+                                    "precision, for MFU (default: table of known GPUs; on CPU "
+                                    "a measured matmul peak, printed at start)")
+    timing_log_level: int = arg(1, "step-time detail in the log line: 0 = time per step only, "
+                                "1 = plus data wait / forward+backward / optimizer, 2 = plus "
+                                "every other timer the loop recorded", choices=[0, 1, 2])
+
+    def __post_init__(self):
+        if self.log_interval is None or int(self.log_interval) < 1:
+            raise ValueError(f"--log-interval must be >= 1 (got {self.log_interval})")
+        if self.peak_tflops is not None and not float(self.peak_tflops) > 0:
+            raise ValueError(f"--peak-tflops must be > 0 (got {self.peak_tflops}); "
+                             "omit it to use the device table")
+
+
+# Dense (no sparsity) peak TFLOP/s per device, from the vendors' data sheets. Keys are matched
+# as substrings of torch.cuda.get_device_name(), most specific first.
+PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
+    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.2}),
+    ("H100 NVL", {"bf16": 835.0, "fp16": 835.0}),
+    ("GH200", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+    ("H200", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+    ("H100", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),  # SXM
+    ("H800", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+    ("H20", {"bf16": 148.0, "fp16": 148.0}),
+    ("B200", {"bf16": 2250.0, "fp16": 2250.0}),
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+    ("A800", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+    ("L40S", {"bf16": 362.05, "fp16": 362.05, "fp32": 91.6}),
+    ("A10", {"bf16": 125.0, "fp16": 125.0, "tf32": 62.5, "fp32": 31.2}),
+    ("V100", {"fp16": 125.0, "fp32": 15.7}),
+    ("MI300X", {"bf16": 1307.4, "fp16": 1307.4}),
+]
+
+_DTYPE_KEY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def lookup_peak_tflops(device_name: str, dtype: torch.dtype) -> float | None:
+    """Dense peak TFLOP/s of a known GPU at a precision, or None when not in the table.
+
+    fp32 training counts at the TF32 tensor-core peak when torch allows TF32 matmuls.
+
+    Args:
+        device_name: e.g. ``"NVIDIA H100 80GB HBM3"`` (``torch.cuda.get_device_name()``).
+        dtype: the training precision (torch.bfloat16, torch.float16, torch.float32).
+    """
+    key = _DTYPE_KEY.get(dtype, "fp32")
+    if key == "fp32" and torch.backends.cuda.matmul.allow_tf32:
+        key = "tf32"
+    for pattern, peaks in PEAK_TFLOPS:
+        if pattern.lower() in device_name.lower():
+            return peaks.get(key)
+    return None
+
+
+def measure_cpu_matmul_tflops(dtype: torch.dtype = torch.float32, n: int = 1024,
+                              min_seconds: float = 0.3) -> float:
+    """Measured TFLOP/s of an n x n x n ``torch.mm`` on this CPU with the current thread count.
+
+    The count is 2 n^3 FLOPs per multiply (one multiply-add = 2 FLOPs). This is the "peak" MFU
+    is relative to on CPU, since no data-sheet number applies to a shared virtual CPU.
+    """
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    torch.mm(a, b)  # warm-up (thread pool, packing buffers)
+    reps, start = 0, time.perf_counter()
+    while True:
+        torch.mm(a, b)
+        reps += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds:
+            return 2.0 * n ** 3 * reps / elapsed / 1e12
+
+
+def resolve_peak_tflops(config: LoggingConfig, device: torch.device,
+                        dtype: torch.dtype) -> tuple[float | None, str]:
+    """The peak TFLOP/s per device used for MFU and a sentence saying where it came from.
+
+    Returns:
+        (peak or None when unknown, explanation printed at start).
+    """
+    if config.peak_tflops is not None:
+        return float(config.peak_tflops), f"--peak-tflops {config.peak_tflops}"
+    dname = _DTYPE_KEY.get(dtype, str(dtype))
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = lookup_peak_tflops(name, dtype)
+        if peak is None:
+            return None, (f"device '{name}' at {dname} is not in the peak table; MFU not "
+                          "reported (pass --peak-tflops)")
+        return peak, f"table value for '{name}' at {dname} (dense)"
+    if device.type == "cpu":
+        peak = measure_cpu_matmul_tflops(dtype)
+        return peak, (f"ASSUMED CPU peak = measured {dname} torch.mm 1024^3 speed "
+                      f"{peak * 1e3:.1f} GFLOP/s with {torch.get_num_threads()} threads "
+                      "(pass --peak-tflops to override)")
+    return None, f"no peak known for device type '{device.type}'; pass --peak-tflops"
+
+
+def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
+    """Peak memory of this process: CUDA max allocated on GPU, peak resident set size on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "CUDA max allocated"
+    # ru_maxrss is in KiB on Linux and in bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024), "peak RSS"
+
+
+def _finite_or_none(x: Any) -> Any:
+    # JSON has no NaN/Infinity; strict readers (jq, JavaScript) reject them, so write null.
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def _as_float(x: Any) -> float | None:
+    if x is None:
+        return None
+    if isinstance(x, torch.Tensor):
+        x = x.item()
+    return float(x)
+
+
+class TrainingLogger:
+    """Console line, TensorBoard and metrics.jsonl for the training loop (writes on rank 0 only).
+
+    The loop times phases with ``logger.timers`` (names :data:`DATA_WAIT`,
+    :data:`FORWARD_BACKWARD`, :data:`OPTIMIZER` from ``megatron_lite.training.timers``), calls
+    :meth:`log_step` after every step on every rank (no collectives are issued), and wraps work
+    that must not count as training time (evaluation, checkpointing) in :meth:`exclude_time`.
+
+    Args:
+        config: the ``logging`` section.
+        rank: global rank; only rank 0 prints and writes.
+        world_size: number of devices (processes) sharing the work, for per-device figures.
+        flops_per_token: training FLOPs (forward + backward) per token of the whole model.
+        tokens_per_step: tokens in one global batch (GB_tok), counted for throughput per step.
+        device: the compute device (``cuda`` timers synchronise; peak memory source).
+        dtype: training precision, selects the peak TFLOP/s.
+        train_iters: total steps, shown as ``step/total`` when given.
+        run_dir: folder for ``metrics.jsonl`` when ``--metrics-file`` is unset (the ``--save``
+            folder); no jsonl is written when both are unset.
+        resume_step: when resuming from this step, records of later steps left by the killed run
+            are dropped from an existing metrics file, so the file reads as one continuous run.
+        clock: seconds source (tests inject a fake one).
+        print_fn: where lines go (``print`` with flush).
+    """
+
+    def __init__(self, config: LoggingConfig, rank: int, world_size: int, flops_per_token: float,
+                 tokens_per_step: int, device: torch.device | str = "cpu", *,
+                 dtype: torch.dtype = torch.float32, train_iters: int | None = None,
+                 run_dir: str | None = None, resume_step: int | None = None,
+                 clock: Callable[[], float] = time.perf_counter,
+                 print_fn: Callable[[str], None] | None = None):
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1 (got {world_size})")
+        self.config = config
+        self.rank = rank
+        self.world_size = world_size
+        self.flops_per_token = float(flops_per_token)
+        self.tokens_per_step = int(tokens_per_step)
+        self.device = torch.device(device)
+        self.train_iters = train_iters
+        self.clock = clock
+        self.timers = Timers(self.device, clock)
+        self._print = print_fn or (lambda s: print(s, flush=True))
+        self.is_writer = rank == 0
+        self.peak_tflops: float | None = None
+        self.peak_source = ""
+        self._writer = None
+        self._jsonl = None
+        self.metrics_path = config.metrics_file or (
+            os.path.join(run_dir, "metrics.jsonl") if run_dir else None)
+        if self.is_writer:
+            self.peak_tflops, self.peak_source = resolve_peak_tflops(config, self.device, dtype)
+            self._print(f"[logging] MFU peak per device: {self.peak_source}")
+            if config.tensorboard_dir:
+                from torch.utils.tensorboard import SummaryWriter
+                self._writer = SummaryWriter(log_dir=config.tensorboard_dir)
+            if self.metrics_path:
+                self._open_jsonl(resume_step)
+        self._reset_interval()
+
+    # ---- interval bookkeeping -------------------------------------------------------------
+    def _reset_interval(self) -> None:
+        self._interval_start = self.clock()
+        self._excluded = 0.0
+        self._steps = 0
+        self._tokens = 0
+        self._loss_sum = 0.0
+        self._loss_count = 0
+        self._nan_steps = 0
+
+    def start_interval(self) -> None:
+        """Restart the interval clock (call right before the first step, after setup)."""
+        self._reset_interval()
+        self.timers.elapsed_all(reset=True)
+
+    @contextlib.contextmanager
+    def exclude_time(self) -> Iterator[None]:
+        """Time spent inside this block is not counted as training time (eval, checkpoints)."""
+        start = self.clock()
+        try:
+            yield
+        finally:
+            self._excluded += self.clock() - start
+
+    # ---- files ----------------------------------------------------------------------------
+    def _open_jsonl(self, resume_step: int | None) -> None:
+        path = self.metrics_path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if resume_step is not None and os.path.exists(path):
+            with open(path) as f:
+                kept = [ln for ln in f if ln.strip() and
+                        json.loads(ln).get("step", 0) <= resume_step]
+            _atomic_write(path, "".join(kept))
+        self._jsonl = open(path, "a", buffering=1)
+
+    def _write(self, record: dict[str, Any], tb_prefix: str) -> None:
+        if self._jsonl is not None:
+            clean = {k: _finite_or_none(v) for k, v in record.items()}
+            # One line per record, flushed, so a killed run keeps every line written so far.
+            self._jsonl.write(json.dumps(clean) + "\n")
+            self._jsonl.flush()
+        if self._writer is not None:
+            step = record["step"]
+            for key, value in record.items():
+                if key in ("step", "type") or not isinstance(value, (int, float)) \
+                        or isinstance(value, bool) or value is None:
+                    continue
+                self._writer.add_scalar(f"{tb_prefix}/{key}", value, global_step=step)
+            self._writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard writer and the metrics file."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+
+    # ---- the per-step call ----------------------------------------------------------------
+    def log_step(self, step: int, scalars: dict[str, Any]) -> dict[str, Any] | None:
+        """Account one finished step; on logging steps print the line and write the record.
+
+        Args:
+            step: 1-based number of the step just finished (after a resume, the global step).
+            scalars: values of this step. Required: ``lr``, ``loss`` (token-mean loss of the
+                global batch; NaN/inf for a skipped step), ``consumed_samples`` and
+                ``consumed_tokens`` (totals after this step). Optional: ``grad_norm``,
+                ``loss_scale``, ``skipped_steps`` (total so far), ``step_tokens`` (tokens of
+                this step when it differs from ``tokens_per_step``, e.g. batch ramp-up); any
+                other numeric entries are passed through to TensorBoard and the jsonl record.
+
+        Returns:
+            The record written on logging steps (on every rank), else None.
+
+        Raises:
+            KeyError: when a required scalar is missing.
+        """
+        missing = [k for k in ("lr", "loss", "consumed_samples", "consumed_tokens")
+                   if k not in scalars]
+        if missing:
+            raise KeyError(f"TrainingLogger.log_step: scalars lack {missing}")
+        loss = _as_float(scalars["loss"])
+        self._steps += 1
+        self._tokens += int(scalars.get("step_tokens", self.tokens_per_step))
+        if math.isfinite(loss):
+            self._loss_sum += loss
+            self._loss_count += 1
+        else:
+            self._nan_steps += 1
+        if step % self.config.log_interval != 0:
+            return None
+
+        elapsed = self.clock() - self._interval_start - self._excluded
+        times = self.timers.elapsed_all(reset=True)
+        steps = self._steps
+        tokens_per_sec = self._tokens / elapsed if elapsed > 0 else float("nan")
+        per_device = tokens_per_sec / self.world_size
+        tflops = self.flops_per_token * per_device / 1e12
+        mfu = tflops / self.peak_tflops if self.peak_tflops else None
+        mem, mem_kind = peak_memory_bytes(self.device)
+        record: dict[str, Any] = {
+            "type": "train",
+            "step": int(step),
+            "consumed_samples": int(scalars["consumed_samples"]),
+            "consumed_tokens": int(scalars["consumed_tokens"]),
+            "lr": _as_float(scalars["lr"]),
+            # Mean over the interval's steps with a finite loss (Megatron's averaging).
+            "loss": self._loss_sum / self._loss_count if self._loss_count else float("nan"),
+            "grad_norm": _as_float(scalars.get("grad_norm")),
+            "loss_scale": _as_float(scalars.get("loss_scale")),
+            "skipped_steps": int(scalars.get("skipped_steps", 0)),
+            "nan_steps_in_interval": self._nan_steps,
+            "tokens_per_sec": tokens_per_sec,
+            "tokens_per_sec_per_device": per_device,
+            "tflops_per_device": tflops,
+            "mfu": mfu,
+            "step_time_s": elapsed / steps,
+            "data_wait_s": times.get(DATA_WAIT, 0.0) / steps,
+            "forward_backward_s": times.get(FORWARD_BACKWARD, 0.0) / steps,
+            "optimizer_s": times.get(OPTIMIZER, 0.0) / steps,
+            "peak_memory_bytes": mem,
+        }
+        if self.config.timing_log_level >= 2:
+            for name, sec in times.items():
+                if name not in (DATA_WAIT, FORWARD_BACKWARD, OPTIMIZER):
+                    record[f"{name.replace('-', '_')}_s"] = sec / steps
+        for key, value in scalars.items():
+            if key not in record and key != "step_tokens" and isinstance(value, (int, float)):
+                record[key] = value
+        if self.is_writer:
+            self._print(self.format_line(record, mem_kind))
+            self._write(record, "train")
+        self._reset_interval()
+        return record
+
+    def format_line(self, r: dict[str, Any], mem_kind: str = "peak memory") -> str:
+        """The Megatron-style console line for a train record."""
+        total = f"/{self.train_iters:8d}" if self.train_iters else ""
+        parts = [f" iteration {r['step']:8d}{total}",
+                 f"consumed samples: {r['consumed_samples']:12d}",
+                 f"consumed tokens: {r['consumed_tokens']:14d}"]
+        timing = f"elapsed time per iteration (ms): {r['step_time_s'] * 1e3:.1f}"
+        if self.config.timing_log_level >= 1:
+            timing += (f" (data wait {r['data_wait_s'] * 1e3:.1f}, fwd+bwd "
+                       f"{r['forward_backward_s'] * 1e3:.1f}, optimizer "
+                       f"{r['optimizer_s'] * 1e3:.1f})")
+        parts.append(timing)
+        if self.config.timing_log_level >= 2:
+            extra = [f"{k[:-2]} {v * 1e3:.1f}" for k, v in r.items() if k.endswith("_s") and
+                     k not in ("step_time_s", "data_wait_s", "forward_backward_s", "optimizer_s")]
+            if extra:
+                parts.append("other timers (ms): " + ", ".join(extra))
+        parts.append(f"learning rate: {r['lr']:.6E}")
+        parts.append(f"lm loss: {r['loss']:.6E}")
+        if r["loss_scale"] is not None:
+            parts.append(f"loss scale: {r['loss_scale']:.1f}")
+        if r["grad_norm"] is not None:
+            parts.append(f"grad norm: {r['grad_norm']:.4f}")
+        parts.append(f"skipped iterations: {r['skipped_steps']:3d}")
+        parts.append(f"nan iterations: {r['nan_steps_in_interval']:3d}")
+        parts.append(f"tokens/s: {r['tokens_per_sec']:.1f} (per device "
+                     f"{r['tokens_per_sec_per_device']:.1f})")
+        parts.append(f"TFLOP/s/device: {r['tflops_per_device']:.3f}")
+        parts.append("MFU: n/a" if r["mfu"] is None else f"MFU: {r['mfu'] * 100:.2f}%")
+        parts.append(f"{mem_kind}: {r['peak_memory_bytes'] / 2**20:.1f} MiB")
+        return " | ".join(parts) + " |"
+
+    # ---- evaluation -----------------------------------------------------------------------
+    def log_eval(self, step: int, val_loss: float, tokens: int | None = None,
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Print, and write to TensorBoard (``val/``) and metrics.jsonl, an evaluation result.
+
+        Args:
+            step: training step after which the evaluation ran.
+            val_loss: token-mean validation loss (nats per token).
+            tokens: number of loss tokens evaluated.
+            extra: more numeric entries for the record (e.g. consumed_tokens).
+
+        Returns:
+            The record, with ``val_loss`` and ``val_ppl`` = exp(val_loss).
+        """
+        val_loss = float(val_loss)
+        try:
+            ppl = math.exp(val_loss)
+        except OverflowError:
+            ppl = float("inf")
+        record = {"type": "eval", "step": int(step), "val_loss": val_loss, "val_ppl": ppl}
+        if tokens is not None:
+            record["val_tokens"] = int(tokens)
+        record.update(extra or {})
+        if self.is_writer:
+            bar = "-" * 100
+            self._print(f"{bar}\n validation loss at iteration {step} | lm loss value: "
+                        f"{val_loss:.6E} | lm loss PPL: {ppl:.6E} | tokens: {tokens} |\n{bar}")
+            self._write(record, "val")
+        return record
+
+
+def _atomic_write(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and os.replace."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _plain(obj: Any) -> Any:
+    """Config values as YAML/JSON-safe plain types (tuples -> lists, dtypes/paths -> str)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)
+
+
+# Environment variables worth recording for reproducibility (launcher, threading, comms, CUDA).
+_ENV_PREFIXES = ("CUDA_", "NCCL_", "OMP_", "MKL_", "TORCH_", "PYTORCH_", "MASTER_", "SLURM_",
+                 "DS_", "HF_", "TRANSFORMERS_", "MEGATRON_LITE_", "CUBLAS_", "GLOO_")
+_ENV_NAMES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK",
+              "PYTHONHASHSEED", "TOKENIZERS_PARALLELISM", "CUDA_VISIBLE_DEVICES")
+_SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "CREDENTIAL")
+
+
+def _git_revision() -> dict[str, Any]:
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True,
+                                 timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "branch": git("rev-parse", "--abbrev-ref", "HEAD"),
+            "dirty": None if status is None else bool(status)}
+
+
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__,
+                                  "cuda": torch.version.cuda}
+    for mod in ("deepspeed", "transformers", "numpy", "sentencepiece", "tokenizers"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # not installed, or a broken install: record it as absent
+            out[mod] = None
+    out["cudnn"] = str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() \
+        else None
+    out["nccl"] = ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() \
+        else None
+    return out
+
+
+def write_run_info(run_dir: str, config_dict: Any) -> dict[str, Any]:
+    """Write the resolved config and the run's environment into ``run_dir`` (call on rank 0).
+
+    Files (each written atomically: temporary file, then os.replace):
+      * ``config.yaml`` — the resolved config tree (a dict or a dataclass).
+      * ``run_info.json`` — ``config``, ``versions`` (python, torch, CUDA, cuDNN, NCCL,
+        deepspeed, transformers, ...), ``git`` (commit, branch, dirty), ``environment``
+        (launcher/threading/comms variables; names containing TOKEN/KEY/SECRET/PASSWORD are
+        never recorded), ``host`` (hostname, platform, CPUs, torch threads, GPU names),
+        ``argv`` and ``time_utc``.
+
+    Returns:
+        The run-info dict that was written.
+    """
+    import yaml
+
+    config = _plain(config_dict)
+    env = {k: v for k, v in sorted(os.environ.items())
+           if (k.startswith(_ENV_PREFIXES) or k in _ENV_NAMES)
+           and not any(w in k.upper() for w in _SECRET_WORDS)}
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] \
+        if torch.cuda.is_available() else []
+    info = {
+        "config": config,
+        "versions": _versions(),
+        "git": _git_revision(),
+        "environment": env,
+        "host": {"hostname": socket.gethostname(), "platform": platform.platform(),
+                 "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                 "gpus": gpus},
+        "argv": list(sys.argv),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    _atomic_write(os.path.join(run_dir, "config.yaml"), yaml.safe_dump(config, sort_keys=False))
+    _atomic_write(os.path.join(run_dir, "run_info.json"), json.dumps(info, indent=2) + "\n")
+    return info
