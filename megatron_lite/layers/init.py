@@ -1,0 +1,82 @@
+"""TP-independent weight initialisation: draw the full master weight, keep this rank's slice.
+
+This is Megatron-LM's CPU init path (``_initialize_affine_weight_cpu``) with one refinement: each
+weight takes ONE 62-bit seed from the default torch generator and draws its master values from a
+dedicated ``torch.Generator`` seeded with it. Hence, with the same ``torch.manual_seed`` on every
+rank, (a) every TP rank sees the same master weight and a TP = k model's shards are exact slices of
+the TP = 1 model's weights, and (b) the default stream advances by one draw per weight whatever its
+size, padding or dtype, so later weights do not depend on earlier shapes' padding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_lite.parallel.state import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+
+def resolve_device(device) -> torch.device:
+    """``device`` or, if None, torch's current default device (respects ``with torch.device('meta')``)."""
+    if device is not None:
+        return torch.device(device)
+    return torch.get_default_device()
+
+
+def set_tensor_model_parallel_attributes(param: torch.nn.Parameter, is_parallel: bool,
+                                         partition_dim: int | None) -> None:
+    """Mark ``param`` as TP-sharded (``tensor_model_parallel=True``, ``partition_dim``) or replicated."""
+    param.tensor_model_parallel = bool(is_parallel)
+    param.partition_dim = partition_dim if is_parallel else None
+    param.partition_stride = 1
+
+
+def sharded_normal_weight(full_shape: tuple[int, int], partition_dim: int, std: float, *,
+                          dtype: torch.dtype, device=None, real_rows: int | None = None) -> torch.nn.Parameter:
+    """Create this rank's shard of a weight initialised ~ N(0, std^2), independent of the TP degree.
+
+    Args:
+        full_shape: (rows, cols) of the unsharded (master) weight, e.g. (V_pad, H) or (out, in).
+        partition_dim: 0 (rows split: column-parallel / vocab-parallel) or 1 (cols: row-parallel).
+        std: normal standard deviation.
+        dtype: parameter dtype (the master is drawn in fp32, then cast).
+        device: target device; ``meta`` allocates nothing and skips the draw of values.
+        real_rows: rows >= real_rows are padding (padded vocab) and are set to zero, so padding never
+            changes the values of real rows.
+
+    Returns:
+        Parameter of shape ``full_shape`` with ``partition_dim`` divided by TP, TP attributes set.
+
+    Raises:
+        ValueError: the partitioned dimension is not divisible by the TP degree.
+    """
+    tp, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
+    if full_shape[partition_dim] % tp:
+        raise ValueError(f"weight dim {partition_dim} of size {full_shape[partition_dim]} is not divisible by "
+                         f"tensor-parallel size {tp}")
+    shard_shape = list(full_shape)
+    shard_shape[partition_dim] //= tp
+    device = resolve_device(device)
+    # Always consume exactly one draw so the stream stays aligned across devices and TP degrees.
+    seed = int(torch.randint(0, 2 ** 62, (1,), device="cpu").item())
+    if device.type == "meta":
+        weight = torch.empty(shard_shape, dtype=dtype, device=device)
+    else:
+        gen_device = device if device.type in ("cuda", "cpu") else torch.device("cpu")
+        gen = torch.Generator(device=gen_device).manual_seed(seed)
+        master = torch.zeros(full_shape, dtype=torch.float32, device=gen_device)
+        rows = full_shape[0] if real_rows is None else real_rows
+        master[:rows].normal_(0.0, std, generator=gen)
+        weight = master.chunk(tp, dim=partition_dim)[rank].to(device=device, dtype=dtype).contiguous()
+        del master
+    param = torch.nn.Parameter(weight)
+    set_tensor_model_parallel_attributes(param, True, partition_dim)
+    return param
+
+
+def replicated_parameter(shape: tuple[int, ...], fill: float, *, dtype: torch.dtype, device=None) -> torch.nn.Parameter:
+    """A TP-replicated parameter (norm weight, row-parallel bias) filled with ``fill``."""
+    device = resolve_device(device)
+    param = torch.nn.Parameter(torch.full(shape, fill, dtype=dtype, device=device) if device.type != "meta"
+                               else torch.empty(shape, dtype=dtype, device=device))
+    set_tensor_model_parallel_attributes(param, False, None)
+    return param
