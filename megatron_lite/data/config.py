@@ -1,0 +1,109 @@
+"""Data settings (``--data-path``, ``--split``, tokenizer, packing flags) as one config dataclass.
+
+Field names are Megatron-LM flag names with underscores. ``seq_length`` belongs to ``ModelConfig``;
+the dataset builders take it as a parameter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+from megatron_lite.config_field import arg
+
+
+@dataclass
+class DataConfig:
+    """Where the token files are and how samples are cut from them."""
+
+    data_path: Optional[List[str]] = arg(
+        None, "Megatron syntax: 'PREFIX' or 'W1 PREFIX1 W2 PREFIX2 ...' (weights optional, "
+        "normalised); split into train/valid/test by --split", nargs="*")
+    train_data_path: Optional[List[str]] = arg(
+        None, "Train-only data (same syntax as --data-path); overrides --split for train", nargs="*")
+    valid_data_path: Optional[List[str]] = arg(
+        None, "Validation-only data (same syntax as --data-path)", nargs="*")
+    test_data_path: Optional[List[str]] = arg(None, "Test-only data (same syntax as --data-path)", nargs="*")
+    split: str = arg("969,30,1", "Train,valid,test proportions of each --data-path corpus, by "
+                     "document ranges (e.g. '969,30,1' or '98,2,0')")
+    tokenizer_type: Optional[str] = arg(
+        None, "Tokenizer class", choices=["SentencePieceTokenizer", "HuggingFaceTokenizer"])
+    tokenizer_model: Optional[str] = arg(None, "SentencePiece .model file or tokenizer.json path")
+    reset_position_ids: bool = arg(False, "Restart position ids at 0 after every EOD token")
+    reset_attention_mask: bool = arg(
+        False, "Mask attention across documents: cu_seqlens gets a boundary after every EOD token")
+    eod_mask_loss: bool = arg(False, "Zero the loss mask where the input token is EOD")
+    data_temperature: float = arg(
+        1.0, "Blend weights proportional to n_i^(1/T) from token counts n_i when set (T > 0); "
+        "1.0 with no weights given = proportional to size; ignored when weights are given and T == 1")
+    data_stages: Optional[str] = arg(
+        None, "YAML file: list of {until_tokens, weights} stages overriding blend weights over time")
+    no_shuffle: bool = arg(False, "Keep document and sample order as on disk (debugging)")
+    data_cache_path: Optional[str] = arg(
+        None, "Directory for cached index arrays (default: <prefix dir>/index_cache)")
+    num_workers: int = arg(2, "DataLoader worker processes")
+    mmap_bin_files: bool = arg(True, "Memory-map .bin files (--no-mmap-bin-files reads them into RAM)",
+                               flags=["--mmap-bin-files"])
+
+    def __post_init__(self):
+        split_weights(self.split)
+        if self.data_temperature <= 0:
+            raise ValueError(f"--data-temperature must be > 0, got {self.data_temperature}")
+        if self.num_workers < 0:
+            raise ValueError(f"--num-workers must be >= 0, got {self.num_workers}")
+
+
+def split_weights(split: str) -> Tuple[float, float, float]:
+    """Parse ``--split`` ('969,30,1', '98/2/0', or fewer parts padded with 0) into fractions.
+
+    Raises:
+        ValueError: not numbers, negative, more than three parts, or all zero.
+    """
+    parts = split.replace("/", ",").split(",")
+    try:
+        vals = [float(p) for p in parts if p.strip() != ""]
+    except ValueError:
+        raise ValueError(f"--split {split!r}: expected comma-separated numbers like '969,30,1'") from None
+    if not 1 <= len(vals) <= 3 or any(v < 0 for v in vals) or sum(vals) <= 0:
+        raise ValueError(f"--split {split!r}: give 1-3 non-negative numbers with a positive sum")
+    vals += [0.0] * (3 - len(vals))
+    s = sum(vals)
+    return tuple(v / s for v in vals)  # type: ignore[return-value]
+
+
+def parse_data_path(data_path: Optional[List[str]]) -> Tuple[List[str], Optional[List[float]]]:
+    """Megatron ``--data-path`` syntax to ``(prefixes, weights or None)``.
+
+    ``['a']`` -> (['a'], None); ``['0.7', 'a', '0.3', 'b']`` -> (['a', 'b'], [0.7, 0.3]);
+    ``['a', 'b']`` -> (['a', 'b'], None). A single string is split on whitespace.
+
+    Raises:
+        ValueError: weights mixed with unweighted prefixes, or a non-positive weight.
+    """
+    if data_path is None:
+        return [], None
+    if isinstance(data_path, str):
+        data_path = data_path.split()
+    items = list(data_path)
+
+    def is_num(x):
+        try:
+            float(x)
+            return True
+        except ValueError:
+            return False
+
+    if not items:
+        return [], None
+    if not is_num(items[0]):
+        if any(is_num(x) for x in items):
+            raise ValueError(f"--data-path {' '.join(items)}: mix of weights and prefixes; use "
+                             "'W1 PREFIX1 W2 PREFIX2 ...' or just prefixes")
+        return items, None
+    if len(items) % 2:
+        raise ValueError(f"--data-path {' '.join(items)}: odd number of entries; expected weight/prefix pairs")
+    weights = [float(x) for x in items[0::2]]
+    prefixes = items[1::2]
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"--data-path weights {weights} must be >= 0 with a positive sum")
+    return prefixes, weights
