@@ -20,6 +20,7 @@ Backends (``--attention-backend``):
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -189,8 +190,11 @@ def _flex(q, k, v, bounds, scale):
     block_mask = create_block_mask(mask_mod, mask_b, None, s, s, device=q.device)
     # Eager flex materialises the full score matrix; on CUDA compile it into the fused kernel.
     flex = _compiled_flex(flex_attention) if q.device.type == "cuda" else flex_attention
-    out = flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
-                         scale=scale, enable_gqa=hq != k.shape[2])
+    with warnings.catch_warnings():
+        # CPU flex is inference-only here; its "called without torch.compile" notice is expected.
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        out = flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
+                   scale=scale, enable_gqa=hq != k.shape[2])
     return out.transpose(1, 2)
 
 
