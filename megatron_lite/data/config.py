@@ -42,8 +42,7 @@ class DataConfig:
     data_cache_path: Optional[str] = arg(
         None, "Directory for cached index arrays (default: <prefix dir>/index_cache)")
     num_workers: int = arg(2, "DataLoader worker processes")
-    mmap_bin_files: bool = arg(True, "Memory-map .bin files (--no-mmap-bin-files reads them into RAM)",
-                               flags=["--mmap-bin-files"])
+    mmap_bin_files: bool = arg(True, "Memory-map .bin files (--no-mmap-bin-files reads them into RAM)")
 
     def __post_init__(self):
         split_weights(self.split)

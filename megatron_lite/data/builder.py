@@ -1,0 +1,126 @@
+"""Build the train/valid/test datasets and the data loader from a :class:`DataConfig`."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from megatron_lite.data.blended import BlendedDataset, load_stages, normalize_weights, temperature_weights
+from megatron_lite.data.collate import collate_samples
+from megatron_lite.data.config import DataConfig, parse_data_path, split_weights
+from megatron_lite.data.gpt_dataset import GPTDataset, split_document_ranges
+from megatron_lite.data.indexed import IndexedDataset
+from megatron_lite.data.sampler import MegatronPretrainingRandomSampler, MegatronPretrainingSampler
+
+SPLITS = ("train", "valid", "test")
+
+
+def _split_sources(cfg: DataConfig) -> List[Tuple[List[str], Optional[List[float]], Optional[int]]]:
+    """Per split: (prefixes, weights, split slot) — slot None means the whole corpus."""
+    out = []
+    explicit = (cfg.train_data_path, cfg.valid_data_path, cfg.test_data_path)
+    for k, path in enumerate(explicit):
+        if path:
+            out.append(parse_data_path(path) + (None,))
+        elif cfg.data_path:
+            out.append(parse_data_path(cfg.data_path) + (k,))
+        else:
+            out.append(([], None, None))
+    return out
+
+
+def build_split_dataset(cfg: DataConfig, split: str, prefixes: Sequence[str], weights: Optional[Sequence[float]],
+                        slot: Optional[int], seq_length: int, num_samples: int, seed: int,
+                        eod_id: Optional[int], use_stages: bool = False, _cache: Optional[dict] = None):
+    """One split's dataset: a :class:`GPTDataset` for one source, else a :class:`BlendedDataset`.
+
+    Raises:
+        ValueError: no source of the split holds a full sample, or weights given together with a
+            non-default ``--data-temperature``.
+    """
+    cache = {} if _cache is None else _cache
+    for p in prefixes:
+        if p not in cache:
+            cache[p] = IndexedDataset(p, cfg.mmap_bin_files)
+    indexed = [cache[p] for p in prefixes]
+    fractions = split_weights(cfg.split)
+    ranges = [split_document_ranges(len(ix), fractions)[slot] if slot is not None else (0, len(ix))
+              for ix in indexed]
+
+    def make(j: int, n: int) -> GPTDataset:
+        return GPTDataset(indexed[j], ranges[j], seq_length, n, seed, eod_id, shuffle=not cfg.no_shuffle,
+                          reset_position_ids=cfg.reset_position_ids,
+                          reset_attention_mask=cfg.reset_attention_mask, eod_mask_loss=cfg.eod_mask_loss,
+                          cache_dir=cfg.data_cache_path, name=split)
+
+    stages_on = use_stages and cfg.data_stages
+    if len(prefixes) == 1 and not stages_on:
+        return make(0, num_samples)
+    tokens = np.array([int(ix.sizes[a:b].astype(np.int64).sum()) for ix, (a, b) in zip(indexed, ranges)])
+    if stages_on:
+        stages = load_stages(cfg.data_stages, prefixes)
+    elif weights is not None:
+        if cfg.data_temperature != 1.0:
+            raise ValueError("--data-path gives explicit weights and --data-temperature is set: use one")
+        stages = [(0, normalize_weights(weights))]
+    else:
+        stages = [(0, temperature_weights(tokens, cfg.data_temperature))]
+    usable = tokens >= seq_length + 1  # a source whose split has no full sample cannot be drawn from
+    if not usable.all():
+        if not usable.any():
+            raise ValueError(f"split '{split}': no source in {list(prefixes)} holds seq_length + 1 = "
+                             f"{seq_length + 1} tokens (tokens per source: {tokens.tolist()})")
+        stages = [(u, normalize_weights(np.where(usable, w, 0.0))) for u, w in stages]
+    return BlendedDataset(None, stages, num_samples, seq_length, factory=make, names=list(prefixes))
+
+
+def build_train_valid_test_datasets(data_config: DataConfig, seq_length: int, num_samples: Sequence[int],
+                                    seed: int, eod_id: Optional[int]):
+    """Datasets for the three splits (None where no samples are wanted or no data is given).
+
+    Args:
+        data_config: paths, split, packing flags.
+        seq_length: tokens per sample (``ModelConfig.seq_length``).
+        num_samples: ``(train, valid, test)`` samples wanted; datasets hold at least that many.
+        seed: shuffling seed.
+        eod_id: the tokenizer's end-of-document id.
+
+    Returns:
+        ``(train, valid, test)``; the stage schedule (``--data-stages``) applies to train only,
+        valid/test use the ``--data-path`` weights (or temperature).
+    """
+    cache: dict = {}
+    out = []
+    for k, (prefixes, weights, slot) in enumerate(_split_sources(data_config)):
+        n = int(num_samples[k])
+        if n <= 0 or not prefixes:
+            out.append(None)
+            continue
+        out.append(build_split_dataset(data_config, SPLITS[k], prefixes, weights, slot, seq_length, n, seed,
+                                       eod_id, use_stages=(k == 0), _cache=cache))
+    return tuple(out)
+
+
+def build_data_loader(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+                      num_workers: int = 0, random_order: bool = False, seed: int = 1234):
+    """A DataLoader yielding docs/interfaces.md batches of this DP rank's micro-batches.
+
+    Args:
+        dataset: from :func:`build_train_valid_test_datasets`.
+        consumed_samples: global samples already consumed (resume point).
+        micro_batch_size: samples per rank per micro-batch.
+        dp_rank, dp_size: data-parallel rank and size.
+        num_workers: DataLoader worker processes.
+        random_order: use :class:`MegatronPretrainingRandomSampler` (endless, reshuffled per pass).
+        seed: seed of the random order.
+    """
+    if random_order:
+        sampler = MegatronPretrainingRandomSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank,
+                                                   dp_size, seed=seed)
+    else:
+        sampler = MegatronPretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_samples,
+                                       num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                                       persistent_workers=num_workers > 0)
