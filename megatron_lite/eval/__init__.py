@@ -1,0 +1,9 @@
+"""Evaluation: validation loss / perplexity during training and stream perplexity of a checkpoint."""
+
+from megatron_lite.eval.config import EvalConfig
+from megatron_lite.eval.evaluate import evaluate
+from megatron_lite.eval.perplexity import (build_stream, plan_windows, stream_perplexity,
+                                           window_batches)
+
+__all__ = ["EvalConfig", "evaluate", "build_stream", "plan_windows", "window_batches",
+           "stream_perplexity"]
