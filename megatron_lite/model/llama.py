@@ -1,0 +1,127 @@
+"""``LlamaModel``: the tensor-parallel LLaMA decoder (docs/interfaces.md, "Model").
+
+Structure (matches HF ``LlamaForCausalLM`` numerically): vocab-parallel embedding -> L pre-norm
+blocks (RMSNorm, RoPE GQA attention, SwiGLU MLP, no biases) -> final RMSNorm -> vocab-parallel LM
+head (its own weight, or the embedding's with ``--tie-word-embeddings``) -> fp32 logits
+``[b, s, V_pad/TP]`` with padded-vocab columns masked, or the per-token vocab-parallel cross
+entropy ``[b, s]`` when labels are given. All communication goes through ``megatron_lite.layers``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from megatron_lite.layers.cross_entropy import vocab_parallel_cross_entropy
+from megatron_lite.layers.embedding import VocabParallelEmbedding, parallel_lm_logits
+from megatron_lite.layers.init import resolve_device
+from megatron_lite.layers.linear import ColumnParallelLinear
+from megatron_lite.model.transformer import RMSNorm, TransformerLayer
+from megatron_lite.parallel.state import get_tensor_model_parallel_world_size
+
+
+class LlamaModel(torch.nn.Module):
+    """This rank's TP shard of a LLaMA-style decoder.
+
+    Args:
+        config: ``ModelConfig``; validated here for the current TP degree. ``vocab_size`` must be set.
+        device: parameter device (default: torch's default device). ``"meta"`` builds shapes only
+            (no memory, no init), e.g. to count parameters of a 13B config.
+
+    Init (TP-independent, from the caller's ``torch.manual_seed``): every weight ~ N(0, std^2) with
+    std = ``--init-method-std``, output projections (o_proj, down_proj) std / sqrt(2 L), norm
+    weights 1, padded vocab rows 0. Parameter names follow HF's module names (``embedding``,
+    ``layers.i.self_attn.q_proj``, ..., ``final_norm``, ``output_layer``); ``hf_adapter`` maps them.
+
+    Raises:
+        ValueError: config errors (see ``ModelConfig.validate``) or ``vocab_size`` unset.
+    """
+
+    def __init__(self, config, *, device=None):
+        super().__init__()
+        tp = get_tensor_model_parallel_world_size()
+        config.validate(tp)
+        if config.vocab_size is None:
+            raise ValueError("--vocab-size is not set: set it from the tokenizer (its vocabulary size) "
+                             "before building LlamaModel")
+        device = resolve_device(device)
+        self.config = config
+        self.vocab_size = config.vocab_size
+        self.padded_vocab_size = config.padded_vocab_size(tp)
+        dtype, h = config.torch_dtype, config.hidden_size
+        self.embedding = VocabParallelEmbedding(self.padded_vocab_size, h, num_real_embeddings=self.vocab_size,
+                                                init_std=config.init_method_std, params_dtype=dtype, device=device)
+        self.layers = torch.nn.ModuleList(TransformerLayer(config, device=device) for _ in range(config.num_layers))
+        self.final_norm = RMSNorm(h, config.norm_epsilon, params_dtype=dtype, device=device)
+        if config.tie_word_embeddings:
+            self.output_layer = None
+        else:
+            self.output_layer = ColumnParallelLinear(h, self.padded_vocab_size, real_output_size=self.vocab_size,
+                                                     init_std=config.init_method_std, params_dtype=dtype,
+                                                     device=device, copy_input=False)
+        from megatron_lite.model.rope import RotaryEmbedding
+
+        with torch.device("cpu"):  # fp32 frequencies; tiny, so built on CPU even for meta models
+            self.rotary_emb = RotaryEmbedding(config)
+        if device.type != "meta":
+            self.rotary_emb.to(device)
+        self._backend: dict = {}
+
+    def _attention_backend(self, x: torch.Tensor) -> str:
+        key = (x.device.type, x.dtype)
+        if key not in self._backend:
+            from megatron_lite.model.attention import resolve_attention_backend
+
+            self._backend[key] = resolve_attention_backend(self.config.attention_backend, x.device, x.dtype)
+        return self._backend[key]
+
+    def _num_recomputed_layers(self) -> int:
+        if self.config.recompute_granularity != "full" or not self.training or not torch.is_grad_enabled():
+            return 0
+        n = self.config.recompute_num_layers
+        return len(self.layers) if n is None else n
+
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the decoder.
+
+        Args:
+            tokens: ``[b, s]`` int64 ids in ``[0, vocab_size)``.
+            position_ids: ``[b, s]`` int64 RoPE positions (reset at document starts in packed
+                samples); None: ``0..s-1`` on every row.
+            cu_seqlens: ``[n+1]`` int32 document boundaries in the flattened ``b*s`` stream, or None
+                (one causal segment per row).
+            max_seqlen: longest segment in tokens (flash backend), or None.
+            labels: ``[b, s]`` int64 targets (``-100`` ignored), or None.
+
+        Returns:
+            Without labels: fp32 logits ``[b, s, V_pad/TP]`` (padded columns at the fp32 minimum).
+            With labels: fp32 per-token loss ``[b, s]`` (0 where the label is -100).
+
+        Raises:
+            ValueError: bad shapes, a label outside ``[0, vocab_size)``.
+        """
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [b, s], got shape {tuple(tokens.shape)}")
+        b, s = tokens.shape
+        if position_ids is None:
+            position_ids = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
+        elif position_ids.shape != tokens.shape:
+            raise ValueError(f"position_ids {tuple(position_ids.shape)} must match tokens {tuple(tokens.shape)}")
+        h = F.dropout(self.embedding(tokens), self.config.hidden_dropout, self.training)
+        cos, sin = self.rotary_emb(position_ids)
+        backend = self._attention_backend(h)
+        n_recompute = self._num_recomputed_layers()
+        for i, layer in enumerate(self.layers):
+            if i < n_recompute:
+                h = checkpoint(layer, h, cos, sin, cu_seqlens, max_seqlen, backend, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, cu_seqlens, max_seqlen, backend)
+        h = self.final_norm(h)
+        weight = self.embedding.weight if self.output_layer is None else self.output_layer.weight
+        logits = parallel_lm_logits(h, weight, self.vocab_size)
+        if labels is None:
+            return logits
+        return vocab_parallel_cross_entropy(logits, labels, vocab_size=self.vocab_size)

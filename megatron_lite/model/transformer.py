@@ -1,0 +1,132 @@
+"""LLaMA decoder block pieces: RMSNorm, GQA self-attention and the SwiGLU MLP, tensor-parallel.
+
+Per-rank shapes with TP = t, H = hidden, nh heads, g KV groups, d head dim, H' FFN width:
+q_proj ``[nh*d/t, H]``, k_proj/v_proj ``[g*d/t, H]`` (column-parallel), o_proj ``[H, nh*d/t]``
+(row-parallel); gate_proj/up_proj ``[H'/t, H]``, down_proj ``[H, H'/t]``. Rank r owns query heads
+``[r*nh/t, (r+1)*nh/t)`` and exactly the KV groups they use (``validate`` requires g % t == 0), so
+attention needs no communication; each block does one all-reduce after o_proj and one after
+down_proj in forward (and one per column-parallel input in backward).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from megatron_lite.layers.init import replicated_parameter
+from megatron_lite.layers.linear import ColumnParallelLinear, RowParallelLinear
+from megatron_lite.parallel.mappings import copy_to_tensor_model_parallel_region
+from megatron_lite.parallel.state import get_tensor_model_parallel_world_size
+
+
+class RMSNorm(torch.nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps) (Zhang & Sennrich 2019, eq. 4), statistics in fp32 and the
+    normalised value cast back before the weight, exactly as HF ``LlamaRMSNorm``.
+
+    Weight ``[H]`` replicated over TP (``tensor_model_parallel=False``, counted once in grad norms).
+    """
+
+    def __init__(self, hidden_size: int, eps: float, *, params_dtype=torch.float32, device=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = replicated_parameter((hidden_size,), 1.0, dtype=params_dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x ``[b, s, H]`` -> ``[b, s, H]`` in x's dtype (times the weight's promotion)."""
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dtype)
+
+
+class SelfAttention(torch.nn.Module):
+    """Causal GQA self-attention with RoPE; q/k/v column-parallel, o row-parallel, no biases.
+
+    Args:
+        config: ``ModelConfig`` (validated for this TP degree).
+        device: parameter device.
+    """
+
+    def __init__(self, config, *, device=None):
+        super().__init__()
+        tp = get_tensor_model_parallel_world_size()
+        h, d = config.hidden_size, config.head_dim
+        self.config = config
+        self.heads = config.num_attention_heads // tp
+        self.kv_heads = config.num_query_groups // tp
+        self.head_dim = d
+        dtype, std = config.torch_dtype, config.init_method_std
+        out_std = std / math.sqrt(2.0 * config.num_layers)
+        kw = dict(params_dtype=dtype, device=device, copy_input=False, init_std=std)
+        self.q_proj = ColumnParallelLinear(h, config.num_attention_heads * d, **kw)
+        self.k_proj = ColumnParallelLinear(h, config.num_query_groups * d, **kw)
+        self.v_proj = ColumnParallelLinear(h, config.num_query_groups * d, **kw)
+        self.o_proj = RowParallelLinear(config.num_attention_heads * d, h, input_is_parallel=True,
+                                        init_std=out_std, params_dtype=dtype, device=device)
+
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, backend: str) -> torch.Tensor:
+        """x ``[b, s, H]``; cos/sin ``[b, s, d]`` fp32; returns ``[b, s, H]`` (summed over TP)."""
+        from megatron_lite.model.attention import attention_forward
+        from megatron_lite.model.rope import apply_rotary_pos_emb
+
+        b, s, _ = x.shape
+        x = copy_to_tensor_model_parallel_region(x)  # once for q, k and v: one backward all-reduce
+        q = self.q_proj(x).view(b, s, self.heads, self.head_dim)
+        k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin, fused=not self.config.no_fused_rope)
+        if self.config.recompute_granularity == "selective" and self.training and torch.is_grad_enabled():
+            # Korthikanti et al. 2022 ("Reducing Activation Recomputation"), sec. 5: keep the cheap
+            # linear layers' activations, recompute only the O(s^2) core attention in backward.
+            out = checkpoint(attention_forward, q, k, v, cu_seqlens, max_seqlen, backend, use_reentrant=False)
+        else:
+            out = attention_forward(q, k, v, cu_seqlens, max_seqlen, backend)
+        return self.o_proj(out.reshape(b, s, self.heads * self.head_dim))
+
+
+class SwiGLUMLP(torch.nn.Module):
+    """down(silu(gate(x)) * up(x)) (Shazeer 2020, "GLU Variants Improve Transformer", eq. 6);
+    gate/up column-parallel, down row-parallel with init std / sqrt(2 * num_layers)."""
+
+    def __init__(self, config, *, device=None):
+        super().__init__()
+        h, f = config.hidden_size, config.ffn_hidden_size
+        dtype, std = config.torch_dtype, config.init_method_std
+        kw = dict(params_dtype=dtype, device=device, copy_input=False, init_std=std)
+        self.gate_proj = ColumnParallelLinear(h, f, **kw)
+        self.up_proj = ColumnParallelLinear(h, f, **kw)
+        self.down_proj = RowParallelLinear(f, h, input_is_parallel=True, params_dtype=dtype, device=device,
+                                           init_std=std / math.sqrt(2.0 * config.num_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x ``[b, s, H]`` -> ``[b, s, H]``; the ``[b, s, H'/TP]`` intermediate stays on this rank."""
+        x = copy_to_tensor_model_parallel_region(x)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TransformerLayer(torch.nn.Module):
+    """Pre-norm LLaMA block: h += drop(attn(norm(h))); h += drop(mlp(norm(h))).
+
+    Hidden dropout runs on the default RNG stream, which is identical on all TP ranks, so the
+    replicated residual stream stays identical across the TP group.
+    """
+
+    def __init__(self, config, *, device=None):
+        super().__init__()
+        dtype = config.torch_dtype
+        self.hidden_dropout = config.hidden_dropout
+        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_epsilon, params_dtype=dtype, device=device)
+        self.self_attn = SelfAttention(config, device=device)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_epsilon, params_dtype=dtype,
+                                                device=device)
+        self.mlp = SwiGLUMLP(config, device=device)
+
+    def forward(self, h, cos, sin, cu_seqlens, max_seqlen, backend: str) -> torch.Tensor:
+        """h ``[b, s, H]`` -> ``[b, s, H]``."""
+        a = self.self_attn(self.input_layernorm(h), cos, sin, cu_seqlens, max_seqlen, backend)
+        h = h + F.dropout(a, self.hidden_dropout, self.training)
+        m = self.mlp(self.post_attention_layernorm(h))
+        return h + F.dropout(m, self.hidden_dropout, self.training)
