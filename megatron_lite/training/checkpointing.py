@@ -1,0 +1,348 @@
+"""Checkpoints: atomic save, resume that reproduces the uninterrupted run, inference loading.
+
+Layout of ``--save DIR``::
+
+    DIR/latest                      "iter_0000100" (written last, atomically)
+    DIR/iter_0000100/
+        mp_rank_XX_model_states.pt  DeepSpeed: TP shard XX of the model (+ optimizer at ZeRO-0)
+        *zero_pp_rank_*optim_states.pt  DeepSpeed: ZeRO optimizer partitions (stage >= 1)
+        model_tp_XX.pt              ZeRO-3 only: the gathered TP shard XX (for inference/tools)
+        rng/rank_NNNNN.pt           python/numpy/torch/cuda/TP-tracker RNG states of each rank
+        trainer_state.json          iteration, consumed samples, skipped counters, LR schedule
+        run_config.json             the resolved RunConfig (to_dict), versions
+        manifest.json               every file above with its size; written last inside the folder
+
+Atomicity: everything is written into ``DIR/.tmp_iter_0000100``; after a barrier rank 0 writes the
+manifest, renames the folder to ``iter_0000100`` and only then replaces ``latest``. A kill at any
+moment leaves the previous complete checkpoint: ``--load`` only accepts a folder whose manifest
+exists and whose files all exist with the recorded sizes, falling back to the newest complete one.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+MANIFEST = "manifest.json"
+_ITER_RE = re.compile(r"^iter_(\d{7,})$")
+
+# Model fields that may change between save and resume without changing the weights' meaning.
+_MODEL_FIELDS_ALLOWED_TO_CHANGE = {
+    "seq_length", "max_position_embeddings", "attention_backend", "no_fused_rope",
+    "recompute_granularity", "recompute_num_layers", "hidden_dropout", "attention_dropout",
+    "params_dtype", "model_size", "rope_scaling_type", "rope_scaling_factor",
+    "rope_original_max_position_embeddings", "yarn_beta_fast", "yarn_beta_slow",
+    "yarn_attention_factor", "yarn_truncate", "llama3_low_freq_factor", "llama3_high_freq_factor",
+}
+
+
+def tag_for(iteration: int) -> str:
+    """Folder name of the checkpoint after ``iteration`` steps."""
+    return f"iter_{iteration:07d}"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    """RNG states of this process (python, numpy, torch CPU, CUDA, TP tracker)."""
+    from megatron_lite.parallel import get_rng_tracker
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state(), "tracker": get_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore :func:`rng_state` output."""
+    from megatron_lite.parallel import get_rng_tracker
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    if state.get("tracker"):
+        get_rng_tracker().set_states(state["tracker"])
+
+
+def is_complete(path: str) -> bool:
+    """Whether a checkpoint folder has its manifest and every listed file with its size."""
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError):
+        return False
+    for rel, size in files.items():
+        p = os.path.join(path, rel)
+        if not os.path.isfile(p) or os.path.getsize(p) != size:
+            return False
+    return True
+
+
+def find_checkpoint(load_dir: str) -> str | None:
+    """Path of the checkpoint to resume from: ``latest`` if complete, else the newest complete one.
+
+    ``load_dir`` may also be a checkpoint folder itself. Returns None when there is none.
+    """
+    if not load_dir or not os.path.isdir(load_dir):
+        return None
+    if os.path.isfile(os.path.join(load_dir, MANIFEST)):
+        return load_dir if is_complete(load_dir) else None
+    latest = os.path.join(load_dir, "latest")
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            tag = f.read().strip()
+        cand = os.path.join(load_dir, tag)
+        if is_complete(cand):
+            return cand
+        warnings.warn(f"{latest} names {tag}, which is incomplete or missing; using the newest "
+                      f"complete checkpoint instead")
+    tags = sorted((d for d in os.listdir(load_dir) if _ITER_RE.match(d)),
+                  key=lambda d: int(_ITER_RE.match(d).group(1)), reverse=True)
+    for tag in tags:
+        cand = os.path.join(load_dir, tag)
+        if is_complete(cand):
+            return cand
+    return None
+
+
+def _write_manifest(path: str) -> None:
+    files = {}
+    for root, _, names in os.walk(path):
+        for n in names:
+            p = os.path.join(root, n)
+            files[os.path.relpath(p, path)] = os.path.getsize(p)
+    _atomic_write_text(os.path.join(path, MANIFEST), json.dumps({"files": files}, indent=1))
+
+
+def _versions() -> dict:
+    import deepspeed
+
+    import megatron_lite
+
+    return {"megatron_lite": megatron_lite.__version__, "torch": torch.__version__,
+            "deepspeed": deepspeed.__version__}
+
+
+def save_checkpoint(engine, cfg, state, scheduler, save_dir: str) -> str:
+    """Save atomically after ``state.iteration`` steps (collective: every rank calls it).
+
+    Returns:
+        The final checkpoint folder.
+    """
+    tag = tag_for(state.iteration)
+    tmp_tag = f".tmp_{tag}"
+    tmp = os.path.join(save_dir, tmp_tag)
+    final = os.path.join(save_dir, tag)
+    if _rank() == 0:
+        os.makedirs(save_dir, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a killed save
+    _barrier()
+    engine.save_checkpoint(save_dir, tag=tmp_tag, save_latest=False)
+    if cfg.parallel.zero_stage == 3:
+        # DeepSpeed's module file holds no weights at stage 3; gather this TP shard once.
+        sd = engine._zero3_consolidated_16bit_state_dict()
+        from megatron_lite.parallel import get_data_parallel_rank, get_tensor_model_parallel_rank
+
+        if get_data_parallel_rank() == 0:
+            torch.save(sd, os.path.join(tmp, f"model_tp_{get_tensor_model_parallel_rank():02d}.pt"))
+    os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
+    torch.save(rng_state(), os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt"))
+    _barrier()
+    if _rank() == 0:
+        trainer_state = {"iteration": state.iteration, "consumed_samples": state.consumed_samples,
+                         "skipped_steps": state.skipped_steps,
+                         "consecutive_skipped": state.consecutive_skipped,
+                         "scheduler": scheduler.state_dict(),
+                         "world_size": cfg.derived.world_size,
+                         "data_parallel_size": cfg.derived.data_parallel_size,
+                         "tensor_model_parallel_size": cfg.parallel.tensor_model_parallel_size,
+                         "zero_stage": cfg.parallel.zero_stage}
+        _atomic_write_text(os.path.join(tmp, "trainer_state.json"),
+                           json.dumps(trainer_state, indent=1))
+        _atomic_write_text(os.path.join(tmp, "run_config.json"),
+                           json.dumps({"config": cfg.to_dict(), "versions": _versions()},
+                                      indent=1, default=str))
+        _write_manifest(tmp)
+        if os.path.exists(final):  # re-saving the same step (e.g. after a resume): replace it
+            old = os.path.join(save_dir, f".old_{tag}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.rename(tmp, final)
+        _atomic_write_text(os.path.join(save_dir, "latest"), tag + "\n")
+        _prune(save_dir, cfg.checkpoint.keep_last)
+    _barrier()
+    return final
+
+
+def _prune(save_dir: str, keep_last: int | None) -> None:
+    if not keep_last:
+        return
+    tags = sorted((d for d in os.listdir(save_dir) if _ITER_RE.match(d)),
+                  key=lambda d: int(_ITER_RE.match(d).group(1)))
+    for tag in tags[:-keep_last]:
+        shutil.rmtree(os.path.join(save_dir, tag), ignore_errors=True)
+
+
+def read_saved_config(path: str) -> dict:
+    """The ``config`` dict saved in a checkpoint folder."""
+    with open(os.path.join(path, "run_config.json")) as f:
+        return json.load(f)["config"]
+
+
+def check_compatible(saved: dict, cfg) -> None:
+    """Raise if resuming ``saved`` under ``cfg`` would silently change the model.
+
+    Raises:
+        ValueError: listing each differing model field, the TP degree or the padded vocab.
+    """
+    diffs = []
+    now = cfg.to_dict()
+    for k, v in saved.get("model", {}).items():
+        if k not in _MODEL_FIELDS_ALLOWED_TO_CHANGE and now["model"].get(k) != v:
+            diffs.append(f"model.{k}: checkpoint {v!r} vs now {now['model'].get(k)!r}")
+    tp_old = saved.get("parallel", {}).get("tensor_model_parallel_size")
+    if tp_old != cfg.parallel.tensor_model_parallel_size:
+        diffs.append(f"tensor_model_parallel_size: checkpoint {tp_old} vs now "
+                     f"{cfg.parallel.tensor_model_parallel_size} (reshard with "
+                     f"tools/convert_checkpoint.py)")
+    pv = saved.get("derived", {}).get("padded_vocab_size")
+    if pv != cfg.derived.padded_vocab_size:
+        diffs.append(f"padded vocab: checkpoint {pv} vs now {cfg.derived.padded_vocab_size}")
+    if diffs:
+        raise ValueError("checkpoint does not match this run's model: " + "; ".join(diffs)
+                         + ". Resume with the checkpoint's settings.")
+
+
+def load_checkpoint(engine, cfg, state, scheduler) -> str | None:
+    """Resume from ``cfg.checkpoint.load`` (collective). Returns the folder used, or None.
+
+    Restores the model, optimizer (unless --no-load-optim), LR schedule, counters, consumed
+    samples and RNG (unless --no-load-rng). ``--finetune`` loads the model only.
+
+    Raises:
+        ValueError: model mismatch (:func:`check_compatible`), or ZeRO >= 1 optimizer state saved
+            with a different data-parallel size (pass --no-load-optim).
+    """
+    ck = cfg.checkpoint
+    path = find_checkpoint(ck.load)
+    if path is None:
+        if _rank() == 0:
+            warnings.warn(f"--load {ck.load}: no complete checkpoint found; starting from scratch")
+        return None
+    check_compatible(read_saved_config(path), cfg)
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        ts = json.load(f)
+    load_optim = not (ck.no_load_optim or ck.finetune)
+    if load_optim and ts["zero_stage"] >= 1 and ts["data_parallel_size"] != \
+            cfg.derived.data_parallel_size:
+        raise ValueError(f"{path}: ZeRO-{ts['zero_stage']} optimizer partitions were saved for "
+                         f"D={ts['data_parallel_size']} but this run has "
+                         f"D={cfg.derived.data_parallel_size}; pass --no-load-optim (fresh Adam "
+                         f"moments, data position kept) or resume with the same D")
+    if load_optim and ts["zero_stage"] != cfg.parallel.zero_stage:
+        raise ValueError(f"{path}: saved with ZeRO-{ts['zero_stage']}, resuming with "
+                         f"--zero-stage {cfg.parallel.zero_stage}; use the same stage or "
+                         f"--no-load-optim")
+    parent, tag = os.path.split(os.path.abspath(path))
+    engine.load_checkpoint(parent, tag=tag, load_optimizer_states=load_optim,
+                           load_lr_scheduler_states=False, load_module_only=not load_optim)
+    if ck.finetune:
+        return path
+    state.iteration = ts["iteration"]
+    state.consumed_samples = ts["consumed_samples"]
+    state.skipped_steps = ts["skipped_steps"]
+    state.consecutive_skipped = ts["consecutive_skipped"]
+    scheduler.load_state_dict(ts["scheduler"], override=cfg.schedule.override_opt_param_scheduler)
+    rng_file = os.path.join(path, "rng", f"rank_{_rank():05d}.pt")
+    if not ck.no_load_rng:
+        if ts["world_size"] == cfg.derived.world_size and os.path.isfile(rng_file):
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        elif _rank() == 0:
+            warnings.warn("world size changed since the checkpoint: RNG states not restored "
+                          "(dropout masks differ from the uninterrupted run)")
+    return path
+
+
+def _module_state(path: str, tp_rank: int) -> dict:
+    z3 = os.path.join(path, f"model_tp_{tp_rank:02d}.pt")
+    if os.path.isfile(z3):
+        return torch.load(z3, map_location="cpu", weights_only=False)
+    f = os.path.join(path, f"mp_rank_{tp_rank:02d}_model_states.pt")
+    if not os.path.isfile(f):
+        raise FileNotFoundError(f"{path}: no weights for TP rank {tp_rank} ({os.path.basename(f)})")
+    return torch.load(f, map_location="cpu", weights_only=False)["module"]
+
+
+def load_model_for_inference(load_dir: str, tp_rank: int = 0, tp_size: int = 1):
+    """Build the model of a checkpoint and load its weights for TP rank ``tp_rank`` of ``tp_size``.
+
+    Args:
+        load_dir: a ``--save`` folder (its latest complete checkpoint) or a checkpoint folder.
+        tp_rank, tp_size: the TP shard to load; ``tp_size`` must equal the saved TP degree and,
+            when > 1, the caller must have initialized the TP process groups first.
+
+    Returns:
+        ``(model, RunConfig)``: ``LlamaModel`` in eval mode with fp32 weights on CPU.
+
+    Raises:
+        FileNotFoundError: no complete checkpoint / no shard for ``tp_rank``.
+        ValueError: ``tp_size`` differs from the saved TP degree.
+    """
+    from megatron_lite.config import RunConfig
+    from megatron_lite.model.llama import LlamaModel
+
+    path = find_checkpoint(load_dir)
+    if path is None:
+        raise FileNotFoundError(f"{load_dir}: no complete checkpoint (need manifest.json)")
+    cfg = RunConfig.from_dict(read_saved_config(path), source=os.path.join(path, "run_config.json"))
+    saved_tp = cfg.parallel.tensor_model_parallel_size
+    if tp_size != saved_tp:
+        raise ValueError(f"{path} was saved with TP={saved_tp}; load it with tp_size={saved_tp} "
+                         f"(got {tp_size}) or convert it with tools/convert_checkpoint.py")
+    cfg.model.validate(tp_size)
+    model = LlamaModel(cfg.model)
+    sd = {k: v.float() if torch.is_floating_point(v) else v
+          for k, v in _module_state(path, tp_rank).items()}
+    model.load_state_dict(sd)
+    model.eval()
+    return model, cfg
+
+
+def list_checkpoints(save_dir: str) -> list[str]:
+    """Complete checkpoint folders in ``save_dir``, oldest first."""
+    out = [p for p in glob.glob(os.path.join(save_dir, "iter_*")) if is_complete(p)]
+    return sorted(out, key=lambda p: int(_ITER_RE.match(os.path.basename(p)).group(1)))
+
+
+__all__: list[Any] = ["find_checkpoint", "is_complete", "load_checkpoint",
+                      "load_model_for_inference", "save_checkpoint", "tag_for", "list_checkpoints"]

@@ -1,0 +1,157 @@
+"""DeepSpeed configuration from the run config (or a user JSON with "auto" fields) and engine setup.
+
+DeepSpeed is the data-parallel engine: gradient averaging over the DP group, ZeRO 0-3, bf16/fp16
+(dynamic loss scaling) and gradient clipping on the global norm. It is given
+``mpu=megatron_lite.parallel.mpu`` so ZeRO partitions over DP only and the norm counts
+TP-replicated parameters once. The engine never owns the LR schedule (we set the LR of each update,
+see :mod:`megatron_lite.training.schedules`) nor the optimizer type (our AdamW is passed in), so a
+user JSON's ``optimizer``/``scheduler`` blocks are dropped with a warning (the recipe's template has
+them only as placeholders).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import warnings
+from typing import Any
+
+# Batch/precision/clipping fields: ours are the source of truth; the JSON may say "auto" or agree.
+_AUTO_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+              "gradient_clipping")
+
+
+def read_json_with_comments(path: str) -> dict:
+    """Read a JSON file that may contain ``//`` line comments (the recipe's template does).
+
+    Raises:
+        ValueError: invalid JSON (message names the file and line).
+    """
+    with open(path) as f:
+        text = f.read()
+    # Drop // comments outside strings: a string literal or a comment, keep the former.
+    text = re.sub(r'("(?:\\.|[^"\\])*")|//[^\n]*', lambda m: m.group(1) or "", text)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--deepspeed-config {path}:{e.lineno}: invalid JSON: {e.msg}") from None
+
+
+def reconcile_user_json(cfg) -> None:
+    """Adopt the ZeRO stage/offload of ``--deepspeed-config`` into ``cfg.parallel`` (before checks).
+
+    The JSON describes *how* to execute (ZeRO stage, offload), so its values win over the flag
+    defaults; a note is printed when they change the config.
+    """
+    path = cfg.parallel.deepspeed_config
+    if not path:
+        return
+    user = read_json_with_comments(path)
+    zero = user.get("zero_optimization", {}) or {}
+    par = cfg.parallel
+    if "stage" in zero and zero["stage"] != "auto":
+        par.zero_stage = int(zero["stage"])
+    off_opt = (zero.get("offload_optimizer") or {}).get("device", "none")
+    off_par = (zero.get("offload_param") or {}).get("device", "none")
+    if off_opt not in ("none", None, "auto"):
+        par.offload_optimizer = True
+    if off_par not in ("none", None, "auto"):
+        par.offload_params = True
+
+
+def _fill(d: dict, key: str, value: Any, where: str) -> None:
+    cur = d.get(key, "auto")
+    if cur == "auto" or cur is None:
+        d[key] = value
+    elif cur != value and not (isinstance(cur, (int, float)) and isinstance(value, (int, float))
+                               and float(cur) == float(value)):
+        raise ValueError(f"--deepspeed-config: {where}{key}={cur!r} contradicts this run's "
+                         f"value {value!r}; set it to \"auto\" or change the flag")
+
+
+def clip_in_optimizer(cfg) -> bool:
+    """True where our optimizer must clip (fp32 ZeRO-0: DeepSpeed would not report the norm)."""
+    return cfg.parallel.zero_stage == 0 and cfg.derived.precision == "fp32"
+
+
+def build_ds_config(cfg) -> dict:
+    """The DeepSpeed config dict for a finalized RunConfig.
+
+    Returns:
+        A dict for ``deepspeed.initialize(config=...)``.
+
+    Raises:
+        ValueError: a non-"auto" JSON value contradicts the run's batch sizes, precision or
+            clipping.
+    """
+    d, tr, par = cfg.derived, cfg.training, cfg.parallel
+    user = read_json_with_comments(par.deepspeed_config) if par.deepspeed_config else {}
+    ds = copy.deepcopy(user)
+    for block in ("optimizer", "scheduler"):
+        if ds.pop(block, None) is not None:
+            warnings.warn(f"--deepspeed-config: the {block!r} block is ignored (megatron_lite's "
+                          f"AdamW and LR schedule come from the optimizer/schedule flags)")
+    _fill(ds, "train_micro_batch_size_per_gpu", tr.micro_batch_size, "")
+    _fill(ds, "gradient_accumulation_steps", d.num_micro_batches, "")
+    _fill(ds, "train_batch_size", d.global_batch_size, "")
+    clip = cfg.optimizer.clip_grad
+    _fill(ds, "gradient_clipping", clip, "")
+    if clip_in_optimizer(cfg):
+        ds["gradient_clipping"] = 0.0  # GuardedAdamW clips and records the norm itself
+    for name, on in (("bf16", d.precision == "bf16"), ("fp16", d.precision == "fp16")):
+        block = ds.setdefault(name, {})
+        if block.get("enabled", "auto") not in ("auto", on):
+            raise ValueError(f"--deepspeed-config: {name}.enabled={block['enabled']} contradicts "
+                             f"the run's precision {d.precision} (--bf16/--fp16)")
+        block["enabled"] = on
+    if d.precision == "fp16":
+        fp16 = ds["fp16"]
+        if tr.loss_scale is not None:
+            fp16.setdefault("loss_scale", tr.loss_scale)
+        else:
+            fp16.setdefault("loss_scale", 0)  # 0 = dynamic
+            fp16.setdefault("initial_scale_power", tr.initial_loss_scale_power)
+    zero = ds.setdefault("zero_optimization", {})
+    zero["stage"] = par.zero_stage
+    h = int(getattr(cfg.model, "hidden_size", 0) or 0)
+    autos = {"reduce_bucket_size": h * h, "stage3_prefetch_bucket_size": int(0.9 * h * h),
+             "stage3_param_persistence_threshold": 10 * h}
+    for k, v in autos.items():
+        if zero.get(k) == "auto":
+            zero[k] = v
+    if par.offload_optimizer:
+        zero.setdefault("offload_optimizer", {"device": "cpu"})
+    if par.offload_params:
+        zero.setdefault("offload_param", {"device": "cpu"})
+    for k, v in list(zero.items()):
+        if isinstance(v, dict):
+            for kk, vv in v.items():
+                if vv == "auto":
+                    raise ValueError(f"--deepspeed-config: zero_optimization.{k}.{kk} is "
+                                     f"\"auto\" but has no value to fill; give a number")
+        elif v == "auto":
+            raise ValueError(f"--deepspeed-config: zero_optimization.{k} is \"auto\" but has no "
+                             f"value to fill; give a number")
+    # Our AdamW is a torch optimizer: allow it under ZeRO and with CPU offload.
+    ds["zero_allow_untested_optimizer"] = True
+    ds["zero_force_ds_cpu_optimizer"] = False
+    ds.setdefault("steps_per_print", 2 ** 31 - 1)  # the TrainingLogger prints our line
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def init_engine(model, optimizer, cfg):
+    """``deepspeed.initialize`` with our optimizer, the TP-aware mpu and the built config.
+
+    Returns:
+        The DeepSpeed engine (the process group must already exist).
+    """
+    import deepspeed
+
+    from megatron_lite.parallel import mpu
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           config=build_ds_config(cfg), mpu=mpu,
+                                           dist_init_required=False)
+    return engine

@@ -1,0 +1,263 @@
+"""``pretrain(cfg)``: process groups, model, DeepSpeed engine, data, the loop, checkpoints, logging.
+
+Launch with torchrun (``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` from the environment) or as a single
+process (a one-rank group is created). The backend follows the device: NCCL on CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import warnings
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_lite.training.trainer import TrainState, train_step
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_device(cfg) -> torch.device:
+    """cuda:LOCAL_RANK when CUDA is used, else cpu."""
+    want = cfg.training.device
+    if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
+
+
+def init_distributed(cfg, device: torch.device) -> None:
+    """Create the default process group (NCCL on CUDA, gloo on CPU) and the TP/DP groups."""
+    from datetime import timedelta
+
+    from megatron_lite.parallel import initialize_model_parallel
+
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # plain `python pretrain_llama.py`: a one-process job
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(minutes=cfg.parallel.distributed_timeout_minutes))
+    if dist.get_world_size() != cfg.derived.world_size:
+        raise RuntimeError(f"config was finalized for world size {cfg.derived.world_size} but the "
+                           f"job has {dist.get_world_size()} processes")
+    initialize_model_parallel(cfg.parallel.tensor_model_parallel_size)
+
+
+def set_seeds(cfg, device: torch.device) -> None:
+    """Seed python/numpy/torch and the TP RNG tracker; enable deterministic mode if asked."""
+    from megatron_lite.parallel import model_parallel_manual_seed
+
+    seed = cfg.training.seed
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model_parallel_manual_seed(seed)
+    if cfg.training.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        os.environ.setdefault("NCCL_ALGO", "Ring")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+class _ExitSignal:
+    """Records SIGTERM/SIGUSR1; the loop saves and exits at the next step boundary."""
+
+    def __init__(self, enabled: bool):
+        self.received = False
+        if enabled:
+            for s in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(s, self._handler)
+
+    def _handler(self, signum, frame):
+        self.received = True
+
+    def any_rank(self, device) -> bool:
+        t = torch.tensor([1.0 if self.received else 0.0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+
+def _batches(loader) -> Iterator[dict]:
+    for b in loader:
+        yield b
+
+
+def build_data(cfg, consumed_samples: int):
+    """Train/valid loaders (this DP rank) from the data section; (None, None) without data."""
+    from megatron_lite.data import build_data_loader, build_train_valid_test_datasets
+    from megatron_lite.data.tokenizer import build_tokenizer
+    from megatron_lite.parallel import get_data_parallel_rank, get_data_parallel_world_size
+
+    dc, d = cfg.data, cfg.derived
+    eod = None
+    if dc.tokenizer_model:
+        eod = build_tokenizer(dc.tokenizer_type or "SentencePieceTokenizer",
+                              dc.tokenizer_model).eod
+    ev = cfg.eval
+    n_eval_rounds = (d.train_iters // ev.eval_interval + 1) if getattr(ev, "eval_interval", 0) else 0
+    valid_samples = n_eval_rounds * getattr(ev, "eval_iters", 0) * cfg.training.micro_batch_size \
+        * d.data_parallel_size
+    train_ds, valid_ds, _ = build_train_valid_test_datasets(
+        dc, cfg.model.seq_length, (d.train_iters * d.global_batch_size, valid_samples, 0),
+        cfg.training.seed, eod)
+    dp_rank, dp = get_data_parallel_rank(), get_data_parallel_world_size()
+    mbs = cfg.training.micro_batch_size
+    train = build_data_loader(train_ds, consumed_samples, mbs, dp_rank, dp,
+                              num_workers=dc.num_workers) if train_ds is not None else None
+    valid = build_data_loader(valid_ds, 0, mbs, dp_rank, dp, num_workers=0,
+                              random_order=False) if valid_ds is not None else None
+    return train, valid
+
+
+def pretrain(cfg, data_iterators=None) -> TrainState:
+    """Train according to a finalized RunConfig (collective over all ranks).
+
+    Args:
+        cfg: finalized :class:`megatron_lite.config.RunConfig`.
+        data_iterators: optional ``(train_iter_factory, valid_loader)`` override where
+            ``train_iter_factory(consumed_samples)`` returns an iterator of this rank's
+            micro-batches (tests); default: :func:`build_data`.
+
+    Returns:
+        The final :class:`TrainState`.
+    """
+    from megatron_lite.config import format_plan
+    from megatron_lite.model.llama import LlamaModel
+    from megatron_lite.training import checkpointing
+    from megatron_lite.training.deepspeed_engine import clip_in_optimizer, init_engine
+    from megatron_lite.training.optimizer import build_optimizer
+    from megatron_lite.training.schedules import LRScheduler
+
+    device = resolve_device(cfg)
+    init_distributed(cfg, device)
+    rank = dist.get_rank()
+    if device.type == "cpu" and cfg.derived.precision != "fp32" and rank == 0:
+        warnings.warn(f"{cfg.derived.precision} on CPU is ~30x slower than fp32 here")
+    if rank == 0:
+        print(format_plan(cfg), flush=True)
+    set_seeds(cfg, device)
+    model = LlamaModel(cfg.model, device=device)
+    optimizer = build_optimizer(model, cfg, device, clip_in_optimizer(cfg))
+    engine = init_engine(model, optimizer, cfg)
+    scheduler = LRScheduler.from_config(optimizer, cfg)
+    state = TrainState()
+    resumed = None
+    if cfg.checkpoint.load:
+        resumed = checkpointing.load_checkpoint(engine, cfg, state, scheduler)
+    if rank == 0 and cfg.checkpoint.save:
+        try:
+            from megatron_lite.training.metrics import write_run_info
+
+            write_run_info(cfg.checkpoint.save, cfg.to_dict())
+        except ImportError:
+            pass
+    if data_iterators is not None:
+        train_factory, valid_loader = data_iterators
+        train_iter = train_factory(state.consumed_samples)
+    else:
+        train_loader, valid_loader = build_data(cfg, state.consumed_samples)
+        train_iter = _batches(train_loader)
+    logger = _make_logger(cfg, rank, device, resumed is not None and state.iteration or None)
+    stop = _ExitSignal(cfg.training.exit_signal_handler)
+    d, A = cfg.derived, cfg.derived.num_micro_batches
+    engine.train()
+    if logger is not None:
+        logger.start_interval()
+    try:
+        while state.iteration < d.train_iters:
+            timers = logger.timers if logger is not None else None
+            if timers:
+                timers("data-wait").start()
+            micro = [next(train_iter) for _ in range(A)]
+            if timers:
+                timers("data-wait").stop()
+                timers("forward-backward").start()
+            res = train_step(engine, optimizer, scheduler, micro, state,
+                             cfg.training.max_skipped_steps, device)
+            if timers:
+                timers("forward-backward").stop()
+            state.consumed_samples += d.global_batch_size
+            if logger is not None:
+                logger.log_step(state.iteration, {
+                    "lr": res.lr, "loss": res.loss if not res.skipped else float("nan"),
+                    "grad_norm": res.grad_norm, "loss_scale": res.loss_scale,
+                    "skipped_steps": state.skipped_steps,
+                    "consumed_samples": state.consumed_samples,
+                    "consumed_tokens": state.consumed_samples * cfg.model.seq_length,
+                    "step_loss": res.loss, "step_skipped": int(res.skipped)})
+            _maybe_eval(cfg, engine, valid_loader, state, logger, device)
+            last = state.iteration >= d.train_iters
+            exit_now = bool(cfg.training.exit_interval) and \
+                state.iteration % cfg.training.exit_interval == 0
+            signalled = stop.any_rank(device)
+            want_save = cfg.checkpoint.save and (
+                (cfg.checkpoint.save_interval and state.iteration % cfg.checkpoint.save_interval == 0)
+                or exit_now or signalled or (last and cfg.checkpoint.save_on_exit))
+            if want_save:
+                ctx = logger.exclude_time() if logger is not None else _null()
+                with ctx:
+                    checkpointing.save_checkpoint(engine, cfg, state, scheduler,
+                                                  cfg.checkpoint.save)
+            if exit_now or signalled:
+                if rank == 0:
+                    print(f"[exit] {'signal received' if signalled else '--exit-interval'}: "
+                          f"stopping after step {state.iteration}", flush=True)
+                break
+    finally:
+        if logger is not None:
+            logger.close()
+    return state
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _maybe_eval(cfg, engine, valid_loader, state, logger, device) -> None:
+    ev = cfg.eval
+    interval = getattr(ev, "eval_interval", 0)
+    if not interval or valid_loader is None:
+        return
+    if state.iteration % interval and state.iteration != cfg.derived.train_iters:
+        return
+    from megatron_lite.eval import evaluate
+
+    ctx = logger.exclude_time() if logger is not None else _null()
+    with ctx:
+        res = evaluate(engine.module, iter(valid_loader), ev.eval_iters, device=device)
+        engine.module.train()
+    if logger is not None:
+        logger.log_eval(state.iteration, res["val_loss"], tokens=res.get("tokens"))
+    elif dist.get_rank() == 0:
+        print(f"[eval] step {state.iteration}: val_loss {res['val_loss']:.4f} "
+              f"val_ppl {res['val_ppl']:.3f}", flush=True)
+
+
+def _make_logger(cfg, rank, device, resume_step):
+    try:
+        from megatron_lite.model.counting import flops_per_token
+        from megatron_lite.training.metrics import TrainingLogger
+    except ImportError:
+        return None
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.derived.precision,
+                                                                 torch.float32)
+    return TrainingLogger(cfg.logging, rank, cfg.derived.world_size,
+                          flops_per_token(cfg.model, cfg.model.seq_length),
+                          cfg.derived.global_batch_tokens, device, dtype=dtype,
+                          train_iters=cfg.derived.train_iters, run_dir=cfg.checkpoint.save,
+                          resume_step=resume_step)

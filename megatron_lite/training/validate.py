@@ -1,0 +1,235 @@
+"""Derived values and cross-section validation of a :class:`megatron_lite.config.RunConfig`.
+
+Runs before any process group is created, so a bad launch fails in seconds on every rank with the
+same message. Batch arithmetic follows the recipe's symbols (Megatron-LM's
+``megatron/training/arguments.py`` does the same checks for ``--global-batch-size``):
+
+    D      = world_size / TP                          data-parallel degree
+    mu_tok = micro_batch_size * seq_length            tokens per rank per micro-batch
+    GB     = GB_tok / seq_length                      samples per step
+    A      = GB / (micro_batch_size * D)              accumulated micro-batches per step
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def _err(msg: str):
+    from megatron_lite.config import ConfigError
+
+    return ConfigError(msg)
+
+
+def _model_attr(model, *names, default=None):
+    for n in names:
+        v = getattr(model, n, None)
+        if v is not None:
+            return v() if callable(v) else v
+    return default
+
+
+def derive_and_check(cfg, world_size: int) -> None:
+    """Fill ``cfg.derived`` and raise ConfigError on any inconsistency.
+
+    Args:
+        cfg: the RunConfig (modified in place).
+        world_size: number of processes in the job.
+
+    Raises:
+        ConfigError: naming the flag(s) and the fix.
+    """
+    from megatron_lite.training.schedules import warmup_steps_from
+
+    from megatron_lite.config import ConfigError
+    from megatron_lite.training.deepspeed_engine import reconcile_user_json
+
+    # Sections validate their own fields in __post_init__; rerun it on the merged values.
+    for name in ("model", "data", "logging", "eval"):
+        post = getattr(getattr(cfg, name), "__post_init__", None)
+        if callable(post):
+            try:
+                post()
+            except ValueError as e:
+                raise ConfigError(f"[{name}] {e}") from None
+    par, tr, sch, opt, ck = cfg.parallel, cfg.training, cfg.schedule, cfg.optimizer, cfg.checkpoint
+    d = cfg.derived
+    if par.deepspeed_config and os.path.isfile(par.deepspeed_config):
+        try:
+            reconcile_user_json(cfg)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if world_size < 1:
+        raise _err(f"world size must be >= 1 (got {world_size})")
+    tp = par.tensor_model_parallel_size
+    if tp < 1 or world_size % tp:
+        raise _err(f"--tensor-model-parallel-size {tp} must divide the world size {world_size} "
+                   f"(nproc_per_node x nnodes); choose TP in "
+                   f"{[t for t in range(1, world_size + 1) if world_size % t == 0]}")
+    if par.pipeline_model_parallel_size != 1:
+        raise _err("--pipeline-model-parallel-size must be 1 (pipeline parallelism is not "
+                   "implemented; use --tp and ZeRO instead)")
+    if par.offload_params and par.zero_stage != 3:
+        raise _err("--offload-params needs --zero-stage 3")
+    if par.offload_optimizer and par.zero_stage == 0:
+        raise _err("--offload-optimizer needs --zero-stage 1, 2 or 3")
+    if par.deepspeed_config and not os.path.isfile(par.deepspeed_config):
+        raise _err(f"--deepspeed-config {par.deepspeed_config}: file not found")
+    d.world_size = world_size
+    d.data_parallel_size = D = world_size // tp
+
+    if cfg.model.vocab_size is None and getattr(cfg.data, "tokenizer_model", None):
+        try:
+            from megatron_lite.data.tokenizer import build_tokenizer
+
+            tok = build_tokenizer(cfg.data.tokenizer_type or "SentencePieceTokenizer",
+                                  cfg.data.tokenizer_model)
+            cfg.model.vocab_size = int(tok.vocab_size)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise _err(f"--tokenizer-model {cfg.data.tokenizer_model}: cannot load ({e})") from None
+    # Model: its own checks (divisibility of heads by TP, ...) in the model section.
+    validate = getattr(cfg.model, "validate", None)
+    if callable(validate):
+        try:
+            validate(tp)
+        except ValueError as e:
+            from megatron_lite.config import ConfigError
+
+            if isinstance(e, ConfigError):
+                raise
+            raise _err(str(e)) from None
+    seq = int(cfg.model.seq_length)
+    d.padded_vocab_size = int(_model_attr(cfg.model, "padded_vocab_size", default=0) or 0)
+    d.head_dim = int(_model_attr(cfg.model, "head_dim", "kv_channels", default=0) or 0)
+
+    if tr.micro_batch_size < 1:
+        raise _err(f"--micro-batch-size must be >= 1 (got {tr.micro_batch_size})")
+    d.micro_batch_tokens = tr.micro_batch_size * seq
+    if tr.global_batch_size is not None and tr.global_batch_tokens is not None:
+        raise _err("give either --global-batch-size (samples) or --global-batch-tokens, not both")
+    if tr.global_batch_tokens is not None:
+        if tr.global_batch_tokens <= 0 or tr.global_batch_tokens % seq:
+            raise _err(f"--global-batch-tokens {tr.global_batch_tokens} must be a positive "
+                       f"multiple of --seq-length {seq} (e.g. "
+                       f"{max(1, round(tr.global_batch_tokens / seq)) * seq})")
+        gb = tr.global_batch_tokens // seq
+    else:
+        gb = tr.global_batch_size if tr.global_batch_size is not None else tr.micro_batch_size * D
+    if gb <= 0 or gb % (tr.micro_batch_size * D):
+        step = tr.micro_batch_size * D
+        raise _err(
+            f"global batch of {gb} samples ({gb * seq} tokens) is not a multiple of "
+            f"micro_batch_size x D = {tr.micro_batch_size} x {D} = {step} samples "
+            f"(mu_tok x D = {step * seq} tokens), so A = GB_tok / (mu_tok x D) is not an integer; "
+            f"use a global batch of {max(1, round(gb / step)) * step} samples "
+            f"({max(1, round(gb / step)) * step * seq} tokens) or change --micro-batch-size/--tp")
+    d.global_batch_size = gb
+    d.global_batch_tokens = gb * seq
+    d.num_micro_batches = gb // (tr.micro_batch_size * D)
+    if tr.bf16 and tr.fp16:
+        raise _err("--bf16 and --fp16 are exclusive")
+    d.precision = "bf16" if tr.bf16 else "fp16" if tr.fp16 else "fp32"
+    if tr.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise _err("--device cuda but no CUDA device is visible; use --device cpu")
+
+    # Run length.
+    if (sch.train_iters is None) == (sch.train_tokens is None):
+        raise _err("give exactly one of --train-iters (steps) or --train-tokens (tokens)")
+    if sch.train_tokens is not None:
+        if sch.train_tokens <= 0:
+            raise _err(f"--train-tokens must be > 0 (got {sch.train_tokens})")
+        d.train_iters = -(-sch.train_tokens // d.global_batch_tokens)
+    else:
+        if sch.train_iters <= 0:
+            raise _err(f"--train-iters must be > 0 (got {sch.train_iters})")
+        d.train_iters = sch.train_iters
+    d.train_tokens = d.train_iters * d.global_batch_tokens
+    d.lr_decay_iters = sch.lr_decay_iters if sch.lr_decay_iters is not None else d.train_iters
+    if d.lr_decay_iters <= 0:
+        raise _err(f"--lr-decay-iters must be > 0 (got {d.lr_decay_iters})")
+    given = [n for n, v in (("--lr-warmup-iters", sch.lr_warmup_iters),
+                            ("--lr-warmup-tokens", sch.lr_warmup_tokens),
+                            ("--lr-warmup-fraction", sch.lr_warmup_fraction)) if v is not None]
+    if len(given) > 1:
+        raise _err(f"give at most one of {', '.join(given)}")
+    if sch.lr_warmup_fraction is not None and not 0 <= sch.lr_warmup_fraction <= 1:
+        raise _err(f"--lr-warmup-fraction must be in [0, 1] (got {sch.lr_warmup_fraction})")
+    d.lr_warmup_iters = warmup_steps_from(sch.lr_warmup_iters, sch.lr_warmup_tokens,
+                                          sch.lr_warmup_fraction, d.global_batch_tokens,
+                                          d.lr_decay_iters)
+    if d.lr_warmup_iters < 0 or d.lr_warmup_iters > d.lr_decay_iters:
+        raise _err(f"warmup ({d.lr_warmup_iters} steps) must be within [0, lr_decay_iters = "
+                   f"{d.lr_decay_iters}]; shorten the warmup or raise --lr-decay-iters")
+    d.lr_wsd_decay_iters = 0
+    if sch.lr_decay_style == "wsd":
+        if sch.lr_wsd_decay_iters is None:
+            raise _err("--lr-decay-style wsd needs --lr-wsd-decay-iters (length of the final decay)")
+        if not 0 < sch.lr_wsd_decay_iters <= d.lr_decay_iters - d.lr_warmup_iters:
+            raise _err(f"--lr-wsd-decay-iters {sch.lr_wsd_decay_iters} must be in "
+                       f"(0, lr_decay_iters - warmup = {d.lr_decay_iters - d.lr_warmup_iters}]")
+        d.lr_wsd_decay_iters = sch.lr_wsd_decay_iters
+    if opt.lr <= 0 or opt.min_lr < 0 or opt.min_lr > opt.lr:
+        raise _err(f"need 0 <= --min-lr ({opt.min_lr}) <= --lr ({opt.lr}) and --lr > 0")
+    if opt.clip_grad < 0:
+        raise _err(f"--clip-grad must be >= 0 (got {opt.clip_grad})")
+    if not (0 <= opt.adam_beta1 < 1 and 0 <= opt.adam_beta2 < 1 and opt.adam_eps > 0):
+        raise _err("need 0 <= --adam-beta1, --adam-beta2 < 1 and --adam-eps > 0")
+    if tr.max_skipped_steps < 1:
+        raise _err(f"--max-skipped-steps must be >= 1 (got {tr.max_skipped_steps})")
+    if tr.exit_interval is not None and tr.exit_interval < 1:
+        raise _err(f"--exit-interval must be >= 1 (got {tr.exit_interval})")
+
+    # Checkpoints.
+    if ck.save_interval is not None and ck.save_interval < 1:
+        raise _err(f"--save-interval must be >= 1 (got {ck.save_interval})")
+    if ck.save_interval is not None and not ck.save:
+        raise _err("--save-interval needs --save DIR")
+    if ck.keep_last is not None and ck.keep_last < 1:
+        raise _err(f"--keep-last must be >= 1 (got {ck.keep_last})")
+    log = cfg.logging
+    if getattr(log, "log_interval", 1) is not None and getattr(log, "log_interval", 1) < 1:
+        raise _err(f"--log-interval must be >= 1 (got {log.log_interval})")
+    for name in ("eval_interval", "eval_iters"):
+        v = getattr(cfg.eval, name, None)
+        if v is not None and v < 0:
+            raise _err(f"--{name.replace('_', '-')} must be >= 0 (got {v})")
+
+
+def plan_lines(cfg) -> list[str]:
+    """Human-readable resolved plan: layout, batch arithmetic, run length, model size, FLOPs."""
+    d, tr, m = cfg.derived, cfg.training, cfg.model
+    lines = [
+        "---------------- resolved plan ----------------",
+        f"world size              : {d.world_size}  (TP {cfg.parallel.tensor_model_parallel_size}"
+        f" x D {d.data_parallel_size}, PP 1)",
+        f"ZeRO stage              : {cfg.parallel.zero_stage}"
+        + (" +offload-optimizer" if cfg.parallel.offload_optimizer else "")
+        + (" +offload-params" if cfg.parallel.offload_params else ""),
+        f"precision               : {d.precision}",
+        f"seq length L_ctx        : {m.seq_length} tokens",
+        f"micro batch             : {tr.micro_batch_size} samples = mu_tok {d.micro_batch_tokens} "
+        f"tokens per rank",
+        f"grad accumulation A     : {d.num_micro_batches}  (= GB_tok / (mu_tok x D))",
+        f"global batch            : {d.global_batch_size} samples = GB_tok {d.global_batch_tokens}"
+        f" tokens",
+        f"total steps             : {d.train_iters}  ({d.train_tokens} tokens)",
+        f"lr schedule             : {cfg.schedule.lr_decay_style}, peak {cfg.optimizer.lr:g}, "
+        f"min {cfg.optimizer.min_lr:g}, warmup {d.lr_warmup_iters} steps, decay to step "
+        f"{d.lr_decay_iters}",
+        f"padded vocab / head_dim : {d.padded_vocab_size} / {d.head_dim}",
+    ]
+    try:
+        from megatron_lite.model.counting import flops_per_token, num_parameters
+
+        non_emb, total = num_parameters(m)
+        fpt = flops_per_token(m, m.seq_length)
+        lines += [f"N_params                : {total:,} total, {non_emb:,} non-embedding",
+                  f"FLOPs per token         : {fpt:.4g} (training, fwd+bwd)",
+                  f"FLOPs total             : {fpt * d.train_tokens:.4g}"]
+    except ImportError:
+        lines.append("N_params / FLOPs        : (megatron_lite.model.counting not available)")
+    lines.append("-----------------------------------------------")
+    return lines
