@@ -132,7 +132,7 @@ def test_tensorboard_scalars_readable(tmp_path):
     tb = tmp_path / "tb"
     logger = _make(tmp_path, clock, lines, log_interval=2, tensorboard_dir=str(tb))
     _run_steps(logger, clock, 1, 4, loss=lambda s: float(s))
-    logger.log_eval(4, 0.0, tokens=10)
+    logger.log_eval(4, {"val_loss": 0.0, "val_ppl": 1.0, "tokens": 10})  # evaluate()'s dict
     logger.close()
     acc = EventAccumulator(str(tb))
     acc.Reload()
@@ -144,6 +144,7 @@ def test_tensorboard_scalars_readable(tmp_path):
     assert loss == [(2, 1.5), (4, 3.5)]
     assert [(e.step, e.value) for e in acc.Scalars("train/mfu")] == [(2, 0.125), (4, 0.125)]
     assert [(e.step, e.value) for e in acc.Scalars("val/val_ppl")] == [(4, 1.0)]
+    assert [(e.step, e.value) for e in acc.Scalars("val/val_tokens")] == [(4, 10.0)]
 
 
 def test_only_rank0_writes(tmp_path):

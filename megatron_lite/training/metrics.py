@@ -404,19 +404,23 @@ class TrainingLogger:
         return " | ".join(parts) + " |"
 
     # ---- evaluation -----------------------------------------------------------------------
-    def log_eval(self, step: int, val_loss: float, tokens: int | None = None,
+    def log_eval(self, step: int, val_loss: float | dict[str, Any], tokens: int | None = None,
                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Print, and write to TensorBoard (``val/``) and metrics.jsonl, an evaluation result.
 
         Args:
             step: training step after which the evaluation ran.
-            val_loss: token-mean validation loss (nats per token).
+            val_loss: token-mean validation loss (nats per token), or the dict returned by
+                ``megatron_lite.eval.evaluate`` (its ``val_loss`` and ``tokens`` are used).
             tokens: number of loss tokens evaluated.
             extra: more numeric entries for the record (e.g. consumed_tokens).
 
         Returns:
             The record, with ``val_loss`` and ``val_ppl`` = exp(val_loss).
         """
+        if isinstance(val_loss, dict):
+            tokens = val_loss.get("tokens", tokens)
+            val_loss = val_loss["val_loss"]
         val_loss = float(val_loss)
         try:
             ppl = math.exp(val_loss)
