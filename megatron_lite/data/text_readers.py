@@ -107,13 +107,14 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
     files: list[str] = []
     seen: set[str] = set()
     for pattern in patterns:
-        if os.path.isdir(pattern):
+        if os.path.isdir(pattern):  # checked first: a directory is never itself an input
             matches = sorted(p for p in glob.glob(os.path.join(pattern, "**", "*"), recursive=True)
                              if os.path.isfile(p) and p.lower().endswith(SUPPORTED_SUFFIXES))
         elif glob.has_magic(pattern):
             matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
         else:
-            matches = [pattern] if os.path.isfile(pattern) else []
+            # exists-and-not-a-directory (not isfile) so named pipes and /dev/fd/N work too.
+            matches = [pattern] if os.path.exists(pattern) else []
         if not matches:
             raise FileNotFoundError(f"--input {pattern!r}: no such file (or the glob matched "
                                     f"nothing)")
