@@ -1,0 +1,242 @@
+"""In-memory conversion between HF ``transformers`` ``LlamaForCausalLM`` and ``LlamaModel`` TP shards.
+
+Name map (HF -> ours; ``i`` = layer): ``model.embed_tokens.weight`` -> ``embedding.weight``;
+``model.layers.i.{input_layernorm,post_attention_layernorm}.weight`` -> ``layers.i.<same>.weight``;
+``model.layers.i.self_attn.{q,k,v,o}_proj.weight`` -> ``layers.i.self_attn.<same>.weight``;
+``model.layers.i.mlp.{gate,up,down}_proj.weight`` -> ``layers.i.mlp.<same>.weight``;
+``model.norm.weight`` -> ``final_norm.weight``; ``lm_head.weight`` -> ``output_layer.weight``
+(absent when tied). Sharding: embedding/lm_head/q/k/v/gate/up split by rows (dim 0), o/down by
+columns (dim 1), norms replicated. Vocab rows are zero-padded to ``V_pad`` before splitting and
+stripped on the way back. The command-line converter (``tools/convert_checkpoint.py``) builds on this.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from megatron_lite.model.config import ModelConfig
+
+_ROW = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+_COL = ("o_proj", "down_proj")
+_LAYER = re.compile(r"^layers\.(\d+)\.(input_layernorm|post_attention_layernorm|self_attn\.\w+|mlp\.\w+)\.weight$")
+
+
+def _hf_get(cfg, name, default=None):
+    return getattr(cfg, name, default) if not isinstance(cfg, dict) else cfg.get(name, default)
+
+
+def config_from_hf(hf_config) -> ModelConfig:
+    """``ModelConfig`` equivalent to a ``transformers.LlamaConfig`` (or its ``to_dict()``).
+
+    ``seq_length`` is set to ``max_position_embeddings``; ``vocab_size`` to HF's. RoPE: HF
+    ``rope_parameters`` (transformers >= 5) or ``rope_theta``/``rope_scaling`` (4.x) of type
+    default/linear/dynamic/yarn/llama3 map to ``--rope-scaling-type`` none/linear/dynamic/yarn/llama3.
+
+    Raises:
+        ValueError: a feature LlamaModel does not have (biases, non-SiLU activation, other RoPE types).
+    """
+    g = lambda n, d=None: _hf_get(hf_config, n, d)  # noqa: E731
+    if g("attention_bias", False) or g("mlp_bias", False):
+        raise ValueError("HF config has attention_bias/mlp_bias; LlamaModel has no biases")
+    if g("hidden_act", "silu") != "silu":
+        raise ValueError(f"HF hidden_act {g('hidden_act')!r} unsupported; LlamaModel uses SwiGLU (silu)")
+    h, nh = int(g("hidden_size")), int(g("num_attention_heads"))
+    head_dim = g("head_dim") or h // nh
+    max_pos = int(g("max_position_embeddings"))
+    rope = dict(g("rope_parameters") or g("rope_scaling") or {})
+    if "type" in rope and "rope_type" not in rope:
+        rope["rope_type"] = rope["type"]
+    kind = rope.get("rope_type", "default")
+    theta = rope.get("rope_theta", g("rope_theta", 10000.0))
+    kw = dict(rotary_base=float(theta))
+    if kind == "default":
+        kw["rope_scaling_type"] = "none"
+    elif kind in ("linear", "dynamic", "yarn", "llama3"):
+        kw.update(rope_scaling_type=kind, rope_scaling_factor=float(rope["factor"]))
+        if kind == "dynamic":  # HF's dynamic scaling treats max_position_embeddings as the original length
+            kw["rope_original_max_position_embeddings"] = max_pos
+        elif rope.get("original_max_position_embeddings"):
+            kw["rope_original_max_position_embeddings"] = int(rope["original_max_position_embeddings"])
+        if kind == "yarn":
+            kw.update(yarn_beta_fast=float(rope.get("beta_fast") or 32.0),
+                      yarn_beta_slow=float(rope.get("beta_slow") or 1.0),
+                      yarn_attention_factor=rope.get("attention_factor"),
+                      yarn_truncate=bool(rope.get("truncate", True)))
+        if kind == "llama3":
+            kw.update(llama3_low_freq_factor=float(rope["low_freq_factor"]),
+                      llama3_high_freq_factor=float(rope["high_freq_factor"]))
+    else:
+        raise ValueError(f"HF rope type {kind!r} has no megatron_lite equivalent "
+                         "(supported: default, linear, dynamic, yarn, llama3)")
+    return ModelConfig(
+        hidden_size=h, num_layers=int(g("num_hidden_layers")), num_attention_heads=nh,
+        num_query_groups=int(g("num_key_value_heads") or nh), ffn_hidden_size=int(g("intermediate_size")),
+        kv_channels=None if head_dim == h // nh else int(head_dim), seq_length=max_pos,
+        max_position_embeddings=max_pos, vocab_size=int(g("vocab_size")), norm_epsilon=float(g("rms_norm_eps")),
+        init_method_std=float(g("initializer_range", 0.02)),
+        tie_word_embeddings=bool(g("tie_word_embeddings", False)), **kw)
+
+
+def _rope_parameters(c: ModelConfig) -> tuple[dict, int]:
+    """HF ``rope_parameters`` and HF ``max_position_embeddings`` for our RoPE settings."""
+    kind, s, base = c.rope_scaling_type, c.rope_scaling_factor, c.rotary_base
+    orig = c.rope_original_max_position_embeddings or c.max_position_embeddings
+    max_pos = c.max_position_embeddings
+    if kind == "none":
+        return {"rope_type": "default", "rope_theta": base}, max_pos
+    if kind == "ntk":  # static NTK-aware scaling is plain RoPE with base * s^(d/(d-2))
+        d = c.head_dim
+        return {"rope_type": "default", "rope_theta": base * s ** (d / (d - 2))}, max_pos
+    if kind == "linear":
+        return {"rope_type": "linear", "rope_theta": base, "factor": s}, max_pos
+    if kind == "dynamic":
+        return {"rope_type": "dynamic", "rope_theta": base, "factor": s}, orig
+    if kind == "yarn":
+        p = {"rope_type": "yarn", "rope_theta": base, "factor": s, "original_max_position_embeddings": orig,
+             "beta_fast": c.yarn_beta_fast, "beta_slow": c.yarn_beta_slow, "truncate": c.yarn_truncate}
+        if c.yarn_attention_factor is not None:
+            p["attention_factor"] = c.yarn_attention_factor
+        return p, max_pos
+    if kind == "llama3":
+        return {"rope_type": "llama3", "rope_theta": base, "factor": s, "original_max_position_embeddings": orig,
+                "low_freq_factor": c.llama3_low_freq_factor, "high_freq_factor": c.llama3_high_freq_factor}, max_pos
+    raise ValueError(f"--rope-scaling-type {kind!r} unknown")
+
+
+def config_to_hf(config: ModelConfig):
+    """``transformers.LlamaConfig`` for ``config`` (rope settings in HF ``rope_parameters`` form; static
+    ``ntk`` becomes ``default`` with the NTK-scaled theta; for ``dynamic``, HF's
+    ``max_position_embeddings`` is the original length, as HF's dynamic scaling reads it).
+
+    Raises:
+        ValueError: ``vocab_size`` unset or an invalid config.
+    """
+    from transformers import LlamaConfig
+
+    c = config.resolve()
+    if c.vocab_size is None:
+        raise ValueError("config_to_hf needs --vocab-size")
+    rope, max_pos = _rope_parameters(c)
+    return LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.ffn_hidden_size,
+                       num_hidden_layers=c.num_layers, num_attention_heads=c.num_attention_heads,
+                       num_key_value_heads=c.num_query_groups, head_dim=c.head_dim, hidden_act="silu",
+                       max_position_embeddings=max_pos, rms_norm_eps=c.norm_epsilon,
+                       initializer_range=c.init_method_std, tie_word_embeddings=c.tie_word_embeddings,
+                       attention_bias=False, mlp_bias=False, rope_parameters=rope)
+
+
+def _partition_dim(name: str) -> int | None:
+    """Our parameter name -> its TP partition dim (None: replicated)."""
+    if name in ("embedding.weight", "output_layer.weight"):
+        return 0
+    leaf = name.rsplit(".", 2)[-2] if name.endswith(".weight") else ""
+    if leaf in _ROW:
+        return 0
+    if leaf in _COL:
+        return 1
+    return None
+
+
+def _expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    h, d, f, v = c.hidden_size, c.head_dim, c.ffn_hidden_size, c.vocab_size
+    shapes = {"embedding.weight": (v, h), "final_norm.weight": (h,)}
+    if not c.tie_word_embeddings:
+        shapes["output_layer.weight"] = (v, h)
+    for i in range(c.num_layers):
+        p = f"layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                       p + "self_attn.q_proj.weight": (c.num_attention_heads * d, h),
+                       p + "self_attn.k_proj.weight": (c.num_query_groups * d, h),
+                       p + "self_attn.v_proj.weight": (c.num_query_groups * d, h),
+                       p + "self_attn.o_proj.weight": (h, c.num_attention_heads * d),
+                       p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
+                       p + "mlp.down_proj.weight": (h, f)})
+    return shapes
+
+
+def _hf_name(ours: str) -> str:
+    if ours == "embedding.weight":
+        return "model.embed_tokens.weight"
+    if ours == "final_norm.weight":
+        return "model.norm.weight"
+    if ours == "output_layer.weight":
+        return "lm_head.weight"
+    return "model." + ours
+
+
+def hf_to_megatron_lite(hf_state_dict: dict, config: ModelConfig, tp_rank: int, tp_size: int) -> dict:
+    """This TP rank's ``LlamaModel`` state dict from an HF ``LlamaForCausalLM`` state dict.
+
+    Args:
+        hf_state_dict: HF names -> full tensors (``lm_head.weight`` may be missing when tied).
+        config: the matching ``ModelConfig`` (e.g. from :func:`config_from_hf`).
+        tp_rank, tp_size: target shard.
+
+    Returns:
+        Our names -> shard tensors (vocab rows zero-padded to ``V_pad(tp_size)`` before splitting).
+
+    Raises:
+        ValueError: missing key, wrong shape, unexpected key, or ``config`` invalid for ``tp_size``.
+    """
+    c = config.validate(tp_size)
+    if c.vocab_size is None:
+        raise ValueError("hf_to_megatron_lite needs config.vocab_size")
+    if not 0 <= tp_rank < tp_size:
+        raise ValueError(f"tp_rank {tp_rank} outside [0, {tp_size})")
+    v_pad = c.padded_vocab_size(tp_size)
+    shapes = _expected_shapes(c)
+    known = {_hf_name(n) for n in shapes} | {"lm_head.weight"}
+    extra = [k for k in hf_state_dict if k not in known and not k.endswith("rotary_emb.inv_freq")]
+    if extra:
+        raise ValueError(f"HF state dict has keys LlamaModel does not know: {extra[:5]} "
+                         "(biases or a different architecture?)")
+    out = {}
+    for name, shape in shapes.items():
+        key = _hf_name(name)
+        if key not in hf_state_dict:
+            hint = " (HF checkpoint is tied: pass a config with tie_word_embeddings=True)" \
+                if key == "lm_head.weight" else ""
+            raise ValueError(f"HF state dict lacks {key}{hint}")
+        t = hf_state_dict[key]
+        if tuple(t.shape) != shape:
+            raise ValueError(f"HF {key} has shape {tuple(t.shape)}, config expects {shape}; the config does "
+                             "not match the checkpoint")
+        if name in ("embedding.weight", "output_layer.weight") and v_pad > shape[0]:
+            t = torch.cat([t, t.new_zeros(v_pad - shape[0], shape[1])], dim=0)
+        dim = _partition_dim(name)
+        out[name] = (t.chunk(tp_size, dim=dim)[tp_rank] if dim is not None else t).clone()
+    return out
+
+
+def megatron_lite_to_hf(shard_state_dicts: list, config: ModelConfig) -> dict:
+    """Full HF ``LlamaForCausalLM`` state dict from the TP shards (rank order) of ``LlamaModel``.
+
+    Vocab padding is stripped. When tied, ``lm_head.weight`` is the very tensor of
+    ``model.embed_tokens.weight`` (HF ties them the same way; deduplicate before safetensors).
+
+    Raises:
+        ValueError: missing keys or shapes inconsistent with ``config``.
+    """
+    tp = len(shard_state_dicts)
+    if tp < 1:
+        raise ValueError("megatron_lite_to_hf needs at least one shard")
+    c = config.validate(tp)
+    shapes = _expected_shapes(c)
+    out = {}
+    for name, shape in shapes.items():
+        missing = [r for r, sd in enumerate(shard_state_dicts) if name not in sd]
+        if missing:
+            raise ValueError(f"shard(s) {missing} lack {name}")
+        dim = _partition_dim(name)
+        parts = [sd[name] for sd in shard_state_dicts]
+        t = torch.cat(parts, dim=dim) if dim is not None else parts[0]
+        if name in ("embedding.weight", "output_layer.weight"):
+            t = t[:shape[0]]
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name}: assembled shape {tuple(t.shape)} != expected {shape}")
+        out[_hf_name(name)] = t.clone()
+    if c.tie_word_embeddings:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    return out
