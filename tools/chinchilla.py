@@ -20,7 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_lite.planning import chinchilla  # noqa: E402
-from megatron_lite.planning.time_cost import GPU_SPECS, SECONDS_PER_DAY  # noqa: E402
+from megatron_lite.planning.time_cost import GPU_SPECS, SECONDS_PER_DAY, peak_flops  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +53,7 @@ def run(argv=None) -> dict:
     if args.gpus is not None:
         if args.days is None:
             parser.error("--gpus needs --days (wall-clock budget)")
-        peak = args.peak_tflops * 1e12 if args.peak_tflops else GPU_SPECS[args.gpu]["peak_flops"]
+        peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(args.gpu, "bf16")
         flops = args.gpus * peak * args.mfu * args.days * SECONDS_PER_DAY
         out["budget_from_cluster"] = {"gpus": args.gpus, "peak_flops": peak, "mfu": args.mfu,
                                       "days": args.days}

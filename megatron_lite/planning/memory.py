@@ -223,7 +223,8 @@ def activation_memory(seq_length: int, micro_batch_size: int, hidden_size: int,
                       num_attention_heads: int, num_query_groups: int, ffn_hidden_size: int,
                       num_layers: int, padded_vocab_size: int, tensor_parallel_size: int = 1,
                       sequence_parallel: bool = False, flash_attention: bool = True,
-                      recompute: str = "none", bytes_per_element: int = 2) -> ActivationMemory:
+                      recompute: str = "none", bytes_per_element: int = 2,
+                      recompute_num_layers: int | None = None) -> ActivationMemory:
     """Activation memory of the whole model for one micro-batch on one TP rank.
 
     Layers as in :func:`activation_bytes_per_layer`. With full recompute the layer being
@@ -232,9 +233,13 @@ def activation_memory(seq_length: int, micro_batch_size: int, hidden_size: int,
     adapted): final RMSNorm input and LM-head input, p·sbh each (replicated unless SP), plus the
     vocab-parallel loss's fp32 logits and their softmax/gradient buffer, 2 × 4·s·b·V/t bytes.
 
+    With ``recompute="full"`` and ``recompute_num_layers`` = N < L (Megatron's "block" method, the
+    first N blocks checkpointed), the other L - N blocks keep their full activations.
+
     Args:
         num_layers: L.
         padded_vocab_size: V (padded, whole model).
+        recompute_num_layers: blocks recomputed under full recompute (None: all).
         Others: as in :func:`activation_bytes_per_layer`.
 
     Returns:
@@ -246,12 +251,18 @@ def activation_memory(seq_length: int, micro_batch_size: int, hidden_size: int,
               sequence_parallel=sequence_parallel, flash_attention=flash_attention,
               bytes_per_element=bytes_per_element)
     per_layer = activation_bytes_per_layer(recompute=recompute, **kw)
-    working = activation_bytes_per_layer(recompute="none", **kw) if recompute == "full" else 0
+    layers = per_layer * num_layers
+    working = 0
+    if recompute == "full":
+        full_layer = activation_bytes_per_layer(recompute="none", **kw)
+        working = full_layer
+        n = num_layers if recompute_num_layers is None else min(recompute_num_layers, num_layers)
+        layers = per_layer * n + full_layer * (num_layers - n)
     t = tensor_parallel_size
     sb = seq_length * micro_batch_size
     head_inputs = 2 * bytes_per_element * sb * hidden_size // (t if sequence_parallel else 1)
     logits = 2 * 4 * sb * (-(-padded_vocab_size // t))
-    return ActivationMemory(per_layer, per_layer * num_layers, working, head_inputs + logits)
+    return ActivationMemory(per_layer, layers, working, head_inputs + logits)
 
 
 def zero3_working_bytes(layer_params: int, precision: str = "bf16") -> int:

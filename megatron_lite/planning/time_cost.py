@@ -17,18 +17,43 @@ from __future__ import annotations
 
 import dataclasses
 
-# Dense (no sparsity) bf16 tensor-core peak per device, FLOP/s, and nominal device memory, bytes.
-# Sources: NVIDIA data sheets (H100 SXM5 989.4 TFLOPS; A100 312; H200 as H100; L40S 362; H20 148).
+# Device memory (nominal, bytes) and typical training power per GPU incl. its server share (kW),
+# keyed by the --gpu name; "name" is matched against the peak-FLOP/s table of
+# megatron_lite.training.metrics (one table for MFU and planning, vendors' dense peaks).
 GPU_SPECS = {
-    "h100": {"peak_flops": 989.4e12, "memory_bytes": 80 * 1024 ** 3, "power_kw": 0.7},
-    "h800": {"peak_flops": 989.4e12, "memory_bytes": 80 * 1024 ** 3, "power_kw": 0.7},
-    "h200": {"peak_flops": 989.4e12, "memory_bytes": 141 * 10 ** 9, "power_kw": 0.7},
-    "h20": {"peak_flops": 148e12, "memory_bytes": 96 * 1024 ** 3, "power_kw": 0.4},
-    "a100": {"peak_flops": 312e12, "memory_bytes": 80 * 1024 ** 3, "power_kw": 0.4},
-    "a800": {"peak_flops": 312e12, "memory_bytes": 80 * 1024 ** 3, "power_kw": 0.4},
-    "a100-40gb": {"peak_flops": 312e12, "memory_bytes": 40 * 1024 ** 3, "power_kw": 0.4},
-    "l40s": {"peak_flops": 362e12, "memory_bytes": 48 * 1024 ** 3, "power_kw": 0.35},
+    "h100": {"name": "H100", "memory_bytes": 80 * 1024 ** 3, "power_kw": 0.7},
+    "h800": {"name": "H800", "memory_bytes": 80 * 1024 ** 3, "power_kw": 0.7},
+    "h200": {"name": "H200", "memory_bytes": 141 * 10 ** 9, "power_kw": 0.7},
+    "h20": {"name": "H20", "memory_bytes": 96 * 1024 ** 3, "power_kw": 0.4},
+    "a100": {"name": "A100", "memory_bytes": 80 * 1024 ** 3, "power_kw": 0.4},
+    "a100-40gb": {"name": "A100", "memory_bytes": 40 * 1024 ** 3, "power_kw": 0.4},
+    "a800": {"name": "A800", "memory_bytes": 80 * 1024 ** 3, "power_kw": 0.4},
+    "l40s": {"name": "L40S", "memory_bytes": 48 * 1024 ** 3, "power_kw": 0.35},
+    "b200": {"name": "B200", "memory_bytes": 180 * 10 ** 9, "power_kw": 1.0},
 }
+
+
+def peak_flops(gpu: str, precision: str = "bf16") -> float | None:
+    """Dense peak FLOP/s of one ``--gpu`` device at ``precision`` (bf16/fp16/fp32), or None.
+
+    Looked up in ``megatron_lite.training.metrics.PEAK_TFLOPS`` (the table MFU logging uses);
+    fp32 counts at the TF32 peak, as a GPU run with TF32 matmuls would.
+
+    Raises:
+        ValueError: unknown ``--gpu``.
+    """
+    if gpu not in GPU_SPECS:
+        raise ValueError(f"unknown --gpu {gpu!r}; choose one of {', '.join(sorted(GPU_SPECS))} "
+                         f"or pass --peak-tflops and --device-memory-gb")
+    from megatron_lite.training.metrics import PEAK_TFLOPS
+
+    key = {"bf16": "bf16", "fp16": "fp16"}.get(precision, "tf32")
+    for pattern, peaks in PEAK_TFLOPS:
+        if pattern.lower() in GPU_SPECS[gpu]["name"].lower():
+            value = peaks.get(key)
+            return value * 1e12 if value else None
+    return None
+
 
 SECONDS_PER_DAY = 86400.0
 

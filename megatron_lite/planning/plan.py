@@ -1,0 +1,211 @@
+"""One run's plan: batch arithmetic, FLOPs, time, cost and per-device memory, as a flat dict.
+
+The inputs are plain numbers (:class:`PlanInputs`) so the plan can be made from a YAML run config
+(``tools/plan_run.py``), from flags, or in tests. Batch arithmetic uses the recipe's definitions
+(symbol table): D = GPUs / (TP·PP), μ_tok = μ_batch · L_ctx, A = GB_tok / (μ_tok · D).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from megatron_lite.planning import memory, time_cost
+
+
+@dataclasses.dataclass
+class PlanInputs:
+    """Everything a plan needs. Sizes in tokens/samples/bytes; FLOPs per token from counting.py.
+
+    Model: ``hidden_size`` h, ``num_layers`` L, ``num_attention_heads`` a, ``num_query_groups`` g,
+    ``ffn_hidden_size`` f, ``padded_vocab_size`` V, ``seq_length`` L_ctx, parameter counts and
+    ``flops_per_token`` (training, fwd + bwd). Run: GPUs, TP, PP, micro batch (samples),
+    ``global_batch_tokens`` GB_tok, ``train_tokens`` T, ZeRO stage and offloads, precision,
+    recompute (none|selective|full), flash attention. Device: memory and peak FLOP/s.
+    Cost: measured tokens/s or MFU, prices (¥), PUE, kW per GPU.
+    """
+
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_query_groups: int
+    ffn_hidden_size: int
+    padded_vocab_size: int
+    seq_length: int
+    n_params_total: int
+    n_params_non_embedding: int
+    flops_per_token: float
+    num_gpus: int
+    micro_batch_size: int
+    global_batch_tokens: int
+    train_tokens: float
+    n_params_padded: int | None = None  # total incl. vocab padding (allocated); None: total
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    zero_stage: int = 3
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    precision: str = "bf16"
+    recompute: str = "none"
+    recompute_num_layers: int | None = None
+    flash_attention: bool = True
+    gpu: str = "h100"
+    device_memory_bytes: int = 80 * memory.GiB
+    peak_flops: float | None = None
+    memory_overhead_bytes: int = 0
+    tokens_per_sec: float | None = None
+    mfu: float | None = None
+    price_gpu_hour: float = 0.0
+    price_kwh: float = 0.0
+    pue: float = 1.3
+    gpu_power_kw: float = 0.7
+    cost_other: float = 0.0
+
+
+def params_per_tp_rank(n_total: int, hidden_size: int, num_layers: int, tp: int) -> int:
+    """Parameters one TP rank holds: all matrices split by TP, the 2L + 1 RMSNorm weights replicated.
+
+    Args:
+        n_total: total parameters (counting.num_parameters), padded vocab included.
+    """
+    replicated = (2 * num_layers + 1) * hidden_size
+    return -(-(n_total - replicated) // tp) + replicated
+
+
+def batch_arithmetic(num_gpus: int, tp: int, pp: int, micro_batch_size: int, seq_length: int,
+                     global_batch_tokens: int) -> dict:
+    """D, μ_tok, A and the global batch in samples, by the recipe's definitions.
+
+    Returns:
+        dict with ``dp`` (D = GPUs/(TP·PP)), ``micro_batch_tokens`` (μ_tok),
+        ``grad_accum_steps`` (A = GB_tok/(μ_tok·D)), ``global_batch_size`` (samples) and
+        ``recipe_table_grad_accum_steps`` (GB_tok/(μ_tok·GPUs), the chapter-11 table's reading).
+
+    Raises:
+        ValueError: GPUs not divisible by TP·PP, or GB_tok not a multiple of μ_tok·D (the message
+            gives the nearest valid GB_tok).
+    """
+    if min(num_gpus, tp, pp, micro_batch_size, seq_length, global_batch_tokens) <= 0:
+        raise ValueError("GPUs, TP, PP, micro batch, seq length and GB_tok must be positive")
+    if num_gpus % (tp * pp):
+        raise ValueError(f"--gpus {num_gpus} is not divisible by TP·PP = {tp}·{pp}; "
+                         f"use a multiple of {tp * pp} GPUs")
+    dp = num_gpus // (tp * pp)
+    mu_tok = micro_batch_size * seq_length
+    per_step = mu_tok * dp
+    if global_batch_tokens % per_step:
+        lo = max(per_step, global_batch_tokens // per_step * per_step)
+        raise ValueError(
+            f"GB_tok {global_batch_tokens} is not a multiple of μ_tok·D = {mu_tok}·{dp} = {per_step} "
+            f"tokens; set --global-batch-tokens {lo} or {lo + per_step}, or change "
+            f"--micro-batch-size / --tp")
+    return {"dp": dp, "micro_batch_tokens": mu_tok,
+            "grad_accum_steps": global_batch_tokens // per_step,
+            "global_batch_size": global_batch_tokens // seq_length,
+            "recipe_table_grad_accum_steps": global_batch_tokens / (mu_tok * num_gpus)}
+
+
+def _activations(inp: PlanInputs, micro_batch: int, recompute: str, flash: bool):
+    return memory.activation_memory(
+        inp.seq_length, micro_batch, inp.hidden_size, inp.num_attention_heads,
+        inp.num_query_groups, inp.ffn_hidden_size, inp.num_layers, inp.padded_vocab_size,
+        inp.tensor_model_parallel_size, inp.sequence_parallel, flash, recompute,
+        2 if inp.precision in ("bf16", "fp16") else 4, inp.recompute_num_layers)
+
+
+def make_plan(inp: PlanInputs) -> dict:
+    """The full plan as a flat, JSON-serialisable dict (keys listed in tools/plan_run.py --help).
+
+    Raises:
+        ValueError: inconsistent batch arithmetic, ZeRO/offload combination or cost inputs.
+    """
+    t, pp = inp.tensor_model_parallel_size, inp.pipeline_model_parallel_size
+    out: dict = {"gpu": inp.gpu, "num_gpus": inp.num_gpus, "tp": t, "pp": pp,
+                 "n_params_total": inp.n_params_total,
+                 "n_params_non_embedding": inp.n_params_non_embedding,
+                 "flops_per_token": inp.flops_per_token,
+                 "flops_per_token_6n": 6.0 * inp.n_params_non_embedding,
+                 "seq_length": inp.seq_length, "micro_batch_size": inp.micro_batch_size}
+    out.update(batch_arithmetic(inp.num_gpus, t, pp, inp.micro_batch_size, inp.seq_length,
+                                inp.global_batch_tokens))
+    out["global_batch_tokens"] = inp.global_batch_tokens
+    notes = []
+    if out["recipe_table_grad_accum_steps"] != out["grad_accum_steps"]:
+        notes.append(
+            f"A = GB_tok/(μ_tok·D) = {inp.global_batch_tokens}/({out['micro_batch_tokens']}·"
+            f"{out['dp']}) = {out['grad_accum_steps']} with D = GPUs/(TP·PP) = {out['dp']}; the "
+            f"recipe's chapter-11 table divides by all {inp.num_gpus} GPUs and would give "
+            f"{out['recipe_table_grad_accum_steps']:g}. This plan uses the definition.")
+    steps = math.ceil(inp.train_tokens / inp.global_batch_tokens)
+    out.update(steps=steps, tokens_train=float(inp.train_tokens))
+    if steps * inp.global_batch_tokens != inp.train_tokens:
+        notes.append(f"T_tokens {inp.train_tokens:.6g} is not a whole number of global batches; "
+                     f"{steps} steps train {steps * inp.global_batch_tokens:.6g} tokens")
+    # Compute: the recipe's 6·N·T with N = non-embedding N_params, and the exact per-token count.
+    out["flops_train"] = time_cost.flops_train_6nt(inp.n_params_non_embedding, inp.train_tokens)
+    out["flops_train_exact"] = inp.flops_per_token * inp.train_tokens
+    tps = time_cost.tokens_per_second(inp.flops_per_token, inp.num_gpus, inp.peak_flops, inp.mfu,
+                                      inp.tokens_per_sec)
+    out["tokens_per_sec"] = tps
+    out["tokens_per_sec_per_gpu"] = tps / inp.num_gpus
+    if inp.peak_flops:
+        out["peak_flops_per_gpu"] = inp.peak_flops
+        out["mfu"] = tps * inp.flops_per_token / (inp.num_gpus * inp.peak_flops)
+    cost = time_cost.run_cost(inp.train_tokens, tps, inp.num_gpus, inp.price_gpu_hour,
+                              inp.price_kwh, inp.pue, inp.gpu_power_kw, inp.cost_other)
+    out.update(dataclasses.asdict(cost))
+    out.update(price_gpu_hour=inp.price_gpu_hour, price_kwh=inp.price_kwh, pue=inp.pue,
+               gpu_power_kw=inp.gpu_power_kw)
+    out.update(_memory_section(inp))
+    if not out["fits"]:
+        notes.append("DOES NOT FIT: " + (
+            f"largest micro-batch that fits is {out['max_micro_batch_size']}"
+            if out["max_micro_batch_size"] else
+            "not even micro-batch 1 fits; raise --zero-stage/--tp, enable recompute or offload"))
+    out["notes"] = notes
+    return out
+
+
+def _memory_section(inp: PlanInputs) -> dict:
+    """Per-device bytes: states (ZeRO), activations (chosen + all variants), verdict."""
+    t = inp.tensor_model_parallel_size
+    dp = inp.num_gpus // (t * inp.pipeline_model_parallel_size)
+    psi = params_per_tp_rank(inp.n_params_padded or inp.n_params_total, inp.hidden_size,
+                             inp.num_layers, t)
+    states = memory.model_state_memory(psi, dp, inp.zero_stage, inp.precision,
+                                       inp.offload_optimizer, inp.offload_params)
+    # one decoder layer (non-embedding minus the final norm, over L); its 2 norms are replicated
+    layer_params = (inp.n_params_non_embedding - inp.hidden_size) // inp.num_layers
+    layer_rank = -(-(layer_params - 2 * inp.hidden_size) // t) + 2 * inp.hidden_size
+    working = memory.zero3_working_bytes(layer_rank, inp.precision) if inp.zero_stage == 3 else 0
+    fixed = states.total + working + inp.memory_overhead_bytes
+
+    def total_for(b: int) -> int:
+        return fixed + _activations(inp, b, inp.recompute, inp.flash_attention).total
+
+    act = _activations(inp, inp.micro_batch_size, inp.recompute, inp.flash_attention)
+    variants = {}
+    for rc in memory.RECOMPUTE_CHOICES:
+        for flash in (True, False):
+            variants[f"{rc}_{'flash' if flash else 'noflash'}"] = \
+                _activations(inp, inp.micro_batch_size, rc, flash).total
+    total = fixed + act.total
+    return {
+        "zero_stage": inp.zero_stage, "offload_optimizer": inp.offload_optimizer,
+        "offload_params": inp.offload_params, "precision": inp.precision,
+        "recompute": inp.recompute, "flash_attention": inp.flash_attention,
+        "params_per_gpu": psi,
+        "memory_weights_bytes": states.weights, "memory_gradients_bytes": states.gradients,
+        "memory_optimizer_bytes": states.optimizer,
+        "memory_host_offload_bytes": states.weights_host + states.optimizer_host,
+        "memory_zero3_working_bytes": working,
+        "memory_activations_bytes": act.total,
+        "memory_activations_per_layer_bytes": act.per_layer,
+        "memory_activations_variants_bytes": variants,
+        "memory_overhead_bytes": inp.memory_overhead_bytes,
+        "memory_per_gpu_bytes": total,
+        "device_memory_bytes": inp.device_memory_bytes,
+        "fits": total <= inp.device_memory_bytes,
+        "max_micro_batch_size": memory.largest_micro_batch(total_for, inp.device_memory_bytes),
+    }
