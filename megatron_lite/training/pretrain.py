@@ -40,7 +40,8 @@ def init_distributed(cfg, device: torch.device) -> None:
     """Create the default process group (NCCL on CUDA, gloo on CPU) and the TP/DP groups."""
     from datetime import timedelta
 
-    from megatron_lite.parallel import initialize_model_parallel
+    from megatron_lite.parallel import (destroy_model_parallel, initialize_model_parallel,
+                                        model_parallel_is_initialized)
 
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # plain `python pretrain_llama.py`: a one-process job
@@ -51,6 +52,8 @@ def init_distributed(cfg, device: torch.device) -> None:
     if dist.get_world_size() != cfg.derived.world_size:
         raise RuntimeError(f"config was finalized for world size {cfg.derived.world_size} but the "
                            f"job has {dist.get_world_size()} processes")
+    if model_parallel_is_initialized():  # pretrain() called again in the same process
+        destroy_model_parallel()
     initialize_model_parallel(cfg.parallel.tensor_model_parallel_size)
 
 

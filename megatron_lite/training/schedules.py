@@ -61,6 +61,11 @@ def lr_at(u: int, *, max_lr: float, min_lr: float, warmup_iters: int, decay_iter
     W, N = int(warmup_iters), int(decay_iters)
     if W > N:
         raise ValueError(f"warmup ({W}) longer than lr_decay_iters ({N})")
+    if decay_style == "wsd":
+        if not 0 < int(wsd_decay_iters) <= N - W:
+            raise ValueError(f"wsd decay length {wsd_decay_iters} must be in (0, {N - W}]")
+        if wsd_decay_style not in WSD_DECAY_STYLES:
+            raise ValueError(f"wsd decay style {wsd_decay_style!r} not in {WSD_DECAY_STYLES}")
     if u < W:
         return warmup_init + (max_lr - warmup_init) * (u + 1) / W
     delta = max_lr - min_lr
@@ -70,10 +75,6 @@ def lr_at(u: int, *, max_lr: float, min_lr: float, warmup_iters: int, decay_iter
         return max(min_lr, max_lr * math.sqrt(max(W, 1) / (u + 1)))
     if decay_style == "wsd":
         S = int(wsd_decay_iters)
-        if not 0 < S <= N - W:
-            raise ValueError(f"wsd decay length {S} must be in (0, {N - W}]")
-        if wsd_decay_style not in WSD_DECAY_STYLES:
-            raise ValueError(f"wsd decay style {wsd_decay_style!r} not in {WSD_DECAY_STYLES}")
         start = N - S
         if u <= start:
             return max_lr

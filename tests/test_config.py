@@ -1,0 +1,143 @@
+"""RunConfig: flags, YAML, precedence, derived batch arithmetic, clear errors, round trips."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from megatron_lite.config import ConfigError, RunConfig, build_parser, load_config, parse_args
+from megatron_lite.training.deepspeed_engine import build_ds_config
+
+BASE = ["--model-size", "tiny", "--vocab-size", "1000", "--seq-length", "128", "--train-iters", "10"]
+
+
+def test_batch_arithmetic_from_tokens():
+    # world 8, TP 2 -> D 4; mu_tok = 2 * 128 = 256; GB_tok 8192 -> GB 64 samples, A = 8192 / (256*4) = 8
+    cfg = parse_args(BASE + ["--tp", "2", "--micro-batch-size", "2", "--global-batch-tokens", "8192"],
+                     world_size=8)
+    d = cfg.derived
+    assert (d.data_parallel_size, d.micro_batch_tokens, d.global_batch_size, d.num_micro_batches) == \
+        (4, 256, 64, 8)
+    assert d.global_batch_tokens == 8192 and d.train_tokens == 81920
+    assert d.padded_vocab_size == 1024 and d.head_dim == 32   # 1000 -> multiple of 128 * TP 2
+
+
+def test_train_tokens_and_warmup_tokens():
+    argv = [a for a in BASE if a not in ("--train-iters", "10")]
+    cfg = parse_args(argv + ["--global-batch-size", "4", "--train-tokens", "5000",
+                             "--lr-warmup-tokens", "1000"], world_size=2)
+    # GB_tok = 512; ceil(5000/512) = 10 steps; warmup ceil(1000/512) = 2
+    assert cfg.derived.train_iters == 10 and cfg.derived.lr_warmup_iters == 2
+    assert cfg.derived.num_micro_batches == 2
+    cfg = parse_args(BASE + ["--lr-warmup-fraction", "0.25", "--lr-decay-iters", "9"])
+    assert cfg.derived.lr_warmup_iters == 2 and cfg.derived.lr_decay_iters == 9
+
+
+@pytest.mark.parametrize("extra,world,match", [
+    (["--global-batch-tokens", "1000"], 1, "multiple of --seq-length 128"),
+    (["--global-batch-size", "6", "--micro-batch-size", "4"], 1, "A = GB_tok"),
+    (["--global-batch-size", "3"], 2, "use a global batch of 4 samples"),
+    (["--tp", "3"], 4, "must divide the world size"),
+    (["--pp", "2"], 2, "pipeline"),
+    (["--bf16", "--fp16"], 1, "exclusive"),
+    (["--train-tokens", "100"], 1, "exactly one of --train-iters"),
+    (["--lr-warmup-iters", "20"], 1, "warmup"),
+    (["--lr-warmup-iters", "2", "--lr-warmup-fraction", "0.1"], 1, "at most one"),
+    (["--offload-params"], 1, "--zero-stage 3"),
+    (["--lr-decay-style", "wsd"], 1, "--lr-wsd-decay-iters"),
+    (["--min-lr", "1", "--lr", "0.1"], 1, "min-lr"),
+    (["--save-interval", "5"], 1, "--save DIR"),
+    (["--tp", "8"], 8, "num-attention-heads 4 is not divisible"),
+])
+def test_bad_configs(extra, world, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_args(BASE + extra, world_size=world)
+
+
+def test_unknown_flag_did_you_mean():
+    with pytest.raises(ConfigError, match=r"did you mean '--micro-batch-size'"):
+        parse_args(BASE + ["--micro-batch-sise", "2"])
+    with pytest.raises(ConfigError, match="invalid choice"):
+        parse_args(BASE + ["--lr-decay-style", "step"])
+
+
+def test_yaml_precedence_and_errors(tmp_path):
+    y = tmp_path / "run.yaml"
+    y.write_text("model:\n  model_size: tiny\n  vocab_size: 1000\n  seq_length: 64\n"
+                 "optimizer:\n  lr: 1.0e-3\n  min_lr: 1e-4\nschedule:\n  train_iters: 5\n"
+                 "parallel:\n  tensor_model_parallel_size: 1\n")
+    cfg = parse_args(["--config", str(y), "--lr", "2e-3"])
+    assert cfg.optimizer.lr == 2e-3 and cfg.optimizer.min_lr == 1e-4   # flag beats YAML
+    assert cfg.model.seq_length == 64 and cfg.derived.train_iters == 5
+    cfg2 = load_config(str(y), {"lr": 5e-4, "training.micro_batch_size": 2})
+    assert cfg2.optimizer.lr == 5e-4 and cfg2.training.micro_batch_size == 2
+    assert load_config(str(y), ["--zero-stage", "2"]).parallel.zero_stage == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  model_size: tiny\n  vocab_size: 1000\noptimizer:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:5: unknown key optimizer.lrr \(did you mean 'lr'"):
+        parse_args(["--config", str(bad)])
+    bad.write_text("optimiser:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:1: unknown section 'optimiser' \(did you mean 'optimizer'"):
+        parse_args(["--config", str(bad)])
+    bad.write_text("training:\n  micro_batch_size: two\n")
+    with pytest.raises(ConfigError, match="expected int"):
+        parse_args(["--config", str(bad)])
+
+
+def test_round_trip_dict():
+    cfg = parse_args(BASE + ["--tp", "2", "--zero-stage", "3", "--lr", "1e-3"], world_size=4)
+    d = json.loads(json.dumps(cfg.to_dict()))
+    back = RunConfig.from_dict(d)
+    assert back.to_dict() == cfg.to_dict()
+    assert back.derived.data_parallel_size == 2
+
+
+def test_every_flag_has_help_and_is_unique():
+    p = build_parser()
+    seen = set()
+    for a in p._actions:
+        for o in a.option_strings:
+            assert o not in seen
+            seen.add(o)
+        if a.option_strings and a.dest not in ("help",):
+            assert a.help and len(a.help) > 10, a.option_strings
+    assert {"--tp", "--tensor-model-parallel-size", "--global-batch-tokens", "--zero-stage",
+            "--lr-decay-style", "--save", "--load", "--exit-interval", "--keep-last"} <= seen
+
+
+def test_deepspeed_json_template_with_autos(tmp_path):
+    j = tmp_path / "ds.json"
+    j.write_text("""{
+  "train_micro_batch_size_per_gpu": "auto",
+  "train_batch_size": "auto", // global batch (samples)
+  "gradient_accumulation_steps": "auto",
+  "zero_optimization": {"stage": 3, "overlap_comm": true,
+     "stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto"},
+  "optimizer": {"type": "PagedAdamW", "params": {"lr": "auto"}},
+  "bf16": {"enabled": "auto"},
+  "gradient_clipping": 1.0
+}""")
+    cfg = parse_args(BASE + ["--deepspeed-config", str(j), "--global-batch-size", "8",
+                             "--micro-batch-size", "2"], world_size=2)
+    assert cfg.parallel.zero_stage == 3          # adopted from the JSON
+    with pytest.warns(UserWarning, match="optimizer"):
+        ds = build_ds_config(cfg)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"],
+            ds["train_batch_size"]) == (2, 2, 8)
+    assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] == int(0.9 * 128 * 128)
+    assert ds["bf16"]["enabled"] is False and "optimizer" not in ds
+    j.write_text('{"train_batch_size": 16}')
+    cfg = parse_args(BASE + ["--deepspeed-config", str(j), "--global-batch-size", "8"])
+    with pytest.raises(ValueError, match="train_batch_size=16 contradicts"):
+        build_ds_config(cfg)
+
+
+def test_cli_dry_run_and_error_exit():
+    out = subprocess.run([sys.executable, "pretrain_llama.py", *BASE, "--dry-run"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "grad accumulation A     : 1" in out.stdout and "N_params" in out.stdout
+    out = subprocess.run([sys.executable, "pretrain_llama.py", *BASE, "--zero-stage", "5"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--zero-stage" in out.stderr
