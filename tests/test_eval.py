@@ -2,6 +2,7 @@
 computation with an independent toy model, window plans by hand, evaluate() token weighting over
 micro-batches and DP ranks, and the eval_ppl CLI."""
 
+import json
 import math
 import os
 import socket
@@ -109,30 +110,6 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _dp_worker(rank, world, port, q):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
-                                         rank=rank, world_size=world)
-    try:
-        model = CtxMeanLM()
-        stream = np.random.default_rng(7).integers(0, V, size=41)
-        ppl = stream_perplexity(lambda t, l: model(t, labels=l), stream, 6, 4,
-                                micro_batch_size=2, dp_rank=rank, dp_size=world)
-        # evaluate(): rank r sees r + 1 micro-batches, so the token mean differs from the mean
-        # of per-rank means.
-        g = torch.Generator().manual_seed(100 + rank)
-        batches = []
-        for _ in range(rank + 1):
-            tokens = torch.randint(0, V, (2, 6), generator=g)
-            mask = (torch.rand(2, 6, generator=g) > 0.3).float()
-            batches.append({"tokens": tokens, "labels": torch.roll(tokens, -1, 1),
-                            "loss_mask": mask})
-        ev = evaluate(model, iter(batches), eval_iters=5)
-        q.put((rank, ppl, ev))
-    finally:
-        torch.distributed.destroy_process_group()
-
-
 def _evaluate_reference(model):
     loss, tokens = 0.0, 0.0
     for rank in range(2):
@@ -145,30 +122,6 @@ def _evaluate_reference(model):
             loss += float((nll * m).sum())
             tokens += float(m.sum())
     return loss / tokens, tokens
-
-
-def test_dp_split_equals_single_process():
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_dp_worker, args=(r, 2, port, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict((r, (a, b)) for r, a, b in (q.get(timeout=120) for _ in procs))
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    model = CtxMeanLM()
-    stream = np.random.default_rng(7).integers(0, V, size=41)
-    single = stream_perplexity(lambda t, l: model(t, labels=l), stream, 6, 4)
-    ref_loss, ref_tokens = _evaluate_reference(model)
-    for r in range(2):
-        ppl, ev = results[r]
-        assert ppl["tokens"] == 40 == single["tokens"]
-        assert ppl["nll"] == pytest.approx(single["nll"], rel=1e-12)
-        assert ev["tokens"] == ref_tokens
-        assert ev["val_loss"] == pytest.approx(ref_loss, rel=1e-12)
-        assert ev["val_ppl"] == pytest.approx(math.exp(ref_loss), rel=1e-12)
 
 
 def test_evaluate_single_process_restores_mode():
@@ -189,3 +142,201 @@ def test_evaluate_single_process_restores_mode():
         evaluate(model, iter([zero]), eval_iters=1)
     with pytest.raises(ValueError, match="--eval-interval"):
         EvalConfig(eval_interval=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# tools/eval_ppl.py on tiny checkpoints: ours (TP=1 via the CLI, TP=2 in two processes) and HF.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {"hidden_size": 32, "num_layers": 2, "num_attention_heads": 4, "num_query_groups": 2,
+        "ffn_hidden_size": 64, "vocab_size": 50, "seq_length": 16, "micro_batch_size": 1,
+        "train_iters": 1}
+
+
+class _SaveOnlyEngine:
+    """Stands in for the DeepSpeed engine in save_checkpoint: writes DeepSpeed's module file
+    (``mp_rank_XX_model_states.pt`` holding ``{"module": state_dict}``) and nothing else."""
+
+    def __init__(self, module, tp_rank):
+        self.module, self.tp_rank = module, tp_rank
+
+    def save_checkpoint(self, save_dir, tag, save_latest=False):
+        path = os.path.join(save_dir, tag)
+        os.makedirs(path, exist_ok=True)
+        torch.save({"module": self.module.state_dict()},
+                   os.path.join(path, f"mp_rank_{self.tp_rank:02d}_model_states.pt"))
+
+
+class _Sched:
+    def state_dict(self):
+        return {}
+
+
+def _save_tiny_checkpoint(save_dir, world_size):
+    from megatron_lite import parallel
+    from megatron_lite.config import load_config
+    from megatron_lite.model.llama import LlamaModel
+    from megatron_lite.training.checkpointing import save_checkpoint
+
+    cfg = load_config(None, dict(TINY, tensor_model_parallel_size=world_size,
+                                 global_batch_size=1), world_size=world_size)
+    torch.manual_seed(1234)  # LlamaModel's init is independent of the TP degree
+    model = LlamaModel(cfg.model)
+
+    class State:
+        iteration, consumed_samples, skipped_steps, consecutive_skipped = 1, 1, 0, 0
+
+    save_checkpoint(_SaveOnlyEngine(model, parallel.get_tensor_model_parallel_rank()), cfg,
+                    State(), _Sched(), save_dir)
+    return cfg
+
+
+def _write_dataset(prefix, docs):
+    b = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+    for d in docs:
+        b.add_document(d)
+    b.finalize(prefix + ".idx")
+
+
+def _tiny_docs(vocab, n_docs=6, seed=0):
+    rng = np.random.default_rng(seed)
+    return [list(rng.integers(1, vocab, size=int(rng.integers(3, 12)))) + [0]
+            for _ in range(n_docs)]
+
+
+def _brute_force_logits_nll(next_logits, stream, L, S):
+    """Mean NLL where target j is predicted from the window context stream[p_j:j] alone."""
+    total = 0.0
+    for j in range(1, len(stream)):
+        p = S * max(0, -(-(j - L) // S))
+        with torch.no_grad():
+            logits = next_logits(torch.as_tensor(stream[p:j], dtype=torch.int64)[None])
+        total += float(torch.logsumexp(logits, -1) - logits[stream[j]])
+    return total / (len(stream) - 1)
+
+
+def _run_cli(*args):
+    import subprocess
+    import sys
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    cmd = [sys.executable, os.path.join(REPO, "tools", "eval_ppl.py"), *args, "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_eval_ppl_cli_our_checkpoint(tmp_path):
+    from megatron_lite.training.checkpointing import load_model_for_inference
+
+    _save_tiny_checkpoint(str(tmp_path / "ckpt"), 1)
+    docs = _tiny_docs(50)
+    _write_dataset(str(tmp_path / "val"), docs)
+    stream = np.array(sum(docs, []), dtype=np.int64)[:40]
+    model, _ = load_model_for_inference(str(tmp_path / "ckpt"), 0, 1)
+    ref = _brute_force_logits_nll(lambda t: model(t)[0, -1, :50].double(), stream, 8, 3)
+    out = _run_cli("--load", str(tmp_path / "ckpt"), "--data-path", str(tmp_path / "val"),
+                   "--seq-length", "8", "--stride", "3", "--max-tokens", "40",
+                   "--micro-batch-size", "2")
+    assert out["tokens"] == 39
+    assert out["nll"] == pytest.approx(ref, rel=1e-5)
+    assert out["ppl"] == pytest.approx(math.exp(out["nll"]), rel=1e-12)
+
+
+def _two_process_worker(rank, port, tmp, q):
+    """Two gloo ranks: first as DP=2 (stream perplexity split, evaluate() reduction), then as
+    TP=2 (save a TP-sharded checkpoint, run tools/eval_ppl.py's main at --tp 2)."""
+    os.environ.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    # DP = 2 (no model-parallel groups yet: the default group is the DP group).
+    model = CtxMeanLM()
+    stream = np.random.default_rng(7).integers(0, V, size=41)
+    ppl = stream_perplexity(lambda t, l: model(t, labels=l), stream, 6, 4,
+                            micro_batch_size=2, dp_rank=rank, dp_size=2)
+    # evaluate(): rank r sees r + 1 micro-batches, so the token mean differs from the mean of
+    # per-rank means.
+    g = torch.Generator().manual_seed(100 + rank)
+    batches = []
+    for _ in range(rank + 1):
+        tokens = torch.randint(0, V, (2, 6), generator=g)
+        mask = (torch.rand(2, 6, generator=g) > 0.3).float()
+        batches.append({"tokens": tokens, "labels": torch.roll(tokens, -1, 1), "loss_mask": mask})
+    ev = evaluate(model, iter(batches), eval_iters=5)
+    # TP = 2.
+    from megatron_lite import parallel
+    parallel.initialize_model_parallel(2)
+    _save_tiny_checkpoint(os.path.join(tmp, "ckpt_tp2"), 2)
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("eval_ppl", os.path.join(REPO, "tools",
+                                                                           "eval_ppl.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    tp = mod.main(["--load", os.path.join(tmp, "ckpt_tp2"), "--tp", "2", "--data-path",
+                   os.path.join(tmp, "val"), "--seq-length", "8"])  # destroys the group
+    q.put((rank, ppl, ev, tp))
+
+
+def test_two_processes_dp_split_and_tp2_checkpoint(tmp_path):
+    """DP=2 stream perplexity == 1 process; evaluate() == token mean over both ranks' batches;
+    eval_ppl at TP=2 on a TP-sharded checkpoint == brute force with the TP=1 model."""
+    from megatron_lite.config import load_config
+    from megatron_lite.model.llama import LlamaModel
+
+    docs = _tiny_docs(50, seed=1)
+    _write_dataset(str(tmp_path / "val"), docs)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_two_process_worker, args=(r, port, str(tmp_path), q))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    results = {r: rest for r, *rest in (q.get(timeout=240) for _ in procs)}
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    toy = CtxMeanLM()
+    single = stream_perplexity(lambda t, l: toy(t, labels=l),
+                               np.random.default_rng(7).integers(0, V, size=41), 6, 4)
+    ref_loss, ref_tokens = _evaluate_reference(toy)
+    cfg = load_config(None, dict(TINY, global_batch_size=1))
+    torch.manual_seed(1234)  # same seed as the TP=2 checkpoint; init is TP-independent
+    model = LlamaModel(cfg.model).eval()
+    stream = np.array(sum(docs, []), dtype=np.int64)
+    with torch.no_grad():
+        ref_tp = _brute_force_logits_nll(lambda t: model(t)[0, -1, :50].double(), stream, 8, 8)
+    for r in range(2):
+        ppl, ev, tp = results[r]
+        assert ppl["tokens"] == 40 == single["tokens"]
+        assert ppl["nll"] == pytest.approx(single["nll"], rel=1e-12)
+        assert ev["tokens"] == ref_tokens
+        assert ev["val_loss"] == pytest.approx(ref_loss, rel=1e-12)
+        assert ev["val_ppl"] == pytest.approx(math.exp(ref_loss), rel=1e-12)
+        assert tp["tokens"] == len(stream) - 1
+        assert tp["nll"] == pytest.approx(ref_tp, rel=1e-5)
+    assert results[0][2] == results[1][2]
+
+
+def test_eval_ppl_hf_folder(tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=64))
+    hf.save_pretrained(str(tmp_path / "hf"))
+    docs = _tiny_docs(50, seed=2)
+    _write_dataset(str(tmp_path / "val"), docs)
+    stream = np.array(sum(docs, []), dtype=np.int64)
+    with torch.no_grad():
+        ref = _brute_force_logits_nll(lambda t: hf(input_ids=t).logits[0, -1].double(),
+                                      stream, 16, 5)
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("eval_ppl", os.path.join(REPO, "tools",
+                                                                           "eval_ppl.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--load-format", "hf", "--load", str(tmp_path / "hf"), "--data-path",
+              str(tmp_path / "val"), "--seq-length", "16", "--stride", "5", "--json"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["tokens"] == len(stream) - 1
+    assert out["nll"] == pytest.approx(ref, rel=1e-5)

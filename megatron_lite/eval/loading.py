@@ -1,0 +1,153 @@
+"""Model loading and calling for the inference tools (``tools/eval_ppl.py``, ``tools/generate.py``).
+
+Two sources:
+  * ``megatron_lite``: a ``--save`` folder (or one checkpoint folder), loaded TP-sharded by
+    ``megatron_lite.training.checkpointing.load_model_for_inference``;
+  * ``hf``: a HuggingFace ``LlamaForCausalLM`` folder (config.json + safetensors). It is converted
+    into our TP-sharded ``LlamaModel`` by ``megatron_lite.model.hf_adapter`` when that module is
+    available; otherwise (TP = 1 only) the HuggingFace model itself is run.
+
+Whatever the source, callers get a :class:`LoadedModel` with ``loss(tokens, labels)`` (per-token
+NLL ``[b, s]``, 0 at label -100, complete on every TP rank) and ``logits(tokens)`` (full-vocabulary
+fp32 logits ``[b, s, V]``, gathered over the TP group and with the vocab padding cut off).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megatron_lite import parallel
+
+LOAD_FORMATS = ("megatron_lite", "hf")
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model ready for inference on this rank.
+
+    Attributes:
+        module: ``LlamaModel`` (our TP shard) or ``transformers.LlamaForCausalLM``.
+        kind: ``"ours"`` or ``"hf"`` (which calling convention ``module`` follows).
+        vocab_size: true vocabulary size V (logits beyond it are padding).
+        seq_length: training sequence length of the checkpoint (default window), or None.
+        run_config: the checkpoint's ``RunConfig`` (ours) or None.
+        hf_folder: the HuggingFace folder (hf) or None; it may hold the tokenizer.
+    """
+
+    module: Any
+    kind: str
+    vocab_size: int
+    seq_length: int | None
+    run_config: Any = None
+    hf_folder: str | None = None
+
+    @torch.no_grad()
+    def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token NLL in nats ``[b, s]`` fp32 for ``tokens [b, s]``, ``labels [b, s]``."""
+        if self.kind == "ours":
+            return self.module(tokens, labels=labels)
+        logits = self.module(input_ids=tokens).logits.float()
+        return F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100,
+                               reduction="none")
+
+    @torch.no_grad()
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary fp32 logits ``[b, s, V]`` (identical on every TP rank)."""
+        if self.kind == "hf":
+            return self.module(input_ids=tokens).logits.float()[..., :self.vocab_size]
+        local = self.module(tokens)  # [b, s, V_pad / TP]
+        if parallel.get_tensor_model_parallel_world_size() > 1:
+            local = parallel.gather_from_tensor_model_parallel_region(local)
+        return local[..., :self.vocab_size].float()
+
+
+def init_distributed(tp: int, device: torch.device) -> None:
+    """Start torch.distributed from torchrun's environment and build the TP/DP groups.
+
+    Without ``WORLD_SIZE`` in the environment (plain ``python tools/...``) nothing is started
+    and ``tp`` must be 1.
+
+    Raises:
+        ValueError: ``--tp`` > 1 without torchrun, or a world size not divisible by ``--tp``.
+    """
+    if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
+        if tp != 1:
+            raise ValueError(f"--tp {tp} needs {tp} processes: launch with "
+                             f"torchrun --nproc_per_node {tp} ...")
+        return
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if not parallel.model_parallel_is_initialized():
+        parallel.initialize_model_parallel(tp)
+
+
+def _load_ours(load: str, device: torch.device) -> LoadedModel:
+    from megatron_lite.training.checkpointing import load_model_for_inference
+
+    model, cfg = load_model_for_inference(load, parallel.get_tensor_model_parallel_rank(),
+                                          parallel.get_tensor_model_parallel_world_size())
+    return LoadedModel(model.to(device).eval(), "ours", cfg.model.vocab_size,
+                       cfg.model.seq_length, run_config=cfg)
+
+
+def _load_hf(folder: str, device: torch.device) -> LoadedModel:
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(f"--load {folder} --load-format hf: no config.json there (expected "
+                                "a HuggingFace LlamaForCausalLM folder)")
+    tp = parallel.get_tensor_model_parallel_world_size()
+    try:
+        from megatron_lite.model import hf_adapter
+        load_fn = getattr(hf_adapter, "load_hf_into_llama", None)
+    except ImportError:
+        load_fn = None
+    if load_fn is not None:
+        model, model_cfg = load_fn(folder, tp_rank=parallel.get_tensor_model_parallel_rank(),
+                                   tp_size=tp)
+        return LoadedModel(model.to(device).eval(), "ours", model_cfg.vocab_size,
+                           model_cfg.seq_length, hf_folder=folder)
+    if tp != 1:
+        raise ValueError("--load-format hf at --tp > 1 needs megatron_lite.model.hf_adapter."
+                         "load_hf_into_llama, which is not available; use --tp 1")
+    warnings.warn("megatron_lite.model.hf_adapter.load_hf_into_llama is not available: running "
+                  "the HuggingFace model itself (TP = 1)")
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    cfg = model.config
+    return LoadedModel(model.to(device).eval(), "hf", cfg.vocab_size,
+                       getattr(cfg, "max_position_embeddings", None), hf_folder=folder)
+
+
+def load_model(load: str, load_format: str, device: torch.device) -> LoadedModel:
+    """Load a checkpoint for inference on this rank (after :func:`init_distributed`).
+
+    Args:
+        load: ``--load`` path.
+        load_format: ``megatron_lite`` or ``hf``.
+        device: where the weights go.
+
+    Raises:
+        ValueError: unknown ``--load-format``; TP mismatch with the checkpoint.
+        FileNotFoundError: no checkpoint at ``load``.
+    """
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"--load-format {load_format!r}: choose one of {LOAD_FORMATS}")
+    if load_format == "hf":
+        return _load_hf(load, device)
+    return _load_ours(load, device)
+
+
+def pick_device(name: str | None) -> torch.device:
+    """``--device`` (default: CUDA when available, else CPU)."""
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
