@@ -1,0 +1,295 @@
+"""Training engine: token-mean loss under accumulation, skip on non-finite, and end-to-end runs
+under torchrun (2 processes, gloo, DeepSpeed): ZeRO 0/1/2/3 agree, TP=2 gives the TP=1 losses,
+a NaN on one rank skips the step on all ranks, too many skips abort, resume is bit-exact.
+
+The end-to-end runs happen in ONE torchrun launch (this file run as a script), shared by the
+tests here and in tests/test_checkpoint.py through the session fixture ``e2e``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+COMMON = ["--model-size", "tiny", "--vocab-size", "256", "--seq-length", "64",
+          "--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", "6",
+          "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", "2", "--split", "100,0,0",
+          "--num-workers", "0", "--log-interval", "1", "--eval-interval", "0", "--seed", "7",
+          "--device", "cpu"]
+
+
+def make_dataset(prefix: str) -> None:
+    """A tiny .bin/.idx of arithmetic-progression documents (learnable, so the loss falls)."""
+    from megatron_lite.data.indexed import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(0)
+    b = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+    for _ in range(300):
+        n = int(rng.integers(20, 120))
+        toks = (int(rng.integers(0, 250)) + np.arange(n) * int(rng.integers(1, 4))) % 250 + 3
+        b.add_document(toks.astype(np.int32), [n])
+    b.finalize(prefix + ".idx")
+
+
+def runs_spec(root: str) -> dict:
+    """name -> (argv, env injection) of every end-to-end run (order matters for resume)."""
+    data = ["--data-path", os.path.join(root, "data")]
+
+    def r(name, *extra, nan=""):
+        return name, {"argv": COMMON + data + ["--metrics-file", os.path.join(root, name + ".jsonl")]
+                      + list(extra), "nan": nan}
+
+    return dict([
+        r("z0", "--zero-stage", "0", "--save", os.path.join(root, "ck_z0"), "--save-interval", "3"),
+        r("z1", "--zero-stage", "1"),
+        r("z2", "--zero-stage", "2"),
+        r("z3", "--zero-stage", "3", "--save", os.path.join(root, "ck_z3"), "--save-interval", "6"),
+        r("tp2", "--tp", "2", "--zero-stage", "1"),
+        r("nan", "--zero-stage", "1", "--save", os.path.join(root, "ck_nan"), "--save-interval", "1",
+          nan="3:1"),
+        r("abort", "--zero-stage", "1", "--max-skipped-steps", "2", nan="2:0,3:0"),
+        r("ra", "--zero-stage", "1", "--save", os.path.join(root, "ck_res"), "--exit-interval", "3"),
+        r("rb", "--zero-stage", "1", "--save", os.path.join(root, "ck_res"), "--load",
+          os.path.join(root, "ck_res")),
+    ])
+
+
+def _driver(root: str) -> None:
+    """Body of the torchrun launch: every run of :func:`runs_spec` in one process group."""
+    from megatron_lite.config import parse_args
+    from megatron_lite.training.pretrain import pretrain
+
+    results = {}
+    for name, spec in runs_spec(root).items():
+        os.environ["MEGATRON_LITE_INJECT_NAN"] = spec["nan"]
+        cfg = parse_args(spec["argv"])
+        try:
+            st = pretrain(cfg)
+            results[name] = {"iteration": st.iteration, "skipped": st.skipped_steps,
+                             "consumed_samples": st.consumed_samples}
+        except Exception as e:  # noqa: BLE001 - recorded for the test to assert on
+            results[name] = {"error": f"{type(e).__name__}: {e}"}
+    if torch.distributed.get_rank() == 0:
+        with open(os.path.join(root, "results.json"), "w") as f:
+            json.dump(results, f)
+
+
+def read_metrics(path: str) -> dict[int, dict]:
+    out = {}
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            if r.get("type", "train") == "train":
+                out[r["step"]] = r
+    return out
+
+
+@pytest.fixture(scope="session")
+def e2e(tmp_path_factory):
+    """Run the end-to-end launch once; returns (root folder, results dict)."""
+    root = str(tmp_path_factory.mktemp("e2e"))
+    make_dataset(os.path.join(root, "data"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(_free_port()), __file__, root]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    with open(os.path.join(root, "results.json")) as f:
+        return root, json.load(f), out.stdout
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- unit: one step
+class _FakeEngine:
+    """The DeepSpeed engine surface train_step uses (D = 1): records grads at the boundary."""
+
+    def __init__(self, model, A):
+        self.model, self.A, self.calls, self.grads = model, A, 0, None
+
+    def __call__(self, *a, **k):
+        return self.model(*a, **k)
+
+    def backward(self, loss, scale_wrt_gas=True):
+        assert scale_wrt_gas is False
+        loss.backward()
+
+    def step(self):
+        self.calls += 1
+        if self.calls % self.A == 0:
+            self.grads = [p.grad.clone() for p in self.model.parameters()]
+            self.optimizer.step()
+            self.model.zero_grad()
+
+    def was_step_applied(self):
+        return not self.optimizer.skipped
+
+    def get_global_grad_norm(self):
+        return None
+
+
+def _batch(tokens, n_loss):
+    b, s = tokens.shape
+    mask = torch.zeros(b, s)
+    mask.view(-1)[:n_loss] = 1.0
+    return {"tokens": tokens, "labels": torch.roll(tokens, -1, 1), "loss_mask": mask,
+            "position_ids": torch.arange(s).expand(b, s)}
+
+
+def _tiny_model():
+    from megatron_lite.model.config import ModelConfig
+    from megatron_lite.model.llama import LlamaModel
+
+    torch.manual_seed(0)
+    return LlamaModel(ModelConfig(model_size="tiny", vocab_size=128, seq_length=16))
+
+
+def test_token_mean_over_global_batch_equals_concatenated_batch():
+    from megatron_lite.training.optimizer import GuardedAdamW
+    from megatron_lite.training.schedules import LRScheduler
+    from megatron_lite.training.trainer import TrainState, train_step
+
+    model = _tiny_model()
+    g = torch.Generator().manual_seed(1)
+    t1, t2 = torch.randint(0, 128, (1, 16), generator=g), torch.randint(0, 128, (2, 16), generator=g)
+    mb1, mb2 = _batch(t1, 3), _batch(t2, 29)       # 3 and 29 loss tokens: unequal weights
+    # Reference: the concatenated batch's token-mean loss, plain autograd.
+    cat = {k: torch.cat([mb1[k], mb2[k]]) for k in mb1}
+    per_tok = model(cat["tokens"], position_ids=cat["position_ids"], labels=cat["labels"])
+    ref_loss = (per_tok * cat["loss_mask"]).sum() / cat["loss_mask"].sum()
+    ref_loss.backward()
+    ref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    # A mean of per-micro-batch means would weigh mb1's 3 tokens like mb2's 29: must differ.
+    opt = GuardedAdamW(model.parameters(), lr=0.0)
+    eng = _FakeEngine(model, A=2)
+    eng.optimizer = opt
+    sched = LRScheduler(opt, max_lr=1e-3, min_lr=0.0, warmup_iters=0, decay_iters=10,
+                        decay_style="constant")
+    res = train_step(eng, opt, sched, [mb1, mb2], TrainState(), 3, torch.device("cpu"))
+    assert res.loss == pytest.approx(ref_loss.item(), rel=1e-6) and res.loss_tokens == 32
+    for a, b in zip(eng.grads, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert not res.skipped and sched.num_updates == 1
+
+
+def test_nonfinite_loss_skips_update_and_schedule(monkeypatch):
+    from megatron_lite.training.optimizer import GuardedAdamW
+    from megatron_lite.training.schedules import LRScheduler
+    from megatron_lite.training.trainer import TooManySkippedSteps, TrainState, train_step
+
+    model = _tiny_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = GuardedAdamW(model.parameters(), lr=1e-3)
+    eng = _FakeEngine(model, A=1)
+    eng.optimizer = opt
+    sched = LRScheduler(opt, max_lr=1e-3, min_lr=0.0, warmup_iters=2, decay_iters=10,
+                        decay_style="linear")
+    st = TrainState()
+    mb = _batch(torch.randint(0, 128, (1, 16)), 16)
+    monkeypatch.setenv("MEGATRON_LITE_INJECT_NAN", "1:0,2:0")
+    res = train_step(eng, opt, sched, [mb], st, 3, torch.device("cpu"))
+    assert res.skipped and math.isnan(res.loss) and st.skipped_steps == 1
+    assert sched.num_updates == 0 and len(opt.state) == 0           # no Adam state created
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(TooManySkippedSteps, match="--max-skipped-steps 2"):
+        train_step(eng, opt, sched, [mb], st, 2, torch.device("cpu"))
+    monkeypatch.setenv("MEGATRON_LITE_INJECT_NAN", "")
+    st.consecutive_skipped = 0
+    res = train_step(eng, opt, sched, [mb], st, 2, torch.device("cpu"))
+    assert not res.skipped and res.lr == pytest.approx(5e-4)    # u = 0 still: warmup 1/2
+    assert st.consecutive_skipped == 0 and sched.num_updates == 1
+
+
+# ----------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_zero_stages_agree_and_loss_falls(e2e):
+    root, results, _ = e2e
+    for name in ("z0", "z1", "z2", "z3"):
+        assert results[name] == {"iteration": 6, "skipped": 0, "consumed_samples": 24}
+    ref = read_metrics(os.path.join(root, "z0.jsonl"))
+    for name in ("z1", "z2", "z3"):
+        m = read_metrics(os.path.join(root, f"{name}.jsonl"))
+        for s in range(1, 7):
+            assert m[s]["loss"] == pytest.approx(ref[s]["loss"], rel=1e-5), (name, s)
+            assert m[s]["grad_norm"] == pytest.approx(ref[s]["grad_norm"], rel=1e-4), (name, s)
+            assert m[s]["lr"] == ref[s]["lr"]
+    assert ref[6]["loss"] < ref[1]["loss"] - 0.2
+    assert [ref[s]["consumed_tokens"] for s in (1, 6)] == [256, 1536]
+
+
+@pytest.mark.slow
+def test_tp2_matches_tp1(e2e):
+    root, results, _ = e2e
+    a = read_metrics(os.path.join(root, "z1.jsonl"))
+    b = read_metrics(os.path.join(root, "tp2.jsonl"))
+    for s in range(1, 7):
+        assert b[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-5), s
+        assert b[s]["grad_norm"] == pytest.approx(a[s]["grad_norm"], rel=1e-4), s
+
+
+@pytest.mark.slow
+def test_nan_on_one_rank_skips_on_all(e2e):
+    root, results, _ = e2e
+    assert results["nan"] == {"iteration": 6, "skipped": 1, "consumed_samples": 24}
+    m = read_metrics(os.path.join(root, "nan.jsonl"))
+    ref = read_metrics(os.path.join(root, "z1.jsonl"))
+    assert m[3]["loss"] is None and m[3]["skipped_steps"] == 1 and m[2]["skipped_steps"] == 0
+    assert m[4]["lr"] == m[3]["lr"] == ref[3]["lr"]        # schedule did not advance
+    assert [m[s]["loss"] for s in (1, 2)] == [ref[s]["loss"] for s in (1, 2)]
+    # Parameters and optimizer state after the skipped step 3 equal those after step 2.
+    ck = os.path.join(root, "ck_nan")
+    for f in sorted(os.listdir(os.path.join(ck, "iter_0000002"))):
+        if f.endswith(".pt") and "states" in f:
+            a = torch.load(os.path.join(ck, "iter_0000002", f), weights_only=False)
+            b = torch.load(os.path.join(ck, "iter_0000003", f), weights_only=False)
+            _assert_same_tensors(a, b, f)
+    assert "TooManySkippedSteps" in results["abort"]["error"]
+    assert "2 consecutive steps skipped" in results["abort"]["error"]
+
+
+def _assert_same_tensors(a, b, where):
+    if torch.is_tensor(a):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        for k in a:
+            if k in ("global_steps", "global_samples", "skipped_steps", "iteration", "ds_config",
+                     "ds_version", "lr_scheduler", "client_state"):
+                continue
+            _assert_same_tensors(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_tensors(x, y, f"{where}[{i}]")
+
+
+@pytest.mark.slow
+def test_resume_is_bit_exact(e2e):
+    root, results, out = e2e
+    assert results["ra"]["iteration"] == 3 and results["rb"]["iteration"] == 6
+    full = read_metrics(os.path.join(root, "z1.jsonl"))
+    part1 = read_metrics(os.path.join(root, "ra.jsonl"))
+    part2 = read_metrics(os.path.join(root, "rb.jsonl"))
+    assert sorted(part1) == [1, 2, 3] and sorted(part2) == [4, 5, 6]
+    for s in (1, 2, 3):
+        assert part1[s]["loss"] == full[s]["loss"]
+    for s in (4, 5, 6):      # every later loss, bit for bit, and the same LR right after resume
+        assert part2[s]["loss"] == full[s]["loss"], s
+        assert part2[s]["lr"] == full[s]["lr"]
+        assert part2[s]["consumed_samples"] == full[s]["consumed_samples"]
+
+
+if __name__ == "__main__":
+    _driver(sys.argv[1])
