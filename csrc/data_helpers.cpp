@@ -26,27 +26,25 @@ static py::array_t<int64_t> build_sample_idx_impl(const py::array_t<int32_t, py:
   const DocT* doc_idx = doc_idx_.data();
   const int64_t n_sizes = sizes_.shape(0);
   const int64_t n_doc = doc_idx_.shape(0);
-  int64_t total = 0;
-  for (int64_t k = 0; k < n_doc; ++k) {
-    const int64_t d = static_cast<int64_t>(doc_idx[k]);
-    if (d < 0 || d >= n_sizes) throw std::out_of_range("doc_idx entry out of range of sizes");
-    total += sizes[d];
-  }
-  if (num_samples > 0 && total < num_samples * seq_length + 1)
-    throw std::invalid_argument("documents hold " + std::to_string(total) + " tokens, fewer than the " +
-                                std::to_string(num_samples * seq_length + 1) + " that " +
-                                std::to_string(num_samples) + " samples need");
   py::array_t<int64_t> out({num_samples + 1, static_cast<int64_t>(2)});
   int64_t* s = out.mutable_data();
+  // Errors are detected inside the single pass (a separate validation pass would double the
+  // random reads of `sizes`, which dominate the run time for shuffled document orders).
+  int err = 0;
+  int64_t k = 0;
   {
     py::gil_scoped_release release;
-    int64_t k = 0, offset = 0;
+    int64_t offset = 0;
     s[0] = 0;
     s[1] = 0;
-    for (int64_t i = 1; i <= num_samples; ++i) {
+    for (int64_t i = 1; i <= num_samples && !err; ++i) {
       int64_t remaining = seq_length + 1;
       while (remaining != 0) {
-        const int64_t len = static_cast<int64_t>(sizes[doc_idx[k]]) - offset;
+        if (k >= n_doc) { err = 1; break; }
+        const int64_t d = static_cast<int64_t>(doc_idx[k]);
+        if (d < 0 || d >= n_sizes) { err = 2; break; }
+        if (k + 16 < n_doc) __builtin_prefetch(sizes + doc_idx[k + 16]);  // hide the random read latency
+        const int64_t len = static_cast<int64_t>(sizes[d]) - offset;
         remaining -= len;
         if (remaining <= 0) {
           // The sample ends inside this document; the next one starts on its last token.
@@ -60,6 +58,14 @@ static py::array_t<int64_t> build_sample_idx_impl(const py::array_t<int32_t, py:
       s[2 * i] = k;
       s[2 * i + 1] = offset;
     }
+  }
+  if (err == 2) throw std::out_of_range("doc_idx entry " + std::to_string(k) + " out of range of sizes");
+  if (err == 1) {
+    int64_t total = 0;
+    for (int64_t j = 0; j < n_doc; ++j) total += sizes[doc_idx[j]];
+    throw std::invalid_argument("documents hold " + std::to_string(total) + " tokens, fewer than the " +
+                                std::to_string(num_samples * seq_length + 1) + " that " +
+                                std::to_string(num_samples) + " samples need");
   }
   return out;
 }

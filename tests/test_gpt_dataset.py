@@ -211,3 +211,23 @@ def test_collate_and_loader(tmp_path):
     assert b["max_seqlen"] == 3 and b["sample_ids"].tolist() == [3, 4] and b["dataset_ids"].tolist() == [0, 0]
     plain = collate_samples([GPTDataset(ix, (0, 4), 4, 5, shuffle=False)[i] for i in (0, 1)])
     assert plain["cu_seqlens"].tolist() == [0, 4, 8] and plain["max_seqlen"] == 4
+
+
+def test_fallback_without_extension_warns_once():
+    code = (
+        "import sys, warnings, numpy as np\n"
+        "sys.modules['megatron_lite._data_helpers'] = None\n"
+        "from megatron_lite.data import helpers as h\n"
+        "assert not h.have_cpp()\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    a = h.build_sample_idx(np.array([3, 0, 4], np.int32), np.array([0, 1, 2]), 2, 3)\n"
+        "    b = h.build_blending_indices([0.5, 0.5], 3)\n"
+        "assert sum('NumPy reference' in str(x.message) for x in w) == 1, [str(x.message) for x in w]\n"
+        "assert a.tolist() == [[0, 0], [0, 2], [2, 1], [2, 3]], a.tolist()\n"
+        "assert b[0].tolist() == [0, 1, 0]\n")
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr
