@@ -56,6 +56,9 @@ from megatron_lite.data.text_readers import (BadRecordError, RawRecord, expand_i
 from megatron_lite.data.tokenizer import TOKENIZER_TYPES, build_tokenizer  # noqa: E402
 
 _BAD, _EMPTY = -2, -1  # length codes in a chunk result
+# A chunk also ends at this many input bytes, so corpora of long documents (source files, books)
+# still split into enough tasks to keep every worker busy until the end.
+_CHUNK_BYTES = 1 << 18
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad-lines", action="store_true",
                    help="skip and count malformed records instead of stopping at the first one")
     p.add_argument("--chunk-size", type=int, default=256,
-                   help="records per task sent to a worker process")
+                   help="max records per task sent to a worker process (a task also ends at "
+                        "256 KiB of input)")
     p.add_argument("--no-progress", action="store_true",
                    help="do not show the tqdm progress bar (docs/s, MB/s) on stderr")
     return p
@@ -158,7 +162,7 @@ def _chunks(files: list[str], keys: Sequence[str], size: int, box: list,
             for rec in iter_raw_records(path, keys):
                 buf.append(rec)
                 nbytes += rec.nbytes
-                if len(buf) >= size:
+                if len(buf) >= size or nbytes >= _CHUNK_BYTES:
                     if sem is not None:
                         sem.acquire()
                     yield buf, nbytes
