@@ -168,3 +168,96 @@ def test_chinchilla_cli_json():
     assert res["approach3"]["n_params"] == pytest.approx(
         chinchilla.compute_optimal(4.2e22).n_params)
     assert res["tokens_per_param_rule"]["tokens_per_param"] == pytest.approx(20.0)
+
+
+# ---------------------------------------------------------------- plan_run (the tool)
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+PLAN_KEYS = ("n_params_total", "n_params_non_embedding", "flops_per_token", "tokens_train",
+             "flops_train", "dp", "grad_accum_steps", "global_batch_tokens", "steps", "days",
+             "gpu_hours", "cost_gpu", "energy_kwh", "cost_power", "cost_total",
+             "memory_per_gpu_bytes", "fits")
+
+LLAMA7B_FLAGS = ["--model-size", "7b", "--num-query-groups", "32", "--vocab-size", "32000",
+                 "--gpus", "64", "--tp", "8", "--micro-batch-size", "4",
+                 "--global-batch-tokens", "4194304", "--train-tokens", "1000000000000", "--bf16"]
+
+
+def test_plan_run_json_llama7b_by_hand(capsys):
+    import plan_run
+
+    assert plan_run.main(LLAMA7B_FLAGS + ["--gpu", "h100", "--mfu", "0.45", "--price-gpu-hour",
+                                          "15", "--price-kwh", "0.8", "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert set(PLAN_KEYS) <= set(p)
+    # LLaMA-7B: 2VH + H + L(4H² + 3HH' + 2H) = 6,738,415,616; non-embedding drops 2VH
+    v, h, L, f = 32000, 4096, 32, 11008
+    assert p["n_params_total"] == 2 * v * h + h + L * (4 * h * h + 3 * h * f + 2 * h) == 6738415616
+    assert p["n_params_non_embedding"] == 6738415616 - 2 * v * h
+    # GB_tok and A by the definition: D = 64 / 8 = 8, A = 4,194,304 / (16,384 · 8) = 32
+    assert (p["dp"], p["grad_accum_steps"], p["global_batch_tokens"]) == (8, 32, 4194304)
+    assert p["recipe_table_grad_accum_steps"] == 4  # the chapter-11 table's value, flagged
+    assert any("would give 4" in n for n in p["notes"])
+    assert p["steps"] == math.ceil(1e12 / 4194304) == 238419
+    T = p["tokens_train"]
+    assert T == 238419 * 4194304  # whole steps: the engine's train_iters × GB_tok
+    assert p["flops_train"] == pytest.approx(6 * p["n_params_non_embedding"] * T)
+    assert p["flops_train_exact"] == pytest.approx(p["flops_per_token"] * T)
+    tps = 0.45 * 989.4e12 * 64 / p["flops_per_token"]
+    assert p["tokens_per_sec"] == pytest.approx(tps)
+    hours = T / tps / 3600
+    assert p["days"] == pytest.approx(hours / 24)
+    assert p["gpu_hours"] == pytest.approx(64 * hours)
+    assert p["cost_gpu"] == pytest.approx(64 * hours * 15)
+    assert p["energy_kwh"] == pytest.approx(64 * 0.7 * hours * 1.3)
+    assert p["cost_power"] == pytest.approx(64 * 0.7 * hours * 1.3 * 0.8)
+    assert p["cost_total"] == pytest.approx(p["cost_gpu"] + p["cost_power"])
+    # memory by hand: ZeRO-1 default, Ψ per TP rank = (N_padded - (2L+1)H)/8 + (2L+1)H;
+    # V pads to 32768 at TP 8 (128 · 8)
+    n_pad = 6738415616 + 2 * (32768 - 32000) * h
+    rep = (2 * L + 1) * h
+    psi = -(-(n_pad - rep) // 8) + rep
+    assert p["params_per_gpu"] == psi
+    assert p["memory_weights_bytes"] == 2 * psi and p["memory_gradients_bytes"] == 2 * psi
+    assert p["memory_optimizer_bytes"] == 12 * -(-psi // 8)
+    assert p["memory_per_gpu_bytes"] == (2 * psi + 2 * psi + 12 * -(-psi // 8)
+                                         + p["memory_activations_bytes"] + 2 * memory.GiB)
+    budget = 80 * memory.GiB
+    assert p["fits"] == (p["memory_per_gpu_bytes"] <= budget)
+    # activations are linear in the micro-batch: b_max = floor((budget - fixed) / (act / 4))
+    fixed = p["memory_per_gpu_bytes"] - p["memory_activations_bytes"]
+    b_max = (budget - fixed) // (p["memory_activations_bytes"] / 4)
+    assert abs(p["max_micro_batch_size"] - b_max) <= 1 and p["max_micro_batch_size"] >= 4
+
+
+def test_plan_run_table_verdict_and_max_micro_batch(capsys):
+    import plan_run
+
+    assert plan_run.main(LLAMA7B_FLAGS + ["--zero-stage", "3", "--recompute-granularity",
+                                          "full"]) == 0
+    out = capsys.readouterr().out
+    assert "verdict" in out and "FITS" in out and "DOES NOT FIT" not in out
+    p = plan_run.plan_from_argv(LLAMA7B_FLAGS + ["--zero-stage", "3",
+                                                 "--recompute-granularity", "full"])
+    b = p["max_micro_batch_size"]
+    assert b >= 4
+    bigger = plan_run.plan_from_argv([a if a != "4" else str(b + 1) for a in LLAMA7B_FLAGS]
+                                     + ["--zero-stage", "3", "--recompute-granularity", "full",
+                                        "--global-batch-tokens", str((b + 1) * 4096 * 8)])
+    assert not bigger["fits"]
+
+
+def test_plan_run_flags_disagreement_with_definition(tmp_path, capsys):
+    import plan_run
+
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"gradient_accumulation_steps": 4, "train_batch_size": "auto",
+                              "zero_optimization": {"stage": 3}}))
+    p = plan_run.plan_from_argv(LLAMA7B_FLAGS + ["--deepspeed-config", str(ds)])
+    assert p["zero_stage"] == 3
+    assert any("gradient_accumulation_steps = 4 disagrees" in n and "32" in n
+               for n in p["notes"])
+    # a GB_tok that is not a multiple of μ_tok·D is a clear error (exit 2)
+    bad = [a if a != "4194304" else "4194305" for a in LLAMA7B_FLAGS]
+    assert plan_run.main(bad) == 2
+    assert "global-batch-tokens" in capsys.readouterr().err

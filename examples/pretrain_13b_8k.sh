@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Pretrain the recipe's 13B at 8k context from scratch on 8 nodes x 8 GPUs (64 x H100 80GB),
+# configs/pretrain_13b_8k_yarn.yaml (chapter 11 values; TP 8, ZeRO-3, bf16). Run once per node, e.g. under SLURM:
+#   DATA_PATH=/cpfs/tok/corpus_text_document TOKENIZER_MODEL=/cpfs/tok/spm.model \
+#     srun --nodes 8 --ntasks-per-node 1 bash examples/pretrain_13b_8k.sh
+# or set NNODES, NODE_RANK, MASTER_ADDR (and MASTER_PORT) yourself on each node. Extra flags go to
+# pretrain_llama.py and override the YAML. Check it anywhere: bash examples/pretrain_13b_8k.sh --dry-run
+# Variables and defaults: examples/common_launch.sh.
+set -euo pipefail
+CONFIG="configs/pretrain_13b_8k_yarn.yaml"
+RUN_NAME="pretrain_13b_8k"
+source "$(dirname "$0")/common_launch.sh"
+launch_pretrain "$@"

@@ -1,0 +1,191 @@
+"""The recipe as files: every YAML loads, validates and plans; models instantiate on the meta device
+with the recipe's parameter counts; DeepSpeed JSONs are valid; example scripts are bash -n clean and
+validate with --dry-run."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_lite.config import load_config
+from megatron_lite.model.config import ModelConfig
+from megatron_lite.model.counting import num_parameters
+from megatron_lite.model.llama import LlamaModel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+sys.path.insert(0, ROOT)
+import plan_run  # noqa: E402
+
+YAMLS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+
+# Recipe chapter 11: (GB_tok, μ_batch, peak LR, warmup tokens, recompute) per size and context.
+RECIPE = {
+    "pretrain_3b_4k": (2097152, 8, 4096, 3.0e-4, 2e9, None),
+    "pretrain_7b_4k": (4194304, 4, 4096, 3.0e-4, 3e9, "full"),
+    "pretrain_13b_4k": (4194304, 2, 4096, 1.5e-4, 3e9, "full"),
+    "pretrain_3b_8k_yarn": (2097152, 4, 8192, 3.0e-4, 2e9, "full"),
+    "pretrain_7b_8k_yarn": (4194304, 2, 8192, 3.0e-4, 3e9, "full"),
+    "pretrain_13b_8k_yarn": (4194304, 1, 8192, 1.5e-4, 3e9, "full"),
+}
+
+
+def test_every_recipe_config_exists():
+    names = {os.path.basename(p)[:-5] for p in YAMLS}
+    assert set(RECIPE) | {"cpt_7b"} <= names
+    for n in (1, 2, 3):
+        assert os.path.exists(os.path.join(ROOT, "configs", f"deepspeed_zero{n}.json"))
+    assert os.path.exists(os.path.join(ROOT, "configs", "deepspeed_zero3_offload.json"))
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=lambda p: os.path.basename(p))
+def test_yaml_loads_validates_and_plans(path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # deepspeed_config paths are relative to the repository root
+    name = os.path.basename(path)[:-5]
+    cfg = load_config(os.path.relpath(path, ROOT), world_size=64)
+    d = cfg.derived
+    assert d.data_parallel_size == 64 // cfg.parallel.tensor_model_parallel_size == 8
+    assert d.precision == "bf16"
+    # the recipe's shared values
+    assert cfg.optimizer.min_lr == pytest.approx(0.1 * cfg.optimizer.lr)
+    assert (cfg.optimizer.weight_decay, cfg.optimizer.clip_grad) == (0.1, 1.0)
+    assert (cfg.optimizer.adam_beta1, cfg.optimizer.adam_beta2, cfg.optimizer.adam_eps) == \
+        (0.9, 0.95, 1e-8)
+    assert cfg.schedule.lr_decay_style == "cosine"
+    if name in RECIPE:
+        gb, mb, seq, lr, warm, rc = RECIPE[name]
+        assert (d.global_batch_tokens, cfg.training.micro_batch_size, cfg.model.seq_length) == \
+            (gb, mb, seq)
+        assert cfg.optimizer.lr == lr and cfg.schedule.lr_warmup_tokens == warm
+        assert cfg.model.recompute_granularity == rc
+        assert cfg.schedule.train_tokens == 10 ** 12
+        # A by the definition, D = 64 / TP = 8: 2M/(32k·8) = 8, 4M/(16k·8) = 32, 4M/(8k·8) = 64
+        assert d.num_micro_batches == gb // (mb * seq * 8)
+        assert d.num_micro_batches == {2097152: 8, 4194304: 4194304 // (mb * seq * 8)}[gb]
+        if seq == 8192:
+            assert (cfg.model.rope_scaling_type, cfg.model.rope_scaling_factor,
+                    cfg.model.rope_original_max_position_embeddings) == ("yarn", 2.0, 4096)
+    plan = plan_run.plan_from_argv(["--config", os.path.relpath(path, ROOT), "--gpus", "64",
+                                    "--gpu", "h100", "--mfu", "0.45"])
+    assert plan["fits"] and plan["max_micro_batch_size"] >= cfg.training.micro_batch_size
+    assert plan["grad_accum_steps"] == d.num_micro_batches
+    assert plan["steps"] == d.train_iters
+    # the recipe's table reading (all 64 GPUs as D) is flagged when it differs
+    assert plan["recipe_table_grad_accum_steps"] == d.num_micro_batches / 8
+    assert any("chapter-11 table" in n for n in plan["notes"])
+
+
+@pytest.mark.parametrize("size,groups,want", [
+    ("3b", None, 4_169_936_000),
+    ("7b", None, 5_933_109_248),    # the 7b preset: 8 KV groups (GQA)
+    ("7b", 32, 6_738_415_616),      # LLaMA-7B MHA: the recipe's 2VH + H + L(4H² + 3HH' + 2H)
+    ("13b", None, 11_338_142_720),
+])
+def test_meta_device_parameter_counts(size, groups, want):
+    cfg = ModelConfig(model_size=size, vocab_size=32000, num_query_groups=groups)
+    cfg.validate(1)
+    with torch.device("meta"):
+        model = LlamaModel(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    assert n == want == num_parameters(cfg)[1]
+    if groups == 32:
+        v, h, L, f = 32000, 4096, 32, 11008
+        assert n == 2 * v * h + h + L * (4 * h * h + 3 * h * f + 2 * h)
+        assert round(n / 1e9, 1) == 6.7
+
+
+def test_deepspeed_jsons_valid_and_filled(monkeypatch):
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from megatron_lite.training.deepspeed_engine import build_ds_config
+
+    monkeypatch.chdir(ROOT)
+    for name, stage, offload in (("deepspeed_zero1", 1, False), ("deepspeed_zero2", 2, False),
+                                 ("deepspeed_zero3", 3, False),
+                                 ("deepspeed_zero3_offload", 3, True)):
+        path = f"configs/{name}.json"
+        with open(path) as f:
+            raw = json.load(f)
+        cfg = load_config("configs/pretrain_7b_4k.yaml", {"deepspeed_config": path,
+                                                          "zero_stage": stage}, world_size=64)
+        from megatron_lite.training.deepspeed_engine import reconcile_user_json
+        reconcile_user_json(cfg)
+        assert (cfg.parallel.offload_optimizer, cfg.parallel.offload_params) == (offload, offload)
+        ds = build_ds_config(cfg)
+        assert ds["train_batch_size"] == 1024 and ds["gradient_accumulation_steps"] == 32
+        assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["bf16"]["enabled"] is True
+        assert raw["gradient_clipping"] == ds["gradient_clipping"] == 1.0
+        zero = DeepSpeedZeroConfig(**ds["zero_optimization"])  # rejects unknown keys
+        assert int(zero.stage) == stage
+
+
+EXAMPLES = sorted(glob.glob(os.path.join(ROOT, "examples", "pretrain_*.sh")))
+
+
+def test_example_scripts_exist_and_bash_n_clean():
+    names = {os.path.basename(p) for p in EXAMPLES}
+    want = {f"pretrain_{s}_{c}.sh" for s in ("3b", "7b", "13b") for c in ("4k", "8k")}
+    assert want | {"pretrain_single_node.sh", "pretrain_tiny_cpu.sh"} <= names
+    for p in EXAMPLES + [os.path.join(ROOT, "examples", "common_launch.sh")]:
+        r = subprocess.run(["bash", "-n", p], capture_output=True, text=True)
+        assert r.returncode == 0, (p, r.stderr)
+
+
+def _check_plan_output(name: str, out: str) -> None:
+    assert "resolved plan" in out
+    if name == "pretrain_tiny_cpu.sh":
+        assert "TP 2 x D 1" in out
+    elif name == "pretrain_single_node.sh":
+        assert "TP 8 x D 1" in out and "grad accumulation A     : 256" in out
+    else:
+        assert "world size              : 64  (TP 8 x D 8" in out
+        size = name.split("_")[1]
+        mb = {"3b": 8, "7b": 4, "13b": 2}[size] // (2 if "_8k" in name else 1)
+        assert f"micro batch             : {mb} samples" in out
+
+
+def _clean_env() -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DATA_PATH", "TOKENIZER_MODEL", "WORLD_SIZE", "NNODES", "SLURM_NNODES",
+                        "GPUS_PER_NODE", "NPROC")}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+@pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: os.path.basename(p))
+def test_example_script_dry_run_arguments(script, monkeypatch, capsys):
+    """Each script's --dry-run branch, with the python launch replaced by an in-process call of
+    pretrain_llama.main on exactly the arguments and world size the script would use (one torch
+    import for all scripts instead of one per script)."""
+    import pretrain_llama
+
+    r = subprocess.run(["bash", script, "--dry-run"], capture_output=True, text=True,
+                       env={**_clean_env(), "ML_PRINT_CMD": "1"}, cwd="/", timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("WORLD_SIZE=") and "--dry-run" in lines
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("WORLD_SIZE", lines[0].split("=", 1)[1])
+    monkeypatch.setenv("RANK", "0")
+    assert pretrain_llama.main(lines[1:]) == 0
+    _check_plan_output(os.path.basename(script), capsys.readouterr().out)
+
+
+@pytest.mark.slow
+def test_example_script_dry_run_end_to_end():
+    """One script launched for real with --dry-run (python started by the script itself)."""
+    script = os.path.join(ROOT, "examples", "pretrain_7b_4k.sh")
+    r = subprocess.run(["bash", script, "--dry-run"], capture_output=True, text=True,
+                       env=_clean_env(), cwd="/", timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    _check_plan_output("pretrain_7b_4k.sh", r.stdout)
+
+
+def test_example_script_refuses_to_train_without_data():
+    env = {k: v for k, v in os.environ.items() if k not in ("DATA_PATH", "TOKENIZER_MODEL")}
+    r = subprocess.run(["bash", os.path.join(ROOT, "examples", "pretrain_7b_4k.sh")],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 2 and "set DATA_PATH" in r.stderr
