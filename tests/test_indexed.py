@@ -61,6 +61,19 @@ def test_read_spec_file(tmp_path, dtype):
             ds.get(0, 2, 5)
 
 
+def test_pickle_reopens_and_multimodal_refused(tmp_path):
+    import pickle
+
+    prefix = str(tmp_path / "p")
+    spec_write(prefix, DOCS, np.uint16)
+    ds = pickle.loads(pickle.dumps(IndexedDataset(prefix)))
+    assert len(pickle.dumps(IndexedDataset(prefix))) < 200 and ds[4].tolist() == [65000, 0, 9, 9]
+    with open(prefix + ".idx", "ab") as f:  # Megatron multimodal: int8 mode per sequence appended
+        f.write(bytes(5))
+    with pytest.raises(IndexedDatasetError, match="multimodal"):
+        IndexedDataset(prefix)
+
+
 def test_builder_bytes_equal_spec(tmp_path):
     ref, ours = str(tmp_path / "ref"), str(tmp_path / "ours")
     spec_write(ref, DOCS, np.uint16)

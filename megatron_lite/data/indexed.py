@@ -97,6 +97,10 @@ def _read_index(idx_path: str):
     dtype = np.dtype(DTYPE_CODES[code])
     n_seq, n_doc = struct.unpack("<QQ", header[18:34])
     expected = _HEADER_BYTES + 4 * n_seq + 8 * n_seq + 8 * n_doc
+    if file_size == expected + n_seq and n_seq:
+        raise IndexedDatasetError(
+            f"{idx_path}: index carries per-sequence modes (Megatron multimodal format); only "
+            f"text-only MMIDIDX files are supported")
     if file_size != expected:
         raise IndexedDatasetError(
             f"{idx_path}: {file_size} bytes on disk, but the header ({n_seq} sequences, {n_doc} "
@@ -165,6 +169,14 @@ class IndexedDataset:
             self._bin = np.memmap(bin_path, mode="r", dtype=self._dtype)
         else:
             self._bin = np.fromfile(bin_path, dtype=self._dtype)
+
+    def __getstate__(self):
+        # DataLoader workers started with "spawn" pickle the dataset: reopen the files there
+        # instead of copying every mapped token into the pickle.
+        return {"path_prefix": self.path_prefix, "mmap_bin_files": isinstance(self._bin, np.memmap)}
+
+    def __setstate__(self, state):
+        self.__init__(state["path_prefix"], state["mmap_bin_files"])
 
     @property
     def dtype(self) -> np.dtype:
