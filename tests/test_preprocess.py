@@ -191,9 +191,12 @@ def test_stats_exact_for_hand_made_corpus(tmp_path):
              '{"text": "a b c d e f g"}', '{"text": ""}', '{"text": "b  b"}', ""]
     inp = tmp_path / "hand.jsonl"
     inp.write_text("\n".join(lines), encoding="utf-8")
-    assert _run(str(inp), model, tmp_path / "hand", "--append-eod", "--skip-bad-lines",
-                tokenizer_type="HuggingFaceTokenizer") == 0
-    assert _read(tmp_path / "hand") == [[3, 4, 5, 2], [3, 2], [3, 4, 5, 6, 7, 8, 9, 2], [4, 4, 2]]
+    for workers in ("2", "1"):
+        assert _run(str(inp), model, tmp_path / "hand", "--append-eod", "--skip-bad-lines",
+                    "--workers", workers, "--chunk-size", "2",
+                    tokenizer_type="HuggingFaceTokenizer") == 0
+        assert _read(tmp_path / "hand") == [[3, 4, 5, 2], [3, 2], [3, 4, 5, 6, 7, 8, 9, 2],
+                                            [4, 4, 2]]
     s = _stats(tmp_path / "hand")
     # Records: every non-blank line that parsed (6); bytes: those 7 lines + their "\n" (the
     # last line has none), bad line included.

@@ -97,7 +97,10 @@ _STATE: dict = {}
 
 
 def _init_worker(tokenizer_type: str, tokenizer_model: str, json_keys: Sequence[str],
-                 append_eod: bool) -> None:
+                 append_eod: bool, pool_worker: bool = False) -> None:
+    if pool_worker:
+        # One tokenizer thread per worker process: HF tokenizers would start a pool in each.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tok = build_tokenizer(tokenizer_type, tokenizer_model)
     _STATE.update(tok=tok, keys=list(json_keys), eod=tok.eod if append_eod else None)
 
@@ -237,7 +240,8 @@ def preprocess(args: argparse.Namespace) -> dict:
         else:
             # Bound the chunks in flight: Pool.imap's feeder would otherwise read the whole corpus.
             sem = threading.Semaphore(4 * args.workers)
-            pool = multiprocessing.Pool(args.workers, initializer=_init_worker, initargs=init)
+            pool = multiprocessing.Pool(args.workers, initializer=_init_worker,
+                                        initargs=init + (True,))
             chunks = _chunks(files, keys, args.chunk_size, box, sem)
             sizes: list[int] = []
 
