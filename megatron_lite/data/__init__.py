@@ -2,16 +2,32 @@
 
 Entry points: :func:`build_train_valid_test_datasets` and :func:`build_data_loader`; batches follow
 docs/interfaces.md ("Batch").
+
+Names are imported lazily (PEP 562) so that light users — tools/preprocess_data.py workers,
+text readers, the tokenizer — do not pay for importing torch.
 """
 
-from megatron_lite.data.blended import BlendedDataset
-from megatron_lite.data.builder import build_data_loader, build_train_valid_test_datasets
-from megatron_lite.data.collate import collate_samples
-from megatron_lite.data.config import DataConfig, parse_data_path
-from megatron_lite.data.gpt_dataset import GPTDataset
-from megatron_lite.data.indexed import IndexedDataset, IndexedDatasetBuilder, best_dtype
-from megatron_lite.data.sampler import MegatronPretrainingRandomSampler, MegatronPretrainingSampler
+import importlib
 
-__all__ = ["BlendedDataset", "DataConfig", "GPTDataset", "IndexedDataset", "IndexedDatasetBuilder",
-           "MegatronPretrainingRandomSampler", "MegatronPretrainingSampler", "best_dtype",
-           "build_data_loader", "build_train_valid_test_datasets", "collate_samples", "parse_data_path"]
+_EXPORTS = {
+    "BlendedDataset": "blended",
+    "build_data_loader": "builder",
+    "build_train_valid_test_datasets": "builder",
+    "collate_samples": "collate",
+    "DataConfig": "config",
+    "parse_data_path": "config",
+    "GPTDataset": "gpt_dataset",
+    "IndexedDataset": "indexed",
+    "IndexedDatasetBuilder": "indexed",
+    "best_dtype": "indexed",
+    "MegatronPretrainingRandomSampler": "sampler",
+    "MegatronPretrainingSampler": "sampler",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
