@@ -68,11 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split numbers into single-digit pieces")
     p.add_argument("--user-defined-symbols", nargs="+", default=[],
                    help="pieces always kept whole and matched in text (e.g. '<|im_start|>')")
-    p.add_argument("--input-sentence-size", type=int, default=10_000_000,
-                   help="max training sentences (newline-delimited chunks) SentencePiece samples "
-                        "from the input; 0 = use all")
-    p.add_argument("--max-sentence-length", type=int, default=16384,
-                   help="max bytes of one training sentence; longer lines are cut")
+    p.add_argument("--input-sentence-size", type=int, default=1_000_000,
+                   help="max training sentences (chunks of whole lines, see "
+                        "--max-sentence-length) SentencePiece samples from the input; 0 = use all. "
+                        "Trainer memory grows with this times the mean sentence size")
+    p.add_argument("--max-sentence-length", type=int, default=4192,
+                   help="max bytes of one training sentence; lines are grouped up to this size and "
+                        "longer lines are cut")
     p.add_argument("--num-threads", type=int, default=os.cpu_count() or 1,
                    help="trainer threads")
     p.add_argument("--held-out-fraction", type=float, default=0.01,
