@@ -31,6 +31,22 @@ def _split_sources(cfg: DataConfig) -> List[Tuple[List[str], Optional[List[float
     return out
 
 
+class _SourceFactory:
+    """``factory(j, n)`` -> the GPTDataset of source ``j`` holding >= ``n`` samples (picklable for
+    DataLoader workers started with "spawn")."""
+
+    def __init__(self, cfg, split, indexed, ranges, seq_length, seed, eod_id):
+        self.cfg, self.split, self.indexed, self.ranges = cfg, split, indexed, ranges
+        self.seq_length, self.seed, self.eod_id = seq_length, seed, eod_id
+
+    def __call__(self, j: int, n: int) -> GPTDataset:
+        cfg = self.cfg
+        return GPTDataset(self.indexed[j], self.ranges[j], self.seq_length, n, self.seed, self.eod_id,
+                          shuffle=not cfg.no_shuffle, reset_position_ids=cfg.reset_position_ids,
+                          reset_attention_mask=cfg.reset_attention_mask, eod_mask_loss=cfg.eod_mask_loss,
+                          cache_dir=cfg.data_cache_path, name=self.split)
+
+
 def build_split_dataset(cfg: DataConfig, split: str, prefixes: Sequence[str], weights: Optional[Sequence[float]],
                         slot: Optional[int], seq_length: int, num_samples: int, seed: int,
                         eod_id: Optional[int], use_stages: bool = False, _cache: Optional[dict] = None):
@@ -49,12 +65,7 @@ def build_split_dataset(cfg: DataConfig, split: str, prefixes: Sequence[str], we
     ranges = [split_document_ranges(len(ix), fractions)[slot] if slot is not None else (0, len(ix))
               for ix in indexed]
 
-    def make(j: int, n: int) -> GPTDataset:
-        return GPTDataset(indexed[j], ranges[j], seq_length, n, seed, eod_id, shuffle=not cfg.no_shuffle,
-                          reset_position_ids=cfg.reset_position_ids,
-                          reset_attention_mask=cfg.reset_attention_mask, eod_mask_loss=cfg.eod_mask_loss,
-                          cache_dir=cfg.data_cache_path, name=split)
-
+    make = _SourceFactory(cfg, split, indexed, ranges, seq_length, seed, eod_id)
     stages_on = use_stages and cfg.data_stages
     if len(prefixes) == 1 and not stages_on:
         return make(0, num_samples)
