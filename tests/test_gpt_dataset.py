@@ -168,6 +168,11 @@ def test_cache_reuse_and_invalidation(tmp_path):
     c = GPTDataset(ix, (0, 4), 4, 5, seed=1, cache_dir=cache)
     assert not c.cache_hit and len(os.listdir(cache)) == 16
     assert not any(f.endswith(".tmp") for f in os.listdir(cache))
+    blocker = tmp_path / "file"
+    blocker.write_text("")  # a cache "directory" below a regular file cannot be created
+    with pytest.warns(UserWarning, match="cannot write the index cache"):
+        d = GPTDataset(ix, (0, 4), 4, 5, seed=1, cache_dir=str(blocker / "sub"))
+    assert not d.cache_hit and np.array_equal(d.shuffle_idx, c.shuffle_idx)
 
 
 def _dist_worker(rank, world, port, prefix, cache, q):

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from typing import Dict, Optional, Tuple
 
 import numpy as np
@@ -178,14 +179,17 @@ class GPTDataset(torch.utils.data.Dataset):
         key = self._cache_key(sizes)
         paths = self._paths(key)
         rank, dist = _dist_rank()
-        self._built = False
+        self._built, self._mem = False, None
         if rank == 0 and not os.path.isfile(paths["desc"]):
             self._build_and_save(paths)
         if dist:
             torch.distributed.barrier()  # others wait for rank 0's files
-        if not os.path.isfile(paths["desc"]):  # e.g. node-local cache directory on another node
+        if not os.path.isfile(paths["desc"]) and self._mem is None:  # e.g. node-local cache elsewhere
             self._build_and_save(paths)
         self.cache_hit = not self._built
+        if self._mem is not None:  # cache directory not writable: keep this process's arrays
+            self.doc_idx, self.sample_idx, self.shuffle_idx = self._mem
+            return
         self.doc_idx = np.load(paths["doc_idx"], mmap_mode="r")
         self.sample_idx = np.load(paths["sample_idx"], mmap_mode="r")
         self.shuffle_idx = np.load(paths["shuffle_idx"], mmap_mode="r")
@@ -195,14 +199,19 @@ class GPTDataset(torch.utils.data.Dataset):
 
     def _build_and_save(self, paths: Dict[str, str]) -> None:
         doc_idx, sample_idx, shuffle_idx = self.build_indices()
-        os.makedirs(self.cache_dir, exist_ok=True)
-        for k, arr in (("doc_idx", doc_idx), ("sample_idx", sample_idx), ("shuffle_idx", shuffle_idx)):
-            _atomic_save(paths[k], arr)
-        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".json.tmp")
-        with os.fdopen(fd, "w") as f:  # written last: its presence marks a complete cache entry
-            json.dump(self._desc, f, indent=1)
-        os.replace(tmp, paths["desc"])
         self._built = True
+        try:
+            os.makedirs(self.cache_dir, exist_ok=True)
+            for k, arr in (("doc_idx", doc_idx), ("sample_idx", sample_idx), ("shuffle_idx", shuffle_idx)):
+                _atomic_save(paths[k], arr)
+            fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".json.tmp")
+            with os.fdopen(fd, "w") as f:  # written last: its presence marks a complete cache entry
+                json.dump(self._desc, f, indent=1)
+            os.replace(tmp, paths["desc"])
+        except OSError as e:
+            warnings.warn(f"cannot write the index cache in {self.cache_dir} ({e}); keeping the index "
+                          f"in memory (set --data-cache-path to a writable directory to reuse it)")
+            self._mem = (doc_idx, sample_idx, shuffle_idx)
 
     def build_indices(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Build ``(doc_idx [E*n_docs], sample_idx [E*B + 1, 2], shuffle_idx [E*B])`` (no caching)."""
