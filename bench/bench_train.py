@@ -1,0 +1,144 @@
+#!/usr/bin/env python
+"""Training throughput on this machine: our ``LlamaModel`` vs HF ``LlamaForCausalLM``, same config.
+
+Both models get the same architecture (default: the CPU quickstart's model: hidden 256, 4 layers,
+8 heads, 4 KV groups, SwiGLU 704, seq 256, vocab 4096), the same batch, the same thread count and
+the same optimizer (torch AdamW, betas (0.9, 0.95), eps 1e-8, wd 0.1); one measured step is
+forward + backward + AdamW step + zero_grad on one process (TP = 1, no DeepSpeed). Rounds
+alternate between the two models so that load from other processes hits both alike; the median
+over rounds is reported, with the ratio ours / HF (the issue's aim: >= 1.2).
+
+    python bench/bench_train.py                      # quickstart config, 2 threads
+    python bench/bench_train.py --threads 1 --micro-batch-size 4 --rounds 5
+    python bench/bench_train.py --profile            # top ops of each model (torch.profiler)
+
+Prints figures only; nothing here is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--num-layers", type=int, default=4)
+    p.add_argument("--num-attention-heads", type=int, default=8)
+    p.add_argument("--num-query-groups", type=int, default=4)
+    p.add_argument("--ffn-hidden-size", type=int, default=704)
+    p.add_argument("--seq-length", type=int, default=256)
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--micro-batch-size", type=int, default=8, help="samples per step")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+    p.add_argument("--attention-backend", default="auto",
+                   help="ours: auto|sdpa|flex|eager|flash (HF always uses sdpa)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per model per round")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
+    p.add_argument("--profile", action="store_true", help="print each model's top ops")
+    return p.parse_args(argv)
+
+
+def build_models(args):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megatron_lite.model.config import ModelConfig
+    from megatron_lite.model.llama import LlamaModel
+
+    cfg = ModelConfig(hidden_size=args.hidden_size, num_layers=args.num_layers,
+                      num_attention_heads=args.num_attention_heads,
+                      num_query_groups=args.num_query_groups,
+                      ffn_hidden_size=args.ffn_hidden_size, seq_length=args.seq_length,
+                      max_position_embeddings=args.seq_length, vocab_size=args.vocab_size,
+                      attention_backend=args.attention_backend)
+    torch.manual_seed(0)
+    ours = LlamaModel(cfg)
+    hf_cfg = LlamaConfig(vocab_size=cfg.padded_vocab_size(1), hidden_size=args.hidden_size,
+                         intermediate_size=args.ffn_hidden_size,
+                         num_hidden_layers=args.num_layers,
+                         num_attention_heads=args.num_attention_heads,
+                         num_key_value_heads=args.num_query_groups,
+                         max_position_embeddings=args.seq_length, rms_norm_eps=cfg.norm_epsilon,
+                         tie_word_embeddings=False, attn_implementation="sdpa")
+    hf = LlamaForCausalLM(hf_cfg)
+    return cfg, ours, hf
+
+
+def make_step(model, kind, tokens, labels):
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8,
+                            weight_decay=0.1)
+
+    def step():
+        if kind == "ours":
+            loss = model(tokens, labels=labels).mean()
+        else:
+            # HF shifts labels inside; pass the unshifted tokens so both score s - 1 targets.
+            loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return step
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    cfg, ours, hf = build_models(args)
+    b, s = args.micro_batch_size, args.seq_length
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, args.vocab_size, (b, s), generator=g)
+    labels = torch.roll(tokens, -1, 1)
+    labels[:, -1] = -100
+    steps = {"ours": make_step(ours.train(), "ours", tokens, labels),
+             "hf": make_step(hf.train(), "hf", tokens, labels)}
+    n_ours = sum(p.numel() for p in ours.parameters())
+    n_hf = sum(p.numel() for p in hf.parameters())
+    backend = ours._attention_backend(torch.zeros(1, dtype=cfg.torch_dtype))
+    print(f"config: hidden {args.hidden_size}, layers {args.num_layers}, heads "
+          f"{args.num_attention_heads}/{args.num_query_groups} kv, ffn {args.ffn_hidden_size}, "
+          f"seq {s}, vocab {args.vocab_size}; batch {b} x {s} = {b * s} tokens/step; "
+          f"threads {torch.get_num_threads()}; fp32; AdamW step included")
+    print(f"parameters: ours {n_ours:,}  HF {n_hf:,}; our attention backend: {backend}; "
+          f"torch {torch.__version__}")
+    for name, step in steps.items():
+        for _ in range(args.warmup):
+            step()
+    rates = {"ours": [], "hf": []}
+    for r in range(args.rounds):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            dt = time.perf_counter() - t0
+            rates[name].append(b * s * args.steps / dt)
+        print(f"round {r + 1}: ours {rates['ours'][-1]:8.1f} tok/s   HF {rates['hf'][-1]:8.1f} "
+              f"tok/s   ratio {rates['ours'][-1] / rates['hf'][-1]:.3f}", flush=True)
+    mo, mh = statistics.median(rates["ours"]), statistics.median(rates["hf"])
+    print(f"median tokens/s: ours {mo:.1f}  HF LlamaForCausalLM {mh:.1f}  ratio ours/HF "
+          f"{mo / mh:.3f} (aim >= 1.2)")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        for name, step in steps.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                step()
+            print(f"\n== {name}: top ops by self CPU time (one step)")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    return {"ours_tokens_per_sec": mo, "hf_tokens_per_sec": mh, "ratio": mo / mh}
+
+
+if __name__ == "__main__":
+    main()

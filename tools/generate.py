@@ -1,0 +1,114 @@
+#!/usr/bin/env python
+"""Generate text from a checkpoint with a prompt (greedy or top-p sampling), for sanity checks.
+
+Examples::
+
+    python tools/generate.py --load runs/quickstart/ckpt --prompt "def main(" --greedy
+    torchrun --nproc_per_node 2 tools/generate.py --tp 2 --load runs/quickstart/ckpt \\
+        --prompt "import os" --top-p 0.9 --temperature 0.8 --seed 1
+    python tools/generate.py --load-format hf --load hf_llama/ --prompt "Hello"
+
+The tokenizer is the one recorded in the checkpoint's config (``--tokenizer-type`` /
+``--tokenizer-model`` at training time); for HuggingFace folders the folder's ``tokenizer.json``.
+``--tokenizer-model`` overrides either. Generation stops at the end-of-document token unless
+``--no-stop-at-eod``. Rank 0 prints the prompt followed by the generated text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True, help="our --save folder / checkpoint folder, or a "
+                   "HuggingFace folder with --load-format hf")
+    p.add_argument("--load-format", default="megatron_lite", choices=["megatron_lite", "hf"])
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (default: sampling)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
+    p.add_argument("--seed", type=int, default=1234, help="sampling seed")
+    p.add_argument("--no-stop-at-eod", action="store_true",
+                   help="keep generating past the end-of-document token")
+    p.add_argument("--add-bos", action="store_true", help="prepend the tokenizer's BOS id")
+    p.add_argument("--tokenizer-type", default=None,
+                   choices=["SentencePieceTokenizer", "HuggingFaceTokenizer"])
+    p.add_argument("--tokenizer-model", default=None, help="override the checkpoint's tokenizer")
+    p.add_argument("--tensor-model-parallel-size", "--tp", dest="tp", type=int, default=1)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--json", action="store_true",
+                   help='print {"prompt", "text", "prompt_ids", "new_ids"} as JSON')
+    return p
+
+
+def _tokenizer(args, loaded):
+    from megatron_lite.data.tokenizer import build_tokenizer
+
+    ttype, tmodel = args.tokenizer_type, args.tokenizer_model
+    data_cfg = getattr(loaded.run_config, "data", None)
+    if tmodel is None and data_cfg is not None:
+        tmodel = getattr(data_cfg, "tokenizer_model", None)
+        ttype = ttype or getattr(data_cfg, "tokenizer_type", None)
+    if tmodel is None and loaded.hf_folder and \
+            os.path.isfile(os.path.join(loaded.hf_folder, "tokenizer.json")):
+        tmodel, ttype = loaded.hf_folder, ttype or "HuggingFaceTokenizer"
+    if tmodel is None:
+        raise SystemExit("generate: the checkpoint records no tokenizer; pass --tokenizer-model "
+                         "(and --tokenizer-type)")
+    if ttype is None:
+        ttype = "SentencePieceTokenizer" if tmodel.endswith(".model") else "HuggingFaceTokenizer"
+    return build_tokenizer(ttype, tmodel)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    import torch
+    import torch.distributed as dist
+
+    from megatron_lite.eval.generation import generate
+    from megatron_lite.eval.loading import init_distributed, load_model, pick_device
+
+    device = pick_device(args.device)
+    torch.set_grad_enabled(False)
+    init_distributed(args.tp, device)
+    try:
+        loaded = load_model(args.load, args.load_format, device)
+        tok = _tokenizer(args, loaded)
+        prompt_ids = tok.encode(args.prompt)
+        if args.add_bos:
+            if tok.bos is None:
+                raise SystemExit("generate: --add-bos but the tokenizer has no BOS token")
+            prompt_ids = [tok.bos] + prompt_ids
+        gen = torch.Generator().manual_seed(args.seed)
+        new = generate(loaded.logits, prompt_ids, args.max_new_tokens, greedy=args.greedy,
+                       temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                       eod=None if args.no_stop_at_eod else tok.eod,
+                       max_context=loaded.seq_length, generator=gen, device=device)
+        shown = [t for t in new if t != tok.eod]
+        result = {"prompt": args.prompt, "text": tok.decode(shown), "prompt_ids": prompt_ids,
+                  "new_ids": new}
+        if (dist.get_rank() if dist.is_initialized() else 0) == 0:
+            if args.json:
+                print(json.dumps(result), flush=True)
+            else:
+                mode = "greedy" if args.greedy else (f"top-p {args.top_p}, temperature "
+                                                    f"{args.temperature}, seed {args.seed}")
+                print(f"--- prompt ({mode}) ---\n{args.prompt}\n--- continuation "
+                      f"({len(new)} tokens) ---\n{result['text']}", flush=True)
+        return result
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
