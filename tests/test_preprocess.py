@@ -223,6 +223,27 @@ def test_bad_line_stops_with_file_and_line(tiny_corpus_and_tokenizer, tmp_path, 
         assert os.listdir(tmp_path) == ["bad.jsonl"]  # no outputs, no temporaries
 
 
+def test_early_bad_line_with_many_chunks_in_flight(tiny_corpus_and_tokenizer, tmp_path, capsys):
+    """The pool's feeder is blocked on the in-flight bound when the bad line surfaces; the run
+    must still stop (not hang in Pool.terminate) and clean up."""
+    import threading
+
+    jsonl, model = tiny_corpus_and_tokenizer
+    lines = open(jsonl, encoding="utf-8").read().split("\n")
+    lines.insert(1, "{oops")
+    inp = tmp_path / "early.jsonl"
+    inp.write_text("\n".join(lines), encoding="utf-8")
+    rc = []
+    t = threading.Thread(target=lambda: rc.append(
+        _run(str(inp), model, tmp_path / "early", "--workers", "2", "--chunk-size", "1")),
+        daemon=True)
+    t.start()
+    t.join(timeout=120)
+    assert rc == [2], "preprocess_data did not stop after the bad line"
+    assert f"{inp}:2: malformed JSON" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == ["early.jsonl"]
+
+
 def test_multiple_keys_and_inputs(tiny_corpus_and_tokenizer, tmp_path):
     _, model = tiny_corpus_and_tokenizer
     a = tmp_path / "a.jsonl"

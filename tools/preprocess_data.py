@@ -112,7 +112,7 @@ def encode_chunk(records: list[RawRecord]) -> dict:
         ``{"bad": [(i, path, line, reason)], "keys": {key: (lengths int64 [n], flat token ids int32 [sum],
         text_bytes)}}`` where ``lengths[i]`` is the token count of record ``i`` (EOD included),
         -1 for an empty document and -2 for a bad record; ``flat`` holds the written documents'
-        ids back to back.
+        ids back to back; plus ``"nbytes"``, the chunk's input bytes.
     """
     tok, keys, eod = _STATE["tok"], _STATE["keys"], _STATE["eod"]
     n = len(records)
@@ -148,16 +148,38 @@ def encode_chunk(records: list[RawRecord]) -> dict:
             lengths[i] = len(ids) + (eod is not None)
             text_bytes += len(t.encode("utf-8"))
         out[key] = (lengths, np.asarray(flat, dtype=np.int32), text_bytes)
-    return {"bad": bad, "keys": out}
+    return {"bad": bad, "keys": out, "nbytes": sum(r.nbytes for r in records)}
 
 
 # --------------------------------------------------------------------------------------------
 # Main side: read, dispatch, write in order.
 
+class _Throttle:
+    """Bounds the chunks in flight to the pool (Pool.imap's feeder thread would otherwise read
+    the whole corpus into memory) and lets the main thread unblock the feeder when it stops."""
+
+    def __init__(self, limit: int):
+        self._sem = threading.Semaphore(limit)
+        self.stopped = threading.Event()
+
+    def acquire(self) -> bool:
+        """Wait for a free slot; False once :meth:`stop` was called."""
+        while not self._sem.acquire(timeout=0.1):
+            if self.stopped.is_set():
+                return False
+        return not self.stopped.is_set()
+
+    def release(self) -> None:
+        self._sem.release()
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
 def _chunks(files: list[str], keys: Sequence[str], size: int, box: list,
-            sem: threading.Semaphore | None) -> Iterator[tuple[list[RawRecord], int]]:
-    """Yield (records, input bytes) chunks; a read error is stored in ``box`` and ends the stream
-    (the pool's feeder thread would otherwise report it out of order)."""
+            throttle: _Throttle | None) -> Iterator[list[RawRecord]]:
+    """Yield chunks of at most ``size`` records / ~``_CHUNK_BYTES`` bytes; a read error is stored
+    in ``box`` and ends the stream (the pool's feeder thread would report it out of order)."""
     try:
         buf: list[RawRecord] = []
         nbytes = 0
@@ -166,14 +188,12 @@ def _chunks(files: list[str], keys: Sequence[str], size: int, box: list,
                 buf.append(rec)
                 nbytes += rec.nbytes
                 if len(buf) >= size or nbytes >= _CHUNK_BYTES:
-                    if sem is not None:
-                        sem.acquire()
-                    yield buf, nbytes
+                    if throttle is not None and not throttle.acquire():
+                        return
+                    yield buf
                     buf, nbytes = [], 0
-        if buf:
-            if sem is not None:
-                sem.acquire()
-            yield buf, nbytes
+        if buf and (throttle is None or throttle.acquire()):
+            yield buf
     except Exception as e:
         box.append(e)
 
@@ -226,6 +246,7 @@ def preprocess(args: argparse.Namespace) -> dict:
                for k in keys}
     builders: dict = {}
     pool = None
+    throttle: _Throttle | None = None
     box: list = []
     published = False
     try:
@@ -234,37 +255,27 @@ def preprocess(args: argparse.Namespace) -> dict:
         init = (args.tokenizer_type, args.tokenizer_model, keys, args.append_eod)
         if args.workers == 1:
             _init_worker(*init)
-            chunks = _chunks(files, keys, args.chunk_size, box, None)
-            results = ((encode_chunk(recs), nb) for recs, nb in chunks)
-            sem = None
+            results = map(encode_chunk, _chunks(files, keys, args.chunk_size, box, None))
         else:
-            # Bound the chunks in flight: Pool.imap's feeder would otherwise read the whole corpus.
-            sem = threading.Semaphore(4 * args.workers)
+            throttle = _Throttle(4 * args.workers)
             pool = multiprocessing.Pool(args.workers, initializer=_init_worker,
                                         initargs=init + (True,))
-            chunks = _chunks(files, keys, args.chunk_size, box, sem)
-            sizes: list[int] = []
-
-            def records_only() -> Iterator[list[RawRecord]]:
-                for recs, nb in chunks:
-                    sizes.append(nb)
-                    yield recs
-
-            results = ((r, sizes.pop(0)) for r in pool.imap(encode_chunk, records_only()))
+            results = pool.imap(encode_chunk,
+                                _chunks(files, keys, args.chunk_size, box, throttle))
         from tqdm import tqdm
 
         bar = tqdm(unit="docs", disable=args.no_progress, mininterval=1.0, smoothing=0.1,
                    file=sys.stderr)
-        for res, nbytes in results:
-            if sem is not None:
-                sem.release()
+        for res in results:
+            if throttle is not None:
+                throttle.release()
             n = len(res["keys"][keys[0]][0])
             if res["bad"]:
                 if not args.skip_bad_lines:
                     raise BadRecordError(*res["bad"][0][1:])
                 counts["bad_lines"] += len(res["bad"])
             counts["records"] += n - len(res["bad"])
-            counts["bytes"] += nbytes
+            counts["bytes"] += res["nbytes"]
             for key in keys:
                 lengths, flat, text_bytes = res["keys"][key]
                 st = per_key[key]
@@ -294,6 +305,8 @@ def preprocess(args: argparse.Namespace) -> dict:
             finalize_atomic(builders[key], tmp_prefix[key], out_prefix[key])
         published = True
     finally:
+        if throttle is not None:
+            throttle.stop()  # a feeder blocked on a slot would keep terminate() from returning
         if pool is not None:
             pool.terminate()
             pool.join()
