@@ -82,7 +82,8 @@ static py::array build_sample_idx(py::array sizes, py::array doc_idx, int64_t se
 }
 
 // Greedy interleave: position i goes to the source with the largest
-// weight * max(i, 1) - count (ties: lowest index), as in Megatron-LM. `counts` are the samples
+// weight * max(i, 1) - count (ties: lowest index), as in Megatron-LM;
+// sources of weight 0 are skipped. `counts` are the samples
 // already taken from each source before this segment; the error term uses counts taken within
 // the segment, and returned sample indices continue from `counts`.
 static py::tuple build_blending_indices(py::array_t<double, py::array::c_style | py::array::forcecast> weights_,
@@ -93,6 +94,9 @@ static py::tuple build_blending_indices(py::array_t<double, py::array::c_style |
   if (counts_.shape(0) != n) throw std::invalid_argument("counts must have one entry per dataset");
   if (size < 0) throw std::invalid_argument("size must be >= 0");
   const double* w = weights_.data();
+  bool any_positive = false;
+  for (int64_t j = 0; j < n; ++j) any_positive = any_positive || w[j] > 0.0;
+  if (!any_positive) throw std::invalid_argument("at least one blend weight must be positive");
   const int64_t* c0 = counts_.data();
   py::array_t<int16_t> ds_index(size);
   py::array_t<int64_t> ds_sample(size);
@@ -103,11 +107,14 @@ static py::tuple build_blending_indices(py::array_t<double, py::array::c_style |
     std::vector<int64_t> taken(n, 0);
     for (int64_t i = 0; i < size; ++i) {
       const double x = i > 1 ? static_cast<double>(i) : 1.0;
-      int64_t best = 0;
-      double best_err = w[0] * x - static_cast<double>(taken[0]);
-      for (int64_t j = 1; j < n; ++j) {
+      // Zero-weight sources are never picked: with max(i, 1) a source of weight 0 would tie at
+      // i == 1 (error 0) with a just-used source, and ties go to the lowest index.
+      int64_t best = -1;
+      double best_err = 0.0;
+      for (int64_t j = 0; j < n; ++j) {
+        if (!(w[j] > 0.0)) continue;
         const double err = w[j] * x - static_cast<double>(taken[j]);
-        if (err > best_err) {
+        if (best < 0 || err > best_err) {
           best_err = err;
           best = j;
         }

@@ -43,6 +43,10 @@ def test_greedy_order_by_hand():
         assert dsi.tolist() == [0, 0, 0, 1, 1, 2, 1, 3, 2, 4]
         di, dsi = f([0.5, 0.5], 4, np.array([7, 2]))  # counts offset the sample indices only
         assert di.tolist() == [0, 1, 0, 1] and dsi.tolist() == [7, 2, 8, 3]
+        di, _ = f([0.0, 1.0], 4)  # i=1: errors 0 and 1*1-1 = 0 tie; weight 0 must still lose
+        assert di.tolist() == [1, 1, 1, 1]
+        with pytest.raises(ValueError, match="positive"):
+            f([0.0, 0.0], 2)
 
 
 def test_cpp_equals_numpy():
@@ -51,6 +55,8 @@ def test_cpp_equals_numpy():
     rng = np.random.default_rng(1)
     for n in (1, 2, 5, 17):
         w = rng.random(n)
+        if n > 2:
+            w[1] = 0.0  # zero-weight sources are skipped by both
         w /= w.sum()
         c = rng.integers(0, 100, n)
         a = helpers.build_blending_indices_cpp(w, 3000, c)
@@ -149,3 +155,27 @@ def test_sources_sized_and_samples_match(tmp_path):
     with pytest.raises(ValueError, match="use one"):
         build_train_valid_test_datasets(DataConfig(data_path=["1", a, "1", b], data_temperature=2.0),
                                         5, (4, 0, 0), seed=9, eod_id=0)
+
+
+def test_builder_explicit_paths_and_stage_file_resume(tmp_path):
+    rng = np.random.default_rng(2)
+    a = write(str(tmp_path / "a"), [list(rng.integers(1, 9, 5)) + [0] for _ in range(8)])
+    b = write(str(tmp_path / "b"), [list(rng.integers(11, 19, 5)) + [0] for _ in range(8)])
+    stages = tmp_path / "stages.yaml"
+    stages.write_text(f"- {{until_tokens: 40, weights: {{{b}: 1.0}}}}\n- {{until_tokens: 1000, weights: [1, 1]}}\n")
+    cfg = DataConfig(train_data_path=[a, b], valid_data_path=[b], data_stages=str(stages),
+                     data_cache_path=str(tmp_path / "cache"))
+    train, valid, test = build_train_valid_test_datasets(cfg, 4, (30, 3, 0), seed=1, eod_id=0)
+    assert test is None and valid.document_range == (0, 8) and len(valid) >= 3  # whole corpus b
+    # L = 4: samples 0..9 start below token 40 -> all from b; then the 1:1 interleave restarts
+    assert train.dataset_index[:10].tolist() == [1] * 10
+    assert train.dataset_index[10:14].tolist() == [0, 1, 0, 1]
+    assert train.dataset_sample_index[10:14].tolist() == [0, 10, 1, 11]
+    state = train.state_dict(12)
+    assert state["source_consumed"] == [1, 11]
+    stages.write_text("- {until_tokens: 1000, weights: [1, 0]}\n")  # schedule edited before resume
+    again = build_train_valid_test_datasets(cfg, 4, (30, 3, 0), seed=1, eod_id=0)[0]
+    again.load_state_dict(state)
+    assert again.dataset_index[12:].tolist() == [0] * 18
+    assert again.dataset_sample_index[12:15].tolist() == [1, 2, 3]  # continues source a, no repeat
+    assert len(again.datasets[0]) >= 19 and again[29]["dataset_id"] == 0

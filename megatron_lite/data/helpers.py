@@ -15,7 +15,8 @@ Semantics are Megatron-LM's (``megatron/core/datasets/helpers.cpp``):
   *non-empty* document that contains stream position ``i*L``.
 * blending index — position ``i`` of the blended stream goes to the source ``j`` maximising
   ``w_j * max(i, 1) - taken_j`` (ties to the lowest ``j``), where ``taken_j`` counts the
-  positions already given to ``j`` (Megatron uses ``max(i, 1)``, not ``i + 1``).
+  positions already given to ``j`` (Megatron uses ``max(i, 1)``, not ``i + 1``). Sources of
+  weight 0 are never chosen (in Megatron a zero weight can win the tie at ``i == 1``).
 """
 
 from __future__ import annotations
@@ -103,9 +104,13 @@ def build_blending_indices_numpy(weights, size: int, counts: Optional[np.ndarray
     c0 = np.zeros(len(w), np.int64) if counts is None else np.asarray(counts, np.int64)
     di = np.empty(size, dtype=np.int16)
     dsi = np.empty(size, dtype=np.int64)
+    if not (w > 0).any():
+        raise ValueError("at least one blend weight must be positive")
     taken = np.zeros(len(w), dtype=np.float64)
+    never = w <= 0
     for i in range(size):
         err = w * max(float(i), 1.0) - taken
+        err[never] = -np.inf  # a zero-weight source would otherwise tie at i == 1 (error 0)
         j = int(np.argmax(err))  # argmax returns the first maximum: ties go to the lowest index
         di[i] = j
         dsi[i] = c0[j] + int(taken[j])
