@@ -87,6 +87,28 @@ def plain_encode(jsonl: str, model: str) -> tuple[float, int]:
     return time.perf_counter() - start, tokens, time.process_time() - cpu
 
 
+def _spin(n: int) -> int:
+    return sum(range(n))
+
+
+def parallel_capacity(n: int = 2 * 10**7) -> float:
+    """How many times faster 2 processes finish 2 equal CPU-bound jobs than 1 process does
+    (2.0 on an idle machine with >= 2 free cores; about 1.0 when others already use the cores).
+    Puts the 2-worker ratio below in context."""
+    import multiprocessing
+
+    t0 = time.perf_counter()
+    _spin(n)
+    _spin(n)
+    serial = time.perf_counter() - t0
+    with multiprocessing.Pool(2) as pool:
+        pool.map(_spin, [1, 1])  # start-up outside the timing
+        t0 = time.perf_counter()
+        pool.map(_spin, [n, n], chunksize=1)
+        parallel = time.perf_counter() - t0
+    return serial / parallel
+
+
 def bench_preprocess(args, work: str) -> None:
     jsonl = os.path.join(work, "stdlib.jsonl")
     docs, nbytes = write_stdlib_corpus(jsonl, args.max_mb)
@@ -128,6 +150,9 @@ def bench_preprocess(args, work: str) -> None:
               f"{cpu:10.2f} {kids:13.2f}")
     print("(tokens exclude the appended EOD; MB/s over the JSONL bytes; CPU seconds show where\n"
           " the work went when other processes share the cores and wall-clock ratios are noisy)")
+    cap = parallel_capacity()
+    print(f"2-process capacity of this machine right now: {cap:.2f}x (2.00 when two cores are "
+          f"free); the --workers 2 speed-up cannot exceed it")
 
 
 def bench_sample_index(args) -> None:
