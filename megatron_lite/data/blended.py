@@ -15,6 +15,11 @@ indices rise 0, 1, 2, ... so no source sample is used twice and none is skipped.
   samples ``[ceil(N_{k-1}/L), ceil(N_k/L))``. Within a stage the greedy interleave restarts
   (position 0 = first sample of the stage) with that stage's weights while each source's sample
   counter continues from where the previous stage left it.
+  Example (CPT "new domain first", weights in ``--data-path`` order or by prefix)::
+
+      - {until_tokens: 2.0e9, weights: [0.8, 0.2]}
+      - {until_tokens: 1.0e11, weights: {data/new_text_document: 0.3, data/old_text_document: 0.7}}
+
 * Resume: :meth:`BlendedDataset.state_dict` records ``consumed_samples`` and per-source consumed
   counts. If on :meth:`BlendedDataset.load_state_dict` the schedule differs from the saved one,
   positions ``>= consumed_samples`` are re-derived from the saved per-source counts (a new

@@ -34,10 +34,12 @@ class DataConfig:
         False, "Mask attention across documents: cu_seqlens gets a boundary after every EOD token")
     eod_mask_loss: bool = arg(False, "Zero the loss mask where the input token is EOD")
     data_temperature: float = arg(
-        1.0, "Blend weights proportional to n_i^(1/T) from token counts n_i when set (T > 0); "
-        "1.0 with no weights given = proportional to size; ignored when weights are given and T == 1")
+        1.0, "Blend temperature T, used when --data-path lists several prefixes without weights: "
+        "w_i proportional to n_i^(1/T), n_i = tokens of source i in the split (1 = by size, "
+        "large T = uniform); must stay 1.0 when explicit weights are given")
     data_stages: Optional[str] = arg(
-        None, "YAML file: list of {until_tokens, weights} stages overriding blend weights over time")
+        None, "YAML file: list of {until_tokens, weights} stages (train split only); sample i belongs to "
+        "the first stage with i*seq_length < until_tokens, the last stage continues")
     no_shuffle: bool = arg(False, "Keep document and sample order as on disk (debugging)")
     data_cache_path: Optional[str] = arg(
         None, "Directory for cached index arrays (default: <prefix dir>/index_cache)")
