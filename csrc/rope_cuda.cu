@@ -1,35 +1,18 @@
 // Fused rotate-half RoPE: CUDA kernels for megatron_lite::rope_fwd / rope_bwd (schema in rope.cpp).
 // Compiled only when setup.py finds CUDA; math identical to the CPU kernel (rope_common.h).
-// One thread per rotated pair (i, i + d/2) of one (b, s, h) row; fp32 arithmetic, output in x's dtype.
+// The kernel itself is torch-free, in rope_cuda_kernel.cuh.
 
-#include <ATen/cuda/CUDAContext.h>
+// c10 headers only (not ATen/cuda/CUDAContext.h), so the file needs no cuBLAS/cuSPARSE headers.
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "rope_common.h"
+#include "rope_cuda_kernel.cuh"
 
 namespace megatron_lite {
 namespace {
-
-template <typename scalar_t, bool kBackward>
-__global__ void rope_kernel(const scalar_t* __restrict__ x, const float* __restrict__ cos,
-                            const float* __restrict__ sin, scalar_t* __restrict__ out, int64_t n_pairs,
-                            int64_t heads, int64_t half) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= n_pairs) return;
-  const int64_t i = idx % half;
-  const int64_t row = idx / half;             // (b, s, h) row
-  const int64_t token = row / heads;          // (b, s) row of cos/sin
-  const int64_t dim = 2 * half;
-  const float* c = cos + token * dim;
-  const float* s = sin + token * dim;
-  const scalar_t* xr = x + row * dim;
-  float lo, hi;
-  rope_pair<kBackward>(static_cast<float>(xr[i]), static_cast<float>(xr[i + half]), c[i], c[i + half], s[i],
-                       s[i + half], &lo, &hi);
-  out[row * dim + i] = static_cast<scalar_t>(lo);
-  out[row * dim + i + half] = static_cast<scalar_t>(hi);
-}
 
 template <bool kBackward>
 at::Tensor rope_cuda(const at::Tensor& x_in, const at::Tensor& cos_in, const at::Tensor& sin_in) {
@@ -45,7 +28,7 @@ at::Tensor rope_cuda(const at::Tensor& x_in, const at::Tensor& cos_in, const at:
   if (n_pairs == 0) return out;
   constexpr int kThreads = 256;
   const int64_t blocks = (n_pairs + kThreads - 1) / kThreads;
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "megatron_lite_rope_cuda", [&] {
     rope_kernel<scalar_t, kBackward><<<blocks, kThreads, 0, stream>>>(
         x.data_ptr<scalar_t>(), cos.data_ptr<float>(), sin.data_ptr<float>(), out.data_ptr<scalar_t>(), n_pairs,
