@@ -349,3 +349,22 @@ def test_help_mentions_every_flag(capsys):
     for action in preprocess_data.build_parser()._actions:
         for opt in action.option_strings:
             assert opt in out and action.help, opt
+
+
+def test_output_feeds_the_gpt_dataset(tiny_corpus_and_tokenizer, tmp_path):
+    """End to end: the packed samples are windows of the EOD-joined token stream of the corpus."""
+    from megatron_lite.data.gpt_dataset import GPTDataset
+
+    jsonl, model = tiny_corpus_and_tokenizer
+    assert _run(jsonl, model, tmp_path / "e2e", "--append-eod") == 0
+    tok = build_tokenizer(SP, model)
+    stream = [i for line in open(jsonl, encoding="utf-8")
+              for i in tok.encode(json.loads(line)["text"]) + [tok.eod]]
+    L = 32
+    ds = GPTDataset(str(tmp_path / "e2e_text_document"), (0, 311), L, num_samples=10,
+                    eod_id=tok.eod, shuffle=False, cache_dir=str(tmp_path / "cache"))
+    assert ds.tokens_per_epoch == len(stream)
+    for i in (0, 1, 57, (len(stream) - 1) // L - 1):
+        s = ds[i]
+        assert s["tokens"].tolist() == stream[i * L:(i + 1) * L]
+        assert s["labels"].tolist() == stream[i * L + 1:(i + 1) * L + 1]
