@@ -148,7 +148,9 @@ def test_dynamic_forward_follows_hf_cache():
 
 
 def test_cos_sin_fp32_under_bf16_distinguish_256_257():
-    emb = RotaryEmbedding(ours()).to(torch.bfloat16)
+    fp32_freqs = RotaryEmbedding(ours(base=500000.0)).inv_freq
+    emb = RotaryEmbedding(ours(base=500000.0)).to(torch.bfloat16)  # as a bf16 model would do
+    assert emb.inv_freq.dtype == torch.float32 and torch.equal(emb.inv_freq, fp32_freqs)  # not rounded
     assert torch.tensor(257.0, dtype=torch.bfloat16) == 256  # why fp32 matters: bf16 cannot hold 257
     cos, sin = emb(torch.tensor([[256, 257]]))
     assert cos.dtype == sin.dtype == torch.float32

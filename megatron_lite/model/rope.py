@@ -192,19 +192,38 @@ class RotaryEmbedding(torch.nn.Module):
         self.config = config
         self.scaling_type = getattr(config, "rope_scaling_type", "none") or "none"
         inv_freq, self.attention_factor = rope_inv_freq(config)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+        # Plain fp32 attributes, deliberately not buffers: ``model.to(torch.bfloat16)`` casts floating
+        # buffers and would round the frequencies (HF's inv_freq buffer suffers exactly that).
+        # They are derived from the config, so they need no checkpointing either.
+        self._inv_freq = inv_freq
+        self._original_inv_freq = inv_freq.clone()
+        self._on_device: dict[torch.device, torch.Tensor] = {}
         self.original_max_seq_len = _original_max_positions(config)
         self.max_seq_len_cached = self.original_max_seq_len
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        """Current inverse frequencies [head_dim/2], fp32 on CPU."""
+        return self._inv_freq
+
+    def _set_inv_freq(self, inv_freq: torch.Tensor) -> None:
+        self._inv_freq = inv_freq
+        self._on_device = {}
+
+    def _inv_freq_on(self, device: torch.device) -> torch.Tensor:
+        t = self._on_device.get(device)
+        if t is None:  # copied once per device, not per step
+            t = self._on_device[device] = self._inv_freq.to(device)
+        return t
 
     def _dynamic_update(self, position_ids: torch.Tensor) -> None:
         seq_len = int(position_ids.max()) + 1
         if seq_len > self.max_seq_len_cached:  # grew past anything seen: rescale for this length
             inv_freq, self.attention_factor = rope_inv_freq(self.config, seq_len=seq_len)
-            self.inv_freq = inv_freq.to(self.inv_freq.device)
+            self._set_inv_freq(inv_freq)
             self.max_seq_len_cached = seq_len
         if seq_len < self.original_max_seq_len < self.max_seq_len_cached:  # back within original: reset
-            self.inv_freq = self.original_inv_freq.clone()
+            self._set_inv_freq(self._original_inv_freq.clone())
             self.max_seq_len_cached = self.original_max_seq_len
 
     @torch.no_grad()
@@ -214,7 +233,7 @@ class RotaryEmbedding(torch.nn.Module):
             raise ValueError(f"position_ids must be [b, s], got shape {tuple(position_ids.shape)}")
         if self.scaling_type == "dynamic":
             self._dynamic_update(position_ids)
-        freqs = position_ids[..., None].float() * self.inv_freq.float().to(position_ids.device)
+        freqs = position_ids[..., None].float() * self._inv_freq_on(position_ids.device)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
 
