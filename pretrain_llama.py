@@ -22,8 +22,16 @@ def main(argv=None) -> int:
             print(format_plan(cfg))
         return 0
     from megatron_lite.training.pretrain import pretrain
+    from megatron_lite.training.trainer import TooManySkippedSteps
 
-    pretrain(cfg)
+    try:
+        pretrain(cfg)
+    except ConfigError as e:
+        print(f"pretrain_llama.py: error: {e}", file=sys.stderr)
+        return 2
+    except TooManySkippedSteps as e:
+        print(f"pretrain_llama.py: training aborted: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

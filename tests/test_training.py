@@ -48,10 +48,10 @@ def runs_spec(root: str) -> dict:
 
     return dict([
         r("z0", "--zero-stage", "0", "--save", os.path.join(root, "ck_z0"), "--save-interval", "3"),
-        r("z1", "--zero-stage", "1"),
+        r("z1", "--zero-stage", "1", "--save", os.path.join(root, "ck_z1")),
         r("z2", "--zero-stage", "2"),
         r("z3", "--zero-stage", "3", "--save", os.path.join(root, "ck_z3"), "--save-interval", "6"),
-        r("tp2", "--tp", "2", "--zero-stage", "1"),
+        r("tp2", "--tp", "2", "--zero-stage", "1", "--save", os.path.join(root, "ck_tp2")),
         r("nan", "--zero-stage", "1", "--save", os.path.join(root, "ck_nan"), "--save-interval", "1",
           nan="3:1"),
         r("abort", "--zero-stage", "1", "--max-skipped-steps", "2", nan="2:0,3:0"),
@@ -76,9 +76,24 @@ def _driver(root: str) -> None:
                              "consumed_samples": st.consumed_samples}
         except Exception as e:  # noqa: BLE001 - recorded for the test to assert on
             results[name] = {"error": f"{type(e).__name__}: {e}"}
+        if name == "tp2":   # TP groups of this run still exist: load each shard for inference
+            from megatron_lite.parallel import get_tensor_model_parallel_rank
+            from megatron_lite.training.checkpointing import load_model_for_inference
+
+            model, _ = load_model_for_inference(os.path.join(root, "ck_tp2"),
+                                                get_tensor_model_parallel_rank(), 2)
+            results["tp2_infer_loss"] = probe_loss(model)
     if torch.distributed.get_rank() == 0:
         with open(os.path.join(root, "results.json"), "w") as f:
             json.dump(results, f)
+
+
+@torch.no_grad()
+def probe_loss(model) -> float:
+    """Mean per-token loss of a fixed batch (same on every TP degree for the same weights)."""
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(3, 253, (2, 64), generator=g)
+    return float(model(tokens, labels=torch.roll(tokens, -1, 1)).mean())
 
 
 def read_metrics(path: str) -> dict[int, dict]:
@@ -239,6 +254,16 @@ def test_tp2_matches_tp1(e2e):
     for s in range(1, 7):
         assert b[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-5), s
         assert b[s]["grad_norm"] == pytest.approx(a[s]["grad_norm"], rel=1e-4), s
+
+
+@pytest.mark.slow
+def test_tp2_checkpoint_loads_for_inference_like_tp1(e2e):
+    from megatron_lite.training.checkpointing import load_model_for_inference
+
+    root, results, _ = e2e
+    model, cfg = load_model_for_inference(os.path.join(root, "ck_z1"), 0, 1)
+    assert cfg.parallel.tensor_model_parallel_size == 1
+    assert results["tp2_infer_loss"] == pytest.approx(probe_loss(model), rel=1e-4)
 
 
 @pytest.mark.slow

@@ -142,6 +142,12 @@ def pretrain(cfg, data_iterators=None) -> TrainState:
     from megatron_lite.training.optimizer import build_optimizer
     from megatron_lite.training.schedules import LRScheduler
 
+    dc = cfg.data
+    if data_iterators is None and not (dc.data_path or dc.train_data_path):
+        from megatron_lite.config import ConfigError
+
+        raise ConfigError("no training data: give --data-path PREFIX (or --train-data-path); "
+                          "make PREFIX_text_document.bin/.idx with tools/preprocess_data.py")
     device = resolve_device(cfg)
     init_distributed(cfg, device)
     rank = dist.get_rank()
@@ -185,11 +191,8 @@ def pretrain(cfg, data_iterators=None) -> TrainState:
             micro = [next(train_iter) for _ in range(A)]
             if timers:
                 timers("data-wait").stop()
-                timers("forward-backward").start()
             res = train_step(engine, optimizer, scheduler, micro, state,
-                             cfg.training.max_skipped_steps, device)
-            if timers:
-                timers("forward-backward").stop()
+                             cfg.training.max_skipped_steps, device, timers=timers)
             state.consumed_samples += d.global_batch_size
             if logger is not None:
                 logger.log_step(state.iteration, {

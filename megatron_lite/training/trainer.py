@@ -94,7 +94,8 @@ def micro_batch_loss_sum(engine, batch: dict[str, Any]) -> torch.Tensor:
 
 
 def train_step(engine, optimizer, scheduler, micro_batches: Sequence[dict[str, Any]],
-               state: TrainState, max_skipped_steps: int, device: torch.device) -> StepResult:
+               state: TrainState, max_skipped_steps: int, device: torch.device,
+               timers=None) -> StepResult:
     """Run one optimizer step over this rank's ``A`` micro-batches.
 
     Args:
@@ -105,6 +106,8 @@ def train_step(engine, optimizer, scheduler, micro_batches: Sequence[dict[str, A
         state: counters, updated in place (iteration, skipped counters; not consumed_samples).
         max_skipped_steps: abort threshold for consecutive skips.
         device: compute device.
+        timers: optional ``Timers`` (megatron_lite.training.timers); the forward/backward and the
+            optimizer phases are timed separately when given.
 
     Returns:
         The :class:`StepResult` (same values on every rank).
@@ -127,6 +130,8 @@ def train_step(engine, optimizer, scheduler, micro_batches: Sequence[dict[str, A
     rank = dist.get_rank() if dist.is_initialized() else 0
     inject = (step_number, rank) in _nan_injections()
     local_sum = torch.zeros((), dtype=torch.float64, device=device)
+    if timers is not None:
+        timers("forward-backward").start()
     for j, b in enumerate(batches):
         s = micro_batch_loss_sum(engine, b)
         if inject and j == 0:
@@ -141,8 +146,13 @@ def train_step(engine, optimizer, scheduler, micro_batches: Sequence[dict[str, A
     bad = torch.tensor([0.0 if math.isfinite(loss) else 1.0], device=device)
     if dist.is_initialized():
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # TP ranks agree already; be certain
+    if timers is not None:
+        timers("forward-backward").stop()
+        timers("optimizer").start()
     optimizer.begin_step(force_skip=bool(bad.item() > 0))
     engine.step()
+    if timers is not None:
+        timers("optimizer").stop()
     skipped = optimizer.skipped or not engine.was_step_applied()
     grad_norm = engine.get_global_grad_norm()
     if grad_norm is None:

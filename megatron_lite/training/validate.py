@@ -129,11 +129,14 @@ def derive_and_check(cfg, world_size: int) -> None:
     if tr.bf16 and tr.fp16:
         raise _err("--bf16 and --fp16 are exclusive")
     d.precision = "bf16" if tr.bf16 else "fp16" if tr.fp16 else "fp32"
-    if tr.device == "cuda":
-        import torch
+    import torch
 
-        if not torch.cuda.is_available():
-            raise _err("--device cuda but no CUDA device is visible; use --device cpu")
+    if tr.device == "cuda" and not torch.cuda.is_available():
+        raise _err("--device cuda but no CUDA device is visible; use --device cpu")
+    on_cpu = tr.device == "cpu" or (tr.device == "auto" and not torch.cuda.is_available())
+    if on_cpu and tr.fp16:
+        raise _err("--fp16 is not supported on CPU (DeepSpeed has no fp16 CPU path); use fp32 "
+                   "(default, fastest on CPU) or --bf16")
 
     # Run length.
     if (sch.train_iters is None) == (sch.train_tokens is None):
