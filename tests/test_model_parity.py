@@ -142,6 +142,9 @@ def _check_case(name: str, rank: int, tp: int, ref_tp1: dict):
     for pname, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expect_grads[pname], rtol=1e-4, atol=2e-6,
                                    msg=lambda m: f"{name} TP={tp} grad {pname}: {m}")
+    # Global grad norm counts TP-replicated norm weights once: equals HF's at every TP degree.
+    hf_norm = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in hf.parameters())).item()
+    assert ps.tensor_parallel_grad_norm(model.parameters()) == pytest.approx(hf_norm, rel=1e-5)
 
     # 4. Round trip back to HF (shards gathered from all ranks).
     shards = [None] * tp
@@ -183,17 +186,40 @@ def _check_recompute_and_packing(model: LlamaModel, c: ModelConfig, name: str):
     torch.testing.assert_close(packed[1], row1[0], rtol=0, atol=TOL)
 
 
+def _dropout_loss(rank: int, tp: int) -> torch.Tensor:
+    """Loss of a hidden-dropout model after the same torch.manual_seed, loaded from HF weights."""
+    c = _config("gqa_tied_eager")
+    c.hidden_dropout = 0.3
+    model = LlamaModel(c).train()
+    model.load_state_dict(hf_to_megatron_lite(_hf_model(c, seed=100).state_dict(), c, rank, tp))
+    tokens, labels = _batch(3)
+    torch.manual_seed(99)
+    return model(tokens, labels=labels).detach()
+
+
 def _worker(rank, world, tp):
     # TP=1 references first: before initialize_model_parallel every getter answers TP=1.
     refs = {}
     for name in CASES:
         torch.manual_seed(7)
         refs[name] = {k: v.detach().clone() for k, v in LlamaModel(_config(name)).state_dict().items()}
+    dropout_tp1 = _dropout_loss(0, 1) if tp == 2 else None
     ps.initialize_model_parallel(tp)
     for name in CASES:
         model, c = _check_case(name, rank, tp, refs[name])
         if tp == 2 and name != "gqa_untied_headdim16":
             _check_recompute_and_packing(model, c, name)
+    if tp == 2:
+        # Hidden dropout draws from the default stream, identical on all TP ranks and in the same
+        # order at any TP degree: the same seed gives the same masks, hence the TP=1 loss.
+        dropped = _dropout_loss(rank, tp)
+        torch.testing.assert_close(dropped, dropout_tp1, rtol=0, atol=TOL)
+        c = _config("gqa_tied_eager")
+        no_drop = LlamaModel(c)
+        no_drop.load_state_dict(hf_to_megatron_lite(_hf_model(c, seed=100).state_dict(), c, rank, tp))
+        tokens, labels = _batch(3)
+        with torch.no_grad():
+            assert not torch.allclose(no_drop(tokens, labels=labels), dropped, atol=1e-3)  # dropout acted
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
