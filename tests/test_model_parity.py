@@ -4,6 +4,7 @@ One forked gloo group per TP degree runs every check for every case (MHA/GQA, ti
 vocab, head_dim != H/heads), so the file stays within its time budget on 2 cores.
 """
 
+import dataclasses
 import os
 import socket
 
@@ -225,3 +226,23 @@ def _worker(rank, world, tp):
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_parity_with_hf(tp):
     spawn(_worker, tp, tp)
+
+
+def test_bf16_params_fp32_logits_single_process():
+    """bf16 parameters: fp32 logits/loss close to the fp32 model on the same weights; bf16 grads."""
+    c32 = _config("mha_untied_sdpa")
+    c16 = dataclasses.replace(c32, params_dtype="bfloat16")
+    sd = hf_to_megatron_lite(_hf_model(c32, seed=100).state_dict(), c32, 0, 1)
+    m32, m16 = LlamaModel(c32), LlamaModel(c16)
+    m32.load_state_dict(sd)
+    m16.load_state_dict(sd)  # load_state_dict casts into the bf16 parameters
+    assert all(p.dtype == torch.bfloat16 for p in m16.parameters())
+    tokens, labels = _batch(4)
+    logits = m16(tokens)
+    assert logits.dtype == torch.float32
+    loss16, loss32 = m16(tokens, labels=labels), m32(tokens, labels=labels)
+    assert loss16.dtype == torch.float32
+    assert (loss16.mean() - loss32.mean()).abs() < 0.05 * loss32.mean()
+    loss16.mean().backward()
+    assert m16.embedding.weight.grad.dtype == torch.bfloat16
+    assert torch.isfinite(m16.layers[0].self_attn.q_proj.weight.grad.float()).all()
