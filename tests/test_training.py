@@ -229,6 +229,56 @@ def test_nonfinite_loss_skips_update_and_schedule(monkeypatch):
     assert st.consecutive_skipped == 0 and sched.num_updates == 1
 
 
+def test_param_groups_weight_decay_policy():
+    from megatron_lite.training.optimizer import param_groups
+
+    model = _tiny_model()
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {g["name"]: g for g in param_groups(model, 0.1)}
+    decay = {names[id(p)] for p in groups["decay"]["params"]}
+    no_decay = {names[id(p)] for p in groups["no_decay"]["params"]}
+    assert groups["decay"]["weight_decay"] == 0.1 and groups["no_decay"]["weight_decay"] == 0.0
+    assert no_decay and all(dict(model.named_parameters())[n].ndim == 1 for n in no_decay)
+    assert any("embed" in n for n in decay)                   # default: embeddings decayed
+    assert len(decay) + len(no_decay) == len(names)
+    g2 = {g["name"]: g for g in param_groups(model, 0.1, no_decay_embeddings=True)}
+    moved = {names[id(p)] for p in g2["no_decay"]["params"]} - no_decay
+    assert moved and all(any(k in n for k in ("embed", "output_layer", "lm_head")) for n in moved)
+
+
+def test_grad_norm_and_clipping_by_hand():
+    from megatron_lite.training.optimizer import GuardedAdamW, tp_aware_grad_norm
+
+    a = torch.nn.Parameter(torch.zeros(2))
+    b = torch.nn.Parameter(torch.zeros(1))
+    a.grad, b.grad = torch.tensor([3.0, 4.0]), torch.tensor([12.0])
+    assert tp_aware_grad_norm([a, b]) == pytest.approx(13.0)      # sqrt(9 + 16 + 144)
+    opt = GuardedAdamW([a, b], clip_grad=1.0, lr=0.0)
+    opt.begin_step()
+    opt.step()
+    assert opt._global_grad_norm == pytest.approx(13.0) and not opt.skipped
+    torch.testing.assert_close(a.grad, torch.tensor([3.0, 4.0]) / (13.0 + 1e-6))
+    b.grad = torch.tensor([float("inf")])                          # non-finite gradient: skip
+    opt.begin_step()
+    opt.step()
+    assert opt.skipped and opt.state[a]["step"] == 1
+
+
+def test_seed_and_deterministic_flags():
+    from megatron_lite.config import parse_args
+    from megatron_lite.training.pretrain import set_seeds
+
+    cfg = parse_args(COMMON + ["--deterministic"])
+    try:
+        set_seeds(cfg, torch.device("cpu"))
+        assert torch.are_deterministic_algorithms_enabled()
+        x = torch.rand(3)
+        set_seeds(cfg, torch.device("cpu"))
+        assert torch.equal(x, torch.rand(3))                         # --seed 7 reseeds torch
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 # ----------------------------------------------------------------------------- end to end
 @pytest.mark.slow
 def test_zero_stages_agree_and_loss_falls(e2e):

@@ -108,9 +108,10 @@ def build_data(cfg, consumed_samples: int):
         eod = build_tokenizer(dc.tokenizer_type or "SentencePieceTokenizer",
                               dc.tokenizer_model).eod
     ev = cfg.eval
-    n_eval_rounds = (d.train_iters // ev.eval_interval + 1) if getattr(ev, "eval_interval", 0) else 0
-    valid_samples = n_eval_rounds * getattr(ev, "eval_iters", 0) * cfg.training.micro_batch_size \
-        * d.data_parallel_size
+    # Every evaluation reads the same first eval_iters micro-batches of the validation split, so
+    # successive validation losses are comparable.
+    valid_samples = (getattr(ev, "eval_iters", 0) * cfg.training.micro_batch_size
+                     * d.data_parallel_size) if getattr(ev, "eval_interval", 0) else 0
     train_ds, valid_ds, _ = build_train_valid_test_datasets(
         dc, cfg.model.seq_length, (d.train_iters * d.global_batch_size, valid_samples, 0),
         cfg.training.seed, eod)
