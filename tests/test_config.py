@@ -133,6 +133,14 @@ def test_deepspeed_json_template_with_autos(tmp_path):
         build_ds_config(cfg)
 
 
+def test_machine_dependent_checks_run_at_start_not_in_finalize():
+    from megatron_lite.training.validate import check_runtime
+
+    cfg = parse_args(BASE + ["--fp16", "--device", "cpu"])      # plannable anywhere
+    with pytest.raises(ConfigError, match="--fp16 is not supported on CPU"):
+        check_runtime(cfg)
+
+
 def test_cli_dry_run_and_error_exit():
     out = subprocess.run([sys.executable, "pretrain_llama.py", *BASE, "--dry-run"],
                          capture_output=True, text=True, timeout=120)

@@ -143,6 +143,9 @@ def pretrain(cfg, data_iterators=None) -> TrainState:
     from megatron_lite.training.optimizer import build_optimizer
     from megatron_lite.training.schedules import LRScheduler
 
+    from megatron_lite.training.validate import check_runtime
+
+    check_runtime(cfg)
     dc = cfg.data
     if data_iterators is None and not (dc.data_path or dc.train_data_path):
         from megatron_lite.config import ConfigError

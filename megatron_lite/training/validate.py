@@ -129,14 +129,6 @@ def derive_and_check(cfg, world_size: int) -> None:
     if tr.bf16 and tr.fp16:
         raise _err("--bf16 and --fp16 are exclusive")
     d.precision = "bf16" if tr.bf16 else "fp16" if tr.fp16 else "fp32"
-    import torch
-
-    if tr.device == "cuda" and not torch.cuda.is_available():
-        raise _err("--device cuda but no CUDA device is visible; use --device cpu")
-    on_cpu = tr.device == "cpu" or (tr.device == "auto" and not torch.cuda.is_available())
-    if on_cpu and tr.fp16:
-        raise _err("--fp16 is not supported on CPU (DeepSpeed has no fp16 CPU path); use fp32 "
-                   "(default, fastest on CPU) or --bf16")
 
     # Run length.
     if (sch.train_iters is None) == (sch.train_tokens is None):
@@ -199,6 +191,24 @@ def derive_and_check(cfg, world_size: int) -> None:
         v = getattr(cfg.eval, name, None)
         if v is not None and v < 0:
             raise _err(f"--{name.replace('_', '-')} must be >= 0 (got {v})")
+
+
+def check_runtime(cfg) -> None:
+    """Checks that depend on this machine (not done by finalize, so configs for a GPU cluster can
+    be validated and planned on a laptop); called by ``pretrain`` before any process group.
+
+    Raises:
+        ConfigError: --device cuda without a GPU, or --fp16 on CPU.
+    """
+    import torch
+
+    tr = cfg.training
+    if tr.device == "cuda" and not torch.cuda.is_available():
+        raise _err("--device cuda but no CUDA device is visible; use --device cpu")
+    on_cpu = tr.device == "cpu" or (tr.device == "auto" and not torch.cuda.is_available())
+    if on_cpu and tr.fp16:
+        raise _err("--fp16 is not supported on CPU (DeepSpeed has no fp16 CPU path); use fp32 "
+                   "(default, fastest on CPU) or --bf16")
 
 
 def plan_lines(cfg) -> list[str]:
