@@ -128,6 +128,16 @@ def test_flex_cpu_grad_raises_clear_error():
         attention_forward(q, k, v, None, None, "flex")
 
 
+def test_flex_cpu_inference_with_grad_requiring_inputs():
+    """Under no_grad, flex serves CPU inference even when q/k/v are parameters' outputs."""
+    q, k, v = (t.requires_grad_() for t in make(1, 16, 2, 1, 8, seed=8))
+    cu = torch.tensor([0, 6, 16], dtype=torch.int32)
+    with torch.no_grad():
+        out = attention_forward(q, k, v, cu, 10, "flex")
+        ref = attention_forward(q, k, v, cu, 10, "eager")
+    torch.testing.assert_close(out, ref, rtol=0, atol=2e-6)
+
+
 def test_default_scale_and_bf16_dtype():
     q, k, v = make(1, 8, 2, 2, 16, seed=6)
     a = attention_forward(q, k, v, None, None, "sdpa")

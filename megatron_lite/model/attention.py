@@ -176,6 +176,9 @@ def _flex(q, k, v, bounds, scale):
         raise RuntimeError("--attention-backend flex has no backward on CPU in this torch (FlexAttention "
                            "CPU backward is not implemented); use --attention-backend sdpa for CPU "
                            "training, or run under torch.no_grad() for inference")
+    if not torch.is_grad_enabled():
+        # flex refuses CPU inputs that require grad even under no_grad; no graph is built here anyway.
+        q, k, v = q.detach(), k.detach(), v.detach()
     b, s, hq, _ = q.shape
     if bounds is None:
         def mask_mod(b_idx, h_idx, q_idx, kv_idx):
