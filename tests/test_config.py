@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from megatron_lite.config import ConfigError, RunConfig, build_parser, load_config, parse_args
 from megatron_lite.training.deepspeed_engine import build_ds_config
@@ -34,6 +35,19 @@ def test_train_tokens_and_warmup_tokens():
     assert cfg.derived.lr_warmup_iters == 2 and cfg.derived.lr_decay_iters == 9
 
 
+def test_recipe_defaults():
+    cfg = parse_args(BASE[:-1] + ["1000", "--lr", "2e-4"])
+    o = cfg.optimizer
+    assert (o.adam_beta1, o.adam_beta2, o.adam_eps, o.weight_decay, o.clip_grad) == \
+        (0.9, 0.95, 1e-8, 0.1, 1.0)
+    assert o.min_lr == pytest.approx(2e-5)                      # cosine to 10% of peak
+    assert cfg.schedule.lr_decay_style == "cosine"
+    assert cfg.derived.lr_warmup_iters == 10                     # 1% of 1000 steps
+    assert cfg.derived.precision == ("bf16" if torch.cuda.is_available() else "fp32")
+    assert parse_args(BASE + ["--fp32"]).derived.precision == "fp32"
+    assert parse_args(BASE + ["--bf16"]).derived.precision == "bf16"
+
+
 @pytest.mark.parametrize("extra,world,match", [
     (["--global-batch-tokens", "1000"], 1, "multiple of --seq-length 128"),
     (["--global-batch-size", "6", "--micro-batch-size", "4"], 1, "A = GB_tok"),
@@ -41,6 +55,7 @@ def test_train_tokens_and_warmup_tokens():
     (["--tp", "3"], 4, "must divide the world size"),
     (["--pp", "2"], 2, "pipeline"),
     (["--bf16", "--fp16"], 1, "exclusive"),
+    (["--bf16", "--fp32"], 1, "exclusive"),
     (["--train-tokens", "100"], 1, "exactly one of --train-iters"),
     (["--lr-warmup-iters", "20"], 1, "warmup"),
     (["--lr-warmup-iters", "2", "--lr-warmup-fraction", "0.1"], 1, "at most one"),

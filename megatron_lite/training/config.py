@@ -51,7 +51,8 @@ class OptimizerConfig:
     optimizer: str = arg("adamw", "Optimizer (decoupled weight decay AdamW, Loshchilov & Hutter "
                                   "2019).", choices=["adamw"])
     lr: float = arg(3.0e-4, "Peak learning rate (reached at the end of warmup).")
-    min_lr: float = arg(0.0, "Learning rate at the end of decay (recipe: 10% of --lr).")
+    min_lr: Optional[float] = arg(None, "Learning rate at the end of decay (default: 10% of --lr, "
+                                        "the recipe's cosine-to-10%).")
     weight_decay: float = arg(0.1, "Decoupled weight decay, applied to matrices only (not to "
                                    "norms/biases).")
     adam_beta1: float = arg(0.9, "Adam beta1 (first-moment decay).")
@@ -71,7 +72,9 @@ class ScheduleConfig:
     train_iters: Optional[int] = arg(None, "Total optimizer steps (iterations) to train.")
     train_tokens: Optional[int] = arg(
         None, "Total training tokens T_tokens; train_iters = ceil(T_tokens / GB_tok).")
-    lr_warmup_iters: Optional[int] = arg(None, "Linear warmup length (steps).")
+    lr_warmup_iters: Optional[int] = arg(
+        None, "Linear warmup length (steps). Default when no warmup flag is given: 1% of "
+              "--lr-decay-iters (the recipe: 1-5% of the run).")
     lr_warmup_tokens: Optional[int] = arg(
         None, "Linear warmup length in tokens; steps = ceil(tokens / GB_tok).")
     lr_warmup_fraction: Optional[float] = arg(
@@ -102,9 +105,11 @@ class TrainingConfig:
         None, "Tokens per optimizer step GB_tok; must be a multiple of --seq-length. "
               "A = GB_tok / (mu_tok x D) micro-batches are accumulated per step.")
     seed: int = arg(1234, "Random seed (python, numpy, torch; model init does not depend on TP).")
-    bf16: bool = arg(False, "bfloat16 mixed precision (fp32 master weights). GPU default in the "
-                            "example configs; on CPU fp32 is ~30x faster.")
-    fp16: bool = arg(False, "float16 mixed precision with dynamic loss scaling.")
+    bf16: bool = arg(False, "bfloat16 mixed precision (fp32 master weights). Default on GPU when "
+                            "no precision flag is given.")
+    fp16: bool = arg(False, "float16 mixed precision with dynamic loss scaling (GPU only).")
+    fp32: bool = arg(False, "Plain fp32 training. Default on CPU when no precision flag is given "
+                            "(bf16 matmuls are ~30x slower than fp32 on CPU).")
     loss_scale: Optional[float] = arg(None, "fp16: static loss scale (default: dynamic).")
     initial_loss_scale_power: int = arg(16, "fp16: dynamic loss scale starts at 2**this.")
     deterministic: bool = arg(

@@ -126,9 +126,15 @@ def derive_and_check(cfg, world_size: int) -> None:
     d.global_batch_size = gb
     d.global_batch_tokens = gb * seq
     d.num_micro_batches = gb // (tr.micro_batch_size * D)
-    if tr.bf16 and tr.fp16:
-        raise _err("--bf16 and --fp16 are exclusive")
-    d.precision = "bf16" if tr.bf16 else "fp16" if tr.fp16 else "fp32"
+    if tr.bf16 + tr.fp16 + tr.fp32 > 1:
+        raise _err("--bf16, --fp16 and --fp32 are exclusive")
+    if tr.bf16 or tr.fp16 or tr.fp32:
+        d.precision = "bf16" if tr.bf16 else "fp16" if tr.fp16 else "fp32"
+    else:  # recipe default bf16 where it is fast (GPU); fp32 on CPU
+        import torch
+
+        gpu = tr.device == "cuda" or (tr.device == "auto" and torch.cuda.is_available())
+        d.precision = "bf16" if gpu else "fp32"
 
     # Run length.
     if (sch.train_iters is None) == (sch.train_tokens is None):
@@ -152,9 +158,9 @@ def derive_and_check(cfg, world_size: int) -> None:
         raise _err(f"give at most one of {', '.join(given)}")
     if sch.lr_warmup_fraction is not None and not 0 <= sch.lr_warmup_fraction <= 1:
         raise _err(f"--lr-warmup-fraction must be in [0, 1] (got {sch.lr_warmup_fraction})")
-    d.lr_warmup_iters = warmup_steps_from(sch.lr_warmup_iters, sch.lr_warmup_tokens,
-                                          sch.lr_warmup_fraction, d.global_batch_tokens,
-                                          d.lr_decay_iters)
+    d.lr_warmup_iters = warmup_steps_from(
+        sch.lr_warmup_iters, sch.lr_warmup_tokens,
+        sch.lr_warmup_fraction if given else 0.01, d.global_batch_tokens, d.lr_decay_iters)
     if d.lr_warmup_iters < 0 or d.lr_warmup_iters > d.lr_decay_iters:
         raise _err(f"warmup ({d.lr_warmup_iters} steps) must be within [0, lr_decay_iters = "
                    f"{d.lr_decay_iters}]; shorten the warmup or raise --lr-decay-iters")
@@ -166,6 +172,8 @@ def derive_and_check(cfg, world_size: int) -> None:
             raise _err(f"--lr-wsd-decay-iters {sch.lr_wsd_decay_iters} must be in "
                        f"(0, lr_decay_iters - warmup = {d.lr_decay_iters - d.lr_warmup_iters}]")
         d.lr_wsd_decay_iters = sch.lr_wsd_decay_iters
+    if opt.min_lr is None:
+        opt.min_lr = 0.1 * opt.lr
     if opt.lr <= 0 or opt.min_lr < 0 or opt.min_lr > opt.lr:
         raise _err(f"need 0 <= --min-lr ({opt.min_lr}) <= --lr ({opt.lr}) and --lr > 0")
     if opt.clip_grad < 0:
@@ -221,7 +229,9 @@ def plan_lines(cfg) -> list[str]:
         f"ZeRO stage              : {cfg.parallel.zero_stage}"
         + (" +offload-optimizer" if cfg.parallel.offload_optimizer else "")
         + (" +offload-params" if cfg.parallel.offload_params else ""),
-        f"precision               : {d.precision}",
+        f"precision               : {d.precision}" + (
+            "" if tr.bf16 or tr.fp16 or tr.fp32 else
+            "  (default: bf16 on GPU, fp32 on CPU where bf16 is ~30x slower; --bf16/--fp32)"),
         f"seq length L_ctx        : {m.seq_length} tokens",
         f"micro batch             : {tr.micro_batch_size} samples = mu_tok {d.micro_batch_tokens} "
         f"tokens per rank",
