@@ -271,3 +271,42 @@ def _worker(rank, world):
 
 def test_tp2_dp2_groups_mappings_layers_rng():
     spawn(_worker, 4)
+
+
+def _deepspeed_worker(rank, world, stage, ref_norm, ref_loss):
+    import deepspeed
+
+    from megatron_lite.model.config import ModelConfig
+    from megatron_lite.model.llama import LlamaModel
+
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))  # DeepSpeed reads these
+    ps.initialize_model_parallel(2)
+    torch.manual_seed(0)
+    model = LlamaModel(ModelConfig(model_size="tiny", vocab_size=1000, num_layers=1))
+    tokens = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(1))
+    cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+           "zero_optimization": {"stage": stage}, "gradient_clipping": 1.0,
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+    engine, *_ = deepspeed.initialize(model=model, config=cfg, mpu=mpu, model_parameters=model.parameters())
+    loss = engine(tokens, labels=tokens).mean()
+    engine.backward(loss)
+    engine.step()
+    assert loss.item() == pytest.approx(ref_loss, rel=1e-5)
+    assert float(engine.get_global_grad_norm()) == pytest.approx(ref_norm, rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 3])
+def test_deepspeed_grad_norm_counts_replicated_params_once(stage):
+    """DeepSpeed given ``mpu`` reports the TP=1 grad norm for a TP=2 LlamaModel (ZeRO 1 and 3)."""
+    pytest.importorskip("deepspeed")
+    from megatron_lite.model.config import ModelConfig
+    from megatron_lite.model.llama import LlamaModel
+
+    torch.manual_seed(0)
+    ref = LlamaModel(ModelConfig(model_size="tiny", vocab_size=1000, num_layers=1))
+    tokens = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(1))
+    loss = ref(tokens, labels=tokens).mean()
+    loss.backward()
+    norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in ref.parameters())).item()
+    spawn(_deepspeed_worker, 2, stage, norm, loss.item())
