@@ -285,7 +285,9 @@ def _deepspeed_worker(rank, world, stage, ref_norm, ref_loss):
     model = LlamaModel(ModelConfig(model_size="tiny", vocab_size=1000, num_layers=1))
     tokens = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(1))
     cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-           "zero_optimization": {"stage": stage}, "gradient_clipping": 1.0,
+           # threshold 0: partition even tiny parameters, so ZeRO-3 really gathers them over DP
+           "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+           "gradient_clipping": 1.0,
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
     engine, *_ = deepspeed.initialize(model=model, config=cfg, mpu=mpu, model_parameters=model.parameters())
     loss = engine(tokens, labels=tokens).mean()
@@ -296,9 +298,10 @@ def _deepspeed_worker(rank, world, stage, ref_norm, ref_loss):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 3])
-def test_deepspeed_grad_norm_counts_replicated_params_once(stage):
-    """DeepSpeed given ``mpu`` reports the TP=1 grad norm for a TP=2 LlamaModel (ZeRO 1 and 3)."""
+@pytest.mark.parametrize("stage,world", [(1, 2), (3, 4)])
+def test_deepspeed_grad_norm_counts_replicated_params_once(stage, world):
+    """DeepSpeed given ``mpu`` reports the TP=1 loss and grad norm for a TP=2 LlamaModel: ZeRO-1 at
+    DP=1, ZeRO-3 at DP=2 (both DP ranks see the same batch, so the DP average is the single-rank grad)."""
     pytest.importorskip("deepspeed")
     from megatron_lite.model.config import ModelConfig
     from megatron_lite.model.llama import LlamaModel
@@ -309,4 +312,4 @@ def test_deepspeed_grad_norm_counts_replicated_params_once(stage):
     loss = ref(tokens, labels=tokens).mean()
     loss.backward()
     norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in ref.parameters())).item()
-    spawn(_deepspeed_worker, 2, stage, norm, loss.item())
+    spawn(_deepspeed_worker, world, stage, norm, loss.item())
