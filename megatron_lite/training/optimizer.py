@@ -40,7 +40,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float,
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim < 2 or (no_decay_embeddings and any(k in name for k in _EMBED_KEYS))
+        ndim = len(getattr(p, "ds_shape", p.shape))  # ZeRO-3 partitioned params are flat
+        skip = ndim < 2 or (no_decay_embeddings and any(k in name for k in _EMBED_KEYS))
         (no_decay if skip else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
               {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]

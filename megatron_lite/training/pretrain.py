@@ -124,6 +124,30 @@ def build_data(cfg, consumed_samples: int):
     return train, valid
 
 
+def build_model(cfg, device: torch.device):
+    """This rank's LlamaModel; at ZeRO-3 built under ``deepspeed.zero.Init`` so each layer's
+    parameters are partitioned over the DP group right after that layer is initialised (a 13B
+    model never exists whole on one device). Values equal the unpartitioned build: the layers draw
+    their weights inside their own ``__init__`` (megatron_lite/layers/init.py)."""
+    from megatron_lite.model.llama import LlamaModel
+
+    if cfg.parallel.zero_stage != 3:
+        return LlamaModel(cfg.model, device=device)
+    import deepspeed
+
+    from megatron_lite.parallel import get_data_parallel_group
+    from megatron_lite.training.deepspeed_engine import build_ds_config
+
+    ds = build_ds_config(cfg)
+    # Without an mpu DeepSpeedConfig would check train_batch_size against the whole world; give it
+    # only what zero.Init reads (ZeRO/offload settings, parameter dtype).
+    init_cfg = {k: ds[k] for k in ("zero_optimization", "bf16", "fp16") if k in ds}
+    init_cfg["train_micro_batch_size_per_gpu"] = ds["train_micro_batch_size_per_gpu"]
+    with deepspeed.zero.Init(data_parallel_group=get_data_parallel_group(),
+                             config_dict_or_path=init_cfg):
+        return LlamaModel(cfg.model, device=device)
+
+
 def pretrain(cfg, data_iterators=None) -> TrainState:
     """Train according to a finalized RunConfig (collective over all ranks).
 
@@ -137,7 +161,6 @@ def pretrain(cfg, data_iterators=None) -> TrainState:
         The final :class:`TrainState`.
     """
     from megatron_lite.config import format_plan
-    from megatron_lite.model.llama import LlamaModel
     from megatron_lite.training import checkpointing
     from megatron_lite.training.deepspeed_engine import clip_in_optimizer, init_engine
     from megatron_lite.training.optimizer import build_optimizer
@@ -160,7 +183,7 @@ def pretrain(cfg, data_iterators=None) -> TrainState:
     if rank == 0:
         print(format_plan(cfg), flush=True)
     set_seeds(cfg, device)
-    model = LlamaModel(cfg.model, device=device)
+    model = build_model(cfg, device)
     optimizer = build_optimizer(model, cfg, device, clip_in_optimizer(cfg))
     engine = init_engine(model, optimizer, cfg)
     scheduler = LRScheduler.from_config(optimizer, cfg)
