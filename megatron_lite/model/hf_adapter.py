@@ -12,15 +12,12 @@ stripped on the way back. The command-line converter (``tools/convert_checkpoint
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from megatron_lite.model.config import ModelConfig
 
 _ROW = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 _COL = ("o_proj", "down_proj")
-_LAYER = re.compile(r"^layers\.(\d+)\.(input_layernorm|post_attention_layernorm|self_attn\.\w+|mlp\.\w+)\.weight$")
 
 
 def _hf_get(cfg, name, default=None):
