@@ -87,7 +87,7 @@ def make_step(model, kind, tokens, labels):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     return step
 

@@ -271,8 +271,14 @@ def _two_process_worker(rank, port, tmp, q):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     tp = mod.main(["--load", os.path.join(tmp, "ckpt_tp2"), "--tp", "2", "--data-path",
-                   os.path.join(tmp, "val"), "--seq-length", "8"])  # destroys the group
-    q.put((rank, ppl, ev, tp))
+                   os.path.join(tmp, "val"), "--seq-length", "8"])
+    # A HuggingFace folder at TP = 2 (converted through hf_adapter), under torchrun-style env.
+    hf = mod.main(["--load-format", "hf", "--load", os.path.join(tmp, "hf"), "--tp", "2",
+                   "--data-path", os.path.join(tmp, "val"), "--seq-length", "16", "--stride",
+                   "5"])
+    q.put((rank, ppl, ev, tp, hf))
+    parallel.destroy_model_parallel()
+    torch.distributed.destroy_process_group()
 
 
 def test_two_processes_dp_split_and_tp2_checkpoint(tmp_path):
@@ -283,6 +289,7 @@ def test_two_processes_dp_split_and_tp2_checkpoint(tmp_path):
 
     docs = _tiny_docs(50, seed=1)
     _write_dataset(str(tmp_path / "val"), docs)
+    hf_model = _make_hf_folder(str(tmp_path / "hf"))
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()
@@ -304,8 +311,13 @@ def test_two_processes_dp_split_and_tp2_checkpoint(tmp_path):
     stream = np.array(sum(docs, []), dtype=np.int64)
     with torch.no_grad():
         ref_tp = _brute_force_logits_nll(lambda t: model(t)[0, -1, :50].double(), stream, 8, 8)
+    with torch.no_grad():
+        ref_hf = _brute_force_logits_nll(lambda t: hf_model(input_ids=t).logits[0, -1].double(),
+                                         stream, 16, 5)
     for r in range(2):
-        ppl, ev, tp = results[r]
+        ppl, ev, tp, hf = results[r]
+        assert hf["tokens"] == len(stream) - 1
+        assert hf["nll"] == pytest.approx(ref_hf, rel=1e-5)
         assert ppl["tokens"] == 40 == single["tokens"]
         assert ppl["nll"] == pytest.approx(single["nll"], rel=1e-12)
         assert ev["tokens"] == ref_tokens
@@ -316,14 +328,19 @@ def test_two_processes_dp_split_and_tp2_checkpoint(tmp_path):
     assert results[0][2] == results[1][2]
 
 
-def test_eval_ppl_hf_folder(tmp_path, capsys):
+def _make_hf_folder(path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     hf = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64,
                                       num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, max_position_embeddings=64))
-    hf.save_pretrained(str(tmp_path / "hf"))
+                                      num_key_value_heads=2, max_position_embeddings=64)).eval()
+    hf.save_pretrained(path)
+    return hf
+
+
+def test_eval_ppl_hf_folder(tmp_path, capsys):
+    hf = _make_hf_folder(str(tmp_path / "hf"))
     docs = _tiny_docs(50, seed=2)
     _write_dataset(str(tmp_path / "val"), docs)
     stream = np.array(sum(docs, []), dtype=np.int64)

@@ -59,12 +59,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     from megatron_lite import parallel
     from megatron_lite.data.indexed import IndexedDataset
-    from megatron_lite.eval.loading import init_distributed, load_model, pick_device
+    from megatron_lite.eval.loading import (init_distributed, load_model, pick_device,
+                                             shutdown_distributed)
     from megatron_lite.eval.perplexity import build_stream, stream_perplexity
 
     device = pick_device(args.device)
     torch.set_grad_enabled(False)
-    init_distributed(args.tp, device)
+    created = init_distributed(args.tp, device)
     try:
         loaded = load_model(args.load, args.load_format, device)
         seq_length = args.seq_length or loaded.seq_length
@@ -94,8 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
                       flush=True)
         return result
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed(created)
 
 
 if __name__ == "__main__":

@@ -75,11 +75,12 @@ def main(argv: list[str] | None = None) -> dict:
     import torch.distributed as dist
 
     from megatron_lite.eval.generation import generate
-    from megatron_lite.eval.loading import init_distributed, load_model, pick_device
+    from megatron_lite.eval.loading import (init_distributed, load_model, pick_device,
+                                             shutdown_distributed)
 
     device = pick_device(args.device)
     torch.set_grad_enabled(False)
-    init_distributed(args.tp, device)
+    created = init_distributed(args.tp, device)
     try:
         loaded = load_model(args.load, args.load_format, device)
         tok = _tokenizer(args, loaded)
@@ -106,8 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
                       f"({len(new)} tokens) ---\n{result['text']}", flush=True)
         return result
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed(created)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,8 @@
 Two sources:
   * ``megatron_lite``: a ``--save`` folder (or one checkpoint folder), loaded TP-sharded by
     ``megatron_lite.training.checkpointing.load_model_for_inference``;
-  * ``hf``: a HuggingFace ``LlamaForCausalLM`` folder (config.json + safetensors). It is converted
-    into our TP-sharded ``LlamaModel`` by ``megatron_lite.model.hf_adapter`` when that module is
-    available; otherwise (TP = 1 only) the HuggingFace model itself is run.
+  * ``hf``: a HuggingFace ``LlamaForCausalLM`` folder (config.json + safetensors), converted into
+    our TP-sharded ``LlamaModel`` by ``megatron_lite.model.hf_adapter`` (any TP degree).
 
 Whatever the source, callers get a :class:`LoadedModel` with ``loss(tokens, labels)`` (per-token
 NLL ``[b, s]``, 0 at label -100, complete on every TP rank) and ``logits(tokens)`` (full-vocabulary
@@ -16,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
 from typing import Any
 
 import torch
@@ -68,26 +66,45 @@ class LoadedModel:
         return local[..., :self.vocab_size].float()
 
 
-def init_distributed(tp: int, device: torch.device) -> None:
+def init_distributed(tp: int, device: torch.device) -> bool:
     """Start torch.distributed from torchrun's environment and build the TP/DP groups.
 
     Without ``WORLD_SIZE`` in the environment (plain ``python tools/...``) nothing is started
-    and ``tp`` must be 1.
+    and ``tp`` must be 1. A process group or TP groups that already exist (the tools called from
+    Python) are used as they are.
+
+    Returns:
+        True when this call created the process group (the caller then tears it down with
+        :func:`shutdown_distributed`).
 
     Raises:
-        ValueError: ``--tp`` > 1 without torchrun, or a world size not divisible by ``--tp``.
+        ValueError: ``--tp`` > 1 without torchrun, a world size not divisible by ``--tp``, or
+            existing TP groups of another degree.
     """
-    if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
-        if tp != 1:
-            raise ValueError(f"--tp {tp} needs {tp} processes: launch with "
-                             f"torchrun --nproc_per_node {tp} ...")
-        return
+    created = False
     if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ:
+            if tp != 1:
+                raise ValueError(f"--tp {tp} needs {tp} processes: launch with "
+                                 f"torchrun --nproc_per_node {tp} ...")
+            return False
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        created = True
     if not parallel.model_parallel_is_initialized():
         parallel.initialize_model_parallel(tp)
+    elif parallel.get_tensor_model_parallel_world_size() != tp:
+        raise ValueError(f"--tp {tp}, but TP groups of size "
+                         f"{parallel.get_tensor_model_parallel_world_size()} already exist")
+    return created
+
+
+def shutdown_distributed(created: bool) -> None:
+    """Undo :func:`init_distributed` when it created the process group."""
+    if created:
+        parallel.destroy_model_parallel()
+        dist.destroy_process_group()
 
 
 def _load_ours(load: str, device: torch.device) -> LoadedModel:
@@ -99,32 +116,50 @@ def _load_ours(load: str, device: torch.device) -> LoadedModel:
                        cfg.model.seq_length, run_config=cfg)
 
 
+def _read_hf_state_dict(folder: str) -> dict[str, torch.Tensor]:
+    """Full HF state dict from ``model.safetensors`` (single or sharded with an index) or
+    ``pytorch_model.bin``."""
+    import json
+
+    single = os.path.join(folder, "model.safetensors")
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(single) or os.path.isfile(index):
+        from safetensors.torch import load_file
+
+        files = [single] if os.path.isfile(single) else sorted(
+            {os.path.join(folder, f) for f in json.load(open(index))["weight_map"].values()})
+        out: dict[str, torch.Tensor] = {}
+        for f in files:
+            out.update(load_file(f, device="cpu"))
+        return out
+    binary = os.path.join(folder, "pytorch_model.bin")
+    if os.path.isfile(binary):
+        return torch.load(binary, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{folder}: no model.safetensors(.index.json) or pytorch_model.bin")
+
+
 def _load_hf(folder: str, device: torch.device) -> LoadedModel:
-    if not os.path.isfile(os.path.join(folder, "config.json")):
+    """An HF LlamaForCausalLM folder converted into this rank's LlamaModel TP shard."""
+    import json
+
+    from megatron_lite.model.hf_adapter import config_from_hf, hf_to_megatron_lite
+    from megatron_lite.model.llama import LlamaModel
+
+    cfg_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"--load {folder} --load-format hf: no config.json there (expected "
                                 "a HuggingFace LlamaForCausalLM folder)")
-    tp = parallel.get_tensor_model_parallel_world_size()
-    try:
-        from megatron_lite.model import hf_adapter
-        load_fn = getattr(hf_adapter, "load_hf_into_llama", None)
-    except ImportError:
-        load_fn = None
-    if load_fn is not None:
-        model, model_cfg = load_fn(folder, tp_rank=parallel.get_tensor_model_parallel_rank(),
-                                   tp_size=tp)
-        return LoadedModel(model.to(device).eval(), "ours", model_cfg.vocab_size,
-                           model_cfg.seq_length, hf_folder=folder)
-    if tp != 1:
-        raise ValueError("--load-format hf at --tp > 1 needs megatron_lite.model.hf_adapter."
-                         "load_hf_into_llama, which is not available; use --tp 1")
-    warnings.warn("megatron_lite.model.hf_adapter.load_hf_into_llama is not available: running "
-                  "the HuggingFace model itself (TP = 1)")
-    from transformers import LlamaForCausalLM
-
-    model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    cfg = model.config
-    return LoadedModel(model.to(device).eval(), "hf", cfg.vocab_size,
-                       getattr(cfg, "max_position_embeddings", None), hf_folder=folder)
+    with open(cfg_path) as f:
+        model_cfg = config_from_hf(json.load(f))
+    tp, rank = parallel.get_tensor_model_parallel_world_size(), \
+        parallel.get_tensor_model_parallel_rank()
+    model_cfg.validate(tp)
+    shard = hf_to_megatron_lite({k: v.float() for k, v in _read_hf_state_dict(folder).items()},
+                                model_cfg, rank, tp)
+    model = LlamaModel(model_cfg, device="cpu")
+    model.load_state_dict(shard)
+    return LoadedModel(model.to(device).eval(), "ours", model_cfg.vocab_size,
+                       model_cfg.seq_length, hf_folder=folder)
 
 
 def load_model(load: str, load_format: str, device: torch.device) -> LoadedModel:
