@@ -281,6 +281,17 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
+class _BoolAction(argparse.Action):
+    """``--flag`` sets True, its generated ``--no-flag`` sets False."""
+
+    def __init__(self, option_strings, dest, positive=(), **kw):
+        self.positive = set(positive)
+        super().__init__(option_strings, dest, nargs=0, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, option_string in self.positive)
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The argparse parser for every flag of the tree plus ``--config`` and ``--dry-run``.
 
@@ -314,7 +325,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
             if tp is not bool:
                 kw["metavar"] = f.name.upper()
             if tp is bool:
-                group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
+                # Declared spellings set True; "--no-<flag>" is added for flags that do not already
+                # start with "--no-" (argparse's BooleanOptionalAction would read "--no-shuffle"
+                # itself as False).
+                negs = ["--no-" + fl[2:] for fl in flags if not fl.startswith("--no-")]
+                negs = [n for n in negs if n not in seen]
+                for n in negs:
+                    seen[n] = f"{sec}.{f.name}"
+                group.add_argument(*flags, *negs, action=_BoolAction, positive=flags, **kw)
                 continue
             if tp is list:
                 kw["nargs"] = meta.get("nargs") or "+"

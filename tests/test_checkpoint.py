@@ -85,6 +85,22 @@ def test_load_with_no_checkpoint_warns_and_starts_fresh(tmp_path):
     assert st.iteration == 0
 
 
+def test_zero1_resume_with_other_dp_size_needs_no_load_optim(tmp_path):
+    from megatron_lite.training.trainer import TrainState
+
+    saved = _cfg("--zero-stage", "1")                      # world 2: D = 2
+    d = _fake_ckpt(str(tmp_path), 3, files=())
+    with open(os.path.join(d, "run_config.json"), "w") as f:
+        json.dump({"config": saved.to_dict()}, f)
+    with open(os.path.join(d, "trainer_state.json"), "w") as f:
+        json.dump({"zero_stage": 1, "data_parallel_size": 2, "world_size": 2}, f)
+    ckpt._write_manifest(d)
+    now = parse_args(COMMON + ["--data-path", "x", "--zero-stage", "1", "--load", str(tmp_path)],
+                     world_size=1)
+    with pytest.raises(ValueError, match="saved for D=2 but this run has D=1; pass --no-load-optim"):
+        ckpt.load_checkpoint(None, now, TrainState(), None)
+
+
 @pytest.mark.slow
 def test_inference_loading_zero0_and_zero3(e2e):  # noqa: F811
     root, _, _ = e2e

@@ -108,6 +108,16 @@ def test_round_trip_dict():
     assert back.derived.data_parallel_size == 2
 
 
+def test_boolean_flags_including_no_prefixed_ones():
+    cfg = parse_args(BASE + ["--no-load-optim", "--no-shuffle", "--offload-optimizer",
+                             "--no-exit-signal-handler"])
+    assert cfg.checkpoint.no_load_optim is True and cfg.data.no_shuffle is True
+    assert cfg.parallel.offload_optimizer is True and cfg.training.exit_signal_handler is False
+    cfg = parse_args(BASE + ["--no-mmap-bin-files", "--bf16", "--no-bf16"])
+    assert cfg.data.mmap_bin_files is False and cfg.training.bf16 is False
+    assert parse_args(BASE).checkpoint.no_load_optim is False
+
+
 def test_every_flag_has_help_and_is_unique():
     p = build_parser()
     seen = set()

@@ -263,6 +263,8 @@ def load_checkpoint(engine, cfg, state, scheduler) -> str | None:
     with open(os.path.join(path, "trainer_state.json")) as f:
         ts = json.load(f)
     load_optim = not (ck.no_load_optim or ck.finetune)
+    # DeepSpeed 0.19 refuses ZeRO >= 1 optimizer partitions saved under another DP size (it needs
+    # an offline "universal checkpoint" conversion); say so before it raises deep inside.
     if load_optim and ts["zero_stage"] >= 1 and ts["data_parallel_size"] != \
             cfg.derived.data_parallel_size:
         raise ValueError(f"{path}: ZeRO-{ts['zero_stage']} optimizer partitions were saved for "
