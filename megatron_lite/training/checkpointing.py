@@ -138,6 +138,8 @@ def _write_manifest(path: str) -> None:
     files = {}
     for root, _, names in os.walk(path):
         for n in names:
+            if root == path and n == MANIFEST:
+                continue
             p = os.path.join(root, n)
             files[os.path.relpath(p, path)] = os.path.getsize(p)
     _atomic_write_text(os.path.join(path, MANIFEST), json.dumps({"files": files}, indent=1))
