@@ -255,3 +255,18 @@ def test_bf16_params_fp32_logits_single_process():
     loss16.mean().backward()
     assert m16.embedding.weight.grad.dtype == torch.bfloat16
     assert torch.isfinite(m16.layers[0].self_attn.q_proj.weight.grad.float()).all()
+
+
+def test_meta_model_filled_by_assign_keeps_tp_attributes():
+    c = _config("gqa_tied_eager")
+    sd = hf_to_megatron_lite(_hf_model(c, seed=100).state_dict(), c, 0, 1)
+    ref = LlamaModel(c)
+    ref.load_state_dict(sd)
+    meta = LlamaModel(c, device="meta")
+    meta.load_state_dict(sd, assign=True)
+    assert not any(p.is_meta for p in meta.parameters())
+    for (name, p), (_, q) in zip(meta.named_parameters(), ref.named_parameters()):
+        assert (p.tensor_model_parallel, p.partition_dim) == (q.tensor_model_parallel, q.partition_dim), name
+    tokens, _ = _batch(5)
+    with torch.no_grad():
+        assert torch.equal(meta(tokens), ref(tokens))

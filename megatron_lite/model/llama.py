@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron_lite.layers.cross_entropy import vocab_parallel_cross_entropy
 from megatron_lite.layers.embedding import VocabParallelEmbedding, parallel_lm_logits
-from megatron_lite.layers.init import resolve_device
+from megatron_lite.layers.init import resolve_device, set_tensor_model_parallel_attributes
 from megatron_lite.layers.linear import ColumnParallelLinear
 from megatron_lite.model.transformer import RMSNorm, TransformerLayer
 from megatron_lite.parallel.state import get_tensor_model_parallel_world_size
@@ -27,7 +27,9 @@ class LlamaModel(torch.nn.Module):
     Args:
         config: ``ModelConfig``; validated here for the current TP degree. ``vocab_size`` must be set.
         device: parameter device (default: torch's default device). ``"meta"`` builds shapes only
-            (no memory, no init), e.g. to count parameters of a 13B config.
+            (no memory, no init), e.g. to count parameters of a 13B config, or to load converted
+            weights without paying for init: ``model.load_state_dict(sd, assign=True)`` (TP
+            attributes are re-applied to the assigned parameters).
 
     Init (TP-independent, from the caller's ``torch.manual_seed``): every weight ~ N(0, std^2) with
     std = ``--init-method-std``, output projections (o_proj, down_proj) std / sqrt(2 L), norm
@@ -67,6 +69,16 @@ class LlamaModel(torch.nn.Module):
         if device.type != "meta":
             self.rotary_emb.to(device)
         self._backend: dict = {}
+        # load_state_dict(..., assign=True) (the way to fill a meta-device model without paying for
+        # init) swaps in new Parameter objects; re-mark them so grad norms still see the TP layout.
+        self._tp_attrs = {n: (p.tensor_model_parallel, p.partition_dim) for n, p in self.named_parameters()}
+        self.register_load_state_dict_post_hook(LlamaModel._restore_tp_attributes)
+
+    @staticmethod
+    def _restore_tp_attributes(module, incompatible_keys) -> None:
+        for name, p in module.named_parameters():
+            if name in module._tp_attrs and not hasattr(p, "tensor_model_parallel"):
+                set_tensor_model_parallel_attributes(p, *module._tp_attrs[name])
 
     def _attention_backend(self, x: torch.Tensor) -> str:
         key = (x.device.type, x.dtype)
