@@ -51,21 +51,27 @@ def test_activation_per_layer_by_hand():
     # no flash, no recompute, TP=1, 2-byte: 4·2·sbh + 2·sbh(2 + 2g/a) + 4·2·sbf + 2·a·s²·b
     sbh, sbf = s * b * h, s * b * f
     want = 8 * sbh + 2 * sbh * 3 + 8 * sbf + 2 * a * s * s * b
-    got = memory.activation_bytes_per_layer(s, b, h, a, g, f, flash_attention=False)
+    got = memory.activation_bytes_per_layer(s, b, h, a, g, f, flash_attention=False, fused_norm=True)
     assert got == want == 2048 + 1536 + 5120 + 1024
     # flash: the s² term becomes the fp32 log-sum-exp 4·a·s·b
-    assert memory.activation_bytes_per_layer(s, b, h, a, g, f) == 2048 + 1536 + 5120 + 4 * a * s * b
+    assert memory.activation_bytes_per_layer(s, b, h, a, g, f, fused_norm=True) == 2048 + 1536 + 5120 + 4 * a * s * b
     # selective drops the score term; full keeps the layer input only
     assert memory.activation_bytes_per_layer(s, b, h, a, g, f, flash_attention=False,
-                                             recompute="selective") == 2048 + 1536 + 5120
+                                             recompute="selective", fused_norm=True) == 2048 + 1536 + 5120
     assert memory.activation_bytes_per_layer(s, b, h, a, g, f, recompute="full") == 2 * sbh
     # TP=2 without SP: replicated 4·p·sbh stays, the rest halves; with SP everything halves
     t2 = memory.activation_bytes_per_layer(s, b, h, a, g, f, tensor_parallel_size=2,
-                                           flash_attention=False)
+                                           flash_attention=False, fused_norm=True)
     assert t2 == 2048 + (1536 + 5120 + 1024) // 2
     t2sp = memory.activation_bytes_per_layer(s, b, h, a, g, f, tensor_parallel_size=2,
-                                             sequence_parallel=True, flash_attention=False)
+                                             sequence_parallel=True, flash_attention=False, fused_norm=True)
     assert t2sp == want // 2
+    # eager (HF-style) RMSNorm also saves its fp32 normalized input: + 2 norms · 4 bytes · sbh,
+    # replicated over TP like the norm inputs
+    assert memory.activation_bytes_per_layer(s, b, h, a, g, f, flash_attention=False) == \
+        want + 8 * sbh
+    assert memory.activation_bytes_per_layer(s, b, h, a, g, f, tensor_parallel_size=2,
+                                             flash_attention=False) == t2 + 8 * sbh
 
 
 def test_activation_gpt_limit_matches_korthikanti_attention_term():
@@ -73,7 +79,7 @@ def test_activation_gpt_limit_matches_korthikanti_attention_term():
     # (sbh mask, 2as²b dropout output, as²b mask): 10sbh + 2as²b for 16-bit activations.
     s, b, h, a = 128, 1, 64, 4
     f_zero_like = 1  # isolate attention: MLP part 4·2·s·b·1
-    got = memory.activation_bytes_per_layer(s, b, h, a, a, f_zero_like, flash_attention=False)
+    got = memory.activation_bytes_per_layer(s, b, h, a, a, f_zero_like, flash_attention=False, fused_norm=True)
     mlp = 2 * s * b * h + 8 * s * b * f_zero_like  # MLP input + SwiGLU tensors
     norms = 2 * 2 * s * b * h
     attn = got - mlp - norms
@@ -88,7 +94,8 @@ def test_activation_memory_totals_and_recompute_working():
               num_query_groups=2, ffn_hidden_size=24, num_layers=3, padded_vocab_size=128)
     none = memory.activation_memory(**kw, flash_attention=False)
     assert none.layers == 3 * none.per_layer and none.recompute_working == 0
-    assert none.output_layer == 2 * 2 * 16 * 8 + 8 * 16 * 128
+    # final norm input + LM-head input (2 bytes each) + eager norm's fp32 copy, fp32 logits x 2
+    assert none.output_layer == (2 * 2 + 4) * 16 * 8 + 8 * 16 * 128
     full = memory.activation_memory(**kw, flash_attention=False, recompute="full")
     assert full.per_layer == 2 * 16 * 8
     assert full.recompute_working == none.per_layer
@@ -207,6 +214,9 @@ def test_plan_run_json_llama7b_by_hand(capsys):
     assert p["tokens_per_sec"] == pytest.approx(tps)
     hours = T / tps / 3600
     assert p["days"] == pytest.approx(hours / 24)
+    # the recipe's formula with the same achieved FLOP/s, no recompute: 6·T·P/(GPUs·FLOP/s)
+    achieved = 0.45 * 989.4e12
+    assert p["days_recipe_formula"] == pytest.approx(6 * T * 6738415616 / (64 * achieved) / 86400)
     assert p["gpu_hours"] == pytest.approx(64 * hours)
     assert p["cost_gpu"] == pytest.approx(64 * hours * 15)
     assert p["energy_kwh"] == pytest.approx(64 * 0.7 * hours * 1.3)
@@ -261,3 +271,18 @@ def test_plan_run_flags_disagreement_with_definition(tmp_path, capsys):
     bad = [a if a != "4194304" else "4194305" for a in LLAMA7B_FLAGS]
     assert plan_run.main(bad) == 2
     assert "global-batch-tokens" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_memory_estimate_within_15_percent_of_measured_cpu_peak():
+    """Issue bar: the planner's estimate within 15 % of a measured CPU training peak (RSS growth
+    over a warmed-up baseline; one fresh process, 2 AdamW steps, fp32, tiny preset)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_memory.py"), "--single",
+                          "--cases", "tiny:256:8:none:sdpa", "--vocab-size", "4096"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")][0]
+    r = json.loads(line[len("RESULT "):])
+    assert r["measured_bytes"] > r["states_bytes"]
+    assert 0.85 <= r["total_bytes"] / r["measured_bytes"] <= 1.15, r

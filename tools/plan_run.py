@@ -196,7 +196,8 @@ def format_table(p: dict) -> str:
         ("steps", f"{p['steps']:,}"),
         ("tokens/s (per GPU)", f"{p['tokens_per_sec']:,.0f} ({p['tokens_per_sec_per_gpu']:,.0f})"
          + (f", MFU {p['mfu']:.1%}" if "mfu" in p else "")),
-        ("wall clock", f"{p['days']:.2f} days"),
+        ("wall clock", f"{p['days']:.2f} days (recipe's 8·C·P/(GPUs·FLOP/s): "
+                       f"{p['days_recipe_formula']:.2f} days)"),
         ("GPU-hours", f"{p['gpu_hours']:,.0f}"),
         ("¥ GPU", f"{p['cost_gpu']:,.0f} (at ¥{p['price_gpu_hour']:g}/GPU·h)"),
         ("energy", f"{p['energy_kwh']:,.0f} kWh (PUE {p['pue']:g}, {p['gpu_power_kw']:g} kW/GPU)"),

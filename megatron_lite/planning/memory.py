@@ -125,7 +125,8 @@ def activation_bytes_per_layer(seq_length: int, micro_batch_size: int, hidden_si
                                num_attention_heads: int, num_query_groups: int,
                                ffn_hidden_size: int, tensor_parallel_size: int = 1,
                                sequence_parallel: bool = False, flash_attention: bool = True,
-                               recompute: str = "none", bytes_per_element: int = 2) -> int:
+                               recompute: str = "none", bytes_per_element: int = 2,
+                               fused_norm: bool = False) -> int:
     """Activation bytes one LLaMA decoder layer keeps for its backward pass, on one TP rank.
 
     Starting point: Korthikanti et al. 2022, eq. 1, s·b·h·(34 + 5·a·s/h) bytes per GPT layer
@@ -136,7 +137,10 @@ def activation_bytes_per_layer(seq_length: int, micro_batch_size: int, hidden_si
     - no dropout (LLaMA trains without it): the three masks (sbh + sbh + a·s²·b bytes) and the
       separate post-dropout attention probabilities are gone; the softmax output (p·a·s²·b) is
       stored once and serves both the softmax and the probs·V backward.
-    - RMSNorm instead of LayerNorm: its input is still saved, 2 norms × p·sbh.
+    - RMSNorm instead of LayerNorm: its input is still saved, 2 norms × p·sbh. An eager
+      (HF-style, unfused) RMSNorm also saves its normalized input for the weight's gradient,
+      computed in fp32: + 2 norms × 4·sbh unless ``fused_norm`` (a fused kernel keeps only the
+      input and the per-token rstd).
     - GQA: K and V are h·g/a wide, so Q + K + V saved for the score and value matmuls cost
       p·sbh·(1 + 2g/a) instead of GPT's 3·p·sbh (MHA, g = a, gives the GPT term back).
     - SwiGLU with an eager (unfused) implementation: the MLP input (p·sbh, shared by gate and up
@@ -147,9 +151,10 @@ def activation_bytes_per_layer(seq_length: int, micro_batch_size: int, hidden_si
     - flash attention (flash-attn, SDPA flash/memory-efficient kernels) keeps no s² matrix, only
       the fp32 log-sum-exp per query and head: 4·a·s·b bytes.
 
-    Per layer without recompute: p·sbh·(4 + 2 + 2g/a) + 4·p·sbf + scores, where the 4·p·sbh
-    (norm inputs, QKV input, MLP input) are replicated over TP unless sequence parallelism splits
-    them (Korthikanti eq. 2 vs 3) and everything else is split by t.
+    Per layer without recompute: p·sbh·(4 + 2 + 2g/a) + 4·p·sbf + scores (+ 8·sbh eager norms),
+    where the 4·p·sbh (norm inputs, QKV input, MLP input) and the norm terms are replicated over
+    TP unless sequence parallelism splits them (Korthikanti eq. 2 vs 3) and everything else is
+    split by t.
     ``recompute="selective"`` drops the score term, recomputing core attention (Korthikanti
     section 4.2, eq. 4);
     ``recompute="full"`` keeps only the layer input p·sbh (/t with SP); the recomputed layer's
@@ -167,6 +172,7 @@ def activation_bytes_per_layer(seq_length: int, micro_batch_size: int, hidden_si
         flash_attention: a kernel that never stores the s×s score matrix.
         recompute: ``"none"``, ``"selective"`` or ``"full"``.
         bytes_per_element: 2 for bf16/fp16 activations, 4 for fp32.
+        fused_norm: RMSNorm is a fused kernel (saves no normalized copy).
 
     Returns:
         Bytes per layer per TP rank (int, rounded up).
@@ -185,6 +191,8 @@ def activation_bytes_per_layer(seq_length: int, micro_batch_size: int, hidden_si
     if recompute == "full":
         return -(-p * sbh // (t if sequence_parallel else 1))
     replicated = 4 * p * sbh                                   # 2 norm inputs, QKV input, MLP input
+    if not fused_norm:
+        replicated += 2 * 4 * sbh                              # eager norms: fp32 normalized x
     split = p * sbh * (2 + 2 * g / a) + 4 * p * s * b * f      # Q, K, V, attn out; SwiGLU tensors
     if recompute == "selective":
         scores = 0                                             # core attention recomputed
@@ -224,13 +232,15 @@ def activation_memory(seq_length: int, micro_batch_size: int, hidden_size: int,
                       num_layers: int, padded_vocab_size: int, tensor_parallel_size: int = 1,
                       sequence_parallel: bool = False, flash_attention: bool = True,
                       recompute: str = "none", bytes_per_element: int = 2,
-                      recompute_num_layers: int | None = None) -> ActivationMemory:
+                      recompute_num_layers: int | None = None,
+                      fused_norm: bool = False) -> ActivationMemory:
     """Activation memory of the whole model for one micro-batch on one TP rank.
 
     Layers as in :func:`activation_bytes_per_layer`. With full recompute the layer being
     recomputed holds its no-recompute activations once (Korthikanti et al. 2022, section 4:
     "2sbhL" stored plus one layer's working set). The output layer (Korthikanti section 4.3,
-    adapted): final RMSNorm input and LM-head input, p·sbh each (replicated unless SP), plus the
+    adapted): final RMSNorm input and LM-head input, p·sbh each (+ 4·sbh for an eager norm's
+    normalized copy; replicated unless SP), plus the
     vocab-parallel loss's fp32 logits and their softmax/gradient buffer, 2 × 4·s·b·V/t bytes.
 
     With ``recompute="full"`` and ``recompute_num_layers`` = N < L (Megatron's "block" method, the
@@ -249,7 +259,7 @@ def activation_memory(seq_length: int, micro_batch_size: int, hidden_size: int,
               num_attention_heads=num_attention_heads, num_query_groups=num_query_groups,
               ffn_hidden_size=ffn_hidden_size, tensor_parallel_size=tensor_parallel_size,
               sequence_parallel=sequence_parallel, flash_attention=flash_attention,
-              bytes_per_element=bytes_per_element)
+              bytes_per_element=bytes_per_element, fused_norm=fused_norm)
     per_layer = activation_bytes_per_layer(recompute=recompute, **kw)
     layers = per_layer * num_layers
     working = 0
@@ -260,7 +270,8 @@ def activation_memory(seq_length: int, micro_batch_size: int, hidden_size: int,
         layers = per_layer * n + full_layer * (num_layers - n)
     t = tensor_parallel_size
     sb = seq_length * micro_batch_size
-    head_inputs = 2 * bytes_per_element * sb * hidden_size // (t if sequence_parallel else 1)
+    head = 2 * bytes_per_element + (0 if fused_norm else 4)
+    head_inputs = head * sb * hidden_size // (t if sequence_parallel else 1)
     logits = 2 * 4 * sb * (-(-padded_vocab_size // t))
     return ActivationMemory(per_layer, layers, working, head_inputs + logits)
 

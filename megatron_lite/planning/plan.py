@@ -152,6 +152,12 @@ def make_plan(inp: PlanInputs) -> dict:
     if inp.peak_flops:
         out["peak_flops_per_gpu"] = inp.peak_flops
         out["mfu"] = tps * inp.flops_per_token / (inp.num_gpus * inp.peak_flops)
+    # The recipe's own estimate T = 8·C·P / (GPUs · achieved FLOP/s) (6 without recompute), with
+    # P = total parameters and the achieved FLOP/s per GPU implied by the throughput above.
+    achieved = tps * inp.flops_per_token / inp.num_gpus
+    out["days_recipe_formula"] = time_cost.recipe_training_seconds(
+        inp.n_params_total, inp.train_tokens, inp.num_gpus, achieved,
+        recompute=inp.recompute == "full") / time_cost.SECONDS_PER_DAY
     cost = time_cost.run_cost(inp.train_tokens, tps, inp.num_gpus, inp.price_gpu_hour,
                               inp.price_kwh, inp.pue, inp.gpu_power_kw, inp.cost_other)
     out.update(dataclasses.asdict(cost))
