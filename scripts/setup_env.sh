@@ -1,23 +1,31 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project virtualenv in .venv, install the requirements and build the
-# package with its C++ extensions. Idempotent: a second run installs nothing new.
-# Usage: source scripts/setup_env.sh   (activates .venv in the calling shell)
-set -e
-_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-_PY="${PYTHON:-python3}"
-if [ ! -x "$_ROOT/.venv/bin/python" ]; then
-  echo "[setup] creating virtualenv $_ROOT/.venv"
-  "$_PY" -m venv "$_ROOT/.venv"
-fi
-# shellcheck disable=SC1091
-source "$_ROOT/.venv/bin/activate"
-_STAMP="$_ROOT/.venv/.megatron_lite_installed"
-_HASH="$(cat "$_ROOT/requirements.txt" "$_ROOT/requirements-dev.txt" "$_ROOT/setup.py" "$_ROOT"/csrc/* 2>/dev/null | sha256sum | cut -c1-16)"
-if [ ! -f "$_STAMP" ] || [ "$(cat "$_STAMP")" != "$_HASH" ]; then
-  echo "[setup] installing requirements (first run: a few minutes)"
-  python -m pip install -q -r "$_ROOT/requirements-dev.txt"
-  echo "[setup] building megatron_lite (C++ extensions)"
-  python -m pip install -q --no-build-isolation -e "$_ROOT"
-  echo "$_HASH" > "$_STAMP"
-fi
-set +e
+# package with its C++ extensions. Idempotent: a second run installs nothing new (a stamp keyed on
+# requirements, setup.py and csrc/ decides).
+# Usage: source scripts/setup_env.sh   (activates .venv in the calling shell; returns non-zero on failure)
+# It leaves the caller's shell options (set -e etc.) as they were.
+_ml_setup() {
+  local root py stamp hash
+  root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+  py="${PYTHON:-python3}"
+  if [ ! -x "$root/.venv/bin/python" ]; then
+    echo "[setup] creating virtualenv $root/.venv"
+    "$py" -m venv "$root/.venv" || return 1
+  fi
+  # shellcheck disable=SC1091
+  source "$root/.venv/bin/activate" || return 1
+  stamp="$root/.venv/.megatron_lite_installed"
+  hash="$(cat "$root/requirements.txt" "$root/requirements-dev.txt" "$root/setup.py" "$root"/csrc/* 2>/dev/null \
+          | sha256sum | cut -c1-16)"
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$hash" ]; then
+    echo "[setup] installing requirements (first run: a few minutes)"
+    # pip's "Location ... is ignored" lines are noise from this machine's extra local indexes
+    ( set -o pipefail; python -m pip install -q -r "$root/requirements-dev.txt" 2>&1 \
+        | sed '/is ignored: it is neither a file/d' ) || { echo "[setup] pip install failed" >&2; return 1; }
+    echo "[setup] building megatron_lite (C++ extensions)"
+    ( set -o pipefail; python -m pip install -q --no-build-isolation -e "$root" 2>&1 \
+        | sed '/is ignored: it is neither a file/d' ) || { echo "[setup] building megatron_lite failed" >&2; return 1; }
+    echo "$hash" > "$stamp"
+  fi
+}
+_ml_setup
