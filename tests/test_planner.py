@@ -273,6 +273,30 @@ def test_plan_run_flags_disagreement_with_definition(tmp_path, capsys):
     assert "global-batch-tokens" in capsys.readouterr().err
 
 
+def test_plan_run_cpu_memory_matches_bench_estimate(capsys):
+    """plan_run --gpu cpu plans the bench's measured case with the same formula (ZeRO-1 = ZeRO-0
+    on one rank, fp32): the number the 15 % bar checks is the tool's own."""
+    import plan_run
+
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import bench_memory
+    from megatron_lite.model.config import ModelConfig
+
+    p = plan_run.plan_from_argv(["--model-size", "tiny", "--vocab-size", "4096", "--gpu", "cpu",
+                                 "--gpus", "1", "--tokens-per-sec", "20000", "--device", "cpu",
+                                 "--micro-batch-size", "8", "--seq-length", "256",
+                                 "--train-iters", "300", "--attention-backend", "sdpa"])
+    cfg = ModelConfig(model_size="tiny", vocab_size=4096, seq_length=256,
+                      max_position_embeddings=256, attention_backend="sdpa")
+    cfg.validate(1)
+    est = bench_memory.estimate(cfg, 256, 8, "none", True, 4096)
+    assert p["memory_per_gpu_bytes"] == est["total_bytes"]
+    assert p["precision"] == "fp32" and p["seconds"] == pytest.approx(300 * 2048 / 20000)
+    assert plan_run.main(["--model-size", "tiny", "--vocab-size", "4096", "--gpu", "cpu",
+                          "--gpus", "1", "--tokens-per-sec", "20000", "--train-iters", "300"]) == 0
+    assert "wall clock" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_memory_estimate_within_15_percent_of_measured_cpu_peak():
     """Issue bar: the planner's estimate within 15 % of a measured CPU training peak (RSS growth

@@ -32,7 +32,7 @@ DEFAULT_TRAIN_TOKENS = 10 ** 12  # the recipe's T_tokens when the config gives n
 
 def planner_parser() -> argparse.ArgumentParser:
     """The planner's own flags (everything else is passed to the run-config parser)."""
-    p = argparse.ArgumentParser(add_help=False)
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # --device is a run flag
     g = p.add_argument_group("planner")
     g.add_argument("--gpus", type=int, default=None,
                    help="number of devices (world size); default $WORLD_SIZE or 1")
@@ -180,6 +180,14 @@ def _gib(x: float) -> str:
     return f"{x / memory.GiB:9.2f} GiB"
 
 
+def _duration(seconds: float) -> str:
+    if seconds >= 86400:
+        return f"{seconds / 86400:.2f} days"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.2f} hours"
+    return f"{seconds:.0f} s"
+
+
 def format_table(p: dict) -> str:
     """Human-readable plan (the same numbers as the JSON)."""
     rows = [
@@ -196,8 +204,8 @@ def format_table(p: dict) -> str:
         ("steps", f"{p['steps']:,}"),
         ("tokens/s (per GPU)", f"{p['tokens_per_sec']:,.0f} ({p['tokens_per_sec_per_gpu']:,.0f})"
          + (f", MFU {p['mfu']:.1%}" if "mfu" in p else "")),
-        ("wall clock", f"{p['days']:.2f} days (recipe's 8·C·P/(GPUs·FLOP/s): "
-                       f"{p['days_recipe_formula']:.2f} days)"),
+        ("wall clock", f"{_duration(p['seconds'])} (recipe's 8·C·P/(GPUs·FLOP/s): "
+                       f"{_duration(p['days_recipe_formula'] * 86400)})"),
         ("GPU-hours", f"{p['gpu_hours']:,.0f}"),
         ("¥ GPU", f"{p['cost_gpu']:,.0f} (at ¥{p['price_gpu_hour']:g}/GPU·h)"),
         ("energy", f"{p['energy_kwh']:,.0f} kWh (PUE {p['pue']:g}, {p['gpu_power_kw']:g} kW/GPU)"),
