@@ -56,12 +56,17 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         z.div_(sumexp.unsqueeze(-1))  # softmax, kept for backward
         ctx.save_for_backward(z, local_labels, not_here, ignored)
         ctx.in_dtype = logits.dtype
+        ctx.backward_done = False
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if ctx.backward_done:
+            raise RuntimeError("vocab_parallel_cross_entropy backward ran twice (retain_graph=True): its "
+                               "softmax buffer is reused in place; recompute the loss instead")
+        ctx.backward_done = True
         softmax, local_labels, not_here, ignored = ctx.saved_tensors
-        grad = softmax  # reuse the buffer: backward runs once
+        grad = softmax  # reuse the [b, s, V_pad/TP] buffer instead of allocating another (Megatron does too)
         hit = (~not_here).to(grad.dtype).unsqueeze(-1)
         grad.scatter_add_(-1, local_labels.unsqueeze(-1), -hit)
         grad.mul_(grad_loss.masked_fill(ignored, 0.0).unsqueeze(-1).to(grad.dtype))
