@@ -6,6 +6,10 @@ dedicated ``torch.Generator`` seeded with it. Hence, with the same ``torch.manua
 rank, (a) every TP rank sees the same master weight and a TP = k model's shards are exact slices of
 the TP = 1 model's weights, and (b) the default stream advances by one draw per weight whatever its
 size, padding or dtype, so later weights do not depend on earlier shapes' padding.
+
+The master is drawn on the target device (a CUDA generator on GPU, so a 13B model does not crawl
+through CPU normal sampling); CPU and CUDA generators give different values for the same seed, so
+init is TP-independent per device type, not identical between a CPU and a GPU build.
 """
 
 from __future__ import annotations
