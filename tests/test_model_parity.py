@@ -194,15 +194,17 @@ def _check_recompute_and_packing(model: LlamaModel, c: ModelConfig, name: str):
     torch.testing.assert_close(packed[1], row1[0], rtol=0, atol=TOL)
 
 
-def _dropout_loss(rank: int, tp: int) -> torch.Tensor:
-    """Loss of a hidden-dropout model after the same torch.manual_seed, loaded from HF weights."""
+def _dropout_loss(rank: int, tp: int, recompute: str | None = None):
+    """(loss, grads) of a hidden-dropout model after the same torch.manual_seed, from HF weights."""
     c = _config("gqa_tied_eager")
-    c.hidden_dropout = 0.3
+    c.hidden_dropout, c.recompute_granularity = 0.3, recompute
     model = LlamaModel(c).train()
     model.load_state_dict(hf_to_megatron_lite(_hf_model(c, seed=100).state_dict(), c, rank, tp))
     tokens, labels = _batch(3)
     torch.manual_seed(99)
-    return model(tokens, labels=labels).detach()
+    loss = model(tokens, labels=labels)
+    loss.sum().backward()
+    return loss.detach(), [p.grad for p in model.parameters()]
 
 
 def _worker(rank, world, tp):
@@ -211,7 +213,7 @@ def _worker(rank, world, tp):
     for name in CASES:
         torch.manual_seed(7)
         refs[name] = {k: v.detach().clone() for k, v in LlamaModel(_config(name)).state_dict().items()}
-    dropout_tp1 = _dropout_loss(0, 1) if tp == 2 else None
+    dropout_tp1 = _dropout_loss(0, 1)[0] if tp == 2 else None
     ps.initialize_model_parallel(tp)
     for name in CASES:
         if not _tp_ok(name, tp):  # 2 KV groups cannot be split over 4 ranks (validate() rejects it)
@@ -222,8 +224,13 @@ def _worker(rank, world, tp):
     if tp == 2:
         # Hidden dropout draws from the default stream, identical on all TP ranks and in the same
         # order at any TP degree: the same seed gives the same masks, hence the TP=1 loss.
-        dropped = _dropout_loss(rank, tp)
+        dropped, grads = _dropout_loss(rank, tp)
         torch.testing.assert_close(dropped, dropout_tp1, rtol=0, atol=TOL)
+        # Full recompute replays the same dropout masks (checkpoint restores the RNG state).
+        dropped_rc, grads_rc = _dropout_loss(rank, tp, recompute="full")
+        assert torch.equal(dropped_rc, dropped)
+        for g, g_rc in zip(grads, grads_rc):
+            torch.testing.assert_close(g_rc, g, rtol=1e-6, atol=1e-8)
         c = _config("gqa_tied_eager")
         no_drop = LlamaModel(c)
         no_drop.load_state_dict(hf_to_megatron_lite(_hf_model(c, seed=100).state_dict(), c, rank, tp))
