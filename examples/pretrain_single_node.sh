@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One node, all its GPUs (torchrun --standalone): any recipe config on a single 8-GPU server, e.g.
+# One node, all its GPUs (torchrun --nnodes 1 at localhost): any recipe config on one 8-GPU server, e.g.
 #   DATA_PATH=... TOKENIZER_MODEL=... bash examples/pretrain_single_node.sh configs/pretrain_7b_4k.yaml
 # The config's GB_tok is kept, so with D = GPUs / TP = 1 the step accumulates A = GB_tok / mu_tok
 # micro-batches (7B 4k: 4,194,304 / 16,384 = 256) and takes 8x longer than on 8 nodes.

@@ -61,22 +61,17 @@ def planner_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _zero_from_deepspeed(path: str | None, cfg) -> tuple[int, bool, bool, list[str]]:
-    """ZeRO stage / offloads: the DeepSpeed JSON when given (numbers win), else the flags."""
-    par = cfg.parallel
-    stage, off_opt, off_par = par.zero_stage, par.offload_optimizer, par.offload_params
-    notes = []
+def _deepspeed_notes(path: str | None, cfg) -> list[str]:
+    """Numeric batch fields of a DeepSpeed JSON that disagree with A = GB_tok/(μ_tok·D).
+
+    (Its ZeRO stage and offloads are already adopted into ``cfg.parallel`` by the training
+    engine's validation, ``deepspeed_engine.reconcile_user_json``.)
+    """
     if not path:
-        return stage, off_opt, off_par, notes
+        return []
     from megatron_lite.training.deepspeed_engine import read_json_with_comments
 
-    ds = read_json_with_comments(path)
-    zo = ds.get("zero_optimization", {})
-    if isinstance(zo.get("stage"), int):
-        stage = zo["stage"]
-    off_opt = off_opt or (zo.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
-    off_par = off_par or (zo.get("offload_param") or {}).get("device") in ("cpu", "nvme")
-    d = cfg.derived
+    ds, d, notes = read_json_with_comments(path), cfg.derived, []
     want = {"train_micro_batch_size_per_gpu": cfg.training.micro_batch_size,
             "gradient_accumulation_steps": d.num_micro_batches,
             "train_batch_size": d.global_batch_size}
@@ -85,7 +80,7 @@ def _zero_from_deepspeed(path: str | None, cfg) -> tuple[int, bool, bool, list[s
         if isinstance(got, (int, float)) and got != value:
             notes.append(f"{path}: {key} = {got} disagrees with the definition "
                          f"A = GB_tok/(μ_tok·D) (this plan: {value}); set it to \"auto\"")
-    return stage, bool(off_opt), bool(off_par), notes
+    return notes
 
 
 def _recompute(model) -> str:
@@ -105,7 +100,8 @@ def inputs_from_config(cfg, args) -> tuple[PlanInputs, list[str]]:
     # counting.py uses the true vocab; memory holds the padded embedding (and LM head) rows
     padded = total + (d.padded_vocab_size - m.vocab_size) * m.hidden_size * (
         1 if getattr(m, "tie_word_embeddings", False) else 2)
-    stage, off_opt, off_par, notes = _zero_from_deepspeed(cfg.parallel.deepspeed_config, cfg)
+    notes = _deepspeed_notes(cfg.parallel.deepspeed_config, cfg)
+    par = cfg.parallel
     gpu = args.gpu
     spec = GPU_SPECS.get(gpu, {})
     if args.device_memory_gb is not None:
@@ -131,7 +127,8 @@ def inputs_from_config(cfg, args) -> tuple[PlanInputs, list[str]]:
         global_batch_tokens=d.global_batch_tokens, train_tokens=d.train_tokens,
         tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=cfg.parallel.pipeline_model_parallel_size,
-        zero_stage=stage, offload_optimizer=off_opt, offload_params=off_par,
+        zero_stage=par.zero_stage, offload_optimizer=par.offload_optimizer,
+        offload_params=par.offload_params,
         precision=d.precision, recompute=_recompute(m),
         recompute_num_layers=getattr(m, "recompute_num_layers", None),
         flash_attention=backend != "eager",
