@@ -50,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--no-model", action="store_true", help="skip the whole-model table")
-    p.add_argument("--model-hidden-size", type=int, default=512)
+    p.add_argument("--model-hidden-size", type=int, default=256)
     p.add_argument("--model-num-layers", type=int, default=2)
     return p.parse_args(argv)
 

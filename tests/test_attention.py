@@ -138,6 +138,22 @@ def test_flex_cpu_inference_with_grad_requiring_inputs():
     torch.testing.assert_close(out, ref, rtol=0, atol=2e-6)
 
 
+@pytest.mark.parametrize("backend", CPU_FWD_BACKENDS)
+def test_boundary_cache_follows_new_and_mutated_cu_seqlens(backend):
+    """Host boundaries / flex block masks are cached per cu_seqlens tensor; a new tensor or an in-place
+    edit (same object, new version) must not reuse the stale ones."""
+    q, k, v = make(2, 16, 2, 2, 8, seed=9)
+    cu = torch.tensor([0, 5, 16, 20, 32], dtype=torch.int32)
+    with torch.no_grad():
+        for bounds in ([0, 5, 16, 20, 32], [0, 9, 16, 27, 32]):
+            if bounds[1] == 9:
+                cu[1], cu[3] = 9, 27  # in place: same object, bumped version
+            for other in (cu, torch.tensor(bounds, dtype=torch.int32)):
+                out = attention_forward(q, k, v, other, None, backend)
+                ref = numpy_reference(q, k, v, bounds, 1 / math.sqrt(8))
+                torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-6)
+
+
 def test_default_scale_and_bf16_dtype():
     q, k, v = make(1, 8, 2, 2, 16, seed=6)
     a = attention_forward(q, k, v, None, None, "sdpa")

@@ -32,6 +32,8 @@ ATTENTION_BACKENDS = ("auto", "flash", "sdpa", "flex", "eager")
 _MIN_AVG_DOC_TOKENS_FOR_LOOP = 128
 
 _announced: set[tuple[str, str]] = set()
+_last_bounds: list = []   # [cu_seqlens tensor, (version, b, s), host boundaries]: per-step cache
+_block_masks: dict = {}   # FlexAttention block masks for the cached boundaries, keyed by (device, b, s)
 
 
 def flash_attn_available() -> bool:
@@ -106,6 +108,10 @@ def _check_inputs(q, k, v, cu_seqlens):
         raise ValueError(f"GQA needs query heads ({hq}) divisible by key/value heads ({k.shape[2]})")
     if cu_seqlens is None:
         return None
+    # Every layer gets the same cu_seqlens tensor in a step: read it to the host (a device sync on
+    # CUDA) and validate it once, not once per layer.
+    if _last_bounds and _last_bounds[0] is cu_seqlens and _last_bounds[1] == (cu_seqlens._version, b, s):
+        return _last_bounds[2]
     bounds = [int(x) for x in cu_seqlens.tolist()]
     if bounds[0] != 0 or bounds[-1] != b * s or any(e <= st for st, e in zip(bounds, bounds[1:])):
         raise ValueError(f"cu_seqlens must rise strictly from 0 to b*s={b * s}; got {bounds[:8]}...")
@@ -113,6 +119,8 @@ def _check_inputs(q, k, v, cu_seqlens):
     if missing:
         raise ValueError(f"cu_seqlens must start a segment at every row start (multiples of s={s}); "
                          f"missing {sorted(missing)[:4]}")
+    _last_bounds[:] = [cu_seqlens, (cu_seqlens._version, b, s), bounds]
+    _block_masks.clear()
     return bounds
 
 
@@ -190,7 +198,10 @@ def _flex(q, k, v, bounds, scale):
         def mask_mod(b_idx, h_idx, q_idx, kv_idx):
             return (q_idx >= kv_idx) & (doc[b_idx, q_idx] == doc[b_idx, kv_idx])
         mask_b = b
-    block_mask = create_block_mask(mask_mod, mask_b, None, s, s, device=q.device)
+    key = (q.device, b, s, bounds is None)
+    block_mask = _block_masks.get(key)
+    if block_mask is None:  # built once per step's boundaries, shared by all layers
+        block_mask = _block_masks[key] = create_block_mask(mask_mod, mask_b, None, s, s, device=q.device)
     # Eager flex materialises the full score matrix; on CUDA compile it into the fused kernel.
     flex = _compiled_flex(flex_attention) if q.device.type == "cuda" else flex_attention
     with warnings.catch_warnings():
