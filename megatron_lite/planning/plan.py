@@ -115,7 +115,20 @@ def _activations(inp: PlanInputs, micro_batch: int, recompute: str, flash: bool)
 
 
 def make_plan(inp: PlanInputs) -> dict:
-    """The full plan as a flat, JSON-serialisable dict (keys listed in tools/plan_run.py --help).
+    """The full plan as a flat, JSON-serialisable dict.
+
+    Keys (units): model ``n_params_total``, ``n_params_non_embedding``, ``flops_per_token``
+    (exact, counting.py) and ``flops_per_token_6n``; batch ``dp``, ``tp``, ``pp``,
+    ``micro_batch_tokens``, ``grad_accum_steps`` (A), ``global_batch_tokens`` (GB_tok),
+    ``global_batch_size`` (samples), ``recipe_table_grad_accum_steps``; run ``steps``,
+    ``tokens_train``, ``flops_train`` (6·N_params·T), ``flops_train_exact``, ``tokens_per_sec``,
+    ``mfu``, ``seconds``, ``days``, ``days_recipe_formula``, ``gpu_hours``; money ``cost_gpu``,
+    ``energy_kwh``, ``cost_power``, ``cost_other``, ``cost_total`` (¥); memory (bytes per device)
+    ``memory_weights_bytes``, ``memory_gradients_bytes``, ``memory_optimizer_bytes``,
+    ``memory_zero3_working_bytes``, ``memory_activations_bytes``,
+    ``memory_activations_variants_bytes`` (recompute × flash), ``memory_overhead_bytes``,
+    ``memory_per_gpu_bytes``, ``memory_host_offload_bytes``, ``device_memory_bytes``, ``fits``,
+    ``max_micro_batch_size``; ``notes`` (list of sentences).
 
     Raises:
         ValueError: inconsistent batch arithmetic, ZeRO/offload combination or cost inputs.
