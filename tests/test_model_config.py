@@ -185,3 +185,26 @@ def test_config_from_hf_rejects_unsupported():
         config_from_hf(LlamaConfig(hidden_act="gelu"))
     c = config_from_hf(LlamaConfig(head_dim=64))
     assert c.kv_channels == 64 and c.validate().head_dim == 64
+
+
+def test_hf_adapter_shape_and_consistency_errors():
+    from megatron_lite.model.hf_adapter import hf_to_megatron_lite, megatron_lite_to_hf
+
+    c = ModelConfig(model_size="tiny", vocab_size=1000, num_layers=1)
+    sd = LlamaForCausalLM(config_to_hf(c)).state_dict()
+    shards = [hf_to_megatron_lite(sd, c, r, 2) for r in range(2)]
+    assert shards[0]["embedding.weight"].shape == (512, 128)  # 1000 -> 1024 padded, / TP
+    assert torch.all(shards[1]["embedding.weight"][1000 - 512:] == 0)
+    assert torch.equal(megatron_lite_to_hf(shards, c)["model.embed_tokens.weight"], sd["model.embed_tokens.weight"])
+    shards[1]["final_norm.weight"] = shards[1]["final_norm.weight"] + 1
+    with pytest.raises(ValueError, match="final_norm.weight differs between TP shards"):
+        megatron_lite_to_hf(shards, c)
+    bad = dict(sd)
+    bad["model.layers.0.mlp.up_proj.weight"] = torch.zeros(10, 128)
+    with pytest.raises(ValueError, match=r"up_proj.weight has shape \(10, 128\)"):
+        hf_to_megatron_lite(bad, c, 0, 1)
+    bad = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+    with pytest.raises(ValueError, match="lacks lm_head.weight.*tie_word_embeddings=True"):
+        hf_to_megatron_lite(bad, c, 0, 1)
+    with pytest.raises(ValueError, match="does not know"):
+        hf_to_megatron_lite({**sd, "model.layers.0.self_attn.q_proj.bias": torch.zeros(128)}, c, 0, 1)

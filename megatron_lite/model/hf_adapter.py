@@ -214,7 +214,8 @@ def megatron_lite_to_hf(shard_state_dicts: list, config: ModelConfig) -> dict:
     ``model.embed_tokens.weight`` (HF ties them the same way; deduplicate before safetensors).
 
     Raises:
-        ValueError: missing keys or shapes inconsistent with ``config``.
+        ValueError: missing keys, shapes inconsistent with ``config``, or replicated parameters
+            (norm weights) that differ between shards.
     """
     tp = len(shard_state_dicts)
     if tp < 1:
@@ -228,6 +229,9 @@ def megatron_lite_to_hf(shard_state_dicts: list, config: ModelConfig) -> dict:
             raise ValueError(f"shard(s) {missing} lack {name}")
         dim = _partition_dim(name)
         parts = [sd[name] for sd in shard_state_dicts]
+        if dim is None and not all(torch.equal(parts[0], q) for q in parts[1:]):
+            raise ValueError(f"replicated parameter {name} differs between TP shards: the shards are not "
+                             "from one consistent checkpoint (or TP ranks diverged during training)")
         t = torch.cat(parts, dim=dim) if dim is not None else parts[0]
         if name in ("embedding.weight", "output_layer.weight"):
             t = t[:shape[0]]
