@@ -22,9 +22,13 @@ _ml_setup() {
     # pip's "Location ... is ignored" lines are noise from this machine's extra local indexes
     ( set -o pipefail; python -m pip install -q -r "$root/requirements-dev.txt" 2>&1 \
         | sed '/is ignored: it is neither a file/d' ) || { echo "[setup] pip install failed" >&2; return 1; }
-    echo "[setup] building megatron_lite (C++ extensions)"
-    ( set -o pipefail; python -m pip install -q --no-build-isolation -e "$root" 2>&1 \
-        | sed '/is ignored: it is neither a file/d' ) || { echo "[setup] building megatron_lite failed" >&2; return 1; }
+    # Build the C++ extensions in place and put the checkout on the venv's path (a .pth file): an
+    # editable pip install would build in an isolated environment without torch/pybind11.
+    echo "[setup] building megatron_lite C++ extensions in place (python setup.py build_ext --inplace)"
+    ( cd "$root" && python setup.py -q build_ext --inplace >"$root/.venv/build_ext.log" 2>&1 ) \
+        || { tail -30 "$root/.venv/build_ext.log" >&2; echo "[setup] building the extensions failed" \
+             "(log: $root/.venv/build_ext.log)" >&2; return 1; }
+    python -c "import site; print(site.getsitepackages()[0])" | xargs -I{} sh -c "echo '$root' > {}/megatron_lite.pth"
     echo "$hash" > "$stamp"
   fi
 }
