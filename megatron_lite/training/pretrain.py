@@ -176,6 +176,9 @@ def pretrain(cfg, data_iterators=None) -> TrainState:
         raise ConfigError("no training data: give --data-path PREFIX (or --train-data-path); "
                           "make PREFIX_text_document.bin/.idx with tools/preprocess_data.py")
     device = resolve_device(cfg)
+    if cfg.training.deterministic:  # NCCL reads these when its communicators are created
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        os.environ.setdefault("NCCL_ALGO", "Ring")
     init_distributed(cfg, device)
     rank = dist.get_rank()
     if device.type == "cpu" and cfg.derived.precision != "fp32" and rank == 0:
