@@ -260,3 +260,36 @@ def test_write_run_info(tmp_path):
     assert "OMP_NUM_THREADS" in on_disk["environment"]
     assert "HF_TOKEN" not in on_disk["environment"]
     assert not [p for p in os.listdir(tmp_path / "run") if p.startswith(".tmp")]
+
+
+def test_metrics_file_flag_overrides_run_dir_and_flags_parse(tmp_path):
+    from megatron_lite.config import load_config
+
+    clock, lines = FakeClock(), []
+    target = tmp_path / "elsewhere" / "m.jsonl"
+    logger = TrainingLogger(LoggingConfig(peak_tflops=2.0, log_interval=1,
+                                          metrics_file=str(target)), 0, 4, 1e9, 1000,
+                            run_dir=str(tmp_path / "run"), clock=clock, print_fn=lines.append)
+    _run_steps(logger, clock, 1, 1)
+    logger.close()
+    assert json.loads(target.read_text())["step"] == 1
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    # No --metrics-file and no run dir: nothing is written, the line is still printed.
+    logger = TrainingLogger(LoggingConfig(peak_tflops=2.0, log_interval=1), 0, 4, 1e9, 1000,
+                            clock=clock, print_fn=lines.append)
+    assert logger.metrics_path is None
+    _run_steps(logger, clock, 1, 1)
+    assert "iteration        1" in lines[-1]
+    # The flags reach the section through the generated parser.
+    cfg = load_config(None, ["--hidden-size", "32", "--num-layers", "2",
+                             "--num-attention-heads", "4", "--vocab-size", "50",
+                             "--seq-length", "16", "--micro-batch-size", "1",
+                             "--global-batch-size", "1", "--train-iters", "1",
+                             "--log-interval", "5", "--peak-tflops", "12.5",
+                             "--timing-log-level", "2", "--tensorboard-dir", "tb",
+                             "--metrics-file", "m.jsonl", "--eval-interval", "7",
+                             "--eval-iters", "3"])
+    assert (cfg.logging.log_interval, cfg.logging.peak_tflops, cfg.logging.timing_log_level,
+            cfg.logging.tensorboard_dir, cfg.logging.metrics_file) == (5, 12.5, 2, "tb",
+                                                                       "m.jsonl")
+    assert (cfg.eval.eval_interval, cfg.eval.eval_iters) == (7, 3)
