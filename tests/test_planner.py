@@ -175,6 +175,16 @@ def test_chinchilla_cli_json():
     assert res["approach3"]["n_params"] == pytest.approx(
         chinchilla.compute_optimal(4.2e22).n_params)
     assert res["tokens_per_param_rule"]["tokens_per_param"] == pytest.approx(20.0)
+    # a budget from a cluster: 64 GPUs × 989.4 TFLOP/s (H100 bf16) × MFU 0.5 × 10 days
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import chinchilla as chinchilla_tool  # tools/chinchilla.py, in-process
+
+    res = chinchilla_tool.run(["--gpus", "64", "--gpu", "h100", "--mfu", "0.5", "--days", "10",
+                               "--json"])
+    assert res["flops"] == pytest.approx(64 * 989.4e12 * 0.5 * 10 * 86400)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "chinchilla.py"),
+                        "--params", "7e9"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--params and --tokens go together" in r.stderr
 
 
 # ---------------------------------------------------------------- plan_run (the tool)
@@ -208,6 +218,9 @@ def test_plan_run_json_llama7b_by_hand(capsys):
     assert p["steps"] == math.ceil(1e12 / 4194304) == 238419
     T = p["tokens_train"]
     assert T == 238419 * 4194304  # whole steps: the engine's train_iters × GB_tok
+    assert p["tokens_per_param"] == pytest.approx(T / 6738415616)
+    assert p["chinchilla_predicted_loss"] == pytest.approx(
+        1.69 + 406.4 / 6738415616 ** 0.34 + 410.7 / T ** 0.28)
     assert p["flops_train"] == pytest.approx(6 * p["n_params_non_embedding"] * T)
     assert p["flops_train_exact"] == pytest.approx(p["flops_per_token"] * T)
     tps = 0.45 * 989.4e12 * 64 / p["flops_per_token"]

@@ -192,7 +192,8 @@ def format_table(p: dict) -> str:
         ("N_params total / non-embedding", f"{p['n_params_total']:,} / "
                                            f"{p['n_params_non_embedding']:,}"),
         ("FLOPs/token exact (6N)", f"{p['flops_per_token']:.4g} ({p['flops_per_token_6n']:.4g})"),
-        ("T_tokens", f"{p['tokens_train']:.4g}"),
+        ("T_tokens", f"{p['tokens_train']:.4g} ({p['tokens_per_param']:.0f} tokens/param; "
+                     f"Chinchilla L(N, T) = {p['chinchilla_predicted_loss']:.3f})"),
         ("FLOPs_train 6·N·T (exact)", f"{p['flops_train']:.4g} ({p['flops_train_exact']:.4g})"),
         ("GPUs = D x TP x PP", f"{p['num_gpus']} = {p['dp']} x {p['tp']} x {p['pp']}"),
         ("μ_batch / μ_tok", f"{p['micro_batch_size']} samples / {p['micro_batch_tokens']:,} tokens"),

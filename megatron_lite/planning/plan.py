@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from megatron_lite.planning import memory, time_cost
+from megatron_lite.planning import chinchilla, memory, time_cost
 
 
 @dataclasses.dataclass
@@ -121,7 +121,8 @@ def make_plan(inp: PlanInputs) -> dict:
     (exact, counting.py) and ``flops_per_token_6n``; batch ``dp``, ``tp``, ``pp``,
     ``micro_batch_tokens``, ``grad_accum_steps`` (A), ``global_batch_tokens`` (GB_tok),
     ``global_batch_size`` (samples), ``recipe_table_grad_accum_steps``; run ``steps``,
-    ``tokens_train``, ``flops_train`` (6·N_params·T), ``flops_train_exact``, ``tokens_per_sec``,
+    ``tokens_train``, ``tokens_per_param``, ``chinchilla_predicted_loss``, ``flops_train``
+    (6·N_params·T), ``flops_train_exact``, ``tokens_per_sec``,
     ``mfu``, ``seconds``, ``days``, ``days_recipe_formula``, ``gpu_hours``; money ``cost_gpu``,
     ``energy_kwh``, ``cost_power``, ``cost_other``, ``cost_total`` (¥); memory (bytes per device)
     ``memory_weights_bytes``, ``memory_gradients_bytes``, ``memory_optimizer_bytes``,
@@ -155,6 +156,11 @@ def make_plan(inp: PlanInputs) -> dict:
     if steps * inp.global_batch_tokens != inp.train_tokens:
         notes.append(f"T_tokens {inp.train_tokens:.6g} is not a whole number of global batches; "
                      f"{steps} steps train {steps * inp.global_batch_tokens:.6g} tokens")
+    # Chinchilla view of the same run (Hoffmann et al. count all parameters): the data/params
+    # ratio against their ~20, and the approach-3 loss (on their data: compare runs, not datasets).
+    out["tokens_per_param"] = inp.train_tokens / inp.n_params_total
+    out["chinchilla_predicted_loss"] = chinchilla.predicted_loss(inp.n_params_total,
+                                                                 inp.train_tokens)
     # Compute: the recipe's 6·N·T with N = non-embedding N_params, and the exact per-token count.
     out["flops_train"] = time_cost.flops_train_6nt(inp.n_params_non_embedding, inp.train_tokens)
     out["flops_train_exact"] = inp.flops_per_token * inp.train_tokens
