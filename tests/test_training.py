@@ -83,6 +83,11 @@ def _driver(root: str) -> None:
             model, _ = load_model_for_inference(os.path.join(root, "ck_tp2"),
                                                 get_tensor_model_parallel_rank(), 2)
             results["tp2_infer_loss"] = probe_loss(model)
+            # The TP=1 checkpoint of run z1, resharded in memory to this TP=2 layout.
+            model, cfg = load_model_for_inference(os.path.join(root, "ck_z1"),
+                                                  get_tensor_model_parallel_rank(), 2)
+            results["z1_as_tp2_loss"] = probe_loss(model)
+            results["z1_as_tp2_tp"] = cfg.parallel.tensor_model_parallel_size
     if torch.distributed.get_rank() == 0:
         with open(os.path.join(root, "results.json"), "w") as f:
             json.dump(results, f)
@@ -321,6 +326,12 @@ def test_tp2_checkpoint_loads_for_inference_like_tp1(e2e):
     model, cfg = load_model_for_inference(os.path.join(root, "ck_z1"), 0, 1)
     assert cfg.parallel.tensor_model_parallel_size == 1
     assert results["tp2_infer_loss"] == pytest.approx(probe_loss(model), rel=1e-4)
+    # Resharding TP=1 -> TP=2 at load time gives the same function up to fp summation order.
+    assert results["z1_as_tp2_tp"] == 2
+    assert results["z1_as_tp2_loss"] == pytest.approx(probe_loss(model), rel=1e-6)
+    # ... and TP=2 -> TP=1.
+    m21, _ = load_model_for_inference(os.path.join(root, "ck_tp2"), 0, 1)
+    assert probe_loss(m21) == pytest.approx(results["tp2_infer_loss"], rel=1e-6)
 
 
 @pytest.mark.slow

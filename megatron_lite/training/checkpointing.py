@@ -312,15 +312,16 @@ def load_model_for_inference(load_dir: str, tp_rank: int = 0, tp_size: int = 1):
 
     Args:
         load_dir: a ``--save`` folder (its latest complete checkpoint) or a checkpoint folder.
-        tp_rank, tp_size: the TP shard to load; ``tp_size`` must equal the saved TP degree and,
-            when > 1, the caller must have initialized the TP process groups first.
+        tp_rank, tp_size: the TP shard to load, at any TP degree the model allows (a different
+            degree than the saved one is resharded in memory; every rank reads all saved shards).
+            When ``tp_size`` > 1 the caller must have initialized the TP process groups first.
 
     Returns:
         ``(model, RunConfig)``: ``LlamaModel`` in eval mode with fp32 weights on CPU.
 
     Raises:
-        FileNotFoundError: no complete checkpoint / no shard for ``tp_rank``.
-        ValueError: ``tp_size`` differs from the saved TP degree.
+        FileNotFoundError: no complete checkpoint / no shard for a saved TP rank.
+        ValueError: ``tp_rank``/``tp_size`` invalid for the model (heads/groups/ffn % TP).
     """
     from megatron_lite.config import RunConfig
     from megatron_lite.model.llama import LlamaModel
@@ -330,13 +331,24 @@ def load_model_for_inference(load_dir: str, tp_rank: int = 0, tp_size: int = 1):
         raise FileNotFoundError(f"{load_dir}: no complete checkpoint (need manifest.json)")
     cfg = RunConfig.from_dict(read_saved_config(path), source=os.path.join(path, "run_config.json"))
     saved_tp = cfg.parallel.tensor_model_parallel_size
-    if tp_size != saved_tp:
-        raise ValueError(f"{path} was saved with TP={saved_tp}; load it with tp_size={saved_tp} "
-                         f"(got {tp_size}) or convert it with tools/convert_checkpoint.py")
+    if not 0 <= tp_rank < tp_size:
+        raise ValueError(f"tp_rank {tp_rank} outside [0, {tp_size})")
+    if tp_size == saved_tp:
+        sd = _module_state(path, tp_rank)
+    else:
+        # Reshard through the full (HF-layout) weights: every TP layer splits a plain row or
+        # column range, so concatenating the saved shards and re-splitting is exact.
+        from megatron_lite.model import hf_adapter
+
+        cfg.model.validate(saved_tp)
+        full = hf_adapter.megatron_lite_to_hf([_module_state(path, r) for r in range(saved_tp)],
+                                              cfg.model)
+        sd = hf_adapter.hf_to_megatron_lite(full, cfg.model, tp_rank, tp_size)
+        cfg.parallel.tensor_model_parallel_size = tp_size
     cfg.model.validate(tp_size)
+    cfg.derived.padded_vocab_size = cfg.model.padded_vocab_size(tp_size)
     model = LlamaModel(cfg.model)
-    sd = {k: v.float() if torch.is_floating_point(v) else v
-          for k, v in _module_state(path, tp_rank).items()}
+    sd = {k: v.float() if torch.is_floating_point(v) else v for k, v in sd.items()}
     model.load_state_dict(sd)
     model.eval()
     return model, cfg
