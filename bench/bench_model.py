@@ -6,7 +6,8 @@ Three tables, each at several sequence lengths (default 256, 1024, 2048 tokens),
 
 1. attention kernel alone, per backend available on the device (eager, sdpa, flex, flash);
    ratio = backend / eager. On CPU flex has no backward in torch 2.13, so it is timed forward only
-   (marked ``fwd``) and left out of the ratio column.
+   (marked ``fwd``) and left out of the ratio column. Then sdpa's two document strategies
+   (per-document loop vs dense block-diagonal mask) by document length at the longest s.
 2. RoPE on q and k: the fused custom op (``megatron_lite._rope_ops``) vs the PyTorch reference.
 3. the whole ``LlamaModel`` (small config, TP = 1, fp32 or bf16) per backend and fused / reference RoPE.
 
@@ -133,6 +134,36 @@ def bench_attention(args, device, dtype):
         print(f"{s:>6} " + " ".join(cells))
 
 
+def bench_sdpa_strategy(args, device, dtype):
+    """Per-document SDPA loop vs one dense block-diagonal masked call, by document length; this is
+    what sets ``attention._MIN_AVG_DOC_TOKENS_FOR_LOOP``."""
+    from megatron_lite.model import attention as attn
+
+    b, hq, hk, d = args.micro_batch_size, args.num_attention_heads, args.num_query_groups, args.kv_channels
+    s = max(args.seq_lengths)
+    print(f"\n## sdpa with documents, fwd+bwd tokens/s at s={s}: per-document loop vs dense mask "
+          f"(threshold now {attn._MIN_AVG_DOC_TOKENS_FOR_LOOP} tokens/doc)")
+    print(f"{'doc len':>8} {'loop':>12} {'dense':>12} {'loop/dense':>11}")
+    q, k, v = (torch.randn(b, s, h, d, device=device, dtype=dtype, requires_grad=True) for h in (hq, hk, hk))
+    old = attn._MIN_AVG_DOC_TOKENS_FOR_LOOP
+    try:
+        for doc in (32, 64, 128, 256, 512):
+            if doc >= s:
+                continue
+            cu, max_len = cu_seqlens_for(b, s, s // doc, device)
+            steps = {}
+            for name, threshold in (("loop", 0), ("dense", 10 ** 9)):
+                def step(threshold=threshold):
+                    attn._MIN_AVG_DOC_TOKENS_FOR_LOOP = threshold
+                    attention_forward(q, k, v, cu, max_len, "sdpa").float().sum().backward()
+                    q.grad = k.grad = v.grad = None
+                steps[name] = step
+            t = interleaved_median(steps, device, args.iters, args.warmup)
+            print(f"{doc:>8} {b * s / t['loop']:>12,.0f} {b * s / t['dense']:>12,.0f} {t['dense'] / t['loop']:>11.2f}")
+    finally:
+        attn._MIN_AVG_DOC_TOKENS_FOR_LOOP = old
+
+
 def bench_rope(args, device, dtype):
     b, hq, hk, d = args.micro_batch_size, args.num_attention_heads, args.num_query_groups, args.kv_channels
     have = fused_rope_available()
@@ -209,6 +240,7 @@ def main(argv=None):
           f"cpus={os.cpu_count()} torch={torch.__version__} threads={torch.get_num_threads()} "
           f"device={device} gpu={gpu} flash_attn={flash_attn_available()} fused_rope={fused_rope_available()}")
     bench_attention(args, device, dtype)
+    bench_sdpa_strategy(args, device, dtype)
     bench_rope(args, device, dtype)
     if not args.no_model:
         bench_model(args, device, dtype)

@@ -28,7 +28,9 @@ import torch.nn.functional as F
 ATTENTION_BACKENDS = ("auto", "flash", "sdpa", "flex", "eager")
 
 # A per-document SDPA loop is used while documents average at least this many tokens; below it the
-# Python loop overhead dominates and one dense block-diagonal masked call is faster.
+# Python loop overhead dominates and one dense block-diagonal masked call is faster. Measured with
+# bench/bench_model.py (torch 2.13 CPU, b=2, s=1024, 8x64 heads, fwd+bwd, loop/dense speed):
+# 0.29 at 32-token docs, 0.65 at 64, 1.56 at 128, 1.71 at 256.
 _MIN_AVG_DOC_TOKENS_FOR_LOOP = 128
 
 _announced: set[tuple[str, str]] = set()
