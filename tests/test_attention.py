@@ -191,6 +191,34 @@ def test_resolve_backend(capsys):
             resolve_attention_backend("flash", "cpu")
 
 
+def test_flash_path_wiring_with_fake_kernel(monkeypatch):
+    """The flash backend's plumbing (flattening, cu_seqlens, max_seqlen, scale, causal) on CPU, with a
+    stand-in ``flash_attn_varlen_func`` that follows flash-attn's documented varlen contract."""
+    import sys
+    import types
+
+    calls = []
+
+    def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False):
+        calls.append((cu_q.dtype, cu_q.tolist(), max_q, max_k, dropout_p, softmax_scale, causal))
+        assert q.dim() == 3 and torch.equal(cu_q, cu_k)
+        ref = numpy_reference(q[None], k[None], v[None], cu_q.tolist(), softmax_scale)[0]
+        return ref.to(q.dtype)
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=fake_varlen))
+    q, k, v = make(2, 16, 4, 2, 8, seed=10, dtype=torch.bfloat16)
+    bounds = [0, 5, 16, 20, 32]
+    out = attention_forward(q, k, v, torch.tensor(bounds, dtype=torch.int32), 12, "flash", softmax_scale=0.25)
+    assert calls[-1] == (torch.int32, bounds, 12, 12, 0.0, 0.25, True)
+    ref = attention_forward(q, k, v, torch.tensor(bounds, dtype=torch.int32), None, "eager", softmax_scale=0.25)
+    assert out.shape == (2, 16, 4, 8) and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=1e-2)
+    attention_forward(q, k, v, None, None, "flash")  # no documents: one segment per row
+    assert calls[-1][1:4] == ([0, 16, 32], 16, 16) and calls[-1][5] == pytest.approx(1 / math.sqrt(8))
+    with pytest.raises(ValueError, match="fp16/bf16"):
+        attention_forward(q.float(), k.float(), v.float(), None, None, "flash")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["sdpa", "flex", "flash"])
 def test_cuda_backends_equal_eager(backend):

@@ -223,7 +223,7 @@ def _compiled_flex(fn):
     return _COMPILED_FLEX[0]
 
 
-def _flash(q, k, v, bounds, max_seqlen, scale):
+def _flash(q, k, v, bounds, cu_seqlens, max_seqlen, scale):
     from flash_attn import flash_attn_varlen_func
 
     if q.dtype not in (torch.float16, torch.bfloat16):
@@ -231,7 +231,9 @@ def _flash(q, k, v, bounds, max_seqlen, scale):
     b, s, hq, d = q.shape
     if bounds is None:
         bounds, max_seqlen = list(range(0, b * s + 1, s)), s
-    cu = torch.tensor(bounds, dtype=torch.int32, device=q.device)
+        cu = torch.arange(0, b * s + 1, s, dtype=torch.int32, device=q.device)
+    else:  # the batch's own tensor: no host-to-device copy per layer
+        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
     if max_seqlen is None:
         max_seqlen = max(e - st for st, e in zip(bounds, bounds[1:]))
     flat = [t.reshape(b * s, t.shape[2], d) for t in (q, k, v)]
@@ -271,5 +273,5 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     if backend == "flex":
         return _flex(q, k, v, bounds, scale)
     if backend == "flash":
-        return _flash(q, k, v, bounds, max_seqlen, scale)
+        return _flash(q, k, v, bounds, cu_seqlens, max_seqlen, scale)
     raise ValueError(f"--attention-backend {backend!r} unknown; choose one of {', '.join(ATTENTION_BACKENDS)}")
