@@ -159,17 +159,27 @@ def test_only_rank0_writes(tmp_path):
 
 
 def test_resume_drops_later_records(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     clock, lines = FakeClock(), []
-    logger = _make(tmp_path, clock, lines, log_interval=1)
-    _run_steps(logger, clock, 1, 5)
-    logger.close()  # "killed" after step 5, last checkpoint at step 3
-    logger = TrainingLogger(LoggingConfig(peak_tflops=2.0, log_interval=1), 0, 4, 1e9, 1000,
-                            run_dir=str(tmp_path), resume_step=3, clock=clock,
+    tb = str(tmp_path / "tb")
+    logger = _make(tmp_path, clock, lines, log_interval=1, tensorboard_dir=tb)
+    _run_steps(logger, clock, 1, 5, loss=1.0)
+    logger.close()  # "killed" after step 5 in the middle of a line, last checkpoint at step 3
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"type": "train", "step": 6, "loss"')
+    logger = TrainingLogger(LoggingConfig(peak_tflops=2.0, log_interval=1, tensorboard_dir=tb),
+                            0, 4, 1e9, 1000, run_dir=str(tmp_path), resume_step=3, clock=clock,
                             print_fn=lines.append)
-    _run_steps(logger, clock, 4, 2)
+    _run_steps(logger, clock, 4, 2, loss=9.0)
     logger.close()
-    steps = [json.loads(ln)["step"] for ln in open(tmp_path / "metrics.jsonl")]
-    assert steps == [1, 2, 3, 4, 5]
+    recs = [json.loads(ln) for ln in open(tmp_path / "metrics.jsonl")]
+    assert [(r["step"], r["loss"]) for r in recs] == [(1, 1.0), (2, 1.0), (3, 1.0), (4, 9.0),
+                                                       (5, 9.0)]
+    acc = EventAccumulator(tb)
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == \
+        [(1, 1.0), (2, 1.0), (3, 1.0), (4, 9.0), (5, 9.0)]
 
 
 def test_timing_log_levels(tmp_path):

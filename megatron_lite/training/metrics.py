@@ -195,7 +195,8 @@ class TrainingLogger:
         run_dir: folder for ``metrics.jsonl`` when ``--metrics-file`` is unset (the ``--save``
             folder); no jsonl is written when both are unset.
         resume_step: when resuming from this step, records of later steps left by the killed run
-            are dropped from an existing metrics file, so the file reads as one continuous run.
+            (and a line cut short by the kill) are dropped from an existing metrics file, and
+            TensorBoard purges its later events, so both read as one continuous run.
         clock: seconds source (tests inject a fake one).
         print_fn: where lines go (``print`` with flush).
     """
@@ -230,7 +231,10 @@ class TrainingLogger:
             self._print(f"[logging] MFU peak per device: {self.peak_source}")
             if config.tensorboard_dir:
                 from torch.utils.tensorboard import SummaryWriter
-                self._writer = SummaryWriter(log_dir=config.tensorboard_dir)
+                # purge_step hides the killed run's events after the resumed step in TensorBoard.
+                self._writer = SummaryWriter(
+                    log_dir=config.tensorboard_dir,
+                    purge_step=None if resume_step is None else resume_step + 1)
             if self.metrics_path:
                 self._open_jsonl(resume_step)
         self._reset_interval()
@@ -264,9 +268,15 @@ class TrainingLogger:
         path = self.metrics_path
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         if resume_step is not None and os.path.exists(path):
+            kept = []
             with open(path) as f:
-                kept = [ln for ln in f if ln.strip() and
-                        json.loads(ln).get("step", 0) <= resume_step]
+                for ln in f:
+                    try:
+                        rec = json.loads(ln)
+                    except ValueError:  # a line cut short by the kill
+                        continue
+                    if rec.get("step", 0) <= resume_step:
+                        kept.append(ln if ln.endswith("\n") else ln + "\n")
             _atomic_write(path, "".join(kept))
         self._jsonl = open(path, "a", buffering=1)
 
