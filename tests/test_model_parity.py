@@ -112,11 +112,18 @@ def _check_case(name: str, rank: int, tp: int, ref_tp1: dict):
         dim = p.partition_dim if p.tensor_model_parallel else None
         if pname in ("embedding.weight", "output_layer.weight"):
             full = torch.cat([full[:V], full.new_zeros(v_pad - V, full.shape[1])])  # re-pad for this TP
-        expect = full.chunk(tp, dim=dim)[rank] if dim is not None else full
+        if getattr(p, "partition_sizes", None):  # fused [Q; K; V] / [Gate; Up]: each block sliced
+            expect = torch.cat([blk.chunk(tp, dim=0)[rank] for blk in full.split(p.partition_sizes, dim=0)])
+        else:
+            expect = full.chunk(tp, dim=dim)[rank] if dim is not None else full
         assert torch.equal(p.detach(), expect), f"{name}: {pname} is not a slice of the TP=1 init"
         assert p.tensor_model_parallel == (dim is not None)
     assert not model.final_norm.weight.tensor_model_parallel
-    assert model.layers[0].self_attn.q_proj.weight.tensor_model_parallel
+    d = c.head_dim
+    qkv = model.layers[0].self_attn.qkv_proj.weight
+    assert qkv.tensor_model_parallel and qkv.partition_sizes == [c.num_attention_heads * d, c.num_query_groups * d,
+                                                                  c.num_query_groups * d]
+    assert model.layers[0].mlp.gate_up_proj.weight.partition_sizes == [c.ffn_hidden_size] * 2
 
     # 2. Load HF weights; logits equal HF's; padded columns carry no mass.
     hf = _hf_model(c, seed=100)
@@ -261,7 +268,7 @@ def test_bf16_params_fp32_logits_single_process():
     assert (loss16.mean() - loss32.mean()).abs() < 0.05 * loss32.mean()
     loss16.mean().backward()
     assert m16.embedding.weight.grad.dtype == torch.bfloat16
-    assert torch.isfinite(m16.layers[0].self_attn.q_proj.weight.grad.float()).all()
+    assert torch.isfinite(m16.layers[0].self_attn.qkv_proj.weight.grad.float()).all()
 
 
 def test_meta_model_filled_by_assign_keeps_tp_attributes():

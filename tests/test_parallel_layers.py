@@ -203,6 +203,21 @@ def _check_layers(rank):
         torch.testing.assert_close(xi.grad, gy @ full_col, rtol=1e-5, atol=1e-6)  # summed over TP
         torch.testing.assert_close(col.weight.grad, (gy.reshape(-1, 6).T @ x.reshape(-1, 8))[3 * r:3 * r + 3],
                                    rtol=1e-5, atol=1e-6)
+    # fused column-parallel (q/k/v style): blocks of 4 and 2 rows, each split over TP on its own
+    ps.state._INITIALIZED = False
+    torch.manual_seed(6)
+    blk_a = ColumnParallelLinear(8, 4).weight.detach()
+    blk_b = ColumnParallelLinear(8, 2).weight.detach()
+    ps.state._INITIALIZED = True
+    torch.manual_seed(6)
+    fused = ColumnParallelLinear(8, 6, output_sizes=[4, 2])
+    expect = torch.cat([blk_a[2 * r:2 * r + 2], blk_b[r:r + 1]])
+    assert fused.weight.partition_sizes == [4, 2] and torch.equal(fused.weight.detach(), expect)
+    ya, yb = fused(x).split([2, 1], dim=-1)
+    torch.testing.assert_close(ya, (x @ blk_a.T)[..., 2 * r:2 * r + 2])
+    torch.testing.assert_close(yb, (x @ blk_b.T)[..., r:r + 1])
+    with pytest.raises(ValueError, match="cannot gather_output"):
+        ColumnParallelLinear(8, 6, output_sizes=[4, 2], gather_output=True)
     gz = torch.randn(3, 5, 8)
     h = torch.randn(3, 5, 6)
     for parallel_in in (True, False):

@@ -34,8 +34,29 @@ def set_tensor_model_parallel_attributes(param: torch.nn.Parameter, is_parallel:
     param.partition_stride = 1
 
 
+def _draw_shard(full_shape: tuple[int, int], partition_dim: int, std: float, dtype: torch.dtype,
+                device: torch.device, real_rows: int | None) -> torch.Tensor:
+    tp, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
+    if full_shape[partition_dim] % tp:
+        raise ValueError(f"weight dim {partition_dim} of size {full_shape[partition_dim]} is not divisible by "
+                         f"tensor-parallel size {tp}")
+    shard_shape = list(full_shape)
+    shard_shape[partition_dim] //= tp
+    # Always consume exactly one draw so the stream stays aligned across devices and TP degrees.
+    seed = int(torch.randint(0, 2 ** 62, (1,), device="cpu").item())
+    if device.type == "meta":
+        return torch.empty(shard_shape, dtype=dtype, device=device)
+    gen_device = device if device.type in ("cuda", "cpu") else torch.device("cpu")
+    gen = torch.Generator(device=gen_device).manual_seed(seed)
+    master = torch.zeros(full_shape, dtype=torch.float32, device=gen_device)
+    rows = full_shape[0] if real_rows is None else real_rows
+    master[:rows].normal_(0.0, std, generator=gen)
+    return master.chunk(tp, dim=partition_dim)[rank].to(device=device, dtype=dtype).contiguous()
+
+
 def sharded_normal_weight(full_shape: tuple[int, int], partition_dim: int, std: float, *,
-                          dtype: torch.dtype, device=None, real_rows: int | None = None) -> torch.nn.Parameter:
+                          dtype: torch.dtype, device=None, real_rows: int | None = None,
+                          fused_rows: list[int] | None = None) -> torch.nn.Parameter:
     """Create this rank's shard of a weight initialised ~ N(0, std^2), independent of the TP degree.
 
     Args:
@@ -46,34 +67,28 @@ def sharded_normal_weight(full_shape: tuple[int, int], partition_dim: int, std: 
         device: target device; ``meta`` allocates nothing and skips the draw of values.
         real_rows: rows >= real_rows are padding (padded vocab) and are set to zero, so padding never
             changes the values of real rows.
+        fused_rows: for a fused column-parallel weight (e.g. [Q; K; V]): the row counts of its
+            logical blocks (summing to ``full_shape[0]``). Each block is drawn as its own master
+            and split over TP separately; the shard is ``[B1_r; B2_r; ...]`` (Megatron's fused
+            ``linear_qkv``/``linear_fc1`` layout), recorded as ``param.partition_sizes``.
 
     Returns:
         Parameter of shape ``full_shape`` with ``partition_dim`` divided by TP, TP attributes set.
 
     Raises:
-        ValueError: the partitioned dimension is not divisible by the TP degree.
+        ValueError: the partitioned dimension (or a fused block) is not divisible by the TP degree.
     """
-    tp, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
-    if full_shape[partition_dim] % tp:
-        raise ValueError(f"weight dim {partition_dim} of size {full_shape[partition_dim]} is not divisible by "
-                         f"tensor-parallel size {tp}")
-    shard_shape = list(full_shape)
-    shard_shape[partition_dim] //= tp
     device = resolve_device(device)
-    # Always consume exactly one draw so the stream stays aligned across devices and TP degrees.
-    seed = int(torch.randint(0, 2 ** 62, (1,), device="cpu").item())
-    if device.type == "meta":
-        weight = torch.empty(shard_shape, dtype=dtype, device=device)
+    if fused_rows is None:
+        weight = _draw_shard(full_shape, partition_dim, std, dtype, device, real_rows)
     else:
-        gen_device = device if device.type in ("cuda", "cpu") else torch.device("cpu")
-        gen = torch.Generator(device=gen_device).manual_seed(seed)
-        master = torch.zeros(full_shape, dtype=torch.float32, device=gen_device)
-        rows = full_shape[0] if real_rows is None else real_rows
-        master[:rows].normal_(0.0, std, generator=gen)
-        weight = master.chunk(tp, dim=partition_dim)[rank].to(device=device, dtype=dtype).contiguous()
-        del master
+        if partition_dim != 0 or sum(fused_rows) != full_shape[0]:
+            raise ValueError(f"fused_rows {fused_rows} must split dim 0 of {full_shape}")
+        weight = torch.cat([_draw_shard((rows, full_shape[1]), 0, std, dtype, device, None)
+                            for rows in fused_rows], dim=0)
     param = torch.nn.Parameter(weight)
     set_tensor_model_parallel_attributes(param, True, partition_dim)
+    param.partition_sizes = list(fused_rows) if fused_rows is not None else None
     return param
 
 

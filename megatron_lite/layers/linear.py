@@ -37,6 +37,10 @@ class ColumnParallelLinear(torch.nn.Module):
         copy_input: apply ``copy_to_tensor_model_parallel_region`` to the input. Pass False when the
             caller already did it once for several layers sharing the input (saves all-reduces).
         real_output_size: rows >= this are padding (padded vocab) and initialised to zero.
+        output_sizes: fuse several logical outputs (e.g. ``[q, k, v]`` sizes, summing to
+            ``output_size``) into one GEMM: each is split over TP on its own, so this rank's output
+            is ``[.., out_1/TP | out_2/TP | ...]`` (split it with ``torch.split``). Incompatible
+            with ``gather_output``.
 
     Shapes: input ``[.., input_size]`` replicated; weight ``[output_size/TP, input_size]``
     (``tensor_model_parallel=True``, ``partition_dim=0``).
@@ -44,15 +48,19 @@ class ColumnParallelLinear(torch.nn.Module):
 
     def __init__(self, input_size: int, output_size: int, *, bias: bool = False, gather_output: bool = False,
                  init_std: float = 0.02, params_dtype: torch.dtype = torch.float32, device=None,
-                 copy_input: bool = True, real_output_size: int | None = None):
+                 copy_input: bool = True, real_output_size: int | None = None,
+                 output_sizes: list[int] | None = None):
         super().__init__()
         tp = get_tensor_model_parallel_world_size()
         if output_size % tp:
             raise ValueError(f"ColumnParallelLinear output size {output_size} is not divisible by TP={tp}")
+        if output_sizes is not None and gather_output:
+            raise ValueError("a fused ColumnParallelLinear (output_sizes) cannot gather_output: the gathered "
+                             "layout would interleave the blocks by rank")
         self.input_size, self.output_size = input_size, output_size
         self.gather_output, self.copy_input = gather_output, copy_input
         self.weight = sharded_normal_weight((output_size, input_size), 0, init_std, dtype=params_dtype,
-                                            device=device, real_rows=real_output_size)
+                                            device=device, real_rows=real_output_size, fused_rows=output_sizes)
         if bias:
             self.bias = replicated_parameter((output_size // tp,), 0.0, dtype=params_dtype, device=device)
             set_tensor_model_parallel_attributes(self.bias, True, 0)

@@ -2,12 +2,14 @@
 
 Name map (HF -> ours; ``i`` = layer): ``model.embed_tokens.weight`` -> ``embedding.weight``;
 ``model.layers.i.{input_layernorm,post_attention_layernorm}.weight`` -> ``layers.i.<same>.weight``;
-``model.layers.i.self_attn.{q,k,v,o}_proj.weight`` -> ``layers.i.self_attn.<same>.weight``;
-``model.layers.i.mlp.{gate,up,down}_proj.weight`` -> ``layers.i.mlp.<same>.weight``;
+``model.layers.i.self_attn.{q,k,v}_proj.weight`` -> ``layers.i.self_attn.qkv_proj.weight`` (fused);
+``model.layers.i.self_attn.o_proj.weight`` -> ``layers.i.self_attn.o_proj.weight``;
+``model.layers.i.mlp.{gate,up}_proj.weight`` -> ``layers.i.mlp.gate_up_proj.weight`` (fused);
+``model.layers.i.mlp.down_proj.weight`` -> ``layers.i.mlp.down_proj.weight``;
 ``model.norm.weight`` -> ``final_norm.weight``; ``lm_head.weight`` -> ``output_layer.weight``
-(absent when tied). Sharding: embedding/lm_head/q/k/v/gate/up split by rows (dim 0), o/down by
-columns (dim 1), norms replicated. Vocab rows are zero-padded to ``V_pad`` before splitting and
-stripped on the way back. The command-line converter (``tools/convert_checkpoint.py``) builds on this.
+(absent when tied). Sharding: embedding/lm_head/q/k/v/gate/up split by rows (dim 0; a fused shard
+stacks its blocks' row slices, ``[Q_r; K_r; V_r]``), o/down by columns (dim 1), norms replicated.
+Vocab rows are zero-padded to ``V_pad`` before splitting and stripped on the way back. The command-line converter (``tools/convert_checkpoint.py``) builds on this.
 """
 
 from __future__ import annotations
@@ -16,8 +18,6 @@ import torch
 
 from megatron_lite.model.config import ModelConfig
 
-_ROW = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-_COL = ("o_proj", "down_proj")
 
 
 def _hf_get(cfg, name, default=None):
@@ -124,43 +124,31 @@ def config_to_hf(config: ModelConfig):
                        attention_bias=False, mlp_bias=False, rope_parameters=rope)
 
 
-def _partition_dim(name: str) -> int | None:
-    """Our parameter name -> its TP partition dim (None: replicated)."""
-    if name in ("embedding.weight", "output_layer.weight"):
-        return 0
-    leaf = name.rsplit(".", 2)[-2] if name.endswith(".weight") else ""
-    if leaf in _ROW:
-        return 0
-    if leaf in _COL:
-        return 1
-    return None
-
-
-def _expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+def _spec(c: ModelConfig) -> list[tuple[str, list[tuple[str, tuple[int, ...]]], int | None]]:
+    """(our name, [(HF name, HF full shape), ...], TP partition dim or None) for every parameter.
+    Several HF tensors for one of ours = a fused weight whose blocks are split over TP separately."""
     h, d, f, v = c.hidden_size, c.head_dim, c.ffn_hidden_size, c.vocab_size
-    shapes = {"embedding.weight": (v, h), "final_norm.weight": (h,)}
-    if not c.tie_word_embeddings:
-        shapes["output_layer.weight"] = (v, h)
+    spec = [("embedding.weight", [("model.embed_tokens.weight", (v, h))], 0)]
     for i in range(c.num_layers):
-        p = f"layers.{i}."
-        shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-                       p + "self_attn.q_proj.weight": (c.num_attention_heads * d, h),
-                       p + "self_attn.k_proj.weight": (c.num_query_groups * d, h),
-                       p + "self_attn.v_proj.weight": (c.num_query_groups * d, h),
-                       p + "self_attn.o_proj.weight": (h, c.num_attention_heads * d),
-                       p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
-                       p + "mlp.down_proj.weight": (h, f)})
-    return shapes
+        hf, ours = f"model.layers.{i}.", f"layers.{i}."
+        spec += [
+            (ours + "input_layernorm.weight", [(hf + "input_layernorm.weight", (h,))], None),
+            (ours + "self_attn.qkv_proj.weight", [(hf + "self_attn.q_proj.weight", (c.num_attention_heads * d, h)),
+                                                  (hf + "self_attn.k_proj.weight", (c.num_query_groups * d, h)),
+                                                  (hf + "self_attn.v_proj.weight", (c.num_query_groups * d, h))], 0),
+            (ours + "self_attn.o_proj.weight", [(hf + "self_attn.o_proj.weight", (h, c.num_attention_heads * d))], 1),
+            (ours + "post_attention_layernorm.weight", [(hf + "post_attention_layernorm.weight", (h,))], None),
+            (ours + "mlp.gate_up_proj.weight", [(hf + "mlp.gate_proj.weight", (f, h)),
+                                                (hf + "mlp.up_proj.weight", (f, h))], 0),
+            (ours + "mlp.down_proj.weight", [(hf + "mlp.down_proj.weight", (h, f))], 1),
+        ]
+    spec.append(("final_norm.weight", [("model.norm.weight", (h,))], None))
+    if not c.tie_word_embeddings:
+        spec.append(("output_layer.weight", [("lm_head.weight", (v, h))], 0))
+    return spec
 
 
-def _hf_name(ours: str) -> str:
-    if ours == "embedding.weight":
-        return "model.embed_tokens.weight"
-    if ours == "final_norm.weight":
-        return "model.norm.weight"
-    if ours == "output_layer.weight":
-        return "lm_head.weight"
-    return "model." + ours
+_VOCAB = ("embedding.weight", "output_layer.weight")
 
 
 def hf_to_megatron_lite(hf_state_dict: dict, config: ModelConfig, tp_rank: int, tp_size: int) -> dict:
@@ -172,7 +160,8 @@ def hf_to_megatron_lite(hf_state_dict: dict, config: ModelConfig, tp_rank: int, 
         tp_rank, tp_size: target shard.
 
     Returns:
-        Our names -> shard tensors (vocab rows zero-padded to ``V_pad(tp_size)`` before splitting).
+        Our names -> shard tensors: vocab rows zero-padded to ``V_pad(tp_size)`` before splitting;
+        q/k/v (gate/up) each split over TP and stacked as ``[Q_r; K_r; V_r]`` (``[G_r; U_r]``).
 
     Raises:
         ValueError: missing key, wrong shape, unexpected key, or ``config`` invalid for ``tp_size``.
@@ -183,35 +172,37 @@ def hf_to_megatron_lite(hf_state_dict: dict, config: ModelConfig, tp_rank: int, 
     if not 0 <= tp_rank < tp_size:
         raise ValueError(f"tp_rank {tp_rank} outside [0, {tp_size})")
     v_pad = c.padded_vocab_size(tp_size)
-    shapes = _expected_shapes(c)
-    known = {_hf_name(n) for n in shapes} | {"lm_head.weight"}
+    spec = _spec(c)
+    known = {k for _, parts, _ in spec for k, _ in parts} | {"lm_head.weight"}
     extra = [k for k in hf_state_dict if k not in known and not k.endswith("rotary_emb.inv_freq")]
     if extra:
         raise ValueError(f"HF state dict has keys LlamaModel does not know: {extra[:5]} "
                          "(biases or a different architecture?)")
     out = {}
-    for name, shape in shapes.items():
-        key = _hf_name(name)
-        if key not in hf_state_dict:
-            hint = " (HF checkpoint is tied: pass a config with tie_word_embeddings=True)" \
-                if key == "lm_head.weight" else ""
-            raise ValueError(f"HF state dict lacks {key}{hint}")
-        t = hf_state_dict[key]
-        if tuple(t.shape) != shape:
-            raise ValueError(f"HF {key} has shape {tuple(t.shape)}, config expects {shape}; the config does "
-                             "not match the checkpoint")
-        if name in ("embedding.weight", "output_layer.weight") and v_pad > shape[0]:
-            t = torch.cat([t, t.new_zeros(v_pad - shape[0], shape[1])], dim=0)
-        dim = _partition_dim(name)
-        out[name] = (t.chunk(tp_size, dim=dim)[tp_rank] if dim is not None else t).clone()
+    for name, parts, dim in spec:
+        blocks = []
+        for key, shape in parts:
+            if key not in hf_state_dict:
+                hint = " (HF checkpoint is tied: pass a config with tie_word_embeddings=True)" \
+                    if key == "lm_head.weight" else ""
+                raise ValueError(f"HF state dict lacks {key}{hint}")
+            t = hf_state_dict[key]
+            if tuple(t.shape) != shape:
+                raise ValueError(f"HF {key} has shape {tuple(t.shape)}, config expects {shape}; the config "
+                                 "does not match the checkpoint")
+            if name in _VOCAB and v_pad > shape[0]:
+                t = torch.cat([t, t.new_zeros(v_pad - shape[0], shape[1])], dim=0)
+            blocks.append(t.chunk(tp_size, dim=dim)[tp_rank] if dim is not None else t)
+        out[name] = torch.cat(blocks, dim=0).clone() if len(blocks) > 1 else blocks[0].clone()
     return out
 
 
 def megatron_lite_to_hf(shard_state_dicts: list, config: ModelConfig) -> dict:
     """Full HF ``LlamaForCausalLM`` state dict from the TP shards (rank order) of ``LlamaModel``.
 
-    Vocab padding is stripped. When tied, ``lm_head.weight`` is the very tensor of
-    ``model.embed_tokens.weight`` (HF ties them the same way; deduplicate before safetensors).
+    Vocab padding is stripped; fused q/k/v and gate/up shards are split back into HF's weights.
+    When tied, ``lm_head.weight`` is the very tensor of ``model.embed_tokens.weight`` (HF ties them
+    the same way; deduplicate before writing safetensors).
 
     Raises:
         ValueError: missing keys, shapes inconsistent with ``config``, or replicated parameters
@@ -221,23 +212,33 @@ def megatron_lite_to_hf(shard_state_dicts: list, config: ModelConfig) -> dict:
     if tp < 1:
         raise ValueError("megatron_lite_to_hf needs at least one shard")
     c = config.validate(tp)
-    shapes = _expected_shapes(c)
     out = {}
-    for name, shape in shapes.items():
+    for name, parts, dim in _spec(c):
         missing = [r for r, sd in enumerate(shard_state_dicts) if name not in sd]
         if missing:
             raise ValueError(f"shard(s) {missing} lack {name}")
-        dim = _partition_dim(name)
-        parts = [sd[name] for sd in shard_state_dicts]
-        if dim is None and not all(torch.equal(parts[0], q) for q in parts[1:]):
-            raise ValueError(f"replicated parameter {name} differs between TP shards: the shards are not "
-                             "from one consistent checkpoint (or TP ranks diverged during training)")
-        t = torch.cat(parts, dim=dim) if dim is not None else parts[0]
-        if name in ("embedding.weight", "output_layer.weight"):
-            t = t[:shape[0]]
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name}: assembled shape {tuple(t.shape)} != expected {shape}")
-        out[_hf_name(name)] = t.clone()
+        shards = [sd[name] for sd in shard_state_dicts]
+        if dim is None:
+            if not all(torch.equal(shards[0], q) for q in shards[1:]):
+                raise ValueError(f"replicated parameter {name} differs between TP shards: the shards are not "
+                                 "from one consistent checkpoint (or TP ranks diverged during training)")
+            pieces = [[shards[0]]]
+        elif len(parts) > 1:
+            local = [shape[0] // tp for _, shape in parts]
+            for r, t in enumerate(shards):
+                if t.shape[0] != sum(local):
+                    raise ValueError(f"{name} shard {r} has {t.shape[0]} rows, expected {sum(local)}")
+            split = [t.split(local, dim=0) for t in shards]  # [rank][block]
+            pieces = [[split[r][j] for r in range(tp)] for j in range(len(parts))]
+        else:
+            pieces = [shards]
+        for (key, shape), blocks in zip(parts, pieces):
+            t = torch.cat(blocks, dim=dim) if dim is not None else blocks[0]
+            if name in _VOCAB:
+                t = t[:shape[0]]
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{name} -> {key}: assembled shape {tuple(t.shape)} != expected {shape}")
+            out[key] = t.clone()
     if c.tie_word_embeddings:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
     return out

@@ -33,8 +33,10 @@ class LlamaModel(torch.nn.Module):
 
     Init (TP-independent, from the caller's ``torch.manual_seed``): every weight ~ N(0, std^2) with
     std = ``--init-method-std``, output projections (o_proj, down_proj) std / sqrt(2 L), norm
-    weights 1, padded vocab rows 0. Parameter names follow HF's module names (``embedding``,
-    ``layers.i.self_attn.q_proj``, ..., ``final_norm``, ``output_layer``); ``hf_adapter`` maps them.
+    weights 1, padded vocab rows 0. Parameters: ``embedding.weight``, ``layers.i.input_layernorm``,
+    ``layers.i.self_attn.{qkv_proj,o_proj}``, ``layers.i.post_attention_layernorm``,
+    ``layers.i.mlp.{gate_up_proj,down_proj}``, ``final_norm``, ``output_layer`` (``hf_adapter`` maps
+    them to and from HF names).
 
     Raises:
         ValueError: config errors (see ``ModelConfig.validate``) or ``vocab_size`` unset.
@@ -71,14 +73,17 @@ class LlamaModel(torch.nn.Module):
         self._backend: dict = {}
         # load_state_dict(..., assign=True) (the way to fill a meta-device model without paying for
         # init) swaps in new Parameter objects; re-mark them so grad norms still see the TP layout.
-        self._tp_attrs = {n: (p.tensor_model_parallel, p.partition_dim) for n, p in self.named_parameters()}
+        self._tp_attrs = {n: (p.tensor_model_parallel, p.partition_dim, getattr(p, "partition_sizes", None))
+                          for n, p in self.named_parameters()}
         self.register_load_state_dict_post_hook(LlamaModel._restore_tp_attributes)
 
     @staticmethod
     def _restore_tp_attributes(module, incompatible_keys) -> None:
         for name, p in module.named_parameters():
             if name in module._tp_attrs and not hasattr(p, "tensor_model_parallel"):
-                set_tensor_model_parallel_attributes(p, *module._tp_attrs[name])
+                is_parallel, dim, sizes = module._tp_attrs[name]
+                set_tensor_model_parallel_attributes(p, is_parallel, dim)
+                p.partition_sizes = sizes
 
     def _attention_backend(self, x: torch.Tensor) -> str:
         key = (x.device.type, x.dtype)

@@ -1,11 +1,15 @@
 """LLaMA decoder block pieces: RMSNorm, GQA self-attention and the SwiGLU MLP, tensor-parallel.
 
 Per-rank shapes with TP = t, H = hidden, nh heads, g KV groups, d head dim, H' FFN width:
-q_proj ``[nh*d/t, H]``, k_proj/v_proj ``[g*d/t, H]`` (column-parallel), o_proj ``[H, nh*d/t]``
-(row-parallel); gate_proj/up_proj ``[H'/t, H]``, down_proj ``[H, H'/t]``. Rank r owns query heads
-``[r*nh/t, (r+1)*nh/t)`` and exactly the KV groups they use (``validate`` requires g % t == 0), so
-attention needs no communication; each block does one all-reduce after o_proj and one after
-down_proj in forward (and one per column-parallel input in backward).
+qkv_proj ``[(nh + 2g) d / t, H]`` = this rank's ``[Q_r; K_r; V_r]`` blocks (one fused
+column-parallel GEMM, Megatron-core's ``linear_qkv``), o_proj ``[H, nh*d/t]`` (row-parallel);
+gate_up_proj ``[2 H'/t, H]`` = ``[Gate_r; Up_r]`` (fused, ``linear_fc1``), down_proj ``[H, H'/t]``.
+Fusing reads the activation once instead of three (two) times and returns one input gradient
+instead of summing several; HF's separate q/k/v and gate/up weights map onto the blocks in
+``hf_adapter``. Rank r owns query heads ``[r*nh/t, (r+1)*nh/t)`` and exactly the KV groups they use
+(``validate`` requires g % t == 0), so attention needs no communication; each block does one
+all-reduce after o_proj and one after down_proj in forward (and one per column-parallel input in
+backward).
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron_lite.layers.init import replicated_parameter
 from megatron_lite.layers.linear import ColumnParallelLinear, RowParallelLinear
-from megatron_lite.parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron_lite.parallel.state import get_tensor_model_parallel_world_size
 
 
@@ -60,10 +63,10 @@ class SelfAttention(torch.nn.Module):
         self.head_dim = d
         dtype, std = config.torch_dtype, config.init_method_std
         out_std = std / math.sqrt(2.0 * config.num_layers)
-        kw = dict(params_dtype=dtype, device=device, copy_input=False, init_std=std)
-        self.q_proj = ColumnParallelLinear(h, config.num_attention_heads * d, **kw)
-        self.k_proj = ColumnParallelLinear(h, config.num_query_groups * d, **kw)
-        self.v_proj = ColumnParallelLinear(h, config.num_query_groups * d, **kw)
+        sizes = [config.num_attention_heads * d, config.num_query_groups * d, config.num_query_groups * d]
+        self.qkv_proj = ColumnParallelLinear(h, sum(sizes), output_sizes=sizes, params_dtype=dtype, device=device,
+                                             init_std=std)
+        self.local_sizes = [n // tp for n in sizes]
         self.o_proj = RowParallelLinear(config.num_attention_heads * d, h, input_is_parallel=True,
                                         init_std=out_std, params_dtype=dtype, device=device)
 
@@ -73,10 +76,10 @@ class SelfAttention(torch.nn.Module):
         from megatron_lite.model.rope import apply_rotary_pos_emb
 
         b, s, _ = x.shape
-        x = copy_to_tensor_model_parallel_region(x)  # once for q, k and v: one backward all-reduce
-        q = self.q_proj(x).view(b, s, self.heads, self.head_dim)
-        k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x).split(self.local_sizes, dim=-1)
+        q = q.view(b, s, self.heads, self.head_dim)  # views of the fused output; RoPE copies q, k
+        k = k.view(b, s, self.kv_heads, self.head_dim)
+        v = v.view(b, s, self.kv_heads, self.head_dim)
         q, k = apply_rotary_pos_emb(q, k, cos, sin, fused=not self.config.no_fused_rope)
         if self.config.recompute_granularity == "selective" and self.training and torch.is_grad_enabled():
             # Korthikanti et al. 2022 ("Reducing Activation Recomputation"), sec. 5: keep the cheap
@@ -89,22 +92,21 @@ class SelfAttention(torch.nn.Module):
 
 class SwiGLUMLP(torch.nn.Module):
     """down(silu(gate(x)) * up(x)) (Shazeer 2020, "GLU Variants Improve Transformer", eq. 6);
-    gate/up column-parallel, down row-parallel with init std / sqrt(2 * num_layers)."""
+    gate and up fused in one column-parallel GEMM, down row-parallel with init std / sqrt(2 L)."""
 
     def __init__(self, config, *, device=None):
         super().__init__()
         h, f = config.hidden_size, config.ffn_hidden_size
         dtype, std = config.torch_dtype, config.init_method_std
-        kw = dict(params_dtype=dtype, device=device, copy_input=False, init_std=std)
-        self.gate_proj = ColumnParallelLinear(h, f, **kw)
-        self.up_proj = ColumnParallelLinear(h, f, **kw)
+        self.gate_up_proj = ColumnParallelLinear(h, 2 * f, output_sizes=[f, f], params_dtype=dtype, device=device,
+                                                 init_std=std)
         self.down_proj = RowParallelLinear(f, h, input_is_parallel=True, params_dtype=dtype, device=device,
                                            init_std=std / math.sqrt(2.0 * config.num_layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[b, s, H]`` -> ``[b, s, H]``; the ``[b, s, H'/TP]`` intermediate stays on this rank."""
-        x = copy_to_tensor_model_parallel_region(x)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class TransformerLayer(torch.nn.Module):
