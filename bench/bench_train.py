@@ -130,6 +130,15 @@ def main(argv=None):
     mo, mh = statistics.median(rates["ours"]), statistics.median(rates["hf"])
     print(f"median tokens/s: ours {mo:.1f}  HF LlamaForCausalLM {mh:.1f}  ratio ours/HF "
           f"{mo / mh:.3f} (aim >= 1.2)")
+    from megatron_lite.model.counting import flops_per_token
+    from megatron_lite.training.metrics import measure_cpu_matmul_tflops
+
+    fpt = flops_per_token(cfg, s)
+    peak = measure_cpu_matmul_tflops(torch.float32) * 1e3
+    print(f"training FLOPs/token {fpt / 1e6:.2f} M (megatron_lite.model.counting); achieved "
+          f"GFLOP/s: ours {fpt * mo / 1e9:.2f}, HF {fpt * mh / 1e9:.2f}; measured fp32 matmul "
+          f"peak {peak:.1f} GFLOP/s at {torch.get_num_threads()} thread(s) -> MFU ours "
+          f"{fpt * mo / 1e9 / peak * 100:.1f}%, HF {fpt * mh / 1e9 / peak * 100:.1f}%")
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
         for name, step in steps.items():
