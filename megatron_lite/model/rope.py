@@ -18,6 +18,8 @@ import math
 
 import torch
 
+from megatron_lite.ops.rope import fused_rope, rope_reference
+
 ROPE_SCALING_TYPES = ("none", "linear", "ntk", "dynamic", "yarn", "llama3")
 
 
@@ -238,22 +240,6 @@ class RotaryEmbedding(torch.nn.Module):
         return emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """[x1, x2] -> [-x2, x1] on the last dim (the GPT-NeoX / HF Llama RoPE layout)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary_pos_emb_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Pure-PyTorch RoPE: x * cos + rotate_half(x) * sin, computed in fp32, returned in x's dtype.
-
-    Args: x [b, s, h, d]; cos, sin [b, s, d] (broadcast over heads).
-    """
-    xf = x.float()
-    out = xf * cos[:, :, None, :] + rotate_half(xf) * sin[:, :, None, :]
-    return out.to(x.dtype)
-
-
 def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                          fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q and k by their positions (rotate-half convention, same as HF Llama).
@@ -262,7 +248,8 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
         q: [b, s, hq, d]; k: [b, s, hk, d] (any float dtype).
         cos, sin: [b, s, d] fp32 from :class:`RotaryEmbedding`.
         fused: use the C++/CUDA custom op ``megatron_lite.ops.fused_rope`` (falls back to the
-            reference with one warning if the extension is not built). ``--no-fused-rope`` -> False.
+            reference with one warning if the extension is not built); False (``--no-fused-rope``)
+            runs the PyTorch reference ``megatron_lite.ops.rope.rope_reference``.
 
     Returns:
         (q, k) rotated, in their input dtypes; the rotation itself is computed in fp32.
@@ -270,8 +257,5 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
     if q.shape[-1] != cos.shape[-1] or cos.shape[:2] != q.shape[:2]:
         raise ValueError(f"RoPE shape mismatch: q {tuple(q.shape)} vs cos {tuple(cos.shape)} "
                          "(expected q [b, s, h, d], cos [b, s, d])")
-    if fused:
-        from megatron_lite.ops.rope import fused_rope
-
-        return fused_rope(q, cos, sin), fused_rope(k, cos, sin)
-    return apply_rotary_pos_emb_reference(q, cos, sin), apply_rotary_pos_emb_reference(k, cos, sin)
+    rope = fused_rope if fused else rope_reference  # the reference lives beside the op, in ops/rope.py
+    return rope(q, cos, sin), rope(k, cos, sin)
