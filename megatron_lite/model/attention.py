@@ -179,8 +179,23 @@ def _sdpa(q, k, v, bounds, scale):
     return torch.cat(pieces, dim=0).view(b, s, hq, d)
 
 
+def _flex_block_mask(bounds, b, s, device):
+    """Document-causal FlexAttention BlockMask: q_idx >= kv_idx and both in the same document."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if bounds is None:
+        def mask_mod(b_idx, h_idx, q_idx, kv_idx):
+            return q_idx >= kv_idx
+        return create_block_mask(mask_mod, None, None, s, s, device=device)
+    doc = _document_ids(bounds, b, s, device)
+
+    def mask_mod(b_idx, h_idx, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (doc[b_idx, q_idx] == doc[b_idx, kv_idx])
+    return create_block_mask(mask_mod, b, None, s, s, device=device)
+
+
 def _flex(q, k, v, bounds, scale):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
     if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         raise RuntimeError("--attention-backend flex has no backward on CPU in this torch (FlexAttention "
@@ -190,20 +205,10 @@ def _flex(q, k, v, bounds, scale):
         # flex refuses CPU inputs that require grad even under no_grad; no graph is built here anyway.
         q, k, v = q.detach(), k.detach(), v.detach()
     b, s, hq, _ = q.shape
-    if bounds is None:
-        def mask_mod(b_idx, h_idx, q_idx, kv_idx):
-            return q_idx >= kv_idx
-        mask_b = None
-    else:
-        doc = _document_ids(bounds, b, s, q.device)
-
-        def mask_mod(b_idx, h_idx, q_idx, kv_idx):
-            return (q_idx >= kv_idx) & (doc[b_idx, q_idx] == doc[b_idx, kv_idx])
-        mask_b = b
     key = (q.device, b, s, bounds is None)
     block_mask = _block_masks.get(key)
     if block_mask is None:  # built once per step's boundaries, shared by all layers
-        block_mask = _block_masks[key] = create_block_mask(mask_mod, mask_b, None, s, s, device=q.device)
+        block_mask = _block_masks[key] = _flex_block_mask(bounds, b, s, q.device)
     # Eager flex materialises the full score matrix; on CUDA compile it into the fused kernel.
     flex = _compiled_flex(flex_attention) if q.device.type == "cuda" else flex_attention
     with warnings.catch_warnings():
