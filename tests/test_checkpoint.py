@@ -122,6 +122,10 @@ def test_inference_loading_zero0_and_zero3(e2e):  # noqa: F811
     assert any(not torch.equal(init[k], s0[k]) for k in s0)
     with pytest.raises(ValueError, match="num-attention-heads 4 is not divisible"):
         ckpt.load_model_for_inference(os.path.join(root, "ck_z0"), 0, 8)
+    for f in ("config.yaml", "run_info.json", "deepspeed_config.json"):   # run folder = --save
+        assert os.path.isfile(os.path.join(root, "ck_z0", f)), f
+    ds = json.load(open(os.path.join(root, "ck_z0", "deepspeed_config.json")))
+    assert ds["zero_optimization"]["stage"] == 0 and ds["train_batch_size"] == 4
     man = json.load(open(os.path.join(root, "ck_z0", "iter_0000006", "manifest.json")))["files"]
     assert "rng/rank_00001.pt" in man and "run_config.json" in man
 
@@ -161,11 +165,16 @@ def test_sigterm_saves_at_step_boundary_and_exits_zero(e2e, tmp_path):  # noqa: 
     argv = [a if a != "6" else "400" for a in COMMON]    # --train-iters 400
     p = _run(argv + ["--data-path", os.path.join(root, "data"), "--zero-stage", "0",
                      "--save", save, "--metrics-file", metrics])
-    deadline = time.time() + 240
-    while time.time() < deadline:
+    deadline = time.time() + 600      # generous: start-up is slow on a loaded 2-core machine
+    started = False
+    while time.time() < deadline and p.poll() is None:
         if os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= 2:
+            started = True
             break
         time.sleep(0.5)
+    if not started:
+        p.kill()
+        pytest.fail("training did not log 2 steps: " + p.communicate()[0][-3000:])
     p.send_signal(signal.SIGTERM)
     out, _ = p.communicate(timeout=120)
     assert p.returncode == 0, out[-3000:]

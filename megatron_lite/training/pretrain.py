@@ -124,6 +124,32 @@ def build_data(cfg, consumed_samples: int):
     return train, valid
 
 
+def run_folder(cfg) -> str | None:
+    """Where the resolved config and environment go: --save, else the metrics file's or the
+    TensorBoard folder (None when none is set)."""
+    mf = getattr(cfg.logging, "metrics_file", None)
+    return cfg.checkpoint.save or (os.path.dirname(os.path.abspath(mf)) if mf else None) or \
+        getattr(cfg.logging, "tensorboard_dir", None)
+
+
+def _write_run_folder(run_dir: str, cfg) -> None:
+    """config.yaml + run_info.json (versions, git, environment) and the DeepSpeed config used."""
+    import json
+
+    from megatron_lite.training.deepspeed_engine import build_ds_config
+    from megatron_lite.training.metrics import write_run_info
+
+    os.makedirs(run_dir, exist_ok=True)
+    write_run_info(run_dir, cfg.to_dict())
+    path = os.path.join(run_dir, "deepspeed_config.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        text = json.dumps(build_ds_config(cfg), indent=1)
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def build_model(cfg, device: torch.device):
     """This rank's LlamaModel; at ZeRO-3 built under ``deepspeed.zero.Init`` so each layer's
     parameters are partitioned over the DP group right after that layer is initialised (a 13B
@@ -194,13 +220,9 @@ def pretrain(cfg, data_iterators=None) -> TrainState:
     resumed = None
     if cfg.checkpoint.load:
         resumed = checkpointing.load_checkpoint(engine, cfg, state, scheduler)
-    if rank == 0 and cfg.checkpoint.save:
-        try:
-            from megatron_lite.training.metrics import write_run_info
-
-            write_run_info(cfg.checkpoint.save, cfg.to_dict())
-        except ImportError:
-            pass
+    run_dir = run_folder(cfg)
+    if rank == 0 and run_dir:
+        _write_run_folder(run_dir, cfg)
     if data_iterators is not None:
         train_factory, valid_loader = data_iterators
         train_iter = train_factory(state.consumed_samples)
