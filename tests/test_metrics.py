@@ -77,7 +77,7 @@ def test_mfu_arithmetic_and_line(tmp_path):
                   "elapsed time per iteration (ms): 1000.0 (data wait 125.0, fwd+bwd 500.0, "
                   "optimizer 375.0)", "learning rate: 2.000000E-03", "lm loss: 1.500000E+00",
                   "loss scale: 1.0", "grad norm: 0.5000", "skipped iterations:   0",
-                  "tokens/s: 1000.0 (per device 250.0)", "TFLOP/s/device: 0.250",
+                  "tokens/s: 1000.0 (per device 250.0)", "TFLOP/s/device: 0.25 |",
                   "MFU: 12.50%", "peak RSS:"]:
         assert piece in line, (piece, line)
     assert len(lines) == 3  # the peak sentence + steps 2 and 4

@@ -408,7 +408,8 @@ class TrainingLogger:
         parts.append(f"nan iterations: {r['nan_steps_in_interval']:3d}")
         parts.append(f"tokens/s: {r['tokens_per_sec']:.1f} (per device "
                      f"{r['tokens_per_sec_per_device']:.1f})")
-        parts.append(f"TFLOP/s/device: {r['tflops_per_device']:.3f}")
+        # 4 significant digits: CPU runs sit at 1e-3 TFLOP/s, GPUs at hundreds.
+        parts.append(f"TFLOP/s/device: {r['tflops_per_device']:.4g}")
         parts.append("MFU: n/a" if r["mfu"] is None else f"MFU: {r['mfu'] * 100:.2f}%")
         parts.append(f"{mem_kind}: {r['peak_memory_bytes'] / 2**20:.1f} MiB")
         return " | ".join(parts) + " |"
