@@ -276,7 +276,14 @@ def _two_process_worker(rank, port, tmp, q):
     hf = mod.main(["--load-format", "hf", "--load", os.path.join(tmp, "hf"), "--tp", "2",
                    "--data-path", os.path.join(tmp, "val"), "--seq-length", "16", "--stride",
                    "5"])
-    q.put((rank, ppl, ev, tp, hf))
+    # Generation at TP = 2: full-vocabulary logits gathered over the TP group.
+    from megatron_lite.eval.generation import generate
+    from megatron_lite.eval.loading import load_model
+    loaded = load_model(os.path.join(tmp, "hf"), "hf", torch.device("cpu"))
+    greedy = generate(loaded.logits, [5, 9, 13, 2], 8, greedy=True)
+    sampled = generate(loaded.logits, [5, 9, 13, 2], 8, greedy=False, top_p=0.9,
+                       generator=torch.Generator().manual_seed(11 + rank))  # rank 0 decides
+    q.put((rank, ppl, ev, tp, hf, greedy, sampled))
     parallel.destroy_model_parallel()
     torch.distributed.destroy_process_group()
 
@@ -314,8 +321,14 @@ def test_two_processes_dp_split_and_tp2_checkpoint(tmp_path):
     with torch.no_grad():
         ref_hf = _brute_force_logits_nll(lambda t: hf_model(input_ids=t).logits[0, -1].double(),
                                          stream, 16, 5)
+    with torch.no_grad():
+        ref_greedy = hf_model.generate(torch.tensor([[5, 9, 13, 2]]), max_new_tokens=8,
+                                       do_sample=False, pad_token_id=0,
+                                       eos_token_id=None)[0, 4:].tolist()
+    assert results[0][4] == results[1][4] == ref_greedy
+    assert results[0][5] == results[1][5]  # different seeds per rank, rank 0's choice broadcast
     for r in range(2):
-        ppl, ev, tp, hf = results[r]
+        ppl, ev, tp, hf = results[r][:4]
         assert hf["tokens"] == len(stream) - 1
         assert hf["nll"] == pytest.approx(ref_hf, rel=1e-5)
         assert ppl["tokens"] == 40 == single["tokens"]
