@@ -303,3 +303,24 @@ def test_metrics_file_flag_overrides_run_dir_and_flags_parse(tmp_path):
             cfg.logging.tensorboard_dir, cfg.logging.metrics_file) == (5, 12.5, 2, "tb",
                                                                        "m.jsonl")
     assert (cfg.eval.eval_interval, cfg.eval.eval_iters) == (7, 3)
+
+
+@pytest.mark.gpu
+def test_cuda_peak_memory_and_timers():
+    from megatron_lite.training.metrics import peak_memory_bytes
+
+    dev = torch.device("cuda")
+    torch.cuda.reset_peak_memory_stats(dev)
+    x = torch.empty(64 * 2**20, dtype=torch.uint8, device=dev)
+    mem, kind = peak_memory_bytes(dev)
+    assert kind == "CUDA max allocated" and mem >= 64 * 2**20
+    del x
+    timers = T.Timers(dev)
+    with timers.time("matmul"):
+        a = torch.randn(2048, 2048, device=dev)
+        a @ a
+    assert timers.elapsed_all()["matmul"] > 0  # synchronised: the kernel's time is inside
+    peak, why = resolve_peak_tflops(LoggingConfig(), dev, torch.bfloat16)
+    name = torch.cuda.get_device_name(dev)
+    assert (peak is None) == (lookup_peak_tflops(name, torch.bfloat16) is None)
+    assert name in why
