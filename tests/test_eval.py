@@ -142,6 +142,8 @@ def test_evaluate_single_process_restores_mode():
         evaluate(model, iter([zero]), eval_iters=1)
     with pytest.raises(ValueError, match="--eval-interval"):
         EvalConfig(eval_interval=-1)
+    with pytest.raises(ValueError, match="--eval-interval 0"):
+        EvalConfig(eval_iters=0)
 
 
 # ---------------------------------------------------------------------------------------------

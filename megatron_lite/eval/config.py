@@ -19,5 +19,6 @@ class EvalConfig:
     def __post_init__(self):
         if self.eval_interval is None or int(self.eval_interval) < 0:
             raise ValueError(f"--eval-interval must be >= 0 (got {self.eval_interval})")
-        if self.eval_iters is None or int(self.eval_iters) < 0:
-            raise ValueError(f"--eval-iters must be >= 0 (got {self.eval_iters})")
+        if self.eval_iters is None or int(self.eval_iters) < 1:
+            raise ValueError(f"--eval-iters must be >= 1 (got {self.eval_iters}); to turn "
+                             "evaluation off use --eval-interval 0")
