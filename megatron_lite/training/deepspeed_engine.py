@@ -141,6 +141,26 @@ def build_ds_config(cfg) -> dict:
     return ds
 
 
+def skip_cpu_shm_comm_op() -> None:
+    """On CPU, keep DeepSpeed from JIT-compiling its shared-memory all-reduce op.
+
+    DeepSpeed builds ``deepspeed_shm_comm`` (~50 s of C++ on a 2-core machine) when its comm layer
+    starts, only to speed up intra-node CPU all-reduce; gloo does the same collectives. The build
+    shares one lock-guarded folder under ``$TORCH_EXTENSIONS_DIR``, so a process killed mid-build
+    leaves a lock every later DeepSpeed start waits on forever. Marking the op incompatible makes
+    DeepSpeed use torch.distributed directly. ``MEGATRON_LITE_DS_SHM=1`` keeps the op.
+    """
+    import os
+
+    if os.environ.get("MEGATRON_LITE_DS_SHM") == "1":
+        return
+    import deepspeed.ops
+
+    compat = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(compat, dict):
+        compat["deepspeed_shm_comm"] = False
+
+
 def init_engine(model, optimizer, cfg):
     """``deepspeed.initialize`` with our optimizer, the TP-aware mpu and the built config.
 

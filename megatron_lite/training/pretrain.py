@@ -205,6 +205,10 @@ def pretrain(cfg, data_iterators=None) -> TrainState:
     if cfg.training.deterministic:  # NCCL reads these when its communicators are created
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         os.environ.setdefault("NCCL_ALGO", "Ring")
+    if device.type == "cpu":
+        from megatron_lite.training.deepspeed_engine import skip_cpu_shm_comm_op
+
+        skip_cpu_shm_comm_op()
     init_distributed(cfg, device)
     rank = dist.get_rank()
     if device.type == "cpu" and cfg.derived.precision != "fp32" and rank == 0:
