@@ -229,6 +229,8 @@ def _apply_tree(cfg: RunConfig, tree: Mapping[str, Any], source: str, lines: dic
     classes = section_classes()
     for sec, body in tree.items():
         where = f"{source}:{lines[sec]}" if sec in lines else source
+        if sec == "derived":  # a saved config.yaml: derived values are recomputed by finalize
+            continue
         if sec not in classes:
             raise ConfigError(f"{where}: unknown section {sec!r}{_did_you_mean(sec, classes)}; "
                               f"sections are {', '.join(classes)}")

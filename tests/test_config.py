@@ -118,6 +118,16 @@ def test_boolean_flags_including_no_prefixed_ones():
     assert parse_args(BASE).checkpoint.no_load_optim is False
 
 
+def test_saved_config_yaml_relaunches_the_same_run(tmp_path):
+    import yaml
+
+    cfg = parse_args(BASE + ["--tp", "2", "--lr", "1e-3", "--global-batch-tokens", "1024"],
+                     world_size=4)
+    y = tmp_path / "config.yaml"
+    y.write_text(yaml.safe_dump(cfg.to_dict()))
+    assert parse_args(["--config", str(y)], world_size=4).to_dict() == cfg.to_dict()
+
+
 def test_every_flag_has_help_and_is_unique():
     p = build_parser()
     seen = set()
