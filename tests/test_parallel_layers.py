@@ -303,6 +303,12 @@ def _deepspeed_worker(rank, world, stage, ref_norm, ref_loss):
     from megatron_lite.model.llama import LlamaModel
 
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))  # DeepSpeed reads these
+    # DeepSpeed JIT-builds an optional shared-memory allreduce op on CPU under a lock in
+    # ~/.cache/torch_extensions; another Python environment sharing that cache rebuilds it and
+    # holds the lock for minutes. The op is irrelevant to this check (gloo does the collectives).
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     ps.initialize_model_parallel(2)
     torch.manual_seed(0)
     model = LlamaModel(ModelConfig(model_size="tiny", vocab_size=1000, num_layers=1))
