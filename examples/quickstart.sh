@@ -6,7 +6,7 @@
 # Usage: bash examples/quickstart.sh [--steps N] [--out DIR] [--corpus FILE.jsonl]
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-STEPS=300
+STEPS=150
 OUT="$ROOT/runs/quickstart"
 CORPUS=""
 while [ $# -gt 0 ]; do
@@ -50,9 +50,9 @@ torchrun --standalone --nproc_per_node 2 pretrain_llama.py \
   --ffn-hidden-size 704 --seq-length 256 --max-position-embeddings 256 \
   --tokenizer-type SentencePieceTokenizer --tokenizer-model "$OUT/tokenizer/spm.model" \
   --data-path "$OUT/data/train_text_document" --split 98,2,0 \
-  --micro-batch-size 8 --global-batch-size 32 --train-iters "$STEPS" \
-  --lr 3e-3 --min-lr 3e-4 --lr-warmup-iters 30 --lr-decay-style cosine \
-  --eval-interval 50 --eval-iters 8 --log-interval 10 \
+  --micro-batch-size 8 --global-batch-size 16 --train-iters "$STEPS" \
+  --lr 3e-3 --min-lr 3e-4 --lr-warmup-iters 20 --lr-decay-style cosine \
+  --eval-interval 50 --eval-iters 8 --eval-at-start --log-interval 10 \
   --save "$OUT/ckpt" --save-interval 100 --load "$OUT/ckpt" \
   --tensorboard-dir "$OUT/tensorboard" --seed 1234 2>&1 | tee "$OUT/train.log"
 
@@ -61,8 +61,9 @@ torchrun --standalone --nproc_per_node 2 tools/eval_ppl.py --load "$OUT/ckpt" --
   --data-path "$OUT/data/heldout_text_document" --seq-length 256 --stride 128 --max-tokens 60000 --json \
   | tee "$OUT/eval_heldout.json"
 
-echo "== 6/6 sample"
-python tools/generate.py --load "$OUT/ckpt" --prompt "def main(" --max-new-tokens 60 --greedy
+echo "== 6/6 sample (tools/generate.py, greedy, TP=2)"
+torchrun --standalone --nproc_per_node 2 tools/generate.py --load "$OUT/ckpt" --tp 2 \
+  --prompt "def main(" --max-new-tokens 60 --greedy
 
 python - "$OUT/ckpt/metrics.jsonl" <<'PY'
 import json, sys

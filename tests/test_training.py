@@ -55,6 +55,8 @@ def runs_spec(root: str) -> dict:
         r("nan", "--zero-stage", "1", "--save", os.path.join(root, "ck_nan"), "--save-interval", "1",
           nan="3:1"),
         r("abort", "--zero-stage", "1", "--max-skipped-steps", "2", nan="2:0,3:0"),
+        r("ev", "--zero-stage", "0", "--split", "90,10,0", "--eval-interval", "4", "--eval-iters", "2",
+          "--eval-at-start"),
         r("ra", "--zero-stage", "1", "--save", os.path.join(root, "ck_res"), "--exit-interval", "3"),
         r("rb", "--zero-stage", "1", "--save", os.path.join(root, "ck_res"), "--load",
           os.path.join(root, "ck_res")),
@@ -306,6 +308,21 @@ def test_zero_stages_agree_and_loss_falls(e2e):
             assert m[s]["lr"] == ref[s]["lr"]
     assert ref[6]["loss"] < ref[1]["loss"] - 0.2
     assert [ref[s]["consumed_tokens"] for s in (1, 6)] == [256, 1536]
+
+
+@pytest.mark.slow
+def test_eval_at_start_and_interval(e2e):
+    """--eval-at-start evaluates before step 1; then every --eval-interval steps and after the last."""
+    root, results, _ = e2e
+    assert results["ev"] == {"iteration": 6, "skipped": 0, "consumed_samples": 24}
+    with open(os.path.join(root, "ev.jsonl")) as f:
+        evals = [r for r in map(json.loads, f) if "val_loss" in r]
+    assert [r["step"] for r in evals] == [0, 4, 6]
+    for r in evals:
+        assert r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]), rel=1e-12)
+    # Untrained: near the uniform-prediction loss ln(256); trained on a learnable corpus: lower.
+    assert abs(evals[0]["val_loss"] - math.log(256)) < 0.5
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.2
 
 
 @pytest.mark.slow

@@ -16,6 +16,9 @@ class EvalConfig:
     eval_iters: int = arg(100, "micro-batches per data-parallel rank in one evaluation; the "
                           "loss is the token mean over all of them and all DP ranks")
 
+    eval_at_start: bool = arg(False, "also evaluate once before the first training step of a fresh "
+                              "(not resumed) run, so the untrained validation loss is on record")
+
     def __post_init__(self):
         if self.eval_interval is None or int(self.eval_interval) < 0:
             raise ValueError(f"--eval-interval must be >= 0 (got {self.eval_interval})")

@@ -239,6 +239,9 @@ def pretrain(cfg, data_iterators=None) -> TrainState:
     engine.train()
     if logger is not None:
         logger.start_interval()
+    if getattr(cfg.eval, "eval_at_start", False) and state.iteration == 0:
+        _maybe_eval(cfg, engine, valid_loader, state, logger, device)
+        engine.train()
     try:
         while state.iteration < d.train_iters:
             timers = logger.timers if logger is not None else None
