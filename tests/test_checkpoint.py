@@ -60,6 +60,25 @@ def test_keep_last(tmp_path):
         ["iter_0000003", "iter_0000004"]
 
 
+def test_rollback_save_is_not_pruned_and_later_tags_are_not_resumed(tmp_path):
+    """--load DIR/iter_N --save DIR after a spike: the new lineage's saves survive --keep-last and
+    a restart never falls back to the abandoned later iterations."""
+    root = str(tmp_path)
+    for it in (10, 15, 20):
+        _fake_ckpt(root, it)
+    c11 = _fake_ckpt(root, 11)                      # first save after rolling back to iter 10
+    with open(os.path.join(root, "latest"), "w") as f:
+        f.write("iter_0000011\n")
+    with pytest.warns(UserWarning, match="abandoned"):
+        ckpt._prune(root, 2)
+    assert [os.path.basename(p) for p in ckpt.list_checkpoints(root)] == \
+        ["iter_0000010", "iter_0000011", "iter_0000015", "iter_0000020"]
+    assert ckpt.find_checkpoint(root) == c11
+    os.remove(os.path.join(c11, "trainer_state.json"))  # latest broken: fall back before it
+    with pytest.warns(UserWarning, match="incomplete"):
+        assert ckpt.find_checkpoint(root) == os.path.join(root, "iter_0000010")
+
+
 def _cfg(*extra):
     return parse_args(COMMON + ["--data-path", "x"] + list(extra), world_size=2)
 

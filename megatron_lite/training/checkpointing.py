@@ -117,16 +117,20 @@ def find_checkpoint(load_dir: str) -> str | None:
     if os.path.isfile(os.path.join(load_dir, MANIFEST)):
         return load_dir if is_complete(load_dir) else None
     latest = os.path.join(load_dir, "latest")
+    limit = None
     if os.path.isfile(latest):
         with open(latest) as f:
             tag = f.read().strip()
         cand = os.path.join(load_dir, tag)
         if is_complete(cand):
             return cand
+        # Fall back within the lineage `latest` belongs to: later iterations in the folder are
+        # from a run that was rolled back past them.
+        limit = _iter_of(tag) if _ITER_RE.match(tag) else None
         warnings.warn(f"{latest} names {tag}, which is incomplete or missing; using the newest "
-                      f"complete checkpoint instead")
-    tags = sorted((d for d in os.listdir(load_dir) if _ITER_RE.match(d)),
-                  key=lambda d: int(_ITER_RE.match(d).group(1)), reverse=True)
+                      f"complete checkpoint before it instead")
+    tags = sorted((d for d in os.listdir(load_dir) if _ITER_RE.match(d)
+                   and (limit is None or _iter_of(d) <= limit)), key=_iter_of, reverse=True)
     for tag in tags:
         cand = os.path.join(load_dir, tag)
         if is_complete(cand):
@@ -206,12 +210,37 @@ def save_checkpoint(engine, cfg, state, scheduler, save_dir: str) -> str:
     return final
 
 
+def _iter_of(tag: str) -> int:
+    return int(_ITER_RE.match(tag).group(1))
+
+
 def _prune(save_dir: str, keep_last: int | None) -> None:
+    """Keep the ``keep_last`` newest checkpoints of the lineage ``latest`` names.
+
+    Only checkpoints at or before the ``latest`` one are candidates, and the ``latest`` one is
+    never deleted: after a rollback (``--load DIR/iter_1000 --save DIR``) the abandoned later
+    iterations are left alone (with a warning) rather than allowed to push out the new saves.
+    """
     if not keep_last:
         return
-    tags = sorted((d for d in os.listdir(save_dir) if _ITER_RE.match(d)),
-                  key=lambda d: int(_ITER_RE.match(d).group(1)))
-    for tag in tags[:-keep_last]:
+    tags = [d for d in os.listdir(save_dir) if _ITER_RE.match(d)]
+    if not tags:
+        return
+    latest = os.path.join(save_dir, "latest")
+    current = max(tags, key=_iter_of)
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            named = f.read().strip()
+        if _ITER_RE.match(named):
+            current = named
+    later = sorted(t for t in tags if _iter_of(t) > _iter_of(current))
+    if later:
+        warnings.warn(f"{save_dir}: {', '.join(later)} are later than the checkpoint just saved "
+                      f"({current}) and belong to an abandoned run; --keep-last leaves them alone, "
+                      f"delete them by hand if they are not needed")
+    older = sorted((t for t in tags if _iter_of(t) <= _iter_of(current) and t != current),
+                   key=_iter_of)
+    for tag in older[:max(0, len(older) - (keep_last - 1))]:
         shutil.rmtree(os.path.join(save_dir, tag), ignore_errors=True)
 
 
