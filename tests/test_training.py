@@ -60,6 +60,9 @@ def runs_spec(root: str) -> dict:
         r("ra", "--zero-stage", "1", "--save", os.path.join(root, "ck_res"), "--exit-interval", "3"),
         r("rb", "--zero-stage", "1", "--save", os.path.join(root, "ck_res"), "--load",
           os.path.join(root, "ck_res")),
+        # The same command line again (a requeued job after the final save): nothing to do.
+        r("rc", "--zero-stage", "1", "--save", os.path.join(root, "ck_res"), "--load",
+          os.path.join(root, "ck_res")),
     ])
 
 
@@ -399,6 +402,10 @@ def test_resume_is_bit_exact(e2e):
         assert part2[s]["loss"] == full[s]["loss"], s
         assert part2[s]["lr"] == full[s]["lr"]
         assert part2[s]["consumed_samples"] == full[s]["consumed_samples"]
+    # Restarting the finished run returns at once, at the same position, training nothing.
+    assert results["rc"] == {"iteration": 6, "skipped": 0, "consumed_samples": 24}
+    assert not os.path.exists(os.path.join(root, "rc.jsonl")) or \
+        read_metrics(os.path.join(root, "rc.jsonl")) == {}
 
 
 if __name__ == "__main__":

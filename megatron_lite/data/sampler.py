@@ -49,7 +49,7 @@ class MegatronPretrainingSampler:
         _check(total_samples, consumed_samples, micro_batch_size, data_parallel_rank, data_parallel_size)
         if consumed_samples >= total_samples:
             raise ValueError(f"consumed_samples {consumed_samples} >= total_samples {total_samples}: "
-                             "the dataset is exhausted; build it with more samples (--train-samples)")
+                             "the dataset is exhausted; build it with more samples (raise --train-iters / --train-tokens)")
         self.total_samples, self.consumed_samples = int(total_samples), int(consumed_samples)
         self.m, self.r, self.D, self.drop_last = micro_batch_size, data_parallel_rank, data_parallel_size, drop_last
 

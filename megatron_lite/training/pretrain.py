@@ -224,6 +224,14 @@ def pretrain(cfg, data_iterators=None) -> TrainState:
     resumed = None
     if cfg.checkpoint.load:
         resumed = checkpointing.load_checkpoint(engine, cfg, state, scheduler)
+    if state.iteration >= cfg.derived.train_iters:
+        # A requeued job restarting after its final save: nothing left to do (and no data to
+        # build: the train split holds exactly train_iters global batches).
+        if rank == 0:
+            print(f"[megatron_lite] checkpoint is at step {state.iteration} >= --train-iters "
+                  f"{cfg.derived.train_iters}: training already finished; raise --train-iters "
+                  f"(or --train-tokens) to continue", flush=True)
+        return state
     run_dir = run_folder(cfg)
     if rank == 0 and run_dir:
         _write_run_folder(run_dir, cfg)
