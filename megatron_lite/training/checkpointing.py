@@ -174,11 +174,22 @@ def save_checkpoint(engine, cfg, state, scheduler, save_dir: str) -> str:
     _barrier()
     engine.save_checkpoint(save_dir, tag=tmp_tag, save_latest=False)
     if cfg.parallel.zero_stage == 3:
-        # DeepSpeed's module file holds no weights at stage 3; gather this TP shard once.
-        sd = engine._zero3_consolidated_16bit_state_dict()
+        # DeepSpeed's module file holds no weights at stage 3; gather this TP shard over its DP
+        # group. (engine._zero3_consolidated_16bit_state_dict() would return the dict on global
+        # rank 0 only, i.e. None on the DP-rank-0 of every other TP group.)
         from megatron_lite.parallel import get_data_parallel_rank, get_tensor_model_parallel_rank
 
+        # As DeepSpeed's own consolidation does: partition everything first, and afterwards
+        # re-gather the persistent (small, never-partitioned) parameters the exit of each
+        # GatheredParameters context partitioned.
+        opt = getattr(engine, "optimizer", None)
+        if hasattr(opt, "checkpoint_event_prologue"):
+            opt.checkpoint_event_prologue()
+        sd = _zero3_gathered_state_dict(engine.module, keep=get_data_parallel_rank() == 0)
+        if hasattr(opt, "checkpoint_event_epilogue"):
+            opt.checkpoint_event_epilogue()
         if get_data_parallel_rank() == 0:
+            assert sd is not None, "ZeRO-3 gather returned no state dict on DP rank 0"
             torch.save(sd, os.path.join(tmp, f"model_tp_{get_tensor_model_parallel_rank():02d}.pt"))
     os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
     torch.save(rng_state(), os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt"))
@@ -198,13 +209,19 @@ def save_checkpoint(engine, cfg, state, scheduler, save_dir: str) -> str:
                            json.dumps({"config": cfg.to_dict(), "versions": _versions()},
                                       indent=1, default=str))
         _write_manifest(tmp)
-        if os.path.exists(final):  # re-saving the same step (e.g. after a resume): replace it
-            old = os.path.join(save_dir, f".old_{tag}")
-            shutil.rmtree(old, ignore_errors=True)
+        # Re-saving the same step (e.g. after a resume): move the old complete folder aside, put
+        # the new one in place and name it in `latest` before deleting the old one, so a kill in
+        # between leaves a complete iter_ folder (the old one is in .old_<tag> only for the
+        # instant between the two renames).
+        old = os.path.join(save_dir, f".old_{tag}")
+        shutil.rmtree(old, ignore_errors=True)
+        replaced = os.path.exists(final)
+        if replaced:
             os.rename(final, old)
-            shutil.rmtree(old, ignore_errors=True)
         os.rename(tmp, final)
         _atomic_write_text(os.path.join(save_dir, "latest"), tag + "\n")
+        if replaced:
+            shutil.rmtree(old, ignore_errors=True)
         _prune(save_dir, cfg.checkpoint.keep_last)
     _barrier()
     return final
@@ -212,6 +229,43 @@ def save_checkpoint(engine, cfg, state, scheduler, save_dir: str) -> str:
 
 def _iter_of(tag: str) -> int:
     return int(_ITER_RE.match(tag).group(1))
+
+
+def _zero3_gathered_state_dict(module: torch.nn.Module, keep: bool) -> dict | None:
+    """This TP shard's full (unpartitioned over DP) state dict of a ZeRO-3 ``module``.
+
+    Collective over the DP group the parameters are partitioned on: every rank must call it. Gathers
+    one submodule's own parameters at a time (peak memory: the largest layer, not the shard) and
+    copies them to CPU in their training dtype (what DeepSpeed's consolidated state dict holds).
+    Returns the dict (``state_dict()`` keys, shared parameters kept shared) where ``keep``, else
+    None.
+    """
+    import deepspeed
+
+    sd: dict | None = {} if keep else None
+    seen: dict[int, str] = {}  # id(param) -> first key (tied parameters stay one tensor)
+
+    def visit(m: torch.nn.Module, prefix: str) -> None:
+        params = [p for p in m._parameters.values() if p is not None]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            if sd is not None:
+                for name, p in m._parameters.items():
+                    if p is None:
+                        continue
+                    if id(p) in seen:
+                        sd[prefix + name] = sd[seen[id(p)]]
+                    else:
+                        sd[prefix + name] = p.detach().to("cpu", copy=True)
+                        seen[id(p)] = prefix + name
+                for name, b in m._buffers.items():
+                    if b is not None and name not in m._non_persistent_buffers_set:
+                        sd[prefix + name] = b.detach().to("cpu", copy=True)
+        for name, child in m._modules.items():
+            if child is not None:
+                visit(child, prefix + name + ".")
+
+    visit(module, "")
+    return sd
 
 
 def _prune(save_dir: str, keep_last: int | None) -> None:
