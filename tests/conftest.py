@@ -17,3 +17,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _grad_mode_is_restored():
+    """A test (or a tool's main() it calls) must not leave autograd disabled for later tests."""
+    try:
+        import torch
+    except ImportError:
+        yield
+        return
+    before = torch.is_grad_enabled()
+    yield
+    now = torch.is_grad_enabled()
+    torch.set_grad_enabled(before)
+    assert now == before, "this test left torch grad mode changed"

@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
     from megatron_lite.eval.perplexity import build_stream, stream_perplexity
 
     device = pick_device(args.device)
+    # Restored on the way out: callers (tests, notebooks) run main() in their own process.
+    grad_was_enabled = torch.is_grad_enabled()
     torch.set_grad_enabled(False)
     created = init_distributed(args.tp, device)
     try:
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
         return result
     finally:
         shutdown_distributed(created)
+        torch.set_grad_enabled(grad_was_enabled)
 
 
 if __name__ == "__main__":
