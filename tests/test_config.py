@@ -184,3 +184,27 @@ def test_cli_dry_run_and_error_exit():
     out = subprocess.run([sys.executable, "pretrain_llama.py", *BASE, "--zero-stage", "5"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "--zero-stage" in out.stderr
+
+
+def test_deepspeed_json_vs_zero_flags(tmp_path, capsys):
+    """A JSON stage replaces the flag default with a note; an explicit contradicting flag is an error."""
+    import json as _json
+
+    from megatron_lite.config import ConfigError, parse_args
+    from megatron_lite.training.deepspeed_engine import build_ds_config
+
+    js = tmp_path / "ds.json"
+    js.write_text(_json.dumps({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "auto"}}}))
+    base = ["--model-size", "tiny", "--vocab-size", "256", "--seq-length", "64",
+            "--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", "2",
+            "--deepspeed-config", str(js)]
+    cfg = parse_args(base, world_size=1)
+    assert cfg.parallel.zero_stage == 3 and not cfg.parallel.offload_optimizer
+    assert "sets ZeRO stage 3" in capsys.readouterr().out
+    ds = build_ds_config(cfg)
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "none"
+    cfg = parse_args(base + ["--offload-optimizer"], world_size=1)
+    assert build_ds_config(cfg)["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    with pytest.raises((ConfigError, ValueError), match="--zero-stage 2 contradicts"):
+        parse_args(base + ["--zero-stage", "2"], world_size=1)

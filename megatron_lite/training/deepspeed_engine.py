@@ -41,8 +41,12 @@ def read_json_with_comments(path: str) -> dict:
 def reconcile_user_json(cfg) -> None:
     """Adopt the ZeRO stage/offload of ``--deepspeed-config`` into ``cfg.parallel`` (before checks).
 
-    The JSON describes *how* to execute (ZeRO stage, offload), so its values win over the flag
-    defaults; a note is printed when they change the config.
+    The JSON describes *how* to execute (ZeRO stage, offload), so its values replace the flags'
+    defaults (``--zero-stage 1``, no offload), with a note. A flag set to a non-default value that
+    the JSON contradicts is an error rather than silently overridden.
+
+    Raises:
+        ValueError: naming the flag, the JSON field and the fix.
     """
     path = cfg.parallel.deepspeed_config
     if not path:
@@ -50,14 +54,32 @@ def reconcile_user_json(cfg) -> None:
     user = read_json_with_comments(path)
     zero = user.get("zero_optimization", {}) or {}
     par = cfg.parallel
+    defaults = type(par)()
+    notes = []
     if "stage" in zero and zero["stage"] != "auto":
-        par.zero_stage = int(zero["stage"])
-    off_opt = (zero.get("offload_optimizer") or {}).get("device", "none")
-    off_par = (zero.get("offload_param") or {}).get("device", "none")
-    if off_opt not in ("none", None, "auto"):
-        par.offload_optimizer = True
-    if off_par not in ("none", None, "auto"):
-        par.offload_params = True
+        stage = int(zero["stage"])
+        if stage != par.zero_stage:
+            if par.zero_stage != defaults.zero_stage:
+                raise ValueError(f"--zero-stage {par.zero_stage} contradicts --deepspeed-config "
+                                 f"{path}: zero_optimization.stage = {stage}; set the JSON's stage "
+                                 f"to \"auto\" or drop one of the two")
+            notes.append(f"ZeRO stage {stage}")
+            par.zero_stage = stage
+    for key, attr, flag in (("offload_optimizer", "offload_optimizer", "--offload-optimizer"),
+                            ("offload_param", "offload_params", "--offload-params")):
+        dev = (zero.get(key) or {}).get("device", "auto" if key not in zero else "none")
+        if dev in ("auto", None):
+            continue
+        want = dev != "none"
+        if want != getattr(par, attr):
+            if getattr(par, attr):     # flag given, JSON says none
+                raise ValueError(f"{flag} contradicts --deepspeed-config {path}: "
+                                 f"zero_optimization.{key}.device = \"none\"; set it to \"auto\" "
+                                 f"or drop the flag")
+            notes.append(f"{key} to {dev}")
+            setattr(par, attr, want)
+    if notes:
+        print(f"[config] --deepspeed-config {path} sets {', '.join(notes)}", flush=True)
 
 
 def _fill(d: dict, key: str, value: Any, where: str) -> None:
@@ -120,10 +142,12 @@ def build_ds_config(cfg) -> dict:
     for k, v in autos.items():
         if zero.get(k) == "auto":
             zero[k] = v
-    if par.offload_optimizer:
-        zero.setdefault("offload_optimizer", {"device": "cpu"})
-    if par.offload_params:
-        zero.setdefault("offload_param", {"device": "cpu"})
+    for key, on in (("offload_optimizer", par.offload_optimizer),
+                    ("offload_param", par.offload_params)):
+        if on or key in zero:
+            block = zero.setdefault(key, {})
+            if block.get("device", "auto") in ("auto", None):
+                block["device"] = "cpu" if on else "none"
     for k, v in list(zero.items()):
         if isinstance(v, dict):
             for kk, vv in v.items():
