@@ -96,7 +96,7 @@ def _batches(loader) -> Iterator[dict]:
         yield b
 
 
-def build_data(cfg, consumed_samples: int):
+def build_data(cfg, consumed_samples: int, data_state: dict | None = None, holder: dict | None = None):
     """Train/valid loaders (this DP rank) from the data section; (None, None) without data."""
     from megatron_lite.data import build_data_loader, build_train_valid_test_datasets
     from megatron_lite.data.tokenizer import build_tokenizer
@@ -115,6 +115,12 @@ def build_data(cfg, consumed_samples: int):
     train_ds, valid_ds, _ = build_train_valid_test_datasets(
         dc, cfg.model.seq_length, (d.train_iters * d.global_batch_size, valid_samples, 0),
         cfg.training.seed, eod)
+    if data_state and train_ds is not None and hasattr(train_ds, "load_state_dict"):
+        # Per-source consumed counts from the checkpoint: with a changed stage schedule or
+        # weights, positions from here on are re-derived so no source repeats or skips samples.
+        train_ds.load_state_dict(data_state)
+    if holder is not None:
+        holder["train_ds"] = train_ds
     dp_rank, dp = get_data_parallel_rank(), get_data_parallel_world_size()
     mbs = cfg.training.micro_batch_size
     train = build_data_loader(train_ds, consumed_samples, mbs, dp_rank, dp,
@@ -235,11 +241,13 @@ def pretrain(cfg, data_iterators=None) -> TrainState:
     run_dir = run_folder(cfg)
     if rank == 0 and run_dir:
         _write_run_folder(run_dir, cfg)
+    data_holder: dict = {}
     if data_iterators is not None:
         train_factory, valid_loader = data_iterators
         train_iter = train_factory(state.consumed_samples)
     else:
-        train_loader, valid_loader = build_data(cfg, state.consumed_samples)
+        train_loader, valid_loader = build_data(cfg, state.consumed_samples, state.data_state,
+                                                data_holder)
         train_iter = _batches(train_loader)
     logger = _make_logger(cfg, rank, device, resumed is not None and state.iteration or None)
     stop = _ExitSignal(cfg.training.exit_signal_handler)
@@ -278,6 +286,9 @@ def pretrain(cfg, data_iterators=None) -> TrainState:
                 (cfg.checkpoint.save_interval and state.iteration % cfg.checkpoint.save_interval == 0)
                 or exit_now or signalled or (last and cfg.checkpoint.save_on_exit))
             if want_save:
+                train_ds = data_holder.get("train_ds")
+                if train_ds is not None and hasattr(train_ds, "state_dict"):
+                    state.data_state = train_ds.state_dict(state.consumed_samples)
                 ctx = logger.exclude_time() if logger is not None else _null()
                 with ctx:
                     checkpointing.save_checkpoint(engine, cfg, state, scheduler,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -42,12 +42,15 @@ class TrainState:
         consumed_samples: training samples read so far (all DP ranks).
         skipped_steps: total skipped steps.
         consecutive_skipped: skipped steps since the last applied one.
+        data_state: the blended train dataset's resume state (per-source consumed counts, see
+            ``BlendedDataset.state_dict``); None for a single corpus.
     """
 
     iteration: int = 0
     consumed_samples: int = 0
     skipped_steps: int = 0
     consecutive_skipped: int = 0
+    data_state: Optional[dict] = None
 
 
 @dataclasses.dataclass
