@@ -182,6 +182,21 @@ def test_resume_drops_later_records(tmp_path):
         [(1, 1.0), (2, 1.0), (3, 1.0), (4, 9.0), (5, 9.0)]
 
 
+def test_fresh_start_moves_an_old_metrics_file_aside(tmp_path, capsys):
+    clock, lines = FakeClock(), []
+    logger = _make(tmp_path, clock, lines, log_interval=1)
+    _run_steps(logger, clock, 1, 2, loss=1.0)
+    logger.close()  # died before its first checkpoint: the relaunch is a fresh start
+    logger = _make(tmp_path, clock, lines, log_interval=1)
+    _run_steps(logger, clock, 1, 1, loss=5.0)
+    logger.close()
+    recs = [json.loads(ln) for ln in open(tmp_path / "metrics.jsonl")]
+    assert [(r["step"], r["loss"]) for r in recs] == [(1, 5.0)]
+    old = [p for p in os.listdir(tmp_path) if p.startswith("metrics.jsonl.") and p.endswith(".old")]
+    assert len(old) == 1
+    assert [json.loads(ln)["step"] for ln in open(tmp_path / old[0])] == [1, 2]
+
+
 def test_timing_log_levels(tmp_path):
     clock, lines = FakeClock(), []
     logger = _make(tmp_path, clock, lines, log_interval=1, timing_log_level=0)

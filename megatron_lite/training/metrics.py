@@ -278,6 +278,12 @@ class TrainingLogger:
                     if rec.get("step", 0) <= resume_step:
                         kept.append(ln if ln.endswith("\n") else ln + "\n")
             _atomic_write(path, "".join(kept))
+        elif resume_step is None and os.path.exists(path) and os.path.getsize(path) > 0:
+            # A fresh start over an old file (an attempt that died before its first save, or
+            # another run): keep the old records beside it rather than mixing two runs' steps.
+            old = f"{path}.{time.strftime('%Y%m%d-%H%M%S')}.old"
+            os.replace(path, old)
+            print(f"[logging] {path} existed at a fresh start; moved it to {old}", flush=True)
         self._jsonl = open(path, "a", buffering=1)
 
     def _write(self, record: dict[str, Any], tb_prefix: str) -> None:
