@@ -270,6 +270,7 @@ class IndexedDatasetBuilder:
 
     @property
     def dtype(self) -> np.dtype:
+        """Token dtype written to the .bin (uint16 below 65,500 ids, else int32)."""
         return self._dtype
 
     def add_item(self, tokens) -> None:

@@ -75,6 +75,7 @@ class ColumnParallelLinear(torch.nn.Module):
         return gather_from_tensor_model_parallel_region(y) if self.gather_output else y
 
     def extra_repr(self) -> str:
+        """Full (unsharded) sizes and the output mode, for ``print(model)``."""
         return f"in={self.input_size}, out={self.output_size}, gather_output={self.gather_output}"
 
 
@@ -117,4 +118,5 @@ class RowParallelLinear(torch.nn.Module):
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:
+        """Full (unsharded) sizes and the input mode, for ``print(model)``."""
         return f"in={self.input_size}, out={self.output_size}, input_is_parallel={self.input_is_parallel}"

@@ -133,6 +133,8 @@ class GuardedAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """AdamW update unless this step was decided non-finite on any rank (then a no-op that
+        leaves parameters and optimizer state untouched). Returns None when skipped."""
         if self._decision is None:
             self._decision = self._decide()
             self.skipped = self._decision
