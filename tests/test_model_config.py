@@ -208,3 +208,25 @@ def test_hf_adapter_shape_and_consistency_errors():
         hf_to_megatron_lite(bad, c, 0, 1)
     with pytest.raises(ValueError, match="does not know"):
         hf_to_megatron_lite({**sd, "model.layers.0.self_attn.q_proj.bias": torch.zeros(128)}, c, 0, 1)
+
+
+def test_llama3_factor_order_and_hf_unsupported_rope_fields_are_refused():
+    import transformers
+
+    from megatron_lite.model.config import ModelConfig
+    from megatron_lite.model.hf_adapter import config_from_hf
+
+    cfg = ModelConfig(model_size="tiny", vocab_size=256, seq_length=64, rope_scaling_type="llama3",
+                      rope_scaling_factor=8.0, llama3_low_freq_factor=4.0, llama3_high_freq_factor=1.0)
+    with pytest.raises(ValueError, match="--llama3-high-freq-factor"):
+        cfg.validate(1)
+    base = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    for rope, match in (({"rope_type": "yarn", "factor": 2.0, "mscale": 0.707, "rope_theta": 1e4,
+                          "original_max_position_embeddings": 64}, "mscale"),
+                        ({"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5},
+                         "partial_rotary_factor")):
+        hf = transformers.LlamaConfig(**base)
+        hf.rope_parameters = rope
+        with pytest.raises(ValueError, match=match):
+            config_from_hf(hf)

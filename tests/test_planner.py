@@ -313,13 +313,20 @@ def test_plan_run_cpu_memory_matches_bench_estimate(capsys):
 @pytest.mark.slow
 def test_memory_estimate_within_15_percent_of_measured_cpu_peak():
     """Issue bar: the planner's estimate within 15 % of a measured CPU training peak (RSS growth
-    over a warmed-up baseline; one fresh process, 2 AdamW steps, fp32, tiny preset)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_memory.py"), "--single",
-                          "--cases", "tiny:256:8:none:sdpa", "--vocab-size", "4096"],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")][0]
-    r = json.loads(line[len("RESULT "):])
-    assert r["measured_bytes"] > r["states_bytes"]
-    assert 0.85 <= r["total_bytes"] / r["measured_bytes"] <= 1.15, r
+    over a warmed-up baseline; fresh processes, 2 AdamW steps, fp32, tiny preset).
+
+    RSS growth varies run to run with the allocator (147-159 MB seen for the same case), so the
+    median of three fresh processes is compared, with glibc limited to one malloc arena."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1"}
+    ratios, runs = [], []
+    for _ in range(3):
+        out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_memory.py"), "--single",
+                              "--cases", "tiny:256:8:none:sdpa", "--vocab-size", "4096"],
+                             capture_output=True, text=True, env=env, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")][0]
+        r = json.loads(line[len("RESULT "):])
+        assert r["measured_bytes"] > r["states_bytes"]
+        ratios.append(r["total_bytes"] / r["measured_bytes"])
+        runs.append(r)
+    assert 0.85 <= sorted(ratios)[1] <= 1.15, (ratios, runs)

@@ -199,6 +199,10 @@ class ModelConfig:
                           "--rope-scaling-type (linear, ntk, dynamic, yarn, llama3)")
         if self.rope_scaling_factor < 1.0:
             errors.append(f"--rope-scaling-factor must be >= 1 (got {self.rope_scaling_factor})")
+        if self.rope_scaling_type == "llama3" and \
+                not self.llama3_high_freq_factor > self.llama3_low_freq_factor:
+            errors.append(f"--llama3-high-freq-factor ({self.llama3_high_freq_factor}) must exceed "
+                          f"--llama3-low-freq-factor ({self.llama3_low_freq_factor})")
         if self.attention_dropout != 0.0:
             errors.append(f"--attention-dropout {self.attention_dropout} is not supported (the attention "
                           "kernels take no dropout); set it to 0")

@@ -46,6 +46,17 @@ def config_from_hf(hf_config) -> ModelConfig:
     if "type" in rope and "rope_type" not in rope:
         rope["rope_type"] = rope["type"]
     kind = rope.get("rope_type", "default")
+    # Fields our RoPE does not implement: refuse them rather than convert to a different model.
+    prf = rope.get("partial_rotary_factor", g("partial_rotary_factor", None))
+    if prf not in (None, 1, 1.0):
+        raise ValueError(f"HF partial_rotary_factor={prf} is unsupported (megatron_lite rotates the "
+                         f"whole head dimension)")
+    for key in ("mscale", "mscale_all_dim"):
+        if rope.get(key) not in (None, 0, 1, 1.0):
+            raise ValueError(f"HF rope {key}={rope[key]} is unsupported (YaRN's attention factor "
+                             f"here is 0.1*ln(s)+1 or an explicit attention_factor)")
+    if kind != "default" and rope.get("factor") is None:
+        raise ValueError(f"HF rope type {kind!r} without a 'factor'; set rope 'factor' explicitly")
     theta = rope.get("rope_theta", g("rope_theta", 10000.0))
     kw = dict(rotary_base=float(theta))
     if kind == "default":
