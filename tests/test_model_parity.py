@@ -6,12 +6,10 @@ vocab, head_dim != H/heads), so the file stays within its time budget on 2 cores
 
 import dataclasses
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM  # imported before forking so the workers share it
 
@@ -46,27 +44,7 @@ def _tp_ok(name: str, tp: int) -> bool:
     return _config(name).validate().num_query_groups % tp == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank, world, port, fn, args):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        fn(rank, world, *args)
-    finally:
-        ps.destroy_model_parallel()
-        dist.destroy_process_group()
-
-
-def spawn(fn, world, *args):
-    """Forked gloo processes (a spawned child re-imports torch: 10+ s each on a loaded 2-core box)."""
-    mp.start_processes(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True,
-                       start_method="fork")
+from tests.dist_utils import spawn  # noqa: E402
 
 
 def _hf_model(c: ModelConfig, seed: int):

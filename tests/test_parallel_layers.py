@@ -5,12 +5,10 @@ Single-process checks run directly; multi-process ones run in ONE spawn of 4 glo
 """
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from megatron_lite import parallel as ps
@@ -24,29 +22,7 @@ from megatron_lite.parallel.mappings import (copy_to_tensor_model_parallel_regio
 from megatron_lite.parallel.random import get_rng_tracker, model_parallel_manual_seed
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank, world, port, fn, args):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        fn(rank, world, *args)
-    finally:
-        ps.destroy_model_parallel()
-        dist.destroy_process_group()
-
-
-def spawn(fn, world, *args):
-    """Run ``fn(rank, world, *args)`` in ``world`` gloo processes. Forked, not spawned: a spawned
-    child re-imports torch (10+ s each on a loaded 2-core machine); the parent has not touched
-    torch.distributed and runs single-threaded (OMP_NUM_THREADS=1), so forking is safe."""
-    mp.start_processes(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True,
-                       start_method="fork")
+from tests.dist_utils import spawn  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- single process
