@@ -1,9 +1,9 @@
 """The run's config tree: composition, command line, YAML, derived values and validation.
 
 ``RunConfig`` holds one dataclass per section (``model``, ``data``, ``parallel``, ``optimizer``,
-``schedule``, ``training``, ``checkpoint``, ``logging``, ``eval``). Every field is declared once with
-:func:`megatron_lite.config_field.arg`; the argparse parser and the YAML loader are generated from
-that metadata, so a flag's name, type, choices, default and help live in one place. Precedence:
+``schedule``, ``training``, ``checkpoint``, ``logging``, ``eval``, ``cpt``). Every field is declared
+once with :func:`megatron_lite.config_field.arg`; the argparse parser and the YAML loader are
+generated from that metadata, so a flag's name, type, choices, default and help live in one place. Precedence:
 dataclass default < ``--config run.yaml`` < command-line flag.
 
 Derived values (D, mu_tok, A, GB, GB_tok, train/warmup/decay steps, padded vocab, head_dim) are
@@ -55,6 +55,7 @@ def section_classes() -> dict[str, type]:
         "checkpoint": CheckpointConfig,
         "logging": _optional_section("megatron_lite.training.metrics", "LoggingConfig") or _Empty,
         "eval": _optional_section("megatron_lite.eval", "EvalConfig") or _Empty,
+        "cpt": _optional_section("megatron_lite.training.cpt_config", "CPTConfig") or _Empty,
     }
 
 
@@ -104,6 +105,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     logging: Any = None
     eval: Any = None
+    cpt: Any = None
     derived: Derived = dataclasses.field(default_factory=Derived)
     # Not part of the tree (never saved): how this process was asked to run.
     dry_run: bool = False

@@ -180,7 +180,7 @@ def build_model(cfg, device: torch.device):
         return LlamaModel(cfg.model, device=device)
 
 
-def pretrain(cfg, data_iterators=None) -> TrainState:
+def pretrain(cfg, data_iterators=None, model_setup=None) -> TrainState:
     """Train according to a finalized RunConfig (collective over all ranks).
 
     Args:
@@ -188,6 +188,10 @@ def pretrain(cfg, data_iterators=None) -> TrainState:
         data_iterators: optional ``(train_iter_factory, valid_loader)`` override where
             ``train_iter_factory(consumed_samples)`` returns an iterator of this rank's
             micro-batches (tests); default: :func:`build_data`.
+        model_setup: optional ``fn(model, cfg)`` called on every rank after this rank's model is
+            built (ZeRO-3: already partitioned) and before the optimizer and DeepSpeed engine
+            exist: load pretrained weights, set ``requires_grad=False`` on frozen parameters
+            (continued pretraining, ``cpt_llama.py``). Parameters it freezes get no optimizer state.
 
     Returns:
         The final :class:`TrainState`.
@@ -223,6 +227,8 @@ def pretrain(cfg, data_iterators=None) -> TrainState:
         print(format_plan(cfg), flush=True)
     set_seeds(cfg, device)
     model = build_model(cfg, device)
+    if model_setup is not None:
+        model_setup(model, cfg)
     optimizer = build_optimizer(model, cfg, device, clip_in_optimizer(cfg))
     engine = init_engine(model, optimizer, cfg)
     scheduler = LRScheduler.from_config(optimizer, cfg)
