@@ -162,6 +162,50 @@ def _spec(c: ModelConfig) -> list[tuple[str, list[tuple[str, tuple[int, ...]]], 
 _VOCAB = ("embedding.weight", "output_layer.weight")
 
 
+def hf_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """HF name -> full shape of every ``LlamaForCausalLM`` weight for ``config`` (no ``lm_head``
+    when tied), in HF's order (embedding, layers, final norm, head)."""
+    return {key: shape for _, parts, _ in _spec(config.resolve()) for key, shape in parts}
+
+
+def check_hf_state_dict(hf_state_dict: dict, config: ModelConfig, where: str = "HF state dict") -> dict:
+    """Validate a full HF state dict against ``config`` and return it in canonical form.
+
+    Canonical: exactly the keys of :func:`hf_tensor_shapes` plus, when tied, ``lm_head.weight`` as
+    the very tensor of ``model.embed_tokens.weight``; ``rotary_emb.inv_freq`` buffers dropped.
+    A tied checkpoint that also stores ``lm_head.weight`` must store the same values.
+
+    Raises:
+        ValueError: naming ``where`` and the key, for a missing key, a wrong shape, an unknown key,
+            or a stored ``lm_head.weight`` that differs from the embedding of a tied model.
+    """
+    shapes = hf_tensor_shapes(config)
+    tied = bool(config.tie_word_embeddings)
+    extra = [k for k in hf_state_dict if k not in shapes and k != "lm_head.weight"
+             and not k.endswith("rotary_emb.inv_freq")]
+    if extra:
+        raise ValueError(f"{where}: keys a LLaMA model does not have: {extra[:5]} (biases or a "
+                         "different architecture?)")
+    out = {}
+    for key, shape in shapes.items():
+        if key not in hf_state_dict:
+            hint = " (the config says tie_word_embeddings=false)" if key == "lm_head.weight" else ""
+            raise ValueError(f"{where}: missing {key}{hint}")
+        t = hf_state_dict[key]
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{where}: {key} has shape {tuple(t.shape)}, the config implies {shape}: "
+                             "config and weights do not belong together")
+        out[key] = t
+    if tied:
+        emb = out["model.embed_tokens.weight"]
+        head = hf_state_dict.get("lm_head.weight")
+        if head is not None and head is not emb and not torch.equal(head.to(emb.dtype), emb):
+            raise ValueError(f"{where}: tie_word_embeddings=true but lm_head.weight differs from "
+                             "model.embed_tokens.weight")
+        out["lm_head.weight"] = emb
+    return out
+
+
 def hf_to_megatron_lite(hf_state_dict: dict, config: ModelConfig, tp_rank: int, tp_size: int) -> dict:
     """This TP rank's ``LlamaModel`` state dict from an HF ``LlamaForCausalLM`` state dict.
 
