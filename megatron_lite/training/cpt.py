@@ -1,0 +1,275 @@
+"""Continued pretraining (``cpt_llama.py``): config resolution from a base checkpoint and the run.
+
+Precedence of values (lowest first): dataclass defaults < :data:`CPT_DEFAULTS` < the base
+checkpoint's model config < ``--config`` YAML < command-line flags. Architecture fields (width,
+depth, heads, KV groups, FFN, head dim, norm epsilon, RoPE base, tied embeddings) must agree with
+the base: a YAML key or flag that contradicts it is a :class:`~megatron_lite.config.ConfigError`
+naming the flag and both values. Fields a checkpoint may change on resume
+(``checkpointing._MODEL_FIELDS_ALLOWED_TO_CHANGE``: sequence length, RoPE scaling, backends, ...)
+are taken from the base when not given and may be overridden, e.g. a long-context CPT with
+``--seq-length 8192 --rope-scaling-type yarn --rope-scaling-factor 2``.
+
+Vocabulary: ``V = --vocab-size`` if given, else ``max(V_base, V_tokenizer)`` of
+``--tokenizer-model``; ``V < V_base`` is an error (rows cannot be dropped). ``V > V_base`` grows
+the embedding/output rows (:mod:`megatron_lite.training.cpt_weights`).
+
+Optimizer and schedule: never loaded from the base (fresh AdamW moments; warmup/decay from this
+run's flags, counted from step 0: the recipe's "re-warm"). On a restart with ``--load`` of the CPT
+run's own checkpoints the usual resume applies, including ``--override-opt-param-scheduler``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+from megatron_lite.config import ConfigError, RunConfig, build_parser, finalize
+
+# CPT defaults that differ from pretraining (the recipe's CPT chapter: a smaller peak LR than the
+# base's 3e-4; the short re-warmup and cosine decay to 10 % are already the generic defaults).
+# Everything is overridable by YAML/flags.
+CPT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "optimizer": {"lr": 1.0e-4},   # --min-lr stays 10 % of --lr; warmup stays 1 % of the decay
+}
+
+# Must equal the base checkpoint when given (compared after resolving defaults).
+ARCH_FIELDS = ("hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
+               "ffn_hidden_size", "kv_channels", "norm_epsilon", "rotary_base",
+               "tie_word_embeddings")
+
+
+@dataclasses.dataclass
+class BaseCheckpoint:
+    """A detected base checkpoint.
+
+    Attributes:
+        format: ``"hf"`` or ``"megatron_lite"``.
+        path: the HF folder, or our resolved checkpoint folder (``iter_XXXXXXX``).
+        model: its ``ModelConfig`` (resolved; ``vocab_size`` = the base vocabulary V_base).
+        tokenizer_model: tokenizer file it was trained with, when known (else None).
+        tp: TP degree it was saved with (1 for HF).
+    """
+
+    format: str
+    path: str
+    model: Any
+    tokenizer_model: str | None
+    tp: int
+
+
+def detect_base(path: str, fmt: str = "auto") -> BaseCheckpoint:
+    """Read the config of a base checkpoint (no weights).
+
+    Args:
+        path: HF folder, our ``--save`` folder, or one of our checkpoint folders.
+        fmt: ``auto``, ``hf`` or ``megatron_lite``.
+
+    Raises:
+        ConfigError: path missing, no complete checkpoint, unreadable or unsupported config.
+    """
+    from megatron_lite.training.checkpointing import find_checkpoint, read_saved_config
+
+    where = f"--pretrained-checkpoint {path}"
+    if not path or not os.path.isdir(path):
+        raise ConfigError(f"{where}: folder not found")
+    if fmt == "auto":
+        fmt = "hf" if os.path.isfile(os.path.join(path, "config.json")) else "megatron_lite"
+    if fmt == "hf":
+        from megatron_lite.model.hf_adapter import config_from_hf
+
+        cfg_path = os.path.join(path, "config.json")
+        try:
+            with open(cfg_path) as f:
+                model = config_from_hf(json.load(f))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{where}: cannot use {cfg_path} as a LLaMA config ({e})") from None
+        tok = os.path.join(path, "tokenizer.model")
+        return BaseCheckpoint("hf", path, model.resolve(), tok if os.path.isfile(tok) else None, 1)
+    ck = find_checkpoint(path)
+    if ck is None:
+        raise ConfigError(f"{where}: neither a HuggingFace folder (config.json) nor a folder with a "
+                          "complete megatron_lite checkpoint (manifest.json)")
+    saved = RunConfig.from_dict(read_saved_config(ck), source=os.path.join(ck, "run_config.json"))
+    tok = saved.data.tokenizer_model
+    return BaseCheckpoint("megatron_lite", ck, saved.model.resolve(),
+                          tok if tok and os.path.isfile(tok) else None,
+                          saved.parallel.tensor_model_parallel_size)
+
+
+def _flag_names(parser) -> dict[str, str]:
+    return {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
+
+
+def resolve_config(argv: Sequence[str] | None = None, world_size: int | None = None) -> RunConfig:
+    """Parse ``cpt_llama.py`` flags into a finalized RunConfig (module docstring for precedence).
+
+    Args:
+        argv: arguments without the program name (default ``sys.argv[1:]``).
+        world_size: processes in the job (default ``$WORLD_SIZE`` or 1).
+
+    Raises:
+        ConfigError: no ``--pretrained-checkpoint``, an unusable one, a model flag contradicting
+            it, a vocabulary smaller than the base's, or any error of :func:`finalize`.
+    """
+    from megatron_lite.config import _apply_tree, _did_you_mean, _yaml_with_lines
+
+    parser = build_parser(prog="cpt_llama.py")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ns, unknown = parser.parse_known_args(argv)
+    if unknown:
+        known = [o for a in parser._actions for o in a.option_strings]
+        bad = [u for u in unknown if u.startswith("-")] or unknown
+        raise ConfigError(f"unknown argument {bad[0]!r}"
+                          f"{_did_you_mean(bad[0].split('=')[0], known)}")
+    cfg = RunConfig()
+    _apply_tree(cfg, CPT_DEFAULTS, "cpt_llama.py defaults", {})
+    given: dict[str, tuple[Any, str]] = {}  # model field -> (value, where it was given)
+    yaml_tree: dict = {}
+    if ns.config:
+        if not os.path.exists(ns.config):
+            raise ConfigError(f"--config {ns.config}: file not found")
+        yaml_tree, lines = _yaml_with_lines(ns.config)
+        cfg.config_file = ns.config
+        for key, value in (yaml_tree.get("model") or {}).items():
+            line = lines.get(f"model.{key}")
+            given[key] = (value, f"{ns.config}:{line} model.{key}" if line else
+                          f"{ns.config} model.{key}")
+    flags = _flag_names(parser)
+    cli = {dest: value for dest, value in vars(ns).items() if "." in dest}
+    for dest, value in cli.items():
+        sec, key = dest.split(".", 1)
+        if sec == "model":
+            given[key] = (value, flags.get(dest, dest))
+    # The base's values go in before YAML and flags, so those still win (and are then checked).
+    probe = RunConfig()
+    if ns.config:
+        _apply_tree(probe, {k: v for k, v in yaml_tree.items() if k == "cpt"}, ns.config, {})
+    for dest, value in cli.items():
+        if dest.startswith("cpt."):
+            setattr(probe.cpt, dest.split(".", 1)[1], value)
+    if not probe.cpt.pretrained_checkpoint:
+        raise ConfigError("cpt_llama.py needs --pretrained-checkpoint DIR (the base model: an HF "
+                          "folder or a megatron_lite checkpoint folder)")
+    base = detect_base(probe.cpt.pretrained_checkpoint, probe.cpt.pretrained_checkpoint_format)
+    _fill_model_from_base(cfg.model, base.model)
+    if ns.config:
+        _apply_tree(cfg, yaml_tree, ns.config, lines)
+    for dest, value in cli.items():
+        sec, key = dest.split(".", 1)
+        setattr(getattr(cfg, sec), key, value)
+    cfg.dry_run = ns.dry_run
+    _check_against_base(cfg.model, base, given)
+    cfg.model.vocab_size = _resolve_vocab(cfg, base, given)
+    cfg.cpt.base_vocab_size = base.model.vocab_size
+    cfg.cpt.base_format = base.format
+    if cfg.model.vocab_size > base.model.vocab_size:
+        from megatron_lite.training.cpt_weights import check_extended_tokenizer
+
+        try:
+            check_extended_tokenizer(cfg, base)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    finalize(cfg, world_size)
+    from megatron_lite.training.cpt_config import parse_layer_ranges
+
+    try:
+        parse_layer_ranges(cfg.cpt.freeze_layers, cfg.model.num_layers)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return cfg
+
+
+def _fill_model_from_base(model, base_model) -> None:
+    """Copy every field of the base's ModelConfig except run-local ones (dtype, backends...)."""
+    skip = {"model_size", "params_dtype", "attention_backend", "no_fused_rope",
+            "recompute_granularity", "recompute_num_layers", "attention_dropout",
+            "hidden_dropout", "make_vocab_size_divisible_by", "init_method_std"}
+    for f in dataclasses.fields(base_model):
+        if f.name not in skip:
+            setattr(model, f.name, copy.deepcopy(getattr(base_model, f.name)))
+
+
+def _check_against_base(model, base: BaseCheckpoint, given: dict) -> None:
+    from megatron_lite.model.presets import MODEL_PRESETS
+
+    b = base.model
+    src = f"the pretrained checkpoint {base.path}"
+    errors = []
+    for name in ARCH_FIELDS:
+        if name not in given:
+            continue
+        value, where = given[name]
+        want = b.head_dim if name == "kv_channels" else getattr(b, name)
+        if value is not None and value != want:
+            errors.append(f"{where} {value!r} contradicts {src}: {name} = {want!r}")
+    if "model_size" in given and given["model_size"][0] in MODEL_PRESETS:
+        size, where = given["model_size"]
+        for key, value in MODEL_PRESETS[size].items():
+            want = getattr(b, key)
+            if key in ARCH_FIELDS and value is not None and value != want and key not in given:
+                errors.append(f"{where} {size!r} sets {key} = {value!r}, contradicting {src}: "
+                              f"{key} = {want!r}")
+    if errors:
+        raise ConfigError("; ".join(errors) + ". Drop the flag (the architecture comes from the "
+                          "base checkpoint) or pick the matching base.")
+
+
+def _resolve_vocab(cfg, base: BaseCheckpoint, given: dict) -> int:
+    v0 = int(base.model.vocab_size)
+    if "vocab_size" in given and given["vocab_size"][0] is not None:
+        v, where = given["vocab_size"]
+        if int(v) < v0:
+            raise ConfigError(f"{where} {v} is below the pretrained checkpoint's vocabulary "
+                              f"{v0} ({base.path}); rows cannot be dropped")
+        return int(v)
+    tok_path = cfg.data.tokenizer_model
+    if not tok_path:
+        return v0
+    from megatron_lite.data.tokenizer import build_tokenizer
+
+    try:
+        tok = build_tokenizer(cfg.data.tokenizer_type or "SentencePieceTokenizer", tok_path)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"--tokenizer-model {tok_path}: cannot load ({e})") from None
+    return max(v0, int(tok.vocab_size))
+
+
+def resuming(cfg) -> str | None:
+    """This run's own checkpoint to resume (``--load`` has a complete one, not ``--finetune``)."""
+    from megatron_lite.training.checkpointing import find_checkpoint
+
+    ck = cfg.checkpoint
+    if not ck.load or ck.finetune:
+        return None
+    return find_checkpoint(ck.load)
+
+
+def run(cfg, data_iterators=None, after_setup=None):
+    """Train a finalized CPT config: :func:`pretrain` with the CPT model setup.
+
+    Args:
+        cfg: from :func:`resolve_config`.
+        data_iterators: as :func:`megatron_lite.training.pretrain.pretrain` (tests).
+        after_setup: optional ``fn(model, cfg)`` called right after the CPT setup (tests use it
+            to snapshot the loaded weights before any step).
+
+    Returns:
+        The final ``TrainState``.
+    """
+    from megatron_lite.training.cpt_weights import setup_model
+    from megatron_lite.training.pretrain import pretrain
+
+    def model_setup(model, cfg_):
+        setup_model(model, cfg_, load_weights=resuming(cfg_) is None)
+        if after_setup is not None:
+            after_setup(model, cfg_)
+
+    return pretrain(cfg, data_iterators=data_iterators, model_setup=model_setup)
+
+
+__all__ = ["ARCH_FIELDS", "BaseCheckpoint", "CPT_DEFAULTS", "detect_base", "resolve_config",
+           "resuming", "run"]
