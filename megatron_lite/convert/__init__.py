@@ -38,6 +38,26 @@ def load_checkpoint(load: str, load_format: str, iteration: int | None = None) -
     raise ConversionError(f"--load-format {load_format!r}: choose one of {LOAD_FORMATS}")
 
 
+def _check_tokenizer(ckpt: Checkpoint) -> None:
+    """The tokenizer must exist and fit the model's vocabulary (ids < vocab_size)."""
+    import os
+
+    path = ckpt.tokenizer_model
+    if not path:
+        return
+    if not os.path.isfile(path):
+        raise ConversionError(f"tokenizer {path} does not exist (--tokenizer-model)")
+    import sentencepiece as spm
+
+    try:
+        n = spm.SentencePieceProcessor(model_file=path).get_piece_size()
+    except Exception as e:  # noqa: BLE001 - sentencepiece raises plain RuntimeError/OSError
+        raise ConversionError(f"tokenizer {path}: not a SentencePiece model ({e})") from e
+    if n > ckpt.model_config.vocab_size:
+        raise ConversionError(f"tokenizer {path} has {n} pieces but the model's vocabulary has "
+                              f"{ckpt.model_config.vocab_size} rows: wrong tokenizer")
+
+
 def convert(load: str, save: str, load_format: str, save_format: str, target_tp: int | None = None,
             dtype: str | None = None, max_shard_size: str | int = "5GB",
             tokenizer_model: str | None = None, iteration: int | None = None,
@@ -76,6 +96,7 @@ def convert(load: str, save: str, load_format: str, save_format: str, target_tp:
     ckpt = load_checkpoint(load, load_format, iteration)
     if tokenizer_model:
         ckpt.tokenizer_model = tokenizer_model
+    _check_tokenizer(ckpt)
     ckpt.state = cast_state(ckpt.state, DTYPES[dtype] if dtype else None)
     tp = None
     if save_format == "megatron_lite":
@@ -91,6 +112,8 @@ def convert(load: str, save: str, load_format: str, save_format: str, target_tp:
             notes += hf_io.write_hf(ckpt, tmp, shard_bytes)
         else:
             ours_io.write_ours(ckpt, tmp, save, tp)
+            notes.append("weights only (no optimizer state): train from it with --load "
+                         f"{save} --finetune --tp {tp} " + " ".join(ours_io.model_flags(ckpt.model_config)))
     return {"save": save, "notes": notes, "tp": tp, "iteration": ckpt.iteration,
             "source": ckpt.source}
 

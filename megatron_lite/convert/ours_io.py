@@ -126,6 +126,27 @@ def from_shards(shards: list, cfg, iteration: int, path: str) -> Checkpoint:
                       iteration=int(iteration or 0), source=f"{path} (megatron_lite)")
 
 
+def model_flags(mc) -> list[str]:
+    """``pretrain_llama.py`` flags that rebuild architecture ``mc`` (what ``--load DIR --finetune``
+    of a converted checkpoint must be given: the loader refuses a different model)."""
+    c = copy.deepcopy(mc).resolve()
+    flags = ["--hidden-size", c.hidden_size, "--num-layers", c.num_layers,
+             "--num-attention-heads", c.num_attention_heads, "--num-query-groups", c.num_query_groups,
+             "--ffn-hidden-size", c.ffn_hidden_size, "--vocab-size", c.vocab_size,
+             "--max-position-embeddings", c.max_position_embeddings,
+             "--norm-epsilon", c.norm_epsilon, "--rotary-base", c.rotary_base,
+             "--init-method-std", c.init_method_std,
+             "--make-vocab-size-divisible-by", c.make_vocab_size_divisible_by]
+    if c.kv_channels:
+        flags += ["--kv-channels", c.kv_channels]
+    if c.tie_word_embeddings:
+        flags.append("--tie-word-embeddings")
+    if c.rope_scaling_type != "none":
+        flags += ["--rope-scaling-type", c.rope_scaling_type,
+                  "--rope-scaling-factor", c.rope_scaling_factor]
+    return [str(f) for f in flags]
+
+
 def write_ours(ckpt: Checkpoint, out_dir: str, final_dir: str, tp: int) -> str:
     """Write ``ckpt`` as a weights-only megatron_lite checkpoint at TP degree ``tp``.
 

@@ -1,0 +1,261 @@
+"""tools/convert_checkpoint.py: HF <-> megatron_lite at any TP, TP resharding, DeepSpeed ZeRO
+consolidation, bad input.
+
+Tiny HF models are made locally with ``transformers.LlamaConfig``/``LlamaForCausalLM`` (no hub).
+The training-side checks (ZeRO-2 bf16 and ZeRO-3 TP=2 checkpoints, ``--finetune`` from a converted
+checkpoint, a raw DeepSpeed checkpoint of an HF model) share ONE torchrun launch (this file run as
+a script, 2 processes, gloo): the module fixture ``launch``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.fixtures_data import load_tool, tiny_corpus_and_tokenizer  # noqa: F401
+from tests.test_training import _free_port, make_dataset
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+V_ODD = 300  # not a multiple of 128 * TP: padded to 384 (TP=1), 512 (TP=2 and TP=4)
+
+
+def _hf_model(folder, *, vocab=V_ODD, heads=4, groups=2, tied=False, rope=None, seed=0):
+    """Save a random tiny LlamaForCausalLM to ``folder``; returns the model (eval mode)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    kw = {"rope_parameters": rope} if rope else {}
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=heads, num_key_value_heads=groups,
+                      max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=tied, **kw)
+    m = LlamaForCausalLM(cfg).eval()
+    m.save_pretrained(str(folder))
+    return m
+
+
+def _convert(*argv):
+    return load_tool("convert_checkpoint").main([str(a) for a in argv])
+
+
+def _hf_tensors(folder) -> dict:
+    from megatron_lite.convert.hf_io import read_hf_state_dict
+
+    return read_hf_state_dict(str(folder))
+
+
+def _tokens(vocab=V_ODD, b=2, s=24, seed=5):
+    return torch.randint(0, vocab, (b, s), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def _ours_logits(folder, tokens, vocab=V_ODD):
+    from megatron_lite.training.checkpointing import load_model_for_inference
+
+    model, cfg = load_model_for_inference(str(folder), 0, 1)
+    return model(tokens)[..., :vocab].float(), cfg
+
+
+@torch.no_grad()
+def _hf_logits(folder, tokens):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    return m(input_ids=tokens).logits.float(), m
+
+
+# ----------------------------------------------------------------------------- HF <-> ours
+@pytest.mark.parametrize("tied", [False, True])
+def test_hf_to_ours_tp2_to_hf_bitwise(tmp_path, tied):
+    ref = _hf_model(tmp_path / "hf0", tied=tied)
+    _convert("--load-format", "hf", "--save-format", "megatron_lite", "--load", tmp_path / "hf0",
+             "--save", tmp_path / "ours2", "--target-tp", 2)
+    ck = tmp_path / "ours2" / "iter_0000000"
+    assert (tmp_path / "ours2" / "latest").read_text().strip() == "iter_0000000"
+    a = _hf_tensors(tmp_path / "hf0")
+    d = 16  # head dim = 64 / 4
+    for r in range(2):   # the per-rank layout, derived by hand from the HF tensors
+        sd = torch.load(ck / f"mp_rank_{r:02d}_model_states.pt", weights_only=False)["module"]
+        emb = sd["embedding.weight"]
+        assert emb.shape == (256, 64)       # V_pad(TP=2) = 512 = 2 * 256 rows per rank
+        padded = torch.cat([a["model.embed_tokens.weight"], torch.zeros(512 - V_ODD, 64)])
+        assert torch.equal(emb, padded[256 * r:256 * (r + 1)])
+        q, k, v = (a[f"model.layers.1.self_attn.{n}_proj.weight"] for n in "qkv")
+        # rank r owns query heads [2r, 2r+2) and KV group r: rows [Q_r; K_r; V_r]
+        want = torch.cat([q[2 * d * r:2 * d * (r + 1)], k[d * r:d * (r + 1)], v[d * r:d * (r + 1)]])
+        assert torch.equal(sd["layers.1.self_attn.qkv_proj.weight"], want)
+        g, u = a["model.layers.0.mlp.gate_proj.weight"], a["model.layers.0.mlp.up_proj.weight"]
+        assert torch.equal(sd["layers.0.mlp.gate_up_proj.weight"],
+                           torch.cat([g[48 * r:48 * (r + 1)], u[48 * r:48 * (r + 1)]]))
+        assert torch.equal(sd["layers.0.mlp.down_proj.weight"],
+                           a["model.layers.0.mlp.down_proj.weight"][:, 48 * r:48 * (r + 1)])
+        assert ("output_layer.weight" in sd) is (not tied)
+    _convert("--load-format", "megatron_lite", "--save-format", "hf", "--load", tmp_path / "ours2",
+             "--save", tmp_path / "hf1")
+    b = _hf_tensors(tmp_path / "hf1")
+    assert sorted(a) == sorted(b) and ("lm_head.weight" in b) is (not tied)  # tied: one tensor
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    hf_cfg = json.loads((tmp_path / "hf1" / "config.json").read_text())
+    assert hf_cfg["tie_word_embeddings"] is tied and hf_cfg["vocab_size"] == V_ODD
+    tokens = _tokens()
+    lh, m = _hf_logits(tmp_path / "hf1", tokens)
+    if tied:
+        assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(lh, ref(input_ids=tokens).logits.float().detach())
+
+
+def test_ours_tp2_to_tp4_to_hf_logits_and_sharding(tmp_path):
+    """Resharding 2 -> 4 without HF in between, then an HF folder sharded at 40 kB whose logits
+    equal ours; bf16 output casts every tensor and says so in config.json."""
+    _hf_model(tmp_path / "hf0", heads=8, groups=4,
+              rope={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
+    _convert("--load-format", "hf", "--save-format", "megatron_lite", "--load", tmp_path / "hf0",
+             "--save", tmp_path / "ours2", "--target-tp", 2)
+    _convert("--load-format", "megatron_lite", "--save-format", "megatron_lite",
+             "--load", tmp_path / "ours2", "--save", tmp_path / "ours4", "--target-tp", 4)
+    ck4 = tmp_path / "ours4" / "iter_0000000"
+    assert sorted(p.name for p in ck4.glob("mp_rank_*")) == \
+        [f"mp_rank_{r:02d}_model_states.pt" for r in range(4)]
+    cfg4 = json.loads((ck4 / "run_config.json").read_text())["config"]
+    assert cfg4["parallel"]["tensor_model_parallel_size"] == 4
+    assert cfg4["derived"]["padded_vocab_size"] == 512
+    _convert("--load-format", "megatron_lite", "--save-format", "hf", "--load", tmp_path / "ours4",
+             "--save", tmp_path / "hf1", "--max-shard-size", "40KB")
+    index = json.loads((tmp_path / "hf1" / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1 and all((tmp_path / "hf1" / f).stat().st_size <= 40_000 + 1000
+                                  for f in files if len(
+                                      [k for k, v in index["weight_map"].items() if v == f]) > 1)
+    assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in
+                                                  _hf_tensors(tmp_path / "hf0").values())
+    hf_cfg = json.loads((tmp_path / "hf1" / "config.json").read_text())
+    rope = hf_cfg.get("rope_parameters") or hf_cfg.get("rope_scaling")
+    assert rope["rope_type"] == "linear" and rope["factor"] == 2.0
+    tokens = _tokens()
+    lo2, _ = _ours_logits(tmp_path / "ours2", tokens)
+    lo4, _ = _ours_logits(tmp_path / "ours4", tokens)
+    lh, _ = _hf_logits(tmp_path / "hf1", tokens)
+    assert (lo2 - lh).abs().max() <= 1e-5 and (lo4 - lh).abs().max() <= 1e-5
+    _convert("--load-format", "megatron_lite", "--save-format", "hf", "--load", tmp_path / "ours4",
+             "--save", tmp_path / "hf_bf16", "--dtype", "bf16")
+    a, b = _hf_tensors(tmp_path / "hf0"), _hf_tensors(tmp_path / "hf_bf16")
+    assert all(b[k].dtype == torch.bfloat16 and torch.equal(b[k], a[k].to(torch.bfloat16)) for k in a)
+    assert json.loads((tmp_path / "hf_bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_gqa_groups_below_tp_is_a_clear_error_and_writes_nothing(tmp_path, capsys):
+    _hf_model(tmp_path / "hf0", heads=4, groups=2)
+    with pytest.raises(SystemExit):
+        _convert("--load-format", "hf", "--save-format", "megatron_lite", "--load", tmp_path / "hf0",
+                 "--save", tmp_path / "ours4", "--target-tp", 4)
+    err = capsys.readouterr().err
+    assert "--num-query-groups 2 is not divisible by --tensor-model-parallel-size 4" in err
+    assert sorted(os.listdir(tmp_path)) == ["hf0"]
+
+
+def test_tokenizer_files_and_eval_ppl(tmp_path, tiny_corpus_and_tokenizer):
+    """An HF folder gets tokenizer.model, a tokenizer.json with SentencePiece's ids and bos/eos;
+    tools/eval_ppl.py gives the same perplexity for the HF folder and the converted ours."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    _, sp_model = tiny_corpus_and_tokenizer
+    _hf_model(tmp_path / "hf0", vocab=512, tied=True)
+    _convert("--load-format", "hf", "--save-format", "megatron_lite", "--load", tmp_path / "hf0",
+             "--save", tmp_path / "ours", "--target-tp", 1, "--tokenizer-model", sp_model)
+    _convert("--load-format", "megatron_lite", "--save-format", "hf", "--load", tmp_path / "ours",
+             "--save", tmp_path / "hf1")
+    out = tmp_path / "hf1"
+    assert (out / "tokenizer.model").read_bytes() == open(sp_model, "rb").read()
+    sp = spm.SentencePieceProcessor(model_file=sp_model)
+    tok = AutoTokenizer.from_pretrained(str(out))
+    for text in ["the model returns 42", "café 日本語\n  indented", "x"]:
+        assert tok.encode(text, add_special_tokens=False) == sp.encode(text)
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert (gen["bos_token_id"], gen["eos_token_id"]) == (sp.bos_id(), sp.eos_id())
+    make_dataset(str(tmp_path / "data"))
+    eval_ppl = load_tool("eval_ppl")
+    common = ["--data-path", str(tmp_path / "data"), "--seq-length", "32", "--max-tokens", "400",
+              "--device", "cpu"]
+    r_ours = eval_ppl.main(["--load", str(tmp_path / "ours")] + common)
+    r_hf = eval_ppl.main(["--load", str(tmp_path / "hf0"), "--load-format", "hf"] + common)
+    assert r_ours["tokens"] == r_hf["tokens"] > 0
+    assert r_ours["nll"] == pytest.approx(r_hf["nll"], abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- bad input
+def _expect_error(capsys, tmp_path, argv, *needles):
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(SystemExit):
+        _convert(*argv)
+    err = capsys.readouterr().err
+    for n in needles:
+        assert str(n) in err, (n, err)
+    assert sorted(os.listdir(tmp_path)) == before  # nothing written, no .tmp_ leftovers
+    return err
+
+
+def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, capsys):
+    src = tmp_path / "hf0"
+    _hf_model(src)
+    out = tmp_path / "out"
+    hf_in = ["--load-format", "hf", "--save-format", "megatron_lite", "--save", out]
+    # sharded HF folder with a shard missing
+    _convert("--load-format", "hf", "--save-format", "hf", "--load", src, "--save",
+             tmp_path / "sharded", "--max-shard-size", "50KB")
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    victim = sorted(set(index["weight_map"].values()))[1]
+    os.remove(tmp_path / "sharded" / victim)
+    _expect_error(capsys, tmp_path, hf_in + ["--load", tmp_path / "sharded"], victim, "do not exist")
+    # weights that do not fit the config (shape mismatch), the key named
+    cfg_path = src / "config.json"
+    good = cfg_path.read_text()
+    cfg_path.write_text(json.dumps(dict(json.loads(good), intermediate_size=128)))
+    _expect_error(capsys, tmp_path, hf_in + ["--load", src], "model.layers.0.mlp.gate_proj.weight",
+                  "(96, 64)", "(128, 64)")
+    # unknown architecture
+    cfg_path.write_text(json.dumps(dict(json.loads(good), model_type="gpt2",
+                                        architectures=["GPT2LMHeadModel"])))
+    _expect_error(capsys, tmp_path, hf_in + ["--load", src], str(cfg_path), "GPT2LMHeadModel")
+    # missing config
+    os.remove(cfg_path)
+    _expect_error(capsys, tmp_path, hf_in + ["--load", src], str(cfg_path), "missing")
+    cfg_path.write_text(good)
+    # ours with a TP shard missing: the manifest makes the checkpoint incomplete
+    _convert(*hf_in, "--load", src, "--target-tp", 2)
+    _expect_error(capsys, tmp_path, hf_in + ["--load", src], str(out), "not empty", "--force")
+    os.remove(out / "iter_0000000" / "mp_rank_01_model_states.pt")
+    _expect_error(capsys, tmp_path, ["--load-format", "megatron_lite", "--save-format", "hf",
+                                     "--load", out, "--save", tmp_path / "y"], "no complete")
+    # a DeepSpeed folder without any config (neither run_config.json nor an HF config.json)
+    bare = tmp_path / "bare" / "global_step3"
+    bare.mkdir(parents=True)
+    shutil.copyfile(out / "iter_0000000" / "mp_rank_00_model_states.pt",
+                    bare / "mp_rank_00_model_states.pt")
+    _expect_error(capsys, tmp_path, ["--load-format", "deepspeed", "--save-format", "hf",
+                                     "--load", bare, "--save", tmp_path / "y"],
+                  "missing config", "run_config.json", "config.json")
+    # --force replaces a non-empty folder only after the new one is complete
+    _convert(*hf_in, "--load", src, "--target-tp", 1, "--force")
+    assert json.loads((out / "iter_0000000" / "run_config.json").read_text())[
+        "config"]["parallel"]["tensor_model_parallel_size"] == 1
+    assert not (out / "iter_0000000" / "mp_rank_01_model_states.pt").exists()
+
+
+def test_parse_size_and_help():
+    from megatron_lite.convert import ConversionError, parse_size
+
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30
+    assert parse_size("500MB") == 5 * 10**8 and parse_size("1234") == 1234
+    with pytest.raises(ConversionError, match="--max-shard-size"):
+        parse_size("five gigs")
+    text = load_tool("convert_checkpoint").build_parser().format_help()
+    for flag in ("--load-format", "--save-format", "--load", "--save", "--target-tp", "--dtype",
+                 "--max-shard-size", "--tokenizer-model", "--iteration", "--force"):
+        assert flag in text
