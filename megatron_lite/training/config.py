@@ -48,9 +48,25 @@ class ParallelConfig:
 class OptimizerConfig:
     """AdamW hyper-parameters (recipe defaults: beta=(0.9, 0.95), eps=1e-8, wd=0.1, clip 1.0)."""
 
-    optimizer: str = arg("adamw", "Optimizer (decoupled weight decay AdamW, Loshchilov & Hutter "
-                                  "2019).", choices=["adamw"])
-    lr: float = arg(3.0e-4, "Peak learning rate (reached at the end of warmup).")
+    optimizer: str = arg(
+        "adamw", "Optimizer (megatron_lite/training/optimizer.py): adamw (Loshchilov & Hutter "
+                 "2019; fused on CUDA), lion (Chen et al. 2023, lion-pytorch; use a 3-10x smaller "
+                 "--lr and a 3-10x larger --lion-weight-decay than AdamW), adafactor "
+                 "(torch.optim.Adafactor; --lr is its relative step size, 1e-2 typical), "
+                 "paged_adamw (bitsandbytes PagedAdamW, CUDA only), cpu_adam (DeepSpeedCPUAdam, "
+                 "needs --offload-optimizer).",
+        choices=["adamw", "lion", "adafactor", "paged_adamw", "cpu_adam"])
+    lr: Optional[float] = arg(
+        None, "Peak learning rate (reached at the end of warmup). Default 3e-4, or derived by "
+              "--lr-scaling/--lr-reference (an explicit --lr must then equal the derived value).")
+    lr_scaling: Optional[str] = arg(
+        None, "Derive the peak LR from --lr-reference for this run's GB_tok: linear "
+              "(lr_ref x GB_tok/GB_ref, Goyal et al. 2017) or sqrt (lr_ref x sqrt(GB_tok/GB_ref), "
+              "Krizhevsky 2014, Malladi et al. 2022). With a batch ramp-up GB_tok is the final "
+              "batch.", choices=["linear", "sqrt"])
+    lr_reference: Optional[str] = arg(
+        None, "Reference point LR@GB_TOK for --lr-scaling: a peak LR known to work at GB_TOK "
+              "tokens per step, e.g. 3e-4@4194304.")
     min_lr: Optional[float] = arg(None, "Learning rate at the end of decay (default: 10% of --lr, "
                                         "the recipe's cosine-to-10%).")
     weight_decay: float = arg(0.1, "Decoupled weight decay, applied to matrices only (not to "
@@ -63,6 +79,22 @@ class OptimizerConfig:
     no_decay_embeddings: bool = arg(
         False, "Also exclude the input embedding and output layer matrices from weight decay "
                "(default: they are decayed, as in Megatron-LM).")
+    lion_beta1: float = arg(0.9, "Lion beta1: interpolation between momentum and gradient for "
+                                 "the sign update (Chen et al. 2023, default 0.9).")
+    lion_beta2: float = arg(0.99, "Lion beta2: momentum decay (Chen et al. 2023, default 0.99).")
+    lion_weight_decay: Optional[float] = arg(
+        None, "Lion decoupled weight decay (default: --weight-decay). The paper keeps lr x wd "
+              "about AdamW's, i.e. a 3-10x larger value with the 3-10x smaller LR.")
+    adafactor_beta2_decay: float = arg(
+        -0.8, "Adafactor: second-moment decay exponent, beta2_t = 1 - t^this (Shazeer & Stern "
+              "2018, section 7.1; torch default -0.8).")
+    adafactor_eps1: Optional[float] = arg(
+        None, "Adafactor: epsilon added to the squared gradient (default: torch's, the dtype's "
+              "smallest normal).")
+    adafactor_eps2: float = arg(
+        1.0e-3, "Adafactor: lower bound of the parameter RMS that scales the relative step.")
+    adafactor_d: float = arg(1.0, "Adafactor: update clipping threshold d (Shazeer & Stern 2018, "
+                                  "section 5).")
 
 
 @dataclasses.dataclass
@@ -104,6 +136,15 @@ class TrainingConfig:
     global_batch_tokens: Optional[int] = arg(
         None, "Tokens per optimizer step GB_tok; must be a multiple of --seq-length. "
               "A = GB_tok / (mu_tok x D) micro-batches are accumulated per step.")
+    rampup_batch_size: Optional[list[int]] = arg(
+        None, "Batch-size ramp-up START INCREMENT RAMPUP_SAMPLES (Megatron-LM's meaning): the "
+              "global batch starts at START samples and grows by INCREMENT every "
+              "RAMPUP_SAMPLES / ((GB - START) / INCREMENT) consumed samples until it is GB; A "
+              "follows the batch and the LR schedule is counted in samples "
+              "(megatron_lite/training/rampup.py).", nargs=3)
+    rampup_batch_tokens: Optional[list[int]] = arg(
+        None, "Batch-size ramp-up in tokens START_TOK INCREMENT_TOK RAMPUP_TOKENS (each a "
+              "multiple of --seq-length); same as --rampup-batch-size in samples.", nargs=3)
     seed: int = arg(1234, "Random seed (python, numpy, torch; model init does not depend on TP).")
     bf16: bool = arg(False, "bfloat16 mixed precision (fp32 master weights). Default on GPU when "
                             "no precision flag is given.")
@@ -124,6 +165,40 @@ class TrainingConfig:
         True, "On SIGTERM/SIGUSR1, save at the next step boundary and exit with status 0.")
     device: str = arg("auto", "Compute device: auto (cuda when available), cuda or cpu.",
                       choices=["auto", "cuda", "cpu"])
+    # Loss-spike guard (megatron_lite/training/spike_guard.py) and gradient noise scale
+    # (megatron_lite/training/noise_scale.py).
+    spike_detection: bool = arg(
+        False, "Loss-spike guard: flag a step whose loss or pre-clip grad norm exceeds the rolling "
+               "mean of the last --spike-window accepted steps by more than --spike-threshold "
+               "sample standard deviations; act per --spike-policy and write "
+               "<save or run dir>/spikes/step_<n>.jsonl with the batch's sample ids.")
+    spike_window: int = arg(
+        128, "Spike guard: rolling window length (accepted steps); no step is flagged before the "
+             "window is full (warm-up).")
+    spike_threshold: float = arg(
+        6.0, "Spike guard: threshold in sigmas above the window mean (one-sided).")
+    spike_policy: str = arg(
+        "skip", "Spike guard: skip = do not apply the update (as for a NaN loss); rollback = "
+                "reload the last checkpoint in --save and continue after the spike's batch (the "
+                "samples read since that checkpoint, spike batch included, are never read again).",
+        choices=["skip", "rollback"])
+    spike_lr_factor: float = arg(
+        1.0, "Spike guard, rollback: multiply the LR by this factor for --spike-lr-steps steps "
+             "after each rollback.")
+    spike_lr_steps: int = arg(0, "Spike guard, rollback: steps the --spike-lr-factor applies.")
+    spike_max_rollbacks: int = arg(
+        3, "Spike guard, rollback: at most this many rollbacks per run (the train split is built "
+           "with room for the skipped samples); later spikes are skipped instead.")
+    spike_capture_samples: int = arg(
+        4, "Spike guard: decoded text of this many highest-loss samples goes into the capture "
+           "file (all samples' ids and losses are always written).")
+    noise_scale_interval: int = arg(
+        0, "Gradient noise scale B_simple (McCandlish et al. 2018, app. A.1) every this many "
+           "steps from the micro-batch and global-batch gradient norms (0 = off, no extra work). "
+           "Needs ZeRO stage 0 or 1 and >= 2 micro-batches per rank.")
+    noise_scale_ema: float = arg(
+        0.95, "Gradient noise scale: EMA decay applied to |G|^2 and tr(Sigma) before the ratio "
+              "(per measurement).")
 
 
 @dataclasses.dataclass

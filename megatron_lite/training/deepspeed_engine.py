@@ -4,9 +4,10 @@ DeepSpeed is the data-parallel engine: gradient averaging over the DP group, ZeR
 (dynamic loss scaling) and gradient clipping on the global norm. It is given
 ``mpu=megatron_lite.parallel.mpu`` so ZeRO partitions over DP only and the norm counts
 TP-replicated parameters once. The engine never owns the LR schedule (we set the LR of each update,
-see :mod:`megatron_lite.training.schedules`) nor the optimizer type (our AdamW is passed in), so a
-user JSON's ``optimizer``/``scheduler`` blocks are dropped with a warning (the recipe's template has
-them only as placeholders).
+see :mod:`megatron_lite.training.schedules`) nor the optimizer (ours, named by ``--optimizer``, is
+passed in), so a user JSON's ``optimizer``/``scheduler`` blocks are dropped with a warning (the
+recipe's template has them only as placeholders). With a batch-size ramp-up the engine is built
+for the final batch and :func:`set_step_batch` moves it to each step's batch.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def build_ds_config(cfg) -> dict:
     for block in ("optimizer", "scheduler"):
         if ds.pop(block, None) is not None:
             warnings.warn(f"--deepspeed-config: the {block!r} block is ignored (megatron_lite's "
-                          f"AdamW and LR schedule come from the optimizer/schedule flags)")
+                          f"optimizer and LR schedule come from the optimizer/schedule flags)")
     _fill(ds, "train_micro_batch_size_per_gpu", tr.micro_batch_size, "")
     _fill(ds, "gradient_accumulation_steps", d.num_micro_batches, "")
     _fill(ds, "train_batch_size", d.global_batch_size, "")
@@ -157,10 +158,17 @@ def build_ds_config(cfg) -> dict:
         elif v == "auto":
             raise ValueError(f"--deepspeed-config: zero_optimization.{k} is \"auto\" but has no "
                              f"value to fill; give a number")
-    # Our AdamW is a torch optimizer: allow it under ZeRO and with CPU offload.
+    # Our optimizers are torch optimizers (SkipGuard subclasses): allow them under ZeRO and with
+    # CPU offload (DeepSpeed would otherwise insist on its own DeepSpeedCPUAdam).
     ds["zero_allow_untested_optimizer"] = True
     ds["zero_force_ds_cpu_optimizer"] = False
-    ds.setdefault("steps_per_print", 2 ** 31 - 1)  # the TrainingLogger prints our line
+    # The TrainingLogger prints our line; DeepSpeed's own progress lines (a JSON's
+    # "steps_per_print": 10, as in the recipe's template) would interleave with it, so they are
+    # always off. DeepSpeed reads 0 as "every step" in places, hence the largest int instead.
+    if ds.get("steps_per_print") not in (None, "auto", 2 ** 31 - 1):
+        warnings.warn(f"--deepspeed-config: steps_per_print={ds['steps_per_print']} is ignored "
+                      f"(megatron_lite logs its own line every --log-interval steps)")
+    ds["steps_per_print"] = 2 ** 31 - 1
     ds.setdefault("wall_clock_breakdown", False)
     return ds
 
@@ -199,3 +207,20 @@ def init_engine(model, optimizer, cfg):
                                            config=build_ds_config(cfg), mpu=mpu,
                                            dist_init_required=False)
     return engine
+
+
+def set_step_batch(engine, global_batch: int) -> int:
+    """Point the engine at this step's global batch (batch-size ramp-up); returns A.
+
+    ``engine.set_train_batch_size`` changes DeepSpeed's gradient-accumulation steps A; DeepSpeed
+    finds the accumulation boundary as ``(micro_steps + 1) % A == 0``, so the micro-step counter
+    (used for nothing else) is restarted at each step: the step's last micro-batch is then the
+    boundary whatever the previous steps' A were. Called only at a step boundary.
+
+    Raises:
+        ValueError: ``global_batch`` not a multiple of micro_batch_size x D (DeepSpeed's check).
+    """
+    if engine.train_batch_size() != global_batch:
+        engine.set_train_batch_size(int(global_batch))
+    engine.micro_steps = 0
+    return engine.gradient_accumulation_steps()

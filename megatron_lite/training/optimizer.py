@@ -1,4 +1,5 @@
-"""AdamW with weight-decay param groups and an all-rank "skip this update" guard.
+"""Optimizers (AdamW, Lion, Adafactor, paged AdamW, DeepSpeed CPU Adam) with weight-decay param
+groups and an all-rank "skip this update" guard.
 
 Weight-decay policy: matrices (``ndim >= 2``) are decayed; norms' gains and biases (``ndim < 2``)
 are not (as in Megatron-LM's ``_get_param_groups`` and GPT-3 practice: decaying a gain pulls the
@@ -7,14 +8,36 @@ embedding and the untied output layer are matrices and ARE decayed by default, a
 ``--no-decay-embeddings`` excludes any parameter whose name contains ``embed``, ``output_layer`` or
 ``lm_head``.
 
-:class:`GuardedAdamW` is ``torch.optim.AdamW`` (fused on CUDA) whose ``step`` can be told to skip,
-and which on its own skips when any rank holds a non-finite gradient (one all-reduce MAX over the
-world group per engine step). DeepSpeed calls the base optimizer's ``step`` on every rank (with ZeRO
-on each rank's partition, possibly once per param group), so a skip is taken by all ranks alike and
-leaves parameters and Adam state untouched. For the fp32 ZeRO-0 case, where DeepSpeed's engine
-neither records the grad norm nor lets us see it before the update, ``clip_grad`` makes the guard
-compute the global norm itself (TP-sharded parameters summed over the TP group, replicated ones
-counted once: DeepSpeed's ``clip_grad_norm_`` rule) and clip.
+The guard (:class:`SkipGuard`, a mixin put in front of any torch optimizer) makes ``step`` skip
+when told to (``begin_step(force_skip=True)``) or when any rank holds a non-finite gradient (one
+all-reduce MAX over the world group per engine step). DeepSpeed calls the base optimizer's
+``step`` on every rank (with ZeRO on each rank's partition, possibly once per param group), so a
+skip is taken by all ranks alike and leaves parameters and optimizer state untouched. For the fp32
+ZeRO-0 case, where DeepSpeed's engine neither records the grad norm nor lets us see it before the
+update, ``clip_grad`` makes the guard compute the global norm itself (TP-sharded parameters summed
+over the TP group, replicated ones counted once: DeepSpeed's ``clip_grad_norm_`` rule) and clip.
+
+``--optimizer`` and the ZeRO stages (checked by :func:`check_optimizer` before any process group):
+
+    ===========  ======  =========  ========  ==========================================
+    optimizer    ZeRO-0  ZeRO-1/2   ZeRO-3    offload (--offload-optimizer, ZeRO >= 1)
+    ===========  ======  =========  ========  ==========================================
+    adamw        yes     yes        yes       yes (torch AdamW on CPU)
+    lion         yes     yes        yes       yes (torch ops on CPU)
+    adafactor    yes     yes (*)    yes (*)   yes (*)
+    paged_adamw  CUDA    CUDA       CUDA      refused (bitsandbytes pages GPU memory)
+    cpu_adam     no      offload    offload   required (DeepSpeedCPUAdam, AVX C++ kernel)
+    ===========  ======  =========  ========  ==========================================
+
+(*) ZeRO >= 1 hands the optimizer each rank's flat 1-D fp32 partition, so Adafactor there keeps a
+full (unfactored) second moment and scales its relative step by the partition's RMS instead of
+each matrix's: it trains, but it is not the factored algorithm and saves no memory; ZeRO-0 keeps
+the parameter shapes. AdamW and Lion are elementwise, so every stage gives the same update.
+Elementwise update rules: Lion (Chen et al. 2023, "Symbolic Discovery of Optimization
+Algorithms", Algorithm 2) from ``lion-pytorch``; Adafactor (Shazeer & Stern 2018) is
+``torch.optim.Adafactor``; paged AdamW is ``bitsandbytes.optim.PagedAdamW``; CPU Adam is
+``deepspeed.ops.adam.DeepSpeedCPUAdam`` (adamw_mode). Every optimizer's state is a plain torch
+``state_dict``, saved and restored by DeepSpeed's checkpoint with the rest of the engine.
 """
 
 from __future__ import annotations
@@ -82,22 +105,22 @@ def tp_aware_grad_norm(params: Iterable[torch.nn.Parameter]) -> float:
     return float(total.sqrt().item())
 
 
-class GuardedAdamW(torch.optim.AdamW):
-    """AdamW that skips the update on every rank when told to or when any gradient is non-finite.
+class SkipGuard:
+    """Mixin (listed first among the bases) adding the all-rank skip guard to a torch optimizer.
 
     Args:
         params: param groups (see :func:`param_groups`).
         clip_grad: when > 0, compute the TP-aware global norm and clip in :meth:`step` (use only
             where the optimizer sees full gradients: ZeRO-0 fp32; DeepSpeed clips otherwise).
-        **kwargs: ``torch.optim.AdamW`` arguments (lr, betas, eps, weight_decay, fused).
+        *args, **kwargs: the wrapped optimizer's own arguments.
 
     Attributes:
         skipped: whether the last engine step was skipped.
         _global_grad_norm: the norm computed here (DeepSpeed's engine reads this attribute name).
     """
 
-    def __init__(self, params, clip_grad: float = 0.0, **kwargs):
-        super().__init__(params, **kwargs)
+    def __init__(self, params, *args, clip_grad: float = 0.0, **kwargs):
+        super().__init__(params, *args, **kwargs)
         self.clip_grad = float(clip_grad)
         # ZeRO rewrites each group's "params" in place but may swap the list of groups while it
         # steps one group at a time, so keep the group dicts to check all of them at once.
@@ -132,23 +155,169 @@ class GuardedAdamW(torch.optim.AdamW):
         return bad
 
     @torch.no_grad()
-    def step(self, closure=None):
-        """AdamW update unless this step was decided non-finite on any rank (then a no-op that
-        leaves parameters and optimizer state untouched). Returns None when skipped."""
+    def step(self, closure=None, *args, **kwargs):
+        """The wrapped optimizer's update unless this step was decided non-finite on any rank
+        (then a no-op that leaves parameters and optimizer state untouched). Returns None when
+        skipped."""
         if self._decision is None:
             self._decision = self._decide()
             self.skipped = self._decision
         if self._decision:
             return None
-        return super().step(closure)
+        return super().step(closure, *args, **kwargs)
+
+
+class GuardedAdamW(SkipGuard, torch.optim.AdamW):
+    """``torch.optim.AdamW`` with the :class:`SkipGuard` (``clip_grad`` keyword, then AdamW's)."""
+
+
+class GuardedAdafactor(SkipGuard, torch.optim.Adafactor):
+    """``torch.optim.Adafactor`` with the :class:`SkipGuard`."""
+
+
+def _guarded(base: type, name: str) -> type:
+    """A SkipGuard subclass of an optional dependency's optimizer class (built on first use)."""
+    return type(name, (SkipGuard, base), {"__doc__": f"``{base.__module__}.{base.__name__}`` "
+                                                     f"with the SkipGuard."})
+
+
+def _lion_class() -> type:
+    try:
+        from lion_pytorch import Lion
+    except ImportError:
+        raise ValueError("--optimizer lion needs the lion-pytorch package (pip install "
+                         "lion-pytorch; it is in requirements.txt)") from None
+    global _GUARDED_LION
+    if _GUARDED_LION is None:
+        _GUARDED_LION = _guarded(Lion, "GuardedLion")
+    return _GUARDED_LION
+
+
+_GUARDED_LION = None
+OPTIMIZERS = ("adamw", "lion", "adafactor", "paged_adamw", "cpu_adam")
+
+
+def check_optimizer(cfg) -> None:
+    """Static checks of ``--optimizer`` against ZeRO/offload/precision and its own flags.
+
+    Raises:
+        ValueError: an unsupported combination (see the module's matrix) or a bad
+            hyper-parameter; the message names the flags and the fix.
+    """
+    o, par = cfg.optimizer, cfg.parallel
+    name = o.optimizer
+    if name not in OPTIMIZERS:
+        raise ValueError(f"--optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
+    if name == "cpu_adam" and not (par.offload_optimizer and par.zero_stage >= 1):
+        raise ValueError("--optimizer cpu_adam (DeepSpeedCPUAdam) updates optimizer states held "
+                         "in CPU memory: it needs --offload-optimizer with --zero-stage 1, 2 or 3 "
+                         f"(got --zero-stage {par.zero_stage}"
+                         f"{' with' if par.offload_optimizer else ' without'} offload); use "
+                         "--optimizer adamw otherwise")
+    if name == "paged_adamw" and par.offload_optimizer:
+        raise ValueError("--optimizer paged_adamw pages its states between GPU and CPU itself "
+                         "(bitsandbytes): drop --offload-optimizer, or use --optimizer cpu_adam "
+                         "for ZeRO-Offload")
+    if name == "lion":
+        if not (0 <= o.lion_beta1 <= 1 and 0 <= o.lion_beta2 <= 1):
+            raise ValueError(f"need 0 <= --lion-beta1 ({o.lion_beta1}), --lion-beta2 "
+                             f"({o.lion_beta2}) <= 1")
+        if o.lion_weight_decay is not None and o.lion_weight_decay < 0:
+            raise ValueError(f"--lion-weight-decay must be >= 0 (got {o.lion_weight_decay})")
+    if name == "adafactor":
+        if o.adafactor_beta2_decay > 0:
+            raise ValueError(f"--adafactor-beta2-decay must be <= 0 (got "
+                             f"{o.adafactor_beta2_decay}; -0.8 is the paper's)")
+        if o.adafactor_eps2 < 0 or (o.adafactor_eps1 is not None and o.adafactor_eps1 < 0) \
+                or o.adafactor_d <= 0:
+            raise ValueError("need --adafactor-eps1/--adafactor-eps2 >= 0 and --adafactor-d > 0")
+
+
+def check_optimizer_runtime(cfg, on_cpu: bool) -> None:
+    """Checks that depend on this machine: paged AdamW needs CUDA and bitsandbytes, Lion needs
+    lion-pytorch.
+
+    Raises:
+        ValueError: naming the missing piece and the fix.
+    """
+    name = cfg.optimizer.optimizer
+    if name == "paged_adamw":
+        if on_cpu:
+            raise ValueError("--optimizer paged_adamw (bitsandbytes PagedAdamW) runs on CUDA only; "
+                             "on CPU use --optimizer adamw")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ValueError("--optimizer paged_adamw needs bitsandbytes (pip install "
+                             "bitsandbytes; it is not in requirements.txt) or use --optimizer "
+                             "adamw") from None
+    if name == "lion":
+        _lion_class()
+
+
+def describe_optimizer(cfg) -> str:
+    """One plan line: the optimizer and its hyper-parameters."""
+    o, par = cfg.optimizer, cfg.parallel
+    wd = f"wd {o.weight_decay:g} (matrices only)"
+    if o.optimizer == "lion":
+        lw = o.weight_decay if o.lion_weight_decay is None else o.lion_weight_decay
+        return (f"lion (lion-pytorch) betas ({o.lion_beta1:g}, {o.lion_beta2:g}), wd {lw:g} "
+                f"(matrices only)")
+    if o.optimizer == "adafactor":
+        note = "" if par.zero_stage == 0 else "; unfactored on ZeRO's flat partitions"
+        return (f"adafactor (torch) relative step --lr, beta2_decay {o.adafactor_beta2_decay:g}, "
+                f"eps2 {o.adafactor_eps2:g}, d {o.adafactor_d:g}, {wd}{note}")
+    name = {"adamw": "adamw (torch" + (", fused on CUDA)" if not par.offload_optimizer else ")"),
+            "paged_adamw": "paged_adamw (bitsandbytes PagedAdamW)",
+            "cpu_adam": "cpu_adam (DeepSpeedCPUAdam, ZeRO-Offload)"}[o.optimizer]
+    return f"{name} betas ({o.adam_beta1:g}, {o.adam_beta2:g}), eps {o.adam_eps:g}, {wd}"
 
 
 def build_optimizer(model: torch.nn.Module, cfg, device: torch.device,
-                    clip_in_optimizer: bool) -> GuardedAdamW:
-    """AdamW for ``model`` from the ``optimizer`` section (fused on CUDA without offload)."""
+                    clip_in_optimizer: bool) -> SkipGuard:
+    """The guarded optimizer named by ``--optimizer`` for ``model`` (this rank's TP shard).
+
+    The initial LR is the peak ``--lr``; the scheduler overwrites it before every update.
+
+    Raises:
+        ConfigError: the optimizer cannot run here (missing package, no CUDA for paged_adamw).
+    """
+    from megatron_lite.config import ConfigError
+
     o = cfg.optimizer
-    fused = device.type == "cuda" and not cfg.parallel.offload_optimizer
-    return GuardedAdamW(param_groups(model, o.weight_decay, o.no_decay_embeddings),
-                        clip_grad=o.clip_grad if clip_in_optimizer else 0.0, lr=o.lr,
-                        betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
-                        weight_decay=o.weight_decay, fused=fused or None)
+    groups = param_groups(model, o.weight_decay, o.no_decay_embeddings)
+    clip = o.clip_grad if clip_in_optimizer else 0.0
+    name = o.optimizer
+    try:
+        check_optimizer(cfg)
+        check_optimizer_runtime(cfg, device.type != "cuda")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if name == "adamw":
+        fused = device.type == "cuda" and not cfg.parallel.offload_optimizer
+        return GuardedAdamW(groups, clip_grad=clip, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2),
+                            eps=o.adam_eps, weight_decay=o.weight_decay, fused=fused or None)
+    if name == "lion":
+        wd = o.weight_decay if o.lion_weight_decay is None else o.lion_weight_decay
+        for g in groups:  # the no-decay group stays at 0
+            g["weight_decay"] = wd if g["weight_decay"] else 0.0
+        return _lion_class()(groups, clip_grad=clip, lr=o.lr, betas=(o.lion_beta1, o.lion_beta2),
+                             weight_decay=wd)
+    if name == "adafactor":
+        return GuardedAdafactor(groups, clip_grad=clip, lr=o.lr,
+                                beta2_decay=o.adafactor_beta2_decay,
+                                eps=(o.adafactor_eps1, o.adafactor_eps2), d=o.adafactor_d,
+                                weight_decay=o.weight_decay)
+    if name == "paged_adamw":
+        import bitsandbytes as bnb
+
+        cls = _guarded(bnb.optim.PagedAdamW, "GuardedPagedAdamW")
+        return cls(groups, clip_grad=clip, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2),
+                   eps=o.adam_eps, weight_decay=o.weight_decay)
+    # cpu_adam: DeepSpeed JIT-builds its C++ op on first use (~1-2 min, cached in
+    # $TORCH_EXTENSIONS_DIR). Not exactly DeepSpeedCPUAdam's type, so ZeRO calls plain step().
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    cls = _guarded(DeepSpeedCPUAdam, "GuardedCPUAdam")
+    return cls(groups, clip_grad=clip, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2),
+               eps=o.adam_eps, weight_decay=o.weight_decay, adamw_mode=True)

@@ -96,8 +96,22 @@ def _batches(loader) -> Iterator[dict]:
         yield b
 
 
+def _spike_headroom(cfg) -> int:
+    """Train samples beyond the run's own that --spike-policy rollback may skip."""
+    from megatron_lite.training.spike_guard import rollback_headroom_samples
+
+    return rollback_headroom_samples(cfg)
+
+
 def build_data(cfg, consumed_samples: int, data_state: dict | None = None, holder: dict | None = None):
-    """Train/valid loaders (this DP rank) from the data section; (None, None) without data."""
+    """Train/valid loaders (this DP rank) from the data section; (None, None) without data.
+
+    ``holder`` (when given) receives ``train_ds`` and ``test_loader``: the test split's loader
+    (``--test-data-path`` or the third ``--split`` part; None when that split is empty), read once
+    at the end of training. Every loader draws from its own seeded ``torch.Generator`` (never the
+    global RNG, so dropout streams are the same fresh or resumed) and refuses token ids
+    ``>= --vocab-size`` (one max per micro-batch in collate).
+    """
     from megatron_lite.data import build_data_loader, build_train_valid_test_datasets
     from megatron_lite.data.tokenizer import build_tokenizer
     from megatron_lite.parallel import get_data_parallel_rank, get_data_parallel_world_size
@@ -112,8 +126,12 @@ def build_data(cfg, consumed_samples: int, data_state: dict | None = None, holde
     # successive validation losses are comparable.
     valid_samples = (getattr(ev, "eval_iters", 0) * cfg.training.micro_batch_size
                      * d.data_parallel_size) if getattr(ev, "eval_interval", 0) else 0
-    train_ds, valid_ds, _ = build_train_valid_test_datasets(
-        dc, cfg.model.seq_length, (d.train_iters * d.global_batch_size, valid_samples, 0),
+    # The test split is evaluated once, at the end of training, on eval_iters micro-batches
+    # (Megatron's do_test: whenever a test split exists).
+    test_samples = getattr(ev, "eval_iters", 0) * cfg.training.micro_batch_size * d.data_parallel_size
+    train_ds, valid_ds, test_ds = build_train_valid_test_datasets(
+        dc, cfg.model.seq_length, (d.train_tokens // cfg.model.seq_length + _spike_headroom(cfg),
+                                   valid_samples, test_samples),
         cfg.training.seed, eod)
     if data_state and train_ds is not None and hasattr(train_ds, "load_state_dict"):
         # Per-source consumed counts from the checkpoint: with a changed stage schedule or
@@ -122,11 +140,15 @@ def build_data(cfg, consumed_samples: int, data_state: dict | None = None, holde
     if holder is not None:
         holder["train_ds"] = train_ds
     dp_rank, dp = get_data_parallel_rank(), get_data_parallel_world_size()
-    mbs = cfg.training.micro_batch_size
-    train = build_data_loader(train_ds, consumed_samples, mbs, dp_rank, dp,
-                              num_workers=dc.num_workers) if train_ds is not None else None
-    valid = build_data_loader(valid_ds, 0, mbs, dp_rank, dp, num_workers=0,
-                              random_order=False) if valid_ds is not None else None
+    mbs, seed, vocab = cfg.training.micro_batch_size, cfg.training.seed, cfg.model.vocab_size
+    train = build_data_loader(train_ds, consumed_samples, mbs, dp_rank, dp, num_workers=dc.num_workers,
+                              seed=seed, vocab_size=vocab) if train_ds is not None else None
+    valid = build_data_loader(valid_ds, 0, mbs, dp_rank, dp, num_workers=0, random_order=False,
+                              seed=seed + 1, vocab_size=vocab) if valid_ds is not None else None
+    if holder is not None:
+        holder["test_loader"] = build_data_loader(
+            test_ds, 0, mbs, dp_rank, dp, num_workers=0, seed=seed + 2,
+            vocab_size=vocab) if test_ds is not None else None
     return train, valid
 
 
@@ -205,6 +227,9 @@ def pretrain(cfg, data_iterators=None, model_setup=None) -> TrainState:
     from megatron_lite.training.validate import check_runtime
 
     check_runtime(cfg)
+    from megatron_lite.training import spike_guard as _spikes
+
+    _spikes.check_extras_config(cfg)  # --spike-* and --noise-scale-* (before any group work)
     dc = cfg.data
     if data_iterators is None and not (dc.data_path or dc.train_data_path):
         from megatron_lite.config import ConfigError
@@ -236,6 +261,7 @@ def pretrain(cfg, data_iterators=None, model_setup=None) -> TrainState:
     resumed = None
     if cfg.checkpoint.load:
         resumed = checkpointing.load_checkpoint(engine, cfg, state, scheduler)
+    guard, noise = _spikes.setup_extras(cfg, optimizer, engine, resumed, run_folder(cfg))
     if state.iteration >= cfg.derived.train_iters:
         # A requeued job restarting after its final save: nothing left to do (and no data to
         # build: the train split holds exactly train_iters global batches).
@@ -258,6 +284,9 @@ def pretrain(cfg, data_iterators=None, model_setup=None) -> TrainState:
     logger = _make_logger(cfg, rank, device, resumed is not None and state.iteration or None)
     stop = _ExitSignal(cfg.training.exit_signal_handler)
     d, A = cfg.derived, cfg.derived.num_micro_batches
+    from megatron_lite.training.rampup import ramp_from_config
+
+    ramp, gb = ramp_from_config(cfg), cfg.derived.global_batch_size   # batch-size ramp-up
     engine.train()
     if logger is not None:
         logger.start_interval()
@@ -267,14 +296,22 @@ def pretrain(cfg, data_iterators=None, model_setup=None) -> TrainState:
     try:
         while state.iteration < d.train_iters:
             timers = logger.timers if logger is not None else None
+            if ramp is not None:  # this step's batch (samples) and A from consumed samples
+                from megatron_lite.training.deepspeed_engine import set_step_batch
+
+                gb = ramp.batch_at(state.consumed_samples)
+                A = set_step_batch(engine, gb)
+            scheduler.set_batch(gb)
             if timers:
                 timers("data-wait").start()
             micro = [next(train_iter) for _ in range(A)]
             if timers:
                 timers("data-wait").stop()
+            _fault_test_hooks(state.iteration + 1, rank, micro)
             res = train_step(engine, optimizer, scheduler, micro, state,
-                             cfg.training.max_skipped_steps, device, timers=timers)
-            state.consumed_samples += d.global_batch_size
+                             cfg.training.max_skipped_steps, device, timers=timers,
+                             spike_guard=guard, noise_scale=noise)
+            state.consumed_samples += gb
             if logger is not None:
                 logger.log_step(state.iteration, {
                     "lr": res.lr, "loss": res.loss if not res.skipped else float("nan"),
@@ -282,7 +319,10 @@ def pretrain(cfg, data_iterators=None, model_setup=None) -> TrainState:
                     "skipped_steps": state.skipped_steps,
                     "consumed_samples": state.consumed_samples,
                     "consumed_tokens": state.consumed_samples * cfg.model.seq_length,
-                    "step_loss": res.loss, "step_skipped": int(res.skipped)})
+                    "step_loss": res.loss, "step_skipped": int(res.skipped),
+                    "global_batch_size": gb, "step_tokens": gb * cfg.model.seq_length,
+                    **_spikes.step_scalars(guard, noise)})
+            _spikes.handle_spike(cfg, res, state, engine, scheduler, guard, gb)  # capture/rollback
             _maybe_eval(cfg, engine, valid_loader, state, logger, device)
             last = state.iteration >= d.train_iters
             exit_now = bool(cfg.training.exit_interval) and \
@@ -297,17 +337,54 @@ def pretrain(cfg, data_iterators=None, model_setup=None) -> TrainState:
                     state.data_state = train_ds.state_dict(state.consumed_samples)
                 ctx = logger.exclude_time() if logger is not None else _null()
                 with ctx:
-                    checkpointing.save_checkpoint(engine, cfg, state, scheduler,
-                                                  cfg.checkpoint.save)
+                    saved = checkpointing.save_checkpoint(engine, cfg, state, scheduler,
+                                                          cfg.checkpoint.save)
+                    _spikes.save_extras(saved, guard, noise)
             if exit_now or signalled:
                 if rank == 0:
                     print(f"[exit] {'signal received' if signalled else '--exit-interval'}: "
                           f"stopping after step {state.iteration}", flush=True)
                 break
+        if state.iteration >= d.train_iters:
+            _test_eval(cfg, engine, data_holder.get("test_loader"), state, logger, device)
     finally:
         if logger is not None:
             logger.close()
+    _dump_params_hook(engine, rank)
     return state
+
+
+def _fault_test_hooks(step: int, rank: int, micro: list) -> None:
+    """Test hooks of the fault-injection suite (tests/faults, docs/reliability.md), off unless set:
+
+    * ``MEGATRON_LITE_LOG_SAMPLES=PATH``: append ``{"step", "rank", "sample_ids"}`` (this rank's
+      global sample indices of the step, micro-batch order) to ``PATH.rank<R>`` before the step.
+    * ``MEGATRON_LITE_INJECT_RAISE="step:rank,..."``: raise RuntimeError on that rank before that
+      step (a crashing rank; the others must not hang in a collective).
+    """
+    log = os.environ.get("MEGATRON_LITE_LOG_SAMPLES")
+    if log:
+        import json
+
+        ids = [int(i) for b in micro for i in b["sample_ids"].reshape(-1).tolist()]
+        with open(f"{log}.rank{rank}", "a") as f:
+            f.write(json.dumps({"step": step, "rank": rank, "sample_ids": ids}) + "\n")
+    for item in filter(None, os.environ.get("MEGATRON_LITE_INJECT_RAISE", "").split(",")):
+        s, r = item.split(":")
+        if int(s) == step and int(r) == rank:
+            raise RuntimeError(f"MEGATRON_LITE_INJECT_RAISE: injected failure on rank {rank} "
+                               f"before step {step}")
+
+
+def _dump_params_hook(engine, rank: int) -> None:
+    """Test hook ``MEGATRON_LITE_DUMP_PARAMS=DIR``: each rank saves its module's parameters at
+    the end of training to ``DIR/rank_<R>.pt`` (cross-rank divergence checks; ZeRO <= 2, where
+    every DP rank holds the full TP shard)."""
+    out = os.environ.get("MEGATRON_LITE_DUMP_PARAMS")
+    if out:
+        os.makedirs(out, exist_ok=True)
+        sd = {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}
+        torch.save(sd, os.path.join(out, f"rank_{rank}.pt"))
 
 
 class _null:
@@ -336,6 +413,25 @@ def _maybe_eval(cfg, engine, valid_loader, state, logger, device) -> None:
     elif dist.get_rank() == 0:
         print(f"[eval] step {state.iteration}: val_loss {res['val_loss']:.4f} "
               f"val_ppl {res['val_ppl']:.3f}", flush=True)
+
+
+def _test_eval(cfg, engine, test_loader, state, logger, device) -> None:
+    """Evaluate the test split once after the last step (Megatron's ``do_test``): ``--eval-iters``
+    micro-batches per DP rank; logged as ``test_loss``/``test_ppl`` (console, TensorBoard
+    ``test/``, metrics.jsonl record of type ``test``). Nothing when the test split is empty."""
+    if test_loader is None:
+        return
+    from megatron_lite.eval import evaluate
+
+    ctx = logger.exclude_time() if logger is not None else _null()
+    with ctx:
+        res = evaluate(engine.module, iter(test_loader), cfg.eval.eval_iters, device=device)
+        engine.module.train()
+    if logger is not None:
+        logger.log_eval(state.iteration, res, split="test")
+    elif dist.get_rank() == 0:
+        print(f"[test] after step {state.iteration}: test_loss {res['val_loss']:.4f} "
+              f"test_ppl {res['val_ppl']:.3f}", flush=True)
 
 
 def _make_logger(cfg, rank, device, resume_step):

@@ -117,8 +117,10 @@ def derive_and_check(cfg, world_size: int) -> None:
         gb = tr.global_batch_size if tr.global_batch_size is not None else tr.micro_batch_size * D
     if gb <= 0 or gb % (tr.micro_batch_size * D):
         step = tr.micro_batch_size * D
+        given = (f"--global-batch-tokens {tr.global_batch_tokens}" if tr.global_batch_tokens
+                 is not None else f"--global-batch-size {gb}")
         raise _err(
-            f"global batch of {gb} samples ({gb * seq} tokens) is not a multiple of "
+            f"{given}: global batch of {gb} samples ({gb * seq} tokens) is not a multiple of "
             f"micro_batch_size x D = {tr.micro_batch_size} x {D} = {step} samples "
             f"(mu_tok x D = {step * seq} tokens), so A = GB_tok / (mu_tok x D) is not an integer; "
             f"use a global batch of {max(1, round(gb / step)) * step} samples "
@@ -126,6 +128,16 @@ def derive_and_check(cfg, world_size: int) -> None:
     d.global_batch_size = gb
     d.global_batch_tokens = gb * seq
     d.num_micro_batches = gb // (tr.micro_batch_size * D)
+    # Batch-size ramp-up (megatron_lite/training/rampup.py): d.global_batch_size / A stay the
+    # final values; the ramp's sizes are re-derived from the training section where needed.
+    from megatron_lite.training.rampup import make_ramp
+
+    try:
+        ramp = make_ramp(getattr(tr, "rampup_batch_size", None),
+                         getattr(tr, "rampup_batch_tokens", None), gb, seq,
+                         tr.micro_batch_size * D)
+    except ValueError as e:
+        raise _err(str(e)) from None
     if tr.bf16 + tr.fp16 + tr.fp32 > 1:
         raise _err("--bf16, --fp16 and --fp32 are exclusive")
     if tr.bf16 or tr.fp16 or tr.fp32:
@@ -136,18 +148,26 @@ def derive_and_check(cfg, world_size: int) -> None:
         gpu = tr.device == "cuda" or (tr.device == "auto" and torch.cuda.is_available())
         d.precision = "bf16" if gpu else "fp32"
 
+    # Attention kernel vs the device the run trains on (explicit --device always; with --device
+    # auto only for --dry-run, so a GPU config can still be planned on a laptop).
+    if tr.device != "auto" or getattr(cfg, "dry_run", False):
+        check_attention_backend(cfg)
+    _check_tokenizer_vocab(cfg)
+
     # Run length.
     if (sch.train_iters is None) == (sch.train_tokens is None):
         raise _err("give exactly one of --train-iters (steps) or --train-tokens (tokens)")
     if sch.train_tokens is not None:
         if sch.train_tokens <= 0:
             raise _err(f"--train-tokens must be > 0 (got {sch.train_tokens})")
-        d.train_iters = -(-sch.train_tokens // d.global_batch_tokens)
+        d.train_iters = -(-sch.train_tokens // d.global_batch_tokens) if ramp is None else \
+            ramp.steps_for(-(-sch.train_tokens // seq))
     else:
         if sch.train_iters <= 0:
             raise _err(f"--train-iters must be > 0 (got {sch.train_iters})")
         d.train_iters = sch.train_iters
-    d.train_tokens = d.train_iters * d.global_batch_tokens
+    d.train_tokens = d.train_iters * d.global_batch_tokens if ramp is None else \
+        ramp.consumed_after(d.train_iters) * seq
     d.lr_decay_iters = sch.lr_decay_iters if sch.lr_decay_iters is not None else d.train_iters
     if d.lr_decay_iters <= 0:
         raise _err(f"--lr-decay-iters must be > 0 (got {d.lr_decay_iters})")
@@ -161,6 +181,9 @@ def derive_and_check(cfg, world_size: int) -> None:
     d.lr_warmup_iters = warmup_steps_from(
         sch.lr_warmup_iters, sch.lr_warmup_tokens,
         sch.lr_warmup_fraction if given else 0.01, d.global_batch_tokens, d.lr_decay_iters)
+    if ramp is not None and sch.lr_warmup_tokens is not None:
+        # During a ramp, warmup tokens means the steps that consume that many tokens.
+        d.lr_warmup_iters = ramp.steps_for(-(-sch.lr_warmup_tokens // seq))
     if d.lr_warmup_iters < 0 or d.lr_warmup_iters > d.lr_decay_iters:
         raise _err(f"warmup ({d.lr_warmup_iters} steps) must be within [0, lr_decay_iters = "
                    f"{d.lr_decay_iters}]; shorten the warmup or raise --lr-decay-iters")
@@ -172,6 +195,15 @@ def derive_and_check(cfg, world_size: int) -> None:
             raise _err(f"--lr-wsd-decay-iters {sch.lr_wsd_decay_iters} must be in "
                        f"(0, lr_decay_iters - warmup = {d.lr_decay_iters - d.lr_warmup_iters}]")
         d.lr_wsd_decay_iters = sch.lr_wsd_decay_iters
+    from megatron_lite.training.lr_scaling import resolve_peak_lr
+    from megatron_lite.training.optimizer import check_optimizer
+
+    try:
+        opt.lr = resolve_peak_lr(opt.lr, getattr(opt, "lr_scaling", None),
+                                 getattr(opt, "lr_reference", None), d.global_batch_tokens, 3.0e-4)
+        check_optimizer(cfg)
+    except ValueError as e:
+        raise _err(str(e)) from None
     if opt.min_lr is None:
         opt.min_lr = 0.1 * opt.lr
     if opt.lr <= 0 or opt.min_lr < 0 or opt.min_lr > opt.lr:
@@ -201,12 +233,75 @@ def derive_and_check(cfg, world_size: int) -> None:
             raise _err(f"--{name.replace('_', '-')} must be >= 0 (got {v})")
 
 
+def _train_device_type(tr) -> str:
+    import torch
+
+    if tr.device in ("cpu", "cuda"):
+        return tr.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_attention_backend(cfg) -> None:
+    """``--attention-backend`` against the device and precision the run trains with, so a kernel
+    that cannot train there fails at validation instead of at the first forward.
+
+    Raises:
+        ConfigError: flash on CPU, flash with fp32 or without an importable flash_attn on CUDA,
+            flex on CPU (torch has no FlexAttention backward on CPU), flex on a torch without it.
+    """
+    from megatron_lite.model.attention import flash_attn_available, flex_attention_available
+
+    backend, tr = cfg.model.attention_backend, cfg.training
+    dev = _train_device_type(tr)
+    why = ("--device cpu" if tr.device == "cpu" else
+           "--device auto and no CUDA device is visible on this machine; pass --device cuda to "
+           "validate a GPU config here")
+    if dev == "cpu" and backend == "flash":
+        raise _err(f"--attention-backend flash needs a CUDA GPU with flash-attn, but this run "
+                   f"trains on CPU ({why}); use --attention-backend sdpa (or auto)")
+    if dev == "cpu" and backend == "flex":
+        raise _err(f"--attention-backend flex cannot train on CPU: torch "
+                   f"{__import__('torch').__version__} has no FlexAttention backward there ({why}); "
+                   "use --attention-backend sdpa (or auto)")
+    if backend == "flex" and not flex_attention_available():
+        raise _err("--attention-backend flex needs torch >= 2.5 (torch.nn.attention.flex_attention); "
+                   "use --attention-backend sdpa (or auto)")
+    if dev == "cuda" and backend == "flash":
+        if cfg.derived.precision == "fp32":
+            raise _err("--attention-backend flash has no fp32 kernel; train with --bf16 (or --fp16), "
+                       "or use --attention-backend sdpa (or auto)")
+        import torch
+
+        if torch.cuda.is_available() and not flash_attn_available():
+            raise _err("--attention-backend flash: flash_attn does not import here (pip install "
+                       "flash-attn); or use --attention-backend sdpa (or auto)")
+
+
+def _check_tokenizer_vocab(cfg) -> None:
+    """An explicit ``--vocab-size`` smaller than the ``--tokenizer-model``'s vocabulary would let
+    token ids >= vocab_size reach the embedding (the data loader also checks every micro-batch)."""
+    dc, m = cfg.data, cfg.model
+    if m.vocab_size is None or not getattr(dc, "tokenizer_model", None):
+        return
+    try:
+        from megatron_lite.data.tokenizer import build_tokenizer
+
+        n = int(build_tokenizer(dc.tokenizer_type or "SentencePieceTokenizer", dc.tokenizer_model).vocab_size)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise _err(f"--tokenizer-model {dc.tokenizer_model}: cannot load ({e})") from None
+    if n > m.vocab_size:
+        raise _err(f"--vocab-size {m.vocab_size} is smaller than the vocabulary of --tokenizer-model "
+                   f"{dc.tokenizer_model} ({n} ids): its token ids up to {n - 1} would index past the "
+                   f"model's embedding; set --vocab-size {n} (or omit it to take the tokenizer's)")
+
+
 def check_runtime(cfg) -> None:
     """Checks that depend on this machine (not done by finalize, so configs for a GPU cluster can
     be validated and planned on a laptop); called by ``pretrain`` before any process group.
 
     Raises:
-        ConfigError: --device cuda without a GPU, or --fp16 on CPU.
+        ConfigError: --device cuda without a GPU, --fp16 on CPU, or an attention backend that
+            cannot train on this device (:func:`check_attention_backend`).
     """
     import torch
 
@@ -217,6 +312,35 @@ def check_runtime(cfg) -> None:
     if on_cpu and tr.fp16:
         raise _err("--fp16 is not supported on CPU (DeepSpeed has no fp16 CPU path); use fp32 "
                    "(default, fastest on CPU) or --bf16")
+    from megatron_lite.training.optimizer import check_optimizer_runtime
+
+    try:
+        check_optimizer_runtime(cfg, on_cpu)
+    except ValueError as e:
+        raise _err(str(e)) from None
+    check_attention_backend(cfg)
+
+
+def _training_dynamics_lines(cfg) -> list[str]:
+    """Plan lines for the batch ramp-up, the LR-scaling derivation and the optimizer."""
+    from megatron_lite.training.lr_scaling import derivation_line, parse_reference
+    from megatron_lite.training.optimizer import describe_optimizer
+    from megatron_lite.training.rampup import ramp_from_config
+
+    d, o, out = cfg.derived, cfg.optimizer, []
+    ramp = ramp_from_config(cfg)
+    if ramp is not None:
+        out.append(f"batch ramp-up           : {ramp.start} -> {ramp.final} samples by "
+                   f"{ramp.increment} over {ramp.rampup_samples} samples "
+                   f"({ramp.steps_for(ramp.rampup_samples)} steps); LR schedule counted in samples")
+        segs = ramp.describe(cfg.model.seq_length, cfg.training.micro_batch_size
+                             * d.data_parallel_size)
+        out += segs if len(segs) <= 12 else segs[:5] + [f"  ... ({len(segs) - 10} more)"] + segs[-5:]
+    if getattr(o, "lr_scaling", None):
+        ref = parse_reference(o.lr_reference)
+        out.append(f"peak lr from scaling    : {derivation_line(o.lr_scaling, ref, d.global_batch_tokens)}")
+    out.append(f"optimizer               : {describe_optimizer(cfg)}")
+    return out
 
 
 def plan_lines(cfg) -> list[str]:
@@ -244,6 +368,7 @@ def plan_lines(cfg) -> list[str]:
         f"{d.lr_decay_iters}",
         f"padded vocab / head_dim : {d.padded_vocab_size} / {d.head_dim}",
     ]
+    lines[-1:-1] = _training_dynamics_lines(cfg)
     try:
         from megatron_lite.model.counting import flops_per_token, num_parameters
 
