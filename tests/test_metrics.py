@@ -262,6 +262,42 @@ def test_peak_table_and_cpu_assumption():
         LoggingConfig(peak_tflops=-1.0)
 
 
+def test_peak_per_dtype_and_device(monkeypatch):
+    """MFU's peak follows the training precision: the table's column on GPUs (TF32 for fp32 when
+    torch allows TF32 matmuls), a matmul measured at that dtype on CPU; the sentence says which."""
+    import megatron_lite.training.metrics as M
+
+    h100 = "NVIDIA H100 80GB HBM3"
+    tf32 = torch.backends.cuda.matmul.allow_tf32  # a property of torch's cuBLAS module
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert [lookup_peak_tflops(h100, d) for d in (torch.bfloat16, torch.float16, torch.float32)] \
+            == [989.4, 989.4, 66.9]
+        assert lookup_peak_tflops("AMD Instinct MI300X", torch.float32) == 163.4
+        assert lookup_peak_tflops("NVIDIA H20", torch.float32) == 44.0
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert lookup_peak_tflops(h100, torch.float32) == 494.7
+        assert lookup_peak_tflops("NVIDIA H100 NVL", torch.float32) == 417.5
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    seen = []
+    monkeypatch.setattr(M, "measure_cpu_matmul_tflops", lambda dtype: seen.append(dtype) or 0.004)
+    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        peak, why = resolve_peak_tflops(LoggingConfig(), torch.device("cpu"), dtype)
+        assert peak == 0.004 and seen[-1] is dtype
+        assert why.startswith(f"ASSUMED CPU peak = measured {name} torch.mm") and "4.0 GFLOP/s" in why
+    # The logger prints the assumption once, at start, and uses it for MFU.
+    lines = []
+    logger = TrainingLogger(LoggingConfig(log_interval=1), 0, 1, 1e9, 1000, "cpu",
+                            dtype=torch.bfloat16, print_fn=lines.append)
+    assert seen[-1] is torch.bfloat16 and logger.peak_tflops == 0.004
+    assert lines == ["[logging] MFU peak per device: " + why.replace("fp32", "bf16")]
+    logger.close()
+    # A real (small) bf16 measurement is a positive number.
+    monkeypatch.undo()
+    assert M.measure_cpu_matmul_tflops(torch.bfloat16, n=64, min_seconds=0.01) > 0
+
+
 def test_write_run_info(tmp_path):
     cfg = {"model": {"hidden_size": 64, "num_layers": 2}, "training": {"lr": 3e-4,
                                                                        "betas": (0.9, 0.95)}}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -87,6 +89,19 @@ def build_split_dataset(cfg: DataConfig, split: str, prefixes: Sequence[str], we
     return BlendedDataset(None, stages, num_samples, seq_length, factory=make, names=list(prefixes))
 
 
+def _split_tokens(cfg: DataConfig, prefixes: Sequence[str], slot: Optional[int], cache: dict) -> int:
+    """Tokens in one split summed over its sources (reads only the .idx sizes)."""
+    fractions = split_weights(cfg.split)
+    total = 0
+    for p in prefixes:
+        if p not in cache:
+            cache[p] = IndexedDataset(p, cfg.mmap_bin_files)
+        ix = cache[p]
+        a, b = split_document_ranges(len(ix), fractions)[slot] if slot is not None else (0, len(ix))
+        total += int(ix.sizes[a:b].astype(np.int64).sum())
+    return total
+
+
 def build_train_valid_test_datasets(data_config: DataConfig, seq_length: int, num_samples: Sequence[int],
                                     seed: int, eod_id: Optional[int]):
     """Datasets for the three splits (None where no samples are wanted or no data is given).
@@ -100,7 +115,9 @@ def build_train_valid_test_datasets(data_config: DataConfig, seq_length: int, nu
 
     Returns:
         ``(train, valid, test)``; the stage schedule (``--data-stages``) applies to train only,
-        valid/test use the ``--data-path`` weights (or temperature).
+        valid/test use the ``--data-path`` weights (or temperature). A valid or test split with
+        fewer than ``seq_length + 1`` tokens (e.g. ``--split 100,0,0`` with evaluation on) is None,
+        with one warning (none for a test split that ``--split`` gives no share).
     """
     cache: dict = {}
     out = []
@@ -109,13 +126,29 @@ def build_train_valid_test_datasets(data_config: DataConfig, seq_length: int, nu
         if n <= 0 or not prefixes:
             out.append(None)
             continue
+        if k == 2 and slot is not None and split_weights(data_config.split)[2] == 0:
+            out.append(None)  # no test part in --split: nothing asked for, nothing to say
+            continue
+        if k > 0:
+            # Megatron skips evaluation on a split that --split leaves empty (e.g. '100,0,0')
+            # instead of failing; a split without one full sample is as good as empty.
+            tokens = _split_tokens(data_config, prefixes, slot, cache)
+            if tokens < seq_length + 1:
+                warnings.warn(f"{SPLITS[k]} split is empty or shorter than one sample "
+                              f"({tokens} tokens < seq_length + 1 = {seq_length + 1}; --split "
+                              f"{data_config.split!r}, --data-path/--{SPLITS[k]}-data-path): "
+                              f"{'validation' if k == 1 else 'test'} evaluation is skipped",
+                              stacklevel=2)
+                out.append(None)
+                continue
         out.append(build_split_dataset(data_config, SPLITS[k], prefixes, weights, slot, seq_length, n, seed,
                                        eod_id, use_stages=(k == 0), _cache=cache))
     return tuple(out)
 
 
 def build_data_loader(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-                      num_workers: int = 0, random_order: bool = False, seed: int = 1234):
+                      num_workers: int = 0, random_order: bool = False, seed: int = 1234,
+                      vocab_size: Optional[int] = None):
     """A DataLoader yielding docs/interfaces.md batches of this DP rank's micro-batches.
 
     Args:
@@ -125,13 +158,21 @@ def build_data_loader(dataset, consumed_samples: int, micro_batch_size: int, dp_
         dp_rank, dp_size: data-parallel rank and size.
         num_workers: DataLoader worker processes.
         random_order: use :class:`MegatronPretrainingRandomSampler` (endless, reshuffled per pass).
-        seed: seed of the random order.
+        seed: seed of the random order, and of the loader's own ``torch.Generator``: the
+            DataLoader draws its worker base seed from that generator at every ``iter()``, never
+            from the global torch RNG, so iterating (fresh or resumed) leaves the model's dropout
+            stream untouched and a resumed run's losses equal the uninterrupted run's bitwise.
+        vocab_size: when given, every micro-batch is checked in ``collate`` for a token id
+            ``>= vocab_size`` (one max per batch; see :func:`collate_samples`).
     """
     if random_order:
         sampler = MegatronPretrainingRandomSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank,
                                                    dp_size, seed=seed)
     else:
         sampler = MegatronPretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_samples,
+    collate = collate_samples if vocab_size is None else \
+        functools.partial(collate_samples, vocab_size=int(vocab_size))
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                        num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                                       persistent_workers=num_workers > 0)
+                                       persistent_workers=num_workers > 0,
+                                       generator=torch.Generator().manual_seed(int(seed)))

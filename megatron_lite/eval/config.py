@@ -14,7 +14,10 @@ class EvalConfig:
     eval_interval: int = arg(1000, "evaluate on the validation split every this many steps "
                              "(also after the last step); 0 disables periodic evaluation")
     eval_iters: int = arg(100, "micro-batches per data-parallel rank in one evaluation; the "
-                          "loss is the token mean over all of them and all DP ranks")
+                          "loss is the token mean over all of them and all DP ranks. The test "
+                          "split (--test-data-path or the third --split part) is evaluated once "
+                          "on this many micro-batches after the last step (logged as "
+                          "test_loss/test_ppl); a split that is empty is skipped with a warning")
 
     eval_at_start: bool = arg(False, "also evaluate once before the first training step of a fresh "
                               "(not resumed) run, so the untrained validation loss is on record")

@@ -155,7 +155,8 @@ class ModelConfig:
             ValueError: naming the offending flag(s) and the fix, for: missing width/depth/heads,
                 hidden % heads (without --kv-channels), heads % TP, heads % groups, groups % TP
                 (GQA with fewer KV groups than TP ranks is not supported), ffn % TP, odd head dim,
-                seq_length > max_position_embeddings without RoPE scaling, bad recompute settings,
+                seq_length > max_position_embeddings without RoPE scaling, ntk/dynamic RoPE
+                scaling with head dim 2, bad recompute settings,
                 attention dropout, non-positive sizes.
         """
         self.resolve()
@@ -197,6 +198,10 @@ class ModelConfig:
             errors.append(f"--seq-length {self.seq_length} exceeds --max-position-embeddings "
                           f"{self.max_position_embeddings}; raise --max-position-embeddings or choose a "
                           "--rope-scaling-type (linear, ntk, dynamic, yarn, llama3)")
+        if self.rope_scaling_type in ("ntk", "dynamic") and self.head_dim <= 2:
+            errors.append(f"--rope-scaling-type {self.rope_scaling_type} needs a head dim of at least 4 "
+                          f"(got {self.head_dim}: the NTK base change base * s^(d/(d-2)) is undefined "
+                          "at d = 2); raise --kv-channels or use linear, yarn or llama3 scaling")
         if self.rope_scaling_factor < 1.0:
             errors.append(f"--rope-scaling-factor must be >= 1 (got {self.rope_scaling_factor})")
         if self.rope_scaling_type == "llama3" and \

@@ -53,6 +53,16 @@ def _base_inv_freq(base: float, dim: int) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
 
 
+def _check_ntk_dim(dim: int, kind: str) -> None:
+    """NTK base change needs d > 2: the exponent d / (d - 2) is undefined at d = 2, where the only
+    frequency theta_0 = base^0 = 1 is both the lowest (to interpolate by s) and the highest (to
+    keep), so the method has no meaning there (HF raises ZeroDivisionError)."""
+    if dim <= 2:
+        raise ValueError(f"--rope-scaling-type {kind} needs a head dim of at least 4 (got {dim}: "
+                         f"base * s^(d/(d-2)) is undefined at d = 2); raise --kv-channels or use "
+                         f"--rope-scaling-type linear/yarn/llama3")
+
+
 def inv_freq_none(base: float, dim: int) -> tuple[torch.Tensor, float]:
     """Unscaled RoPE (Su et al. 2021, RoFormer). Returns (inv_freq [dim/2] fp32, 1.0)."""
     return _base_inv_freq(base, dim), 1.0
@@ -67,7 +77,12 @@ def inv_freq_linear(base: float, dim: int, factor: float) -> tuple[torch.Tensor,
 def inv_freq_ntk(base: float, dim: int, factor: float) -> tuple[torch.Tensor, float]:
     """Static NTK-aware scaling (bloc97, reddit r/LocalLLaMA 2023; the base change Code Llama made
     by hand, Roziere et al. 2023 sec. 2.2): base' = base * s^(d / (d - 2)), so the lowest frequency
-    is interpolated by s while the highest is unchanged."""
+    is interpolated by s while the highest is unchanged.
+
+    Raises:
+        ValueError: head dim < 4 (see :func:`_check_ntk_dim`).
+    """
+    _check_ntk_dim(dim, "ntk")
     return _base_inv_freq(base * factor ** (dim / (dim - 2)), dim), 1.0
 
 
@@ -75,7 +90,12 @@ def inv_freq_dynamic(base: float, dim: int, factor: float, original_max: int,
                      seq_len: int | None) -> tuple[torch.Tensor, float]:
     """Dynamic NTK scaling (emozilla / bloc97 2023; formula as in HF ``_compute_dynamic_ntk_parameters``):
     base' = base * (s * L / L_orig - (s - 1))^(d / (d - 2)) with L = max(seq_len, L_orig) in tokens,
-    so sequences within the original length get the unscaled frequencies."""
+    so sequences within the original length get the unscaled frequencies.
+
+    Raises:
+        ValueError: head dim < 4 (see :func:`_check_ntk_dim`).
+    """
+    _check_ntk_dim(dim, "dynamic")
     seq_len = original_max if seq_len is None else max(int(seq_len), original_max)
     new_base = base * ((factor * seq_len / original_max) - (factor - 1)) ** (dim / (dim - 2))
     return _base_inv_freq(new_base, dim), 1.0

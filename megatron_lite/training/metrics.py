@@ -68,19 +68,19 @@ class LoggingConfig:
 # as substrings of torch.cuda.get_device_name(), most specific first.
 PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
     ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.2}),
-    ("H100 NVL", {"bf16": 835.0, "fp16": 835.0}),
+    ("H100 NVL", {"bf16": 835.0, "fp16": 835.0, "tf32": 417.5, "fp32": 60.0}),
     ("GH200", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),
     ("H200", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),
     ("H100", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),  # SXM
     ("H800", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),
-    ("H20", {"bf16": 148.0, "fp16": 148.0}),
+    ("H20", {"bf16": 148.0, "fp16": 148.0, "tf32": 74.0, "fp32": 44.0}),
     ("B200", {"bf16": 2250.0, "fp16": 2250.0}),
     ("A100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
     ("A800", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
     ("L40S", {"bf16": 362.05, "fp16": 362.05, "fp32": 91.6}),
     ("A10", {"bf16": 125.0, "fp16": 125.0, "tf32": 62.5, "fp32": 31.2}),
     ("V100", {"fp16": 125.0, "fp32": 15.7}),
-    ("MI300X", {"bf16": 1307.4, "fp16": 1307.4}),
+    ("MI300X", {"bf16": 1307.4, "fp16": 1307.4, "tf32": 653.7, "fp32": 163.4}),
 ]
 
 _DTYPE_KEY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -111,8 +111,11 @@ def measure_cpu_matmul_tflops(dtype: torch.dtype = torch.float32, n: int = 1024,
     The count is 2 n^3 FLOPs per multiply (one multiply-add = 2 FLOPs). This is the "peak" MFU
     is relative to on CPU, since no data-sheet number applies to a shared virtual CPU.
     """
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
+    # A private generator: drawing from the global RNG here would shift the dropout stream of a
+    # resumed run (the logger is built after the checkpoint's RNG state is restored).
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(dtype)
+    b = torch.randn(n, n, generator=g).to(dtype)
     torch.mm(a, b)  # warm-up (thread pool, packing buffers)
     reps, start = 0, time.perf_counter()
     while True:
@@ -419,19 +422,28 @@ class TrainingLogger:
 
     # ---- evaluation -----------------------------------------------------------------------
     def log_eval(self, step: int, val_loss: float | dict[str, Any], tokens: int | None = None,
-                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Print, and write to TensorBoard (``val/``) and metrics.jsonl, an evaluation result.
+                 extra: dict[str, Any] | None = None, split: str = "valid") -> dict[str, Any]:
+        """Print, and write to TensorBoard and metrics.jsonl, an evaluation result.
 
         Args:
             step: training step after which the evaluation ran.
-            val_loss: token-mean validation loss (nats per token), or the dict returned by
+            val_loss: token-mean loss (nats per token), or the dict returned by
                 ``megatron_lite.eval.evaluate`` (its ``val_loss`` and ``tokens`` are used).
             tokens: number of loss tokens evaluated.
             extra: more numeric entries for the record (e.g. consumed_tokens).
+            split: ``"valid"`` (periodic validation: record type ``eval``, keys ``val_loss``,
+                ``val_ppl``, ``val_tokens``, TensorBoard ``val/``) or ``"test"`` (the test split
+                at the end of training: type ``test``, keys ``test_loss``, ``test_ppl``,
+                ``test_tokens``, TensorBoard ``test/``).
 
         Returns:
-            The record, with ``val_loss`` and ``val_ppl`` = exp(val_loss).
+            The record, with ``<p>_loss`` and ``<p>_ppl`` = exp(loss), ``p`` = val or test.
+
+        Raises:
+            ValueError: unknown ``split``.
         """
+        if split not in ("valid", "test"):
+            raise ValueError(f"log_eval: split must be 'valid' or 'test' (got {split!r})")
         if isinstance(val_loss, dict):
             tokens = val_loss.get("tokens", tokens)
             val_loss = val_loss["val_loss"]
@@ -440,15 +452,19 @@ class TrainingLogger:
             ppl = math.exp(val_loss)
         except OverflowError:
             ppl = float("inf")
-        record = {"type": "eval", "step": int(step), "val_loss": val_loss, "val_ppl": ppl}
+        p = "val" if split == "valid" else "test"
+        record = {"type": "eval" if split == "valid" else "test", "step": int(step),
+                  f"{p}_loss": val_loss, f"{p}_ppl": ppl}
         if tokens is not None:
-            record["val_tokens"] = int(tokens)
+            record[f"{p}_tokens"] = int(tokens)
         record.update(extra or {})
         if self.is_writer:
             bar = "-" * 100
-            self._print(f"{bar}\n validation loss at iteration {step} | lm loss value: "
-                        f"{val_loss:.6E} | lm loss PPL: {ppl:.6E} | tokens: {tokens} |\n{bar}")
-            self._write(record, "val")
+            what = (f"validation loss at iteration {step}" if split == "valid" else
+                    f"test loss at the end of training (iteration {step}), test split")
+            self._print(f"{bar}\n {what} | lm loss value: {val_loss:.6E} | lm loss PPL: "
+                        f"{ppl:.6E} | tokens: {tokens} |\n{bar}")
+            self._write(record, p)
         return record
 
 
