@@ -342,5 +342,55 @@ def test_resume_of_cpt_run_is_exact_and_skips_base_load(e2e):
     assert "resuming this run's checkpoint: base weights not read" in out
 
 
+@pytest.mark.slow
+def test_cpt_report_equals_eval_ppl_and_hf_yarn(e2e, assets):
+    """Rows at L equal tools/eval_ppl.py's numbers exactly; the 2L row with YaRN x2 equals HF
+    transformers' LlamaForCausalLM with the same rope_parameters on the same windows."""
+    import torch.nn.functional as F
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    from megatron_lite.data.indexed import IndexedDataset
+    from megatron_lite.eval.perplexity import build_stream, stream_perplexity
+
+    root, _, _ = e2e
+    ours = os.path.join(root, "ck_freeze")
+    prefixes = {"base held-out": os.path.join(assets["root"], "base"),
+                "domain held-out": os.path.join(assets["root"], "domain")}
+    out = os.path.join(root, "report.json")
+    report = load_tool("cpt_report").main([
+        "--base", assets["hf"], "--cpt", ours, "--base-data", prefixes["base held-out"],
+        "--domain-data", prefixes["domain held-out"], "--seq-length", "32", "--max-tokens", "500",
+        "--rope-scaling-type", "yarn", "--rope-scaling-factor", "2", "--json", "--output", out])
+    with open(out) as f:
+        assert json.load(f) == report
+    rows = {r["set"]: r for r in report["rows"]}
+    assert sorted(rows) == ["base held-out", "base held-out @ 2xL", "domain held-out",
+                            "domain held-out @ 2xL"]
+    eval_ppl = load_tool("eval_ppl")
+    for label, prefix in prefixes.items():
+        for who, path, fmt in (("base", assets["hf"], "hf"), ("cpt", ours, "megatron_lite")):
+            want = eval_ppl.main(["--load", path, "--load-format", fmt, "--data-path", prefix,
+                                  "--seq-length", "32", "--max-tokens", "500"])
+            assert rows[label][who] == want, (label, who)
+        assert rows[label]["change"] == rows[label]["cpt"]["ppl"] / rows[label]["base"]["ppl"] - 1
+    # Independent long-context reference: HF's YaRN (original 32 tokens, factor 2) at 64 tokens.
+    hf_cfg = AutoConfig.from_pretrained(assets["hf"])
+    hf_cfg.rope_parameters = {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0,
+                              "original_max_position_embeddings": 32}
+    hf_cfg.max_position_embeddings = 64
+    model = LlamaForCausalLM.from_pretrained(assets["hf"], config=hf_cfg).eval()
+
+    def loss(t, lab):
+        logits = model(input_ids=t).logits.float()
+        return F.cross_entropy(logits.transpose(1, 2), lab, ignore_index=-100, reduction="none")
+
+    stream = build_stream(IndexedDataset(prefixes["domain held-out"]), 500)
+    with torch.no_grad():
+        ref = stream_perplexity(loss, stream, 64, 32, micro_batch_size=4)
+    got = rows["domain held-out @ 2xL"]["base"]
+    assert got["tokens"] == ref["tokens"] == 499
+    assert got["nll"] == pytest.approx(ref["nll"], rel=1e-5)
+
+
 if __name__ == "__main__":
     _driver(sys.argv[1])
