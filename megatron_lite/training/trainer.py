@@ -16,6 +16,12 @@ Skipping. If the global loss sum is non-finite on any rank, every rank tells the
 optimizer, or an fp16 overflow found by DeepSpeed, skips too. A skipped step leaves parameters,
 optimizer state and the LR schedule untouched, but its data is consumed (the next step reads the
 next batch). ``max_skipped_steps`` consecutive skips raise :class:`TooManySkippedSteps`.
+
+Optional per-step extras, each absent (no extra work, no extra collective) unless given:
+``spike_guard`` (:mod:`megatron_lite.training.spike_guard`: the loss criterion is decided here
+before the update, the grad-norm criterion inside ``engine.step`` through the guard's gate; a spike
+is skipped like a NaN step) and ``noise_scale`` (:mod:`megatron_lite.training.noise_scale`: on its
+measurement steps the first micro-batch's gradient norm is read before the second backward).
 """
 
 from __future__ import annotations
@@ -64,6 +70,9 @@ class StepResult:
     grad_norm: float | None
     skipped: bool
     loss_scale: float | None
+    spike: Optional[dict] = None
+    spike_samples: Optional[list] = None
+    noise: Optional[dict] = None
 
 
 def _nan_injections() -> set[tuple[int, int]]:
@@ -90,15 +99,27 @@ def move_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 def micro_batch_loss_sum(engine, batch: dict[str, Any]) -> torch.Tensor:
     """Sum over tokens of ``loss_mask * per-token loss`` for one micro-batch (fp32 scalar)."""
+    return micro_batch_losses(engine, batch, per_sample=False)[0]
+
+
+def micro_batch_losses(engine, batch: dict[str, Any], per_sample: bool = True):
+    """Masked loss of one micro-batch: ``(sum [], per-sample sums [b], per-sample tokens [b])``.
+
+    The per-sample sums (nats, fp32, detached) and loss-token counts feed the spike capture and
+    the noise scale; with ``per_sample=False`` they are None (not computed).
+    """
     per_token = engine(batch["tokens"], position_ids=batch.get("position_ids"),
                        cu_seqlens=batch.get("cu_seqlens"), max_seqlen=batch.get("max_seqlen"),
                        labels=batch["labels"])
-    return (per_token.float() * batch["loss_mask"].float()).sum()
+    masked = per_token.float() * batch["loss_mask"].float()
+    if not per_sample:
+        return masked.sum(), None, None
+    return masked.sum(), masked.detach().sum(dim=1), batch["loss_mask"].detach().sum(dim=1)
 
 
 def train_step(engine, optimizer, scheduler, micro_batches: Sequence[dict[str, Any]],
                state: TrainState, max_skipped_steps: int, device: torch.device,
-               timers=None) -> StepResult:
+               timers=None, spike_guard=None, noise_scale=None) -> StepResult:
     """Run one optimizer step over this rank's ``A`` micro-batches.
 
     Args:
@@ -111,6 +132,12 @@ def train_step(engine, optimizer, scheduler, micro_batches: Sequence[dict[str, A
         device: compute device.
         timers: optional ``Timers`` (megatron_lite.training.timers); the forward/backward and the
             optimizer phases are timed separately when given.
+        spike_guard: optional :class:`~megatron_lite.training.spike_guard.SpikeGuard` whose gate
+            is installed on ``optimizer``; a flagged step is skipped and returned with ``spike``
+            (criterion, value, window stats) and ``spike_samples`` (this rank's records).
+        noise_scale: optional
+            :class:`~megatron_lite.training.noise_scale.NoiseScaleEstimator`; on its
+            measurement steps ``noise`` holds the scalars to log.
 
     Returns:
         The :class:`StepResult` (same values on every rank).
@@ -120,6 +147,15 @@ def train_step(engine, optimizer, scheduler, micro_batches: Sequence[dict[str, A
     """
     step_number = state.iteration + 1
     lr = scheduler.apply()
+    inject_scale = 1.0
+    if spike_guard is not None:
+        mult = spike_guard.lr_multiplier()
+        if mult != 1.0:  # --spike-lr-factor after a rollback: on top of the schedule's LR
+            for g in optimizer.param_groups:
+                g["lr"] *= mult
+            lr *= mult
+        inject_scale = spike_guard.injection_scale(step_number)
+    measure = noise_scale is not None and noise_scale.wants(step_number)
     batches = [move_batch(b, device) for b in micro_batches]
     group = _dp_group()
     dp = dist.get_world_size(group) if dist.is_initialized() else 1
@@ -135,12 +171,23 @@ def train_step(engine, optimizer, scheduler, micro_batches: Sequence[dict[str, A
     local_sum = torch.zeros((), dtype=torch.float64, device=device)
     if timers is not None:
         timers("forward-backward").start()
+    per_sample = []
     for j, b in enumerate(batches):
-        s = micro_batch_loss_sum(engine, b)
+        s, ps_sum, ps_tok = micro_batch_losses(engine, b, spike_guard is not None or measure)
         if inject and j == 0:
             s = s * float("nan")
+        if inject_scale != 1.0:  # test hook: a "bad batch" scales loss and gradient
+            s = s * inject_scale
+            ps_sum = ps_sum * inject_scale if ps_sum is not None else None
+        if spike_guard is not None:
+            per_sample.append((ps_sum, ps_tok))
         engine.backward(s * (dp / n_tokens), scale_wrt_gas=False)
         local_sum += s.detach().double()
+        if measure and j == 0:
+            # p.grad = d(dp/N * S_0): rescale to the token-mean gradient of this micro-batch.
+            n0 = max(int(ps_tok.sum().item()), 1)
+            noise_scale.measure_small(engine.module.parameters(),
+                                      n_tokens / (dp * n0) / _fp16_scale(engine), n0)
         if j < len(batches) - 1:
             engine.step()  # not a boundary: DeepSpeed only counts the micro-step
     if dist.is_initialized():
@@ -152,11 +199,22 @@ def train_step(engine, optimizer, scheduler, micro_batches: Sequence[dict[str, A
     if timers is not None:
         timers("forward-backward").stop()
         timers("optimizer").start()
-    optimizer.begin_step(force_skip=bool(bad.item() > 0))
+    force_skip = bool(bad.item() > 0)
+    spike = None
+    if spike_guard is not None:
+        spike = None if force_skip else spike_guard.check_loss(loss)
+        if force_skip or spike is not None:
+            spike_guard.disarm()
+        else:
+            spike_guard.arm()  # the grad-norm criterion runs inside engine.step
+    optimizer.begin_step(force_skip=force_skip or spike is not None)
     engine.step()
     if timers is not None:
         timers("optimizer").stop()
-    skipped = optimizer.skipped or not engine.was_step_applied()
+    if spike_guard is not None:
+        spike = spike or spike_guard.gate_fired
+        spike_guard.disarm()
+    skipped = optimizer.skipped or not engine.was_step_applied() or spike is not None
     grad_norm = engine.get_global_grad_norm()
     if grad_norm is None:
         grad_norm = getattr(optimizer, "_global_grad_norm", None)
@@ -167,20 +225,43 @@ def train_step(engine, optimizer, scheduler, micro_batches: Sequence[dict[str, A
         scale = float(getattr(engine.optimizer, "cur_scale", getattr(engine.optimizer,
                                                                       "loss_scale", 1.0)))
     state.iteration = step_number
+    noise = None
+    if measure:
+        noise = noise_scale.measure_big(step_number, None if skipped else grad_norm, n_tokens)
+    spike_samples = None
+    if spike is not None:
+        from megatron_lite.training.spike_guard import per_sample_records
+
+        spike_guard.spikes += 1
+        spike = dict(spike, step=step_number)
+        spike_samples = [r for j, (b, (ps, pt)) in enumerate(zip(batches, per_sample))
+                         for r in per_sample_records(b, ps, pt, j)]
+    elif spike_guard is not None and not skipped:
+        spike_guard.accept(loss, grad_norm)
     if skipped:
         state.skipped_steps += 1
         state.consecutive_skipped += 1
         if state.consecutive_skipped >= max_skipped_steps:
             raise TooManySkippedSteps(
                 f"step {step_number}: {state.consecutive_skipped} consecutive steps skipped "
-                f"(non-finite loss or gradient norm; last loss {loss}, grad norm {grad_norm}); "
+                f"(non-finite loss or gradient norm, or loss spikes; last loss {loss}, grad norm "
+                f"{grad_norm}); "
                 f"aborting (--max-skipped-steps {max_skipped_steps}). Lower --lr, check the data "
                 f"for corrupt samples, or resume from an earlier checkpoint.")
     else:
         state.consecutive_skipped = 0
         scheduler.advance()
     return StepResult(loss=loss, loss_tokens=n_tokens, lr=lr, grad_norm=grad_norm,
-                      skipped=skipped, loss_scale=scale)
+                      skipped=skipped, loss_scale=scale, spike=spike, spike_samples=spike_samples,
+                      noise=noise)
+
+
+def _fp16_scale(engine) -> float:
+    """The dynamic loss scale multiplying ``p.grad`` under fp16 (1.0 otherwise)."""
+    if not cfg_fp16(engine):
+        return 1.0
+    opt = engine.optimizer
+    return float(getattr(opt, "cur_scale", getattr(opt, "loss_scale", 1.0)))
 
 
 def cfg_fp16(engine) -> bool:
