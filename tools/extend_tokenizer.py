@@ -12,10 +12,13 @@ prefix) is trained on the domain corpus with ``--domain-vocab-size`` pieces. Its
 that the base does not have are appended, in the domain model's score order, to the base's
 ModelProto (``sentencepiece_model_pb2``) until ``--num-new-pieces`` are added; pieces already in
 the base are skipped. Ids ``0 .. V_base - 1`` keep their piece, type and score, so old ids decode
-exactly as before. Scores of appended pieces: BPE - below every base score, continuing the
-domain merge order (``min_base - 1 - k``), so BPE applies all base merges first and a new piece's
-constituents (earlier domain pieces) exist before it; unigram - the domain model's log
-probability. Both are how Chinese-LLaMA (Cui et al. 2023) merged its vocabulary into LLaMA's.
+exactly as before. Scores of appended pieces: BPE - above every base score, in the domain model's
+merge order (``max_base + n - k`` for the k-th of n): SentencePiece's BPE encoder merges the
+adjacent pair with the highest-scoring result first, so domain merges win and a domain word is
+cut as the domain model cuts it (below the base scores, the base merges would first split it into
+base pieces that the new pieces cannot be built from: measured on the test corpus 0.495 vs 0.387
+tokens per character). Unigram - the domain model's log probability. Chinese-LLaMA (Cui et al.
+2023) likewise appended its pieces above LLaMA's (score 0 against LLaMA's negative scores).
 
 Writes ``<output-prefix>.model`` / ``.vocab`` (atomically) and ``<output-prefix>.stats.json`` with
 tokens per character of the domain corpus (``--max-eval-docs`` documents) before and after.
@@ -130,8 +133,8 @@ def append_pieces(base_proto, domain_proto, max_new: int) -> tuple[list[str], in
     normal = [p for p in domain_proto.pieces if p.type == pb.ModelProto.SentencePiece.NORMAL]
     normal.sort(key=lambda p: -p.score)  # BPE: merge order; unigram: most probable first
     bpe = base_proto.trainer_spec.model_type == pb.TrainerSpec.BPE
-    floor = min((p.score for p in base_proto.pieces), default=0.0)
-    added, skipped = [], 0
+    top = max((p.score for p in base_proto.pieces), default=0.0)
+    added, skipped, new_pieces = [], 0, []
     for p in normal:
         if len(added) >= max_new:
             break
@@ -140,9 +143,13 @@ def append_pieces(base_proto, domain_proto, max_new: int) -> tuple[list[str], in
             continue
         new = base_proto.pieces.add()
         new.piece, new.type = p.piece, pb.ModelProto.SentencePiece.NORMAL
-        new.score = floor - 1.0 - len(added) if bpe else p.score
+        new.score = p.score
         have.add(p.piece)
         added.append(p.piece)
+        new_pieces.append(new)
+    if bpe:  # domain merge order, all above the base (module docstring)
+        for k, new in enumerate(new_pieces):
+            new.score = top + float(len(new_pieces) - k)
     base_proto.trainer_spec.vocab_size = len(base_proto.pieces)
     return added, skipped
 
