@@ -195,6 +195,35 @@ def test_freeze_marks_exactly_the_named_parameters(assets):
     assert all(p.requires_grad == (n not in frozen) for n, p in model.named_parameters())
 
 
+# ----------------------------------------------------------------------------- cluster example
+def test_cpt_7b_example_dry_run_validates_against_the_base(tmp_path):
+    """examples/cpt_7b.sh --dry-run runs cpt_llama.py for 64 ranks against a base's config.json
+    (no weights needed); a base that contradicts configs/cpt_7b.yaml is refused."""
+    from megatron_lite.model.config import ModelConfig
+    from megatron_lite.model.hf_adapter import config_to_hf
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    gqa, mha = tmp_path / "gqa", tmp_path / "mha"
+    config_to_hf(ModelConfig(model_size="7b", vocab_size=32000)).save_pretrained(gqa)
+    config_to_hf(ModelConfig(model_size="7b", num_query_groups=32, vocab_size=32000)) \
+        .save_pretrained(mha)
+    script = os.path.join(root, "examples", "cpt_7b.sh")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("PRETRAINED", None)
+    p = subprocess.run(["bash", script, "--dry-run"], env=env, capture_output=True, text=True)
+    assert p.returncode == 2 and "set PRETRAINED" in p.stderr
+    p = subprocess.run(["bash", script, "--dry-run", "--freeze-embeddings"],
+                       env=dict(env, PRETRAINED=str(gqa)), capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "TP 8 x D 8" in p.stdout and "grad accumulation A     : 32" in p.stdout
+    assert f"cpt: base {gqa} (hf, vocab 32000 -> 32000), freeze embeddings True" in p.stdout
+    p = subprocess.run(["bash", script, "--dry-run"], env=dict(env, PRETRAINED=str(mha)),
+                       capture_output=True, text=True)
+    assert p.returncode == 2
+    assert "model.model_size '7b' sets num_query_groups = 8, contradicting" in p.stderr
+    assert "num_query_groups = 32" in p.stderr
+
+
 # ----------------------------------------------------------------------------- end to end
 def runs_spec(a: dict, root: str) -> dict:
     """name -> (argv, checks) of every end-to-end run (order matters: later runs use earlier
