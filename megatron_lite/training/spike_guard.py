@@ -232,7 +232,7 @@ class SpikeGuard:
                 norm = float(norm.item())
             return None if norm is None else float(norm)
 
-        def gated_step(closure=None):
+        def gated_step(*args, **kwargs):
             if guard._armed:
                 guard._armed = False
                 norm = read_norm()
@@ -243,7 +243,7 @@ class SpikeGuard:
             if guard.gate_fired is not None:
                 optimizer.skipped = True
                 return None
-            return original(closure)
+            return original(*args, **kwargs)
 
         optimizer.step = gated_step
 
