@@ -1,0 +1,1 @@
+"""Adapters to other frameworks: ``megatron_lite.integrations.lightning`` (PyTorch Lightning)."""
