@@ -86,9 +86,9 @@ def _cfg(*extra):
 def test_mismatch_that_changes_the_model_is_an_error():
     saved = _cfg().to_dict()
     ckpt.check_compatible(saved, _cfg("--seq-length", "32", "--global-batch-size", "4"))
-    with pytest.raises(ValueError, match="model.hidden_size: checkpoint 128 vs now 256"):
+    with pytest.raises(ValueError, match="--hidden-size: checkpoint 128, this run 256"):
         ckpt.check_compatible(saved, _cfg("--hidden-size", "256"))
-    with pytest.raises(ValueError, match="tensor_model_parallel_size"):
+    with pytest.raises(ValueError, match="--tensor-model-parallel-size: checkpoint 1, this run 2"):
         ckpt.check_compatible(saved, _cfg("--tp", "2"))
     with pytest.raises(ValueError, match="padded vocab"):
         ckpt.check_compatible(saved, _cfg("--make-vocab-size-divisible-by", "512"))
@@ -242,3 +242,79 @@ def test_blend_state_restored_through_build_data(tmp_path):
     for j, n in ((0, 90), (1, 10)):
         taken = ds2.dataset_sample_index[40:140][ds2.dataset_index[40:140] == j]
         assert taken.tolist() == list(range(20, 20 + n))
+
+
+def test_manifest_coverage_of_all_ranks(tmp_path):
+    """Rank 0 refuses to mark a checkpoint complete when it cannot see a file another rank wrote
+    (--save on node-local disks), or sees it with another size (a write still in flight)."""
+    mine = {"mp_rank_00_model_states.pt": 10, "rng/rank_00000.pt": 5}
+    ckpt.check_coverage([mine, dict(mine)], mine, "D/.tmp_iter_0000002")   # shared FS: fine
+    other = {"zero_pp_rank_1_mp_rank_00_optim_states.pt": 7, "rng/rank_00001.pt": 5}
+    with pytest.raises(ckpt.CheckpointSaveError,
+                       match=r"rank 1 sees zero_pp_rank_1_mp_rank_00_optim_states.pt \(7 bytes\) "
+                             r"but rank 0 sees None bytes: --save must be a filesystem shared"):
+        ckpt.check_coverage([mine, other], mine, "D/.tmp_iter_0000002")
+    with pytest.raises(ckpt.CheckpointSaveError, match=r"sees rng/rank_00000.pt \(6 bytes\)"):
+        ckpt.check_coverage([mine, {"rng/rank_00000.pt": 6}], mine, "D")
+
+
+class _FilesEngine:
+    """The DeepSpeed engine surface save_checkpoint uses: writes one module file of ``size`` bytes
+    (a full disk is an RLIMIT_FSIZE below it)."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def save_checkpoint(self, save_dir, tag, save_latest=False):
+        os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
+        with open(os.path.join(save_dir, tag, "mp_rank_00_model_states.pt"), "wb") as f:
+            f.write(b"m" * self.size)
+
+
+def _save(tmp_path, it, size, keep_last=None):
+    from megatron_lite.training.schedules import LRScheduler
+    from megatron_lite.training.trainer import TrainState
+
+    cfg = _cfg() if keep_last is None else _cfg("--save", "x", "--keep-last", str(keep_last))
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = LRScheduler(opt, max_lr=0.1, min_lr=0.0, warmup_iters=0, decay_iters=10,
+                        decay_style="constant")
+    return ckpt.save_checkpoint(_FilesEngine(size), cfg, TrainState(iteration=it), sched,
+                                str(tmp_path))
+
+
+def test_save_is_complete_fsynced_and_a_failed_save_changes_nothing(tmp_path, monkeypatch):
+    synced = []
+    real = ckpt._fsync_path
+    monkeypatch.setattr(ckpt, "_fsync_path", lambda p: (synced.append(p), real(p)))
+    d2 = _save(tmp_path, 2, 100)
+    assert ckpt.find_checkpoint(str(tmp_path)) == d2 and ckpt.is_complete(d2)
+    man = json.load(open(os.path.join(d2, "manifest.json")))["files"]
+    assert man["mp_rank_00_model_states.pt"] == 100 and "rng/rank_00000.pt" in man
+    tmp = os.path.join(str(tmp_path), ".tmp_iter_0000002")
+    # every file fsynced before the rename, the folder itself, and DIR after the rename
+    assert {os.path.join(tmp, f) for f in man if f not in ("trainer_state.json", "run_config.json")} \
+        <= set(synced)
+    assert tmp in synced and synced.count(str(tmp_path)) == 2
+    # A write that fails (here: the engine raises like a full disk) marks nothing complete.
+
+    def full(save_dir, tag, save_latest=False):
+        os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
+        raise OSError(28, "No space left on device")
+
+    engine = _FilesEngine(100)
+    engine.save_checkpoint = full
+    from megatron_lite.training.schedules import LRScheduler
+    from megatron_lite.training.trainer import TrainState
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = LRScheduler(opt, max_lr=0.1, min_lr=0.0, warmup_iters=0, decay_iters=10,
+                        decay_style="constant")
+    with pytest.raises(ckpt.CheckpointSaveError) as e:
+        ckpt.save_checkpoint(engine, _cfg(), TrainState(iteration=4), sched, str(tmp_path))
+    assert str(e.value) == (
+        f"saving iter_0000004 to {tmp_path} failed on rank 0: OSError: [Errno 28] No space left "
+        f"on device. Nothing was marked complete ('latest' still names iter_0000002); training "
+        f"stops. Free disk space (or lower --keep-last) and restart with --load {tmp_path}")
+    assert sorted(d for d in os.listdir(tmp_path) if "iter_" in d) == ["iter_0000002"]
+    assert ckpt.find_checkpoint(str(tmp_path)) == d2

@@ -322,6 +322,32 @@ def test_killed_process_leaves_no_pair(tiny_corpus_and_tokenizer, tmp_path):
             assert all(".tmp-" in f for f in leftovers), leftovers
 
 
+def test_kill_between_bin_and_idx_publish(tiny_corpus_and_tokenizer, tmp_path, monkeypatch):
+    """Interrupted after the new .bin was renamed into place but before the .idx: the old .idx was
+    removed first, so no pair is readable (never an old index over new tokens); a rerun succeeds."""
+    from megatron_lite.data import indexed
+
+    jsonl, model = tiny_corpus_and_tokenizer
+    assert _run(jsonl, model, tmp_path / "p") == 0
+    good = [x.tolist() for x in IndexedDataset(str(tmp_path / "p_text_document"))]
+    real = os.replace
+
+    def stop_before_idx(src, dst):
+        if str(dst).endswith(".idx"):
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(indexed.os, "replace", stop_before_idx)
+    with pytest.raises(KeyboardInterrupt):
+        _run(jsonl, model, tmp_path / "p", "--append-eod")       # different tokens than before
+    monkeypatch.setattr(indexed.os, "replace", real)
+    assert os.path.exists(tmp_path / "p_text_document.bin")
+    with pytest.raises(FileNotFoundError, match="p_text_document.idx does not exist"):
+        IndexedDataset(str(tmp_path / "p_text_document"))
+    assert _run(jsonl, model, tmp_path / "p") == 0
+    assert [x.tolist() for x in IndexedDataset(str(tmp_path / "p_text_document"))] == good
+
+
 def test_append_eod_needs_an_eod_id(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 

@@ -139,14 +139,8 @@ def find_checkpoint(load_dir: str) -> str | None:
 
 
 def _write_manifest(path: str) -> None:
-    files = {}
-    for root, _, names in os.walk(path):
-        for n in names:
-            if root == path and n == MANIFEST:
-                continue
-            p = os.path.join(root, n)
-            files[os.path.relpath(p, path)] = os.path.getsize(p)
-    _atomic_write_text(os.path.join(path, MANIFEST), json.dumps({"files": files}, indent=1))
+    _atomic_write_text(os.path.join(path, MANIFEST),
+                       json.dumps({"files": _list_files(path)}, indent=1))
 
 
 def _versions() -> dict:
@@ -158,11 +152,86 @@ def _versions() -> dict:
             "deepspeed": deepspeed.__version__}
 
 
+class CheckpointSaveError(RuntimeError):
+    """A save failed (full disk, file-size limit, I/O error, files invisible to rank 0).
+
+    Nothing was marked complete: ``latest`` still names the previous checkpoint. Training stops
+    (the caller does not catch it), because every later save would most likely fail the same way
+    and the steps trained meanwhile would be lost on the next fault anyway.
+    """
+
+
+def _fault_hook(iteration: int, point: str) -> None:
+    """Test hook: ``MEGATRON_LITE_INJECT_SAVE_KILL="iteration:rank:point,..."`` SIGKILLs this rank at
+    ``point`` of the save after ``iteration`` steps. Points, in save order: ``engine`` (DeepSpeed's
+    files written, RNG file not yet), ``manifest`` (rank 0: manifest written, folder not yet
+    renamed), ``rename`` (rank 0: folder renamed, ``latest`` not yet updated)."""
+    spec = os.environ.get("MEGATRON_LITE_INJECT_SAVE_KILL", "")
+    for item in filter(None, spec.split(",")):
+        it, rank, where = item.split(":")
+        if int(it) == iteration and int(rank) == _rank() and where == point:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync_path(path: str) -> None:
+    """fsync a file or a directory (a directory's fsync makes renames inside it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _list_files(path: str) -> dict[str, int]:
+    """``{relative path: size in bytes}`` of every file under ``path`` except the manifest."""
+    files = {}
+    for root, _, names in os.walk(path):
+        for n in names:
+            if root == path and n == MANIFEST:
+                continue
+            p = os.path.join(root, n)
+            files[os.path.relpath(p, path)] = os.path.getsize(p)
+    return files
+
+
+def check_coverage(seen_by_rank: list[dict[str, int]], mine: dict[str, int], where: str) -> None:
+    """Raise unless rank 0's view ``mine`` holds every file any rank sees, with the same size.
+
+    Args:
+        seen_by_rank: each rank's :func:`_list_files` of the temporary folder after its writes.
+        mine: rank 0's listing (what the manifest will record).
+        where: the checkpoint folder (for the message).
+
+    Raises:
+        CheckpointSaveError: a file written by another rank is missing or differs for rank 0,
+            i.e. ``--save`` is not one filesystem shared by all nodes.
+    """
+    for r, seen in enumerate(seen_by_rank):
+        for rel, size in seen.items():
+            if mine.get(rel) != size:
+                raise CheckpointSaveError(
+                    f"{where}: rank {r} sees {rel} ({size} bytes) but rank 0 sees "
+                    f"{mine.get(rel)!r} bytes: --save must be a filesystem shared by every node")
+
+
 def save_checkpoint(engine, cfg, state, scheduler, save_dir: str) -> str:
     """Save atomically after ``state.iteration`` steps (collective: every rank calls it).
 
+    Every rank writes into ``DIR/.tmp_<tag>`` and fsyncs what it sees there; after a barrier the
+    ranks' listings are gathered and rank 0 checks it sees all of them (shared filesystem), writes
+    the manifest (every file with its size), fsyncs, renames the folder to ``<tag>``, fsyncs
+    ``DIR`` and only then replaces ``DIR/latest``.
+
     Returns:
         The final checkpoint folder.
+
+    Raises:
+        CheckpointSaveError: a write failed on this rank (e.g. ``[Errno 28] No space left``,
+            ``[Errno 27] File too large``) or rank 0 cannot see another rank's file. The
+            temporary folder is removed (best effort) and ``latest`` is untouched; the other
+            ranks fail in their next collective and the launcher tears the job down.
     """
     tag = tag_for(state.iteration)
     tmp_tag = f".tmp_{tag}"
@@ -170,8 +239,36 @@ def save_checkpoint(engine, cfg, state, scheduler, save_dir: str) -> str:
     final = os.path.join(save_dir, tag)
     if _rank() == 0:
         os.makedirs(save_dir, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a killed save
+        for d in os.listdir(save_dir):  # leftovers of killed or failed saves
+            if d.startswith(".tmp_iter_"):
+                shutil.rmtree(os.path.join(save_dir, d), ignore_errors=True)
     _barrier()
+    try:
+        _write_rank_files(engine, cfg, tmp, tmp_tag, save_dir)
+        _fault_hook(state.iteration, "engine")
+        os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
+        torch.save(rng_state(), os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt"))
+        for p in _list_files(tmp):  # each rank flushes what it wrote (and sees) to stable storage
+            _fsync_path(os.path.join(tmp, p))
+    except Exception as e:
+        _abandon(tmp, tag, e)
+    _barrier()
+    seen = _list_files(tmp)
+    views = [seen]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        views = [None] * dist.get_world_size()
+        dist.all_gather_object(views, seen)
+    if _rank() == 0:
+        try:
+            check_coverage(views, seen, tmp)
+            _finalize(cfg, state, scheduler, save_dir, tmp, final, tag)
+        except Exception as e:
+            _abandon(tmp, tag, e)
+    _barrier()
+    return final
+
+
+def _write_rank_files(engine, cfg, tmp: str, tmp_tag: str, save_dir: str) -> None:
     engine.save_checkpoint(save_dir, tag=tmp_tag, save_latest=False)
     if cfg.parallel.zero_stage == 3:
         # DeepSpeed's module file holds no weights at stage 3; gather this TP shard over its DP
@@ -191,41 +288,56 @@ def save_checkpoint(engine, cfg, state, scheduler, save_dir: str) -> str:
         if get_data_parallel_rank() == 0:
             assert sd is not None, "ZeRO-3 gather returned no state dict on DP rank 0"
             torch.save(sd, os.path.join(tmp, f"model_tp_{get_tensor_model_parallel_rank():02d}.pt"))
-    os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
-    torch.save(rng_state(), os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt"))
-    _barrier()
-    if _rank() == 0:
-        trainer_state = {"iteration": state.iteration, "consumed_samples": state.consumed_samples,
-                         "skipped_steps": state.skipped_steps,
-                         "consecutive_skipped": state.consecutive_skipped,
-                         "data_state": getattr(state, "data_state", None),
-                         "scheduler": scheduler.state_dict(),
-                         "world_size": cfg.derived.world_size,
-                         "data_parallel_size": cfg.derived.data_parallel_size,
-                         "tensor_model_parallel_size": cfg.parallel.tensor_model_parallel_size,
-                         "zero_stage": cfg.parallel.zero_stage}
-        _atomic_write_text(os.path.join(tmp, "trainer_state.json"),
-                           json.dumps(trainer_state, indent=1))
-        _atomic_write_text(os.path.join(tmp, "run_config.json"),
-                           json.dumps({"config": cfg.to_dict(), "versions": _versions()},
-                                      indent=1, default=str))
-        _write_manifest(tmp)
-        # Re-saving the same step (e.g. after a resume): move the old complete folder aside, put
-        # the new one in place and name it in `latest` before deleting the old one, so a kill in
-        # between leaves a complete iter_ folder (the old one is in .old_<tag> only for the
-        # instant between the two renames).
-        old = os.path.join(save_dir, f".old_{tag}")
+
+
+def _finalize(cfg, state, scheduler, save_dir: str, tmp: str, final: str, tag: str) -> None:
+    """Rank 0: trainer state, config, manifest, fsync, rename, ``latest``, pruning."""
+    trainer_state = {"iteration": state.iteration, "consumed_samples": state.consumed_samples,
+                     "skipped_steps": state.skipped_steps,
+                     "consecutive_skipped": state.consecutive_skipped,
+                     "data_state": getattr(state, "data_state", None),
+                     "scheduler": scheduler.state_dict(),
+                     "world_size": cfg.derived.world_size,
+                     "data_parallel_size": cfg.derived.data_parallel_size,
+                     "tensor_model_parallel_size": cfg.parallel.tensor_model_parallel_size,
+                     "zero_stage": cfg.parallel.zero_stage}
+    _atomic_write_text(os.path.join(tmp, "trainer_state.json"), json.dumps(trainer_state, indent=1))
+    _atomic_write_text(os.path.join(tmp, "run_config.json"),
+                       json.dumps({"config": cfg.to_dict(), "versions": _versions()},
+                                  indent=1, default=str))
+    _write_manifest(tmp)
+    _fsync_path(os.path.join(tmp, "rng"))
+    _fsync_path(tmp)
+    _fault_hook(state.iteration, "manifest")
+    # Re-saving the same step (e.g. after a resume): move the old complete folder aside, put the
+    # new one in place and name it in `latest` before deleting the old one, so a kill in between
+    # leaves a complete iter_ folder (the old one is in .old_<tag> only for the instant between
+    # the two renames).
+    old = os.path.join(save_dir, f".old_{tag}")
+    shutil.rmtree(old, ignore_errors=True)
+    replaced = os.path.exists(final)
+    if replaced:
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync_path(save_dir)  # the rename is durable before `latest` can name it
+    _fault_hook(state.iteration, "rename")
+    _atomic_write_text(os.path.join(save_dir, "latest"), tag + "\n")
+    _fsync_path(save_dir)
+    if replaced:
         shutil.rmtree(old, ignore_errors=True)
-        replaced = os.path.exists(final)
-        if replaced:
-            os.rename(final, old)
-        os.rename(tmp, final)
-        _atomic_write_text(os.path.join(save_dir, "latest"), tag + "\n")
-        if replaced:
-            shutil.rmtree(old, ignore_errors=True)
-        _prune(save_dir, cfg.checkpoint.keep_last)
-    _barrier()
-    return final
+    _prune(save_dir, cfg.checkpoint.keep_last)
+
+
+def _abandon(tmp: str, tag: str, err: Exception):
+    """Remove this save's temporary folder (frees the space a full disk needs) and raise."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_dir = os.path.dirname(tmp)
+    latest = os.path.join(save_dir, "latest")
+    prev = open(latest).read().strip() if os.path.isfile(latest) else "none"
+    raise CheckpointSaveError(
+        f"saving {tag} to {save_dir} failed on rank {_rank()}: {type(err).__name__}: {err}. "
+        f"Nothing was marked complete ('latest' still names {prev}); training stops. Free disk "
+        f"space (or lower --keep-last) and restart with --load {save_dir}") from err
 
 
 def _iter_of(tag: str) -> int:
@@ -305,28 +417,41 @@ def read_saved_config(path: str) -> dict:
         return json.load(f)["config"]
 
 
-def check_compatible(saved: dict, cfg) -> None:
-    """Raise if resuming ``saved`` under ``cfg`` would silently change the model.
+def _shape(model: dict, padded_vocab) -> str:
+    return (f"hidden {model.get('hidden_size')}, layers {model.get('num_layers')}, heads "
+            f"{model.get('num_attention_heads')}, groups {model.get('num_query_groups')}, ffn "
+            f"{model.get('ffn_hidden_size')}, padded vocab {padded_vocab}")
+
+
+def check_compatible(saved: dict, cfg, where: str = "checkpoint") -> None:
+    """Raise if resuming ``saved`` (a checkpoint's config dict) under ``cfg`` would silently change
+    the model.
 
     Raises:
-        ValueError: listing each differing model field, the TP degree or the padded vocab.
+        ValueError: one line: each differing model flag with both values, the TP degree or the
+            padded vocab, both shapes, and where the checkpoint's values are.
     """
     diffs = []
     now = cfg.to_dict()
     for k, v in saved.get("model", {}).items():
         if k not in _MODEL_FIELDS_ALLOWED_TO_CHANGE and now["model"].get(k) != v:
-            diffs.append(f"model.{k}: checkpoint {v!r} vs now {now['model'].get(k)!r}")
+            diffs.append(f"--{k.replace('_', '-')}: checkpoint {v!r}, this run "
+                         f"{now['model'].get(k)!r}")
     tp_old = saved.get("parallel", {}).get("tensor_model_parallel_size")
     if tp_old != cfg.parallel.tensor_model_parallel_size:
-        diffs.append(f"tensor_model_parallel_size: checkpoint {tp_old} vs now "
+        diffs.append(f"--tensor-model-parallel-size: checkpoint {tp_old}, this run "
                      f"{cfg.parallel.tensor_model_parallel_size} (reshard with "
                      f"tools/convert_checkpoint.py)")
     pv = saved.get("derived", {}).get("padded_vocab_size")
     if pv != cfg.derived.padded_vocab_size:
-        diffs.append(f"padded vocab: checkpoint {pv} vs now {cfg.derived.padded_vocab_size}")
+        diffs.append(f"padded vocab (--vocab-size/--make-vocab-size-divisible-by): checkpoint "
+                     f"{pv}, this run {cfg.derived.padded_vocab_size}")
     if diffs:
-        raise ValueError("checkpoint does not match this run's model: " + "; ".join(diffs)
-                         + ". Resume with the checkpoint's settings.")
+        raise ValueError(
+            f"{where} does not match this run's model: " + "; ".join(diffs)
+            + f" (checkpoint shape: {_shape(saved.get('model', {}), pv)}; this run: "
+            f"{_shape(now['model'], cfg.derived.padded_vocab_size)}). Resume with the "
+            f"checkpoint's values (in {where}/run_config.json) or --load another folder")
 
 
 def load_checkpoint(engine, cfg, state, scheduler) -> str | None:
@@ -345,7 +470,7 @@ def load_checkpoint(engine, cfg, state, scheduler) -> str | None:
         if _rank() == 0:
             warnings.warn(f"--load {ck.load}: no complete checkpoint found; starting from scratch")
         return None
-    check_compatible(read_saved_config(path), cfg)
+    check_compatible(read_saved_config(path), cfg, where=path)
     with open(os.path.join(path, "trainer_state.json")) as f:
         ts = json.load(f)
     load_optim = not (ck.no_load_optim or ck.finetune)
@@ -445,5 +570,5 @@ def list_checkpoints(save_dir: str) -> list[str]:
     return sorted(out, key=lambda p: int(_ITER_RE.match(os.path.basename(p)).group(1)))
 
 
-__all__: list[Any] = ["find_checkpoint", "is_complete", "load_checkpoint",
+__all__: list[Any] = ["CheckpointSaveError", "check_coverage", "find_checkpoint", "is_complete", "load_checkpoint",
                       "load_model_for_inference", "save_checkpoint", "tag_for", "list_checkpoints"]

@@ -1,0 +1,130 @@
+"""Issue 8 section 2: every bad configuration is refused by ``parse_args`` (what ``--dry-run`` and
+every rank run first) before any process group exists, in ONE line that names the flag(s) and the
+fix; a checkpoint of a different model shape is refused at ``--load`` naming both shapes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch.distributed as dist
+
+from megatron_lite.config import ConfigError, parse_args
+from megatron_lite.training import checkpointing as ckpt
+
+BASE = ["--model-size", "tiny", "--vocab-size", "256", "--seq-length", "64",
+        "--micro-batch-size", "1", "--train-iters", "10", "--device", "cpu"]
+
+# (extra flags, world size, the exact message); tiny = hidden 128, 4 heads, 2 KV groups.
+CASES = {
+    "heads % TP": (["--tp", "8"], 8,
+                   "--num-attention-heads 4 is not divisible by --tensor-model-parallel-size 8; "
+                   "use TP in [1, 2, 4]; --num-query-groups 2 is not divisible by "
+                   "--tensor-model-parallel-size 8: each TP rank must own whole KV groups (KV "
+                   "replication across ranks is not supported); use TP in [1, 2] or more groups"),
+    "hidden % heads": (["--hidden-size", "130"], 1,
+                       "--hidden-size 130 is not divisible by --num-attention-heads 4; pick a head "
+                       "count dividing 130 or set --kv-channels"),
+    "groups % TP": (["--tp", "4"], 4,
+                    "--num-query-groups 2 is not divisible by --tensor-model-parallel-size 4: each "
+                    "TP rank must own whole KV groups (KV replication across ranks is not "
+                    "supported); use TP in [1, 2] or more groups"),
+    "heads % groups": (["--num-query-groups", "3"], 1,
+                       "--num-attention-heads 4 is not divisible by --num-query-groups 3; use a "
+                       "group count dividing 4"),
+    "seq beyond positions": (["--seq-length", "8192", "--max-position-embeddings", "4096"], 1,
+                             "--seq-length 8192 exceeds --max-position-embeddings 4096; raise "
+                             "--max-position-embeddings or choose a --rope-scaling-type (linear, "
+                             "ntk, dynamic, yarn, llama3)"),
+    "global batch": (["--global-batch-size", "5"], 2,
+                     "--global-batch-size 5: global batch of 5 samples (320 tokens) is not a "
+                     "multiple of micro_batch_size x D = 1 x 2 = 2 samples (mu_tok x D = 128 "
+                     "tokens), so A = GB_tok / (mu_tok x D) is not an integer; use a global batch "
+                     "of 4 samples (256 tokens) or change --micro-batch-size/--tp"),
+    "global batch tokens": (["--global-batch-tokens", "100"], 1,
+                            "--global-batch-tokens 100 must be a positive multiple of --seq-length "
+                            "64 (e.g. 128)"),
+    "world % TP": (["--tp", "2"], 3,
+                   "--tensor-model-parallel-size 2 must divide the world size 3 (nproc_per_node x "
+                   "nnodes); choose TP in [1, 3]"),
+    "unknown flag": (["--micro-batch-sise", "2"], 1,
+                     "unknown argument '--micro-batch-sise' (did you mean '--micro-batch-size' or "
+                     "'--rampup-batch-size' or '--global-batch-size'?)"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_config_is_one_line_naming_flag_and_fix(name):
+    extra, world, message = CASES[name]
+    with pytest.raises(ConfigError) as e:
+        parse_args(BASE + extra, world_size=world)
+    assert str(e.value) == message
+    assert "\n" not in str(e.value)
+    assert not dist.is_initialized()        # refused before any process group exists
+
+
+def test_seq_beyond_positions_is_fine_with_rope_scaling():
+    cfg = parse_args(BASE + ["--seq-length", "8192", "--max-position-embeddings", "4096",
+                             "--rope-scaling-type", "linear", "--rope-scaling-factor", "2"])
+    assert cfg.model.seq_length == 8192
+
+
+@pytest.mark.parametrize("body,message", [
+    ("model:\n  hidden_size: 128\ntraining:\n  micro_batch_sise: 2\n",
+     "{y}:4: unknown key training.micro_batch_sise (did you mean 'micro_batch_size' or "
+     "'rampup_batch_size' or 'global_batch_size'?)"),
+    ("modle:\n  hidden_size: 128\n",
+     "{y}:1: unknown section 'modle' (did you mean 'model'?); sections are model, data, parallel, "
+     "optimizer, schedule, training, checkpoint, logging, eval, cpt"),
+])
+def test_unknown_yaml_key_or_section_names_file_line_and_suggestion(tmp_path, body, message):
+    y = str(tmp_path / "run.yaml")
+    with open(y, "w") as f:
+        f.write(body)
+    with pytest.raises(ConfigError) as e:
+        parse_args(BASE + ["--config", y])
+    assert str(e.value) == message.format(y=y)
+
+
+def test_dry_run_prints_one_line_error_and_exits_2():
+    """The real entrypoint with --dry-run: status 2, the one-line message, no traceback."""
+    out = subprocess.run([sys.executable, "pretrain_llama.py", *BASE, "--tp", "2", "--dry-run"],
+                         capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, WORLD_SIZE="3", PYTHONPATH=os.getcwd()))
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "pretrain_llama.py: error: " + CASES["world % TP"][2]]
+
+
+def _saved(tmp_path, **flags):
+    """A checkpoint folder whose run_config.json is a run with ``flags`` (the weights do not matter:
+    the shape check runs before DeepSpeed reads any file)."""
+    extra = [x for k, v in flags.items() for x in (k, v)]
+    saved = parse_args(BASE + ["--data-path", "x"] + extra)
+    d = os.path.join(str(tmp_path), "iter_0000003")
+    os.makedirs(d)
+    with open(os.path.join(d, "run_config.json"), "w") as f:
+        json.dump({"config": saved.to_dict()}, f)
+    with open(os.path.join(d, "trainer_state.json"), "w") as f:
+        json.dump({"zero_stage": 1, "data_parallel_size": 1, "world_size": 1}, f)
+    ckpt._write_manifest(d)
+
+
+def test_resume_with_different_model_shape_names_both_shapes_and_flag(tmp_path):
+    from megatron_lite.training.trainer import TrainState
+
+    _saved(tmp_path, **{"--num-layers": "2", "--ffn-hidden-size": "352"})
+    now = parse_args(BASE + ["--data-path", "x", "--num-layers", "3", "--load", str(tmp_path)])
+    with pytest.raises(ValueError) as e:
+        ckpt.load_checkpoint(None, now, TrainState(), None)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"{tmp_path}/iter_0000003 does not match this run's model: "
+                          f"--num-layers: checkpoint 2, this run 3")
+    assert "checkpoint shape: hidden 128, layers 2, heads 4, groups 2, ffn 352, padded vocab 256" \
+        in msg and "this run: hidden 128, layers 3, heads 4, groups 2, ffn 352, padded vocab 256" \
+        in msg
+    assert "run_config.json" in msg          # where to read the checkpoint's values
