@@ -39,14 +39,15 @@ class ParallelConfig:
     deepspeed_config: Optional[str] = arg(
         None, "DeepSpeed JSON config (// comments allowed). Fields set to \"auto\" are filled from this "
               "run's config; batch sizes, precision and clipping must agree with it. The optimizer "
-              "and scheduler blocks are ignored (the engine owns AdamW and the LR schedule).")
+              "and scheduler blocks are ignored (--optimizer and the LR schedule flags decide).")
     distributed_timeout_minutes: int = arg(
         10, "Timeout of collective operations (minutes) before the process group reports a hang.")
 
 
 @dataclasses.dataclass
 class OptimizerConfig:
-    """AdamW hyper-parameters (recipe defaults: beta=(0.9, 0.95), eps=1e-8, wd=0.1, clip 1.0)."""
+    """Optimizer choice and hyper-parameters (recipe's AdamW: beta=(0.9, 0.95), eps=1e-8, wd=0.1,
+    clip 1.0), peak-LR scaling, Lion and Adafactor settings."""
 
     optimizer: str = arg(
         "adamw", "Optimizer (megatron_lite/training/optimizer.py): adamw (Loshchilov & Hutter "

@@ -121,7 +121,7 @@ def build_ds_config(cfg) -> dict:
     clip = cfg.optimizer.clip_grad
     _fill(ds, "gradient_clipping", clip, "")
     if clip_in_optimizer(cfg):
-        ds["gradient_clipping"] = 0.0  # GuardedAdamW clips and records the norm itself
+        ds["gradient_clipping"] = 0.0  # our optimizer's SkipGuard clips and records the norm
     for name, on in (("bf16", d.precision == "bf16"), ("fp16", d.precision == "fp16")):
         block = ds.setdefault(name, {})
         if block.get("enabled", "auto") not in ("auto", on):
