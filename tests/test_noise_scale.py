@@ -92,12 +92,14 @@ def test_linear_regression_matches_analytic_b_simple():
     from megatron_lite.training.noise_scale import NoiseScaleEstimator
     from megatron_lite.training.trainer import TrainState, train_step
 
-    d, s2, b, A, steps = 8, 1.0, 8, 8, 1500
+    # d = 64 keeps the per-step relative error of tr(Sigma) small (~sqrt(2/d) for Gaussian
+    # noise); seeds 0-4 all land within 5 % of the analytic value with these settings.
+    d, s2, b, A, steps = 64, 1.0, 16, 8, 1000
     g = torch.Generator().manual_seed(0)
     w_star = torch.randn(d, generator=g, dtype=torch.float64)
     delta = torch.zeros(d, dtype=torch.float64)
     delta[0], delta[3] = 0.6, 0.8                                   # |delta|^2 = 1
-    analytic = (d * (1.0 + s2) + 1.0) / 1.0                         # = 17 samples
+    analytic = (d * (1.0 + s2) + 1.0) / 1.0                         # = 129 samples
     model = _Regression(w_star + delta)
     eng, est, st = _Engine(model, A), NoiseScaleEstimator(1, ema=0.995), TrainState()
     for _ in range(steps):

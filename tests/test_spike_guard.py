@@ -299,5 +299,31 @@ def test_state_round_trip_and_config_checks():
         check_config(_cfg(spike_window=1))
 
 
+def test_extras_saved_beside_checkpoint_and_restored(tmp_path):
+    """setup_extras restores the window and the noise-scale EMAs from a resumed folder."""
+    from megatron_lite.training.noise_scale import NoiseScaleEstimator
+    from megatron_lite.training.spike_guard import STATE_FILE, SpikeGuard, save_extras, setup_extras
+
+    cfg = _cfg(noise_scale_interval=5)
+    g, n = SpikeGuard(cfg, None), NoiseScaleEstimator(5, 0.9)
+    for x in (4.0, 3.5, 3.25):
+        g.accept(x, x / 2)
+    n.update(2.0, 50.0)
+    save_extras(str(tmp_path), g, n)
+    assert os.path.isfile(os.path.join(str(tmp_path), STATE_FILE))
+    opt = types.SimpleNamespace(step=lambda *a, **k: None, param_groups=[])
+    g2, n2 = setup_extras(cfg, opt, types.SimpleNamespace(optimizer=None), str(tmp_path), None)
+    assert g2.state_dict() == g.state_dict() and n2.state_dict() == n.state_dict()
+    assert opt.step.__name__ == "gated_step"
+    # Off: nothing is built, the optimizer is left alone.
+    opt = types.SimpleNamespace(step=lambda *a, **k: None, param_groups=[])
+    from megatron_lite.config import parse_args
+
+    plain = parse_args(["--model-size", "tiny", "--vocab-size", "128", "--seq-length", "16",
+                        "--train-iters", "4", "--device", "cpu"], world_size=1)
+    assert setup_extras(plain, opt, None, str(tmp_path), None) == (None, None)
+    assert opt.step.__name__ == "<lambda>"
+
+
 if __name__ == "__main__":  # torchrun entry of the spike_e2e fixture
     _driver(sys.argv[1])
