@@ -249,6 +249,10 @@ def runs_spec(a: dict, root: str) -> dict:
                 "2", base=ours, iters=4, mf="ra"),
         "rb": r("--zero-stage", "1", "--save", os.path.join(root, "ck_res"), "--load",
                 os.path.join(root, "ck_res"), base=ours, iters=4, mf="rb"),
+        # Base = that run (4 steps, ZeRO-1, D=2) with its AdamW moments.
+        "opt": r("--zero-stage", "1", "--load-optimizer-state", "--save",
+                 os.path.join(root, "ck_opt"), "--load", os.path.join(root, "ck_opt"),
+                 base=os.path.join(root, "ck_res"), iters=1, mf="opt"),
     }
 
 
@@ -369,6 +373,38 @@ def test_resume_of_cpt_run_is_exact_and_skips_base_load(e2e):
     for s in (3, 4):
         assert rb[s]["loss"] == full[s]["loss"] and rb[s]["lr"] == full[s]["lr"]
     assert "resuming this run's checkpoint: base weights not read" in out
+
+
+def _adam_steps(folder: str) -> set:
+    sd = torch.load(os.path.join(folder, "zero_pp_rank_0_mp_rank_00_optim_states.pt"),
+                    map_location="cpu", weights_only=False)
+    return {int(v["step"]) for v in
+            sd["optimizer_state_dict"]["base_optimizer_state"]["state"].values()}
+
+
+@pytest.mark.slow
+def test_load_optimizer_state_continues_the_base_moments(e2e):
+    root, _, out = e2e
+    assert _adam_steps(os.path.join(root, "ck_res", "iter_0000004")) == {4}
+    ck = os.path.join(root, "ck_opt", "iter_0000001")
+    assert _adam_steps(ck) == {5}     # 4 base steps + 1 (fresh moments would say 1)
+    with open(os.path.join(ck, "trainer_state.json")) as f:
+        assert json.load(f)["iteration"] == 1          # counters and schedule start fresh
+    assert "AdamW state of the base loaded" in out
+    from megatron_lite.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"saved with TP, ZeRO stage, D, vocab = \(1, 1, 2, 512\)"
+                                          r", this run has \(1, 2, 1, 512\)"):
+        _resolve(["--pretrained-checkpoint", os.path.join(root, "ck_res"), "--train-iters", "2",
+                  "--load-optimizer-state", "--load", "x", "--zero-stage", "2"])
+
+
+def test_load_optimizer_state_needs_a_matching_megatron_lite_base(assets):
+    from megatron_lite.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--load-optimizer-state: the base .* is a HuggingFace"):
+        _resolve(["--pretrained-checkpoint", assets["hf"], "--train-iters", "2",
+                  "--load-optimizer-state", "--load", "x"])
 
 
 @pytest.mark.slow

@@ -13,9 +13,11 @@ Vocabulary: ``V = --vocab-size`` if given, else ``max(V_base, V_tokenizer)`` of
 ``--tokenizer-model``; ``V < V_base`` is an error (rows cannot be dropped). ``V > V_base`` grows
 the embedding/output rows (:mod:`megatron_lite.training.cpt_weights`).
 
-Optimizer and schedule: never loaded from the base (fresh AdamW moments; warmup/decay from this
-run's flags, counted from step 0: the recipe's "re-warm"). On a restart with ``--load`` of the CPT
-run's own checkpoints the usual resume applies, including ``--override-opt-param-scheduler``.
+Optimizer and schedule: the LR schedule is never taken from the base (warmup/decay from this run's
+flags, counted from step 0: the recipe's "re-warm"); AdamW moments start fresh unless
+``--load-optimizer-state`` (our base checkpoints with the same TP, ZeRO stage, data-parallel size
+and vocabulary, nothing frozen). On a restart with ``--load`` of the CPT run's own checkpoints the
+usual resume applies, including ``--override-opt-param-scheduler``.
 """
 
 from __future__ import annotations
@@ -174,6 +176,8 @@ def resolve_config(argv: Sequence[str] | None = None, world_size: int | None = N
         except ValueError as e:
             raise ConfigError(str(e)) from None
     finalize(cfg, world_size)
+    if cfg.cpt.load_optimizer_state:
+        _check_optimizer_state_loadable(cfg, base)
     from megatron_lite.training.cpt_config import parse_layer_ranges
 
     try:
@@ -238,6 +242,69 @@ def _resolve_vocab(cfg, base: BaseCheckpoint, given: dict) -> int:
     return max(v0, int(tok.vocab_size))
 
 
+def _check_optimizer_state_loadable(cfg, base: BaseCheckpoint) -> None:
+    flag = "--load-optimizer-state"
+    if base.format != "megatron_lite":
+        raise ConfigError(f"{flag}: the base {base.path} is a HuggingFace folder (no optimizer "
+                          "state); drop the flag")
+    with open(os.path.join(base.path, "trainer_state.json")) as f:
+        ts = json.load(f)
+    now = (cfg.parallel.tensor_model_parallel_size, cfg.parallel.zero_stage,
+           cfg.derived.data_parallel_size, cfg.model.vocab_size)
+    then = (base.tp, ts.get("zero_stage"), ts.get("data_parallel_size"), base.model.vocab_size)
+    if now != then:
+        raise ConfigError(f"{flag}: the base's optimizer state was saved with TP, ZeRO stage, D, "
+                          f"vocab = {then}, this run has {now}; use the same layout or drop the "
+                          "flag (fresh AdamW moments)")
+    if cfg.cpt.freeze_embeddings or cfg.cpt.freeze_layers:
+        raise ConfigError(f"{flag} cannot be combined with --freeze-embeddings/--freeze-layers "
+                          "(the base's optimizer holds state for every parameter)")
+    if not cfg.checkpoint.load:
+        raise ConfigError(f"{flag} needs --load (this CPT run's own checkpoint folder, usually "
+                          "the same as --save): the base's state is read on a fresh start only")
+
+
+def _with_base_optimizer_state(cfg):
+    """Context manager: while active, the resume step of ``pretrain`` falls back to the base's
+    model + optimizer state (not its schedule, counters or RNG) when this run has no checkpoint
+    of its own. ``pretrain`` offers no hook after the engine exists, so its module-level
+    ``checkpointing.load_checkpoint`` is wrapped for the duration of the call."""
+    import contextlib
+
+    from megatron_lite.training import checkpointing
+
+    @contextlib.contextmanager
+    def ctx():
+        orig = checkpointing.load_checkpoint
+
+        def load(engine, cfg_, state, scheduler):
+            path = orig(engine, cfg_, state, scheduler)
+            if path is not None:
+                return path
+            base = detect_base(cfg_.cpt.pretrained_checkpoint, cfg_.cpt.pretrained_checkpoint_format)
+            parent, tag = os.path.split(os.path.abspath(base.path))
+            engine.load_checkpoint(parent, tag=tag, load_optimizer_states=True,
+                                   load_lr_scheduler_states=False, load_module_only=False)
+            if _rank() == 0:
+                print(f"[cpt] AdamW state of the base loaded from {base.path} (--load-optimizer-"
+                      "state); iteration, schedule and data position start at 0", flush=True)
+            return None
+
+        checkpointing.load_checkpoint = load
+        try:
+            yield
+        finally:
+            checkpointing.load_checkpoint = orig
+
+    return ctx()
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def resuming(cfg) -> str | None:
     """This run's own checkpoint to resume (``--load`` has a complete one, not ``--finetune``)."""
     from megatron_lite.training.checkpointing import find_checkpoint
@@ -268,6 +335,9 @@ def run(cfg, data_iterators=None, after_setup=None):
         if after_setup is not None:
             after_setup(model, cfg_)
 
+    if cfg.cpt.load_optimizer_state and resuming(cfg) is None:
+        with _with_base_optimizer_state(cfg):
+            return pretrain(cfg, data_iterators=data_iterators, model_setup=model_setup)
     return pretrain(cfg, data_iterators=data_iterators, model_setup=model_setup)
 
 

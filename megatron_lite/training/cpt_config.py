@@ -7,6 +7,7 @@
   the architecture comes from DIR's config. Optimizer moments, LR schedule, iteration counter,
   data position and RNG start fresh from this run's flags. A restart with ``--load`` of this CPT
   run's own ``--save`` folder resumes it exactly and never touches DIR's weights again.
+* ``--load-optimizer-state`` - also the base's AdamW moments (our checkpoints only; same layout).
 * ``--freeze-embeddings`` / ``--freeze-layers a-b[,c-d]`` - ``requires_grad=False`` before the
   optimizer exists, so those parameters get no optimizer state and stay bitwise unchanged.
 * a ``--tokenizer-model`` with more pieces than the base vocabulary grows the embedding (and an
@@ -49,6 +50,11 @@ class CPTConfig:
     freeze_layers: Optional[str] = arg(
         None, "Do not train these transformer blocks: 0-based inclusive ranges, e.g. '0-3' or "
               "'0-3,10-11'.")
+    load_optimizer_state: bool = arg(
+        False, "On a fresh start also load the base checkpoint's AdamW moments (megatron_lite "
+               "base only, with the same TP, ZeRO stage, data-parallel size and vocabulary, no "
+               "freezing; needs --load). Iteration, LR schedule, data position and RNG still "
+               "start fresh.")
     # Filled by cpt.resolve_config (saved with checkpoints, never a flag).
     base_vocab_size: Optional[int] = arg(None, "vocabulary size of the base checkpoint", cli=False)
     base_format: Optional[str] = arg(None, "detected format of the base checkpoint", cli=False)
