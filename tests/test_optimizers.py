@@ -69,6 +69,9 @@ def _driver(root: str) -> None:
 
     results = {}
     for name, argv in runs_spec(root).items():
+        # Each rank appends its sample ids per step (pretrain's MEGATRON_LITE_LOG_SAMPLES hook).
+        os.environ["MEGATRON_LITE_LOG_SAMPLES"] = os.path.join(root, "ids") if name == "ramp" \
+            else ""
         cfg = parse_args(argv)
         st = pretrain(cfg)
         results[name] = {"iteration": st.iteration, "consumed_samples": st.consumed_samples}
@@ -234,6 +237,36 @@ def test_clip_in_optimizer_for_any_optimizer():
     opt.step()
     assert opt._global_grad_norm == pytest.approx(5.0)
     assert torch.allclose(a.grad, torch.tensor([0.6, 0.8]), atol=1e-6)
+
+
+def _cpu_adam_built() -> bool:
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return os.path.exists(os.path.join(_get_build_directory("cpu_adam", False), "cpu_adam.so"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _cpu_adam_built(), reason="DeepSpeed's cpu_adam op is not built in "
+                    "$TORCH_EXTENSIONS_DIR (its JIT build takes 1.5-9 min here, over this file's "
+                    "time budget); build it once to run this test")
+def test_cpu_adam_step_equals_adamw():
+    from megatron_lite.training.optimizer import _guarded
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    m1, grads = _problem()
+    m2 = copy.deepcopy(m1)
+    ours = _guarded(DeepSpeedCPUAdam, "GuardedCPUAdam")(_groups(m1), adamw_mode=True, **kw)
+    ref = torch.optim.AdamW(_groups(m2), **kw)
+    for step in range(3):
+        _set_grads(m1, grads)
+        _set_grads(m2, grads)
+        ours.begin_step(force_skip=step == 1)     # the middle step is skipped by both
+        ours.step()
+        if step != 1:
+            ref.step()
+        for a, b in zip(m1.parameters(), m2.parameters()):
+            assert torch.allclose(a, b, rtol=0, atol=1e-6), step   # AVX kernel: fp32 rounding
 
 
 # ----------------------------------------------------------------------------- config matrix

@@ -8,6 +8,7 @@ The end-to-end runs share one torchrun launch with tests/test_optimizers.py (fix
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 
@@ -183,6 +184,17 @@ def test_consumed_tokens_per_step_equal_hand_sum(dyn):
                 3e-4 + 2.7e-3 * 0.5 * (1 + math.cos(math.pi * (s - 4) / 34)))
         assert m[step]["lr"] == pytest.approx(want, rel=1e-12)
     assert all(math.isfinite(m[s]["loss"]) for s in m)
+    # The data is the plain sample stream: step k reads exactly the next B_k samples (both DP
+    # ranks together), so nothing is repeated or skipped when A changes.
+    ids: dict[int, list[int]] = {}
+    for rank in (0, 1):
+        with open(os.path.join(root, f"ids.rank{rank}")) as f:
+            for line in f:
+                rec = json.loads(line)
+                ids.setdefault(rec["step"], []).extend(rec["sample_ids"])
+    for step, b in enumerate(sizes, 1):
+        start = sum(sizes[:step - 1])
+        assert sorted(ids[step]) == list(range(start, start + b)), step
 
 
 def test_resume_mid_ramp_is_bitwise(dyn):
