@@ -259,8 +259,8 @@ def test_manifest_coverage_of_all_ranks(tmp_path):
 
 
 class _FilesEngine:
-    """The DeepSpeed engine surface save_checkpoint uses: writes one module file of ``size`` bytes
-    (a full disk is an RLIMIT_FSIZE below it)."""
+    """The DeepSpeed engine surface save_checkpoint uses: writes one module file of ``size``
+    bytes."""
 
     def __init__(self, size):
         self.size = size
@@ -271,23 +271,22 @@ class _FilesEngine:
             f.write(b"m" * self.size)
 
 
-def _save(tmp_path, it, size, keep_last=None):
+def _sched():
     from megatron_lite.training.schedules import LRScheduler
-    from megatron_lite.training.trainer import TrainState
 
-    cfg = _cfg() if keep_last is None else _cfg("--save", "x", "--keep-last", str(keep_last))
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    sched = LRScheduler(opt, max_lr=0.1, min_lr=0.0, warmup_iters=0, decay_iters=10,
-                        decay_style="constant")
-    return ckpt.save_checkpoint(_FilesEngine(size), cfg, TrainState(iteration=it), sched,
-                                str(tmp_path))
+    return LRScheduler(opt, max_lr=0.1, min_lr=0.0, warmup_iters=0, decay_iters=10,
+                       decay_style="constant")
 
 
 def test_save_is_complete_fsynced_and_a_failed_save_changes_nothing(tmp_path, monkeypatch):
     synced = []
     real = ckpt._fsync_path
     monkeypatch.setattr(ckpt, "_fsync_path", lambda p: (synced.append(p), real(p)))
-    d2 = _save(tmp_path, 2, 100)
+    from megatron_lite.training.trainer import TrainState
+
+    d2 = ckpt.save_checkpoint(_FilesEngine(100), _cfg(), TrainState(iteration=2), _sched(),
+                              str(tmp_path))
     assert ckpt.find_checkpoint(str(tmp_path)) == d2 and ckpt.is_complete(d2)
     man = json.load(open(os.path.join(d2, "manifest.json")))["files"]
     assert man["mp_rank_00_model_states.pt"] == 100 and "rng/rank_00000.pt" in man
@@ -304,14 +303,8 @@ def test_save_is_complete_fsynced_and_a_failed_save_changes_nothing(tmp_path, mo
 
     engine = _FilesEngine(100)
     engine.save_checkpoint = full
-    from megatron_lite.training.schedules import LRScheduler
-    from megatron_lite.training.trainer import TrainState
-
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    sched = LRScheduler(opt, max_lr=0.1, min_lr=0.0, warmup_iters=0, decay_iters=10,
-                        decay_style="constant")
     with pytest.raises(ckpt.CheckpointSaveError) as e:
-        ckpt.save_checkpoint(engine, _cfg(), TrainState(iteration=4), sched, str(tmp_path))
+        ckpt.save_checkpoint(engine, _cfg(), TrainState(iteration=4), _sched(), str(tmp_path))
     assert str(e.value) == (
         f"saving iter_0000004 to {tmp_path} failed on rank 0: OSError: [Errno 28] No space left "
         f"on device. Nothing was marked complete ('latest' still names iter_0000002); training "

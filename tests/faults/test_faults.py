@@ -147,7 +147,7 @@ def test_full_disk_while_saving_keeps_previous_checkpoint_and_stops(faults):
     rc, log = faults["disk"]
     assert rc != 0
     assert "CheckpointSaveError: saving iter_0000004" in log
-    assert "'latest' still names iter_0000002; training stops" in log
+    assert "Nothing was marked complete ('latest' still names iter_0000002); training stops" in log
     snap = faults["ck_disk"]
     assert snap["latest"] == "iter_0000002"
     assert [d for d in snap["entries"] if "iter_" in d] == ["iter_0000002"]   # no tmp, no 4
