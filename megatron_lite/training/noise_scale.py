@@ -15,7 +15,8 @@ B_crit (in tokens: both batch sizes here count loss tokens).
 The two batch sizes training already has:
 
 * B_small: one micro-batch on one DP rank, before accumulation and reduction. Its gradient of the
-  token-mean loss is read from ``p.grad`` right after the first micro-batch's backward (rescaled
+  token-mean loss is read from ``p.grad`` (or DeepSpeed's ``p.grad_accum``) right after the first
+  micro-batch's backward (rescaled
   from the trainer's ``D / N`` loss normalisation, see :mod:`megatron_lite.training.trainer`), its
   squared norm TP-aware (sharded parameters summed over TP, replicated ones once) and averaged over
   the DP ranks; B_small is the harmonic mean of the ranks' loss tokens (E|G_B|^2 is linear in 1/B).
@@ -135,11 +136,14 @@ class NoiseScaleEstimator:
         tp_rank = get_tensor_model_parallel_rank()
         sq, seen, device = None, False, torch.device("cpu")
         for p in params:
-            if p.grad is None:
+            # ZeRO-1 with bf16 parameters and fp32 gradient accumulation parks the accumulated
+            # gradient in ``p.grad_accum`` (DeepSpeed's use_grad_accum_attribute) instead.
+            grad = p.grad if p.grad is not None else getattr(p, "grad_accum", None)
+            if grad is None:
                 continue
-            seen, device = True, p.grad.device
+            seen, device = True, grad.device
             if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
-                s = p.grad.detach().float().pow(2).sum()
+                s = grad.detach().float().pow(2).sum()
                 sq = s if sq is None else sq + s
         if not seen:
             raise RuntimeError("noise scale: no parameter holds a gradient after the first "
