@@ -2,7 +2,7 @@
 2-process ``strategy="ddp"`` (gloo, CPU) run whose per-step losses equal pretrain_llama.py's.
 
 One torchrun launch (this file as the script) runs, in the same 2-process group:
-  1. ``python -m megatron_lite.integrations.lightning --config configs/lightning_tiny_cpu.yaml``
+  1. ``python -m megatron_lite.integrations.lightning --config configs/lightning/tiny_cpu.yaml``
      (its ``main``) for 6 steps, saving a Lightning checkpoint at step 3;
   2. our own trainer, ``pretrain(cfg)`` with the config resolved from the same YAML (ZeRO-0);
   3. Lightning resumed from the step-3 checkpoint to step 6.
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "configs", "lightning_tiny_cpu.yaml")
+CONFIG = os.path.join(ROOT, "configs", "lightning", "tiny_cpu.yaml")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 pytest.importorskip("lightning")

@@ -1,6 +1,6 @@
 """PyTorch Lightning shim: our model, loss, optimizer/schedule and data under ``lightning.Trainer``.
 
-    run = load_lightning_config("configs/lightning_tiny_cpu.yaml")     # recipe-style YAML
+    run = load_lightning_config("configs/lightning/tiny_cpu.yaml")     # recipe-style YAML
     trainer = build_trainer(run)                                         # lightning.Trainer
     trainer.fit(MegatronLlamaModule(run.cfg), datamodule=MegatronDataModule(run.cfg))
 

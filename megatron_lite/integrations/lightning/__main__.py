@@ -1,6 +1,6 @@
 """Train with lightning.Trainer from a recipe-style YAML.
 
-    python -m megatron_lite.integrations.lightning --config configs/lightning_tiny_cpu.yaml \\
+    python -m megatron_lite.integrations.lightning --config configs/lightning/tiny_cpu.yaml \\
         --data-path /data/corpus_text_document [--train-iters 100] [--dry-run]
     torchrun --nproc_per_node 8 -m megatron_lite.integrations.lightning --config FILE
 
