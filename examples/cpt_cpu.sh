@@ -9,19 +9,21 @@
 #      replay blend --data-path 0.3 <stdlib train> 0.7 <domain train>
 #   -> tools/cpt_report.py: base vs CPT perplexity on the stdlib and domain held-out sets at the
 #      trained context and at 2x with YaRN x2 (table + JSON)
-# Usage: bash examples/cpt_cpu.sh [--steps N] [--base DIR] [--out DIR]
+# Usage: bash examples/cpt_cpu.sh [--steps N (100)] [--base DIR] [--base-steps N (150)] [--out DIR]
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 STEPS=100
+BASE_STEPS=150
 BASE_RUN="$ROOT/runs/quickstart"
 OUT="$ROOT/runs/cpt_cpu"
 while [ $# -gt 0 ]; do
   case "$1" in
     --steps) STEPS="$2"; shift 2 ;;
     --base) BASE_RUN="$2"; shift 2 ;;
+    --base-steps) BASE_STEPS="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
     -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
-    *) echo "cpt_cpu.sh: unknown option '$1' (use --steps N, --base DIR, --out DIR)" >&2; exit 2 ;;
+    *) echo "cpt_cpu.sh: unknown option '$1' (use --steps N, --base DIR, --base-steps N, --out DIR)" >&2; exit 2 ;;
   esac
 done
 cd "$ROOT"
@@ -31,7 +33,7 @@ T0=$(date +%s)
 
 echo "== 1/5 base model ($BASE_RUN/ckpt)"
 if [ ! -f "$BASE_RUN/ckpt/latest" ]; then
-  bash examples/quickstart.sh --out "$BASE_RUN"
+  bash examples/quickstart.sh --out "$BASE_RUN" --steps "$BASE_STEPS"
 fi
 TOK="$BASE_RUN/tokenizer/spm.model"
 mkdir -p "$OUT/corpus" "$OUT/data"

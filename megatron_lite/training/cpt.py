@@ -206,7 +206,9 @@ def _check_against_base(model, base: BaseCheckpoint, given: dict) -> None:
     for name in ARCH_FIELDS:
         if name not in given:
             continue
-        value, where = given[name]
+        # The merged value (YAML coerced to the field's type, a flag over a YAML key) and where
+        # it came from (the flag when both set it).
+        value, where = getattr(model, name), given[name][1]
         want = b.head_dim if name == "kv_channels" else getattr(b, name)
         if value is not None and value != want:
             errors.append(f"{where} {value!r} contradicts {src}: {name} = {want!r}")
@@ -224,8 +226,8 @@ def _check_against_base(model, base: BaseCheckpoint, given: dict) -> None:
 
 def _resolve_vocab(cfg, base: BaseCheckpoint, given: dict) -> int:
     v0 = int(base.model.vocab_size)
-    if "vocab_size" in given and given["vocab_size"][0] is not None:
-        v, where = given["vocab_size"]
+    if "vocab_size" in given and cfg.model.vocab_size is not None:
+        v, where = cfg.model.vocab_size, given["vocab_size"][1]
         if int(v) < v0:
             raise ConfigError(f"{where} {v} is below the pretrained checkpoint's vocabulary "
                               f"{v0} ({base.path}); rows cannot be dropped")
