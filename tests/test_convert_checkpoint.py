@@ -259,3 +259,176 @@ def test_parse_size_and_help():
     for flag in ("--load-format", "--save-format", "--load", "--save", "--target-tp", "--dtype",
                  "--max-shard-size", "--tokenizer-model", "--iteration", "--force"):
         assert flag in text
+
+
+# ----------------------------------------------------------------------------- training checkpoints
+_BASE = ["--seq-length", "32", "--micro-batch-size", "1", "--global-batch-size", "2",
+         "--train-iters", "2", "--lr", "1e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "1",
+         "--split", "100,0,0", "--num-workers", "0", "--log-interval", "1", "--eval-interval", "0",
+         "--seed", "7", "--device", "cpu"]
+
+
+def _driver(root: str) -> None:
+    """Body of the torchrun launch (2 processes): a ZeRO-2 bf16 run (TP=1, D=2), a ZeRO-3 run at
+    TP=2 (D=1), --finetune from a converted HF checkpoint at learning rate 1e-30 (TP=2), and a raw
+    DeepSpeed ZeRO-2 checkpoint of an HF LlamaForCausalLM."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from megatron_lite.config import parse_args
+    from megatron_lite.training.pretrain import pretrain
+
+    results = {}
+    data = ["--data-path", os.path.join(root, "data")]
+    tiny = ["--model-size", "tiny", "--vocab-size", "256"]
+    with open(os.path.join(root, "ft_flags.json")) as f:
+        ft_flags = json.load(f)
+    runs = {
+        # bf16 matmuls are slow on CPU: a smaller model, one step
+        "z2": tiny + _BASE + data + ["--zero-stage", "2", "--bf16", "--save", f"{root}/ck_z2",
+                                     "--num-layers", "1", "--hidden-size", "64",
+                                     "--ffn-hidden-size", "128", "--train-iters", "1",
+                                     "--lr-warmup-iters", "0"],
+        "z3": tiny + _BASE + data + ["--num-query-groups", "4", "--tp", "2", "--zero-stage", "3",
+                                     "--save", f"{root}/ck_z3"],
+        "ft": ft_flags + _BASE + data + ["--tp", "2", "--zero-stage", "2", "--finetune",
+                                         "--load", f"{root}/ours_ft", "--save", f"{root}/ck_ft",
+                                         "--train-iters", "1", "--lr", "1e-30", "--min-lr", "0",
+                                         "--lr-warmup-iters", "0"],
+    }
+    import time
+
+    for name, argv in runs.items():
+        t0 = time.time()
+        try:
+            results[name] = {"iteration": pretrain(parse_args(argv)).iteration}
+        except Exception as e:  # noqa: BLE001 - recorded for the test to assert on
+            results[name] = {"error": f"{type(e).__name__}: {e}"}
+        print(f"[convert-test] {name}: {time.time() - t0:.1f} s {results[name]}", file=sys.stderr,
+              flush=True)
+    from transformers import LlamaForCausalLM
+
+    from megatron_lite import parallel
+
+    parallel.destroy_model_parallel()   # the raw run: TP=1, D=2
+    parallel.initialize_model_parallel(1)
+    model = LlamaForCausalLM.from_pretrained(os.path.join(root, "raw"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, mpu=parallel.mpu, config={
+        "train_batch_size": 2, "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True})
+    x = _tokens(b=1, s=16, seed=dist.get_rank())
+    engine.backward(engine(input_ids=x, labels=x).loss)
+    engine.step()
+    engine.save_checkpoint(os.path.join(root, "raw"), tag="global_step1")
+    if dist.get_rank() == 0:
+        torch.save({k: v.detach().clone() for k, v in engine.module.state_dict().items()},
+                   os.path.join(root, "raw_ref.pt"))
+        with open(os.path.join(root, "results.json"), "w") as f:
+            json.dump(results, f)
+    dist.barrier()
+
+
+@pytest.fixture(scope="module")
+def launch():
+    """One torchrun launch of :func:`_driver`; yields (root, results).
+
+    The folder is made with tempfile, not under pytest's basetemp: concurrent pytest sessions of
+    one user prune each other's older basetemp folders, which took this one away mid-launch."""
+    import tempfile
+    from pathlib import Path
+
+    root = Path(tempfile.mkdtemp(prefix="convert_launch_"))
+    try:
+        yield _launch(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _launch(root):
+    from megatron_lite.convert import load_checkpoint
+    from megatron_lite.convert.ours_io import model_flags
+
+    make_dataset(str(root / "data"))
+    _hf_model(root / "hf_ft", tied=False, seed=1)
+    _convert("--load-format", "hf", "--save-format", "megatron_lite", "--load", root / "hf_ft",
+             "--save", root / "ours_ft", "--target-tp", 2)
+    flags = model_flags(load_checkpoint(str(root / "ours_ft"), "megatron_lite").model_config)
+    (root / "ft_flags.json").write_text(json.dumps(flags))
+    _hf_model(root / "raw", seed=2)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd(), HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(_free_port()), __file__, str(root)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    return root, json.loads((root / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_zero2_bf16_checkpoint_consolidates_fp32_master_weights(launch):
+    from megatron_lite.convert import load_checkpoint
+
+    root, res = launch
+    assert res["z2"] == {"iteration": 1}
+    master = load_checkpoint(str(root / "ck_z2"), "deepspeed").state    # ZeRO partitions
+    module = load_checkpoint(str(root / "ck_z2"), "megatron_lite").state  # bf16 module copy
+    assert sorted(master) == sorted(module)
+    differs = 0
+    for k, t in master.items():
+        assert t.dtype == torch.float32 and module[k].dtype == torch.bfloat16, k
+        assert torch.equal(t.to(torch.bfloat16), module[k]), k   # the bf16 copy rounds the master
+        differs += not torch.equal(t, module[k].float())
+    assert differs > 0   # the master weights carry bits the bf16 module lacks
+    _convert("--load-format", "deepspeed", "--save-format", "hf", "--load", root / "ck_z2",
+             "--save", root / "z2_hf")
+    assert all(torch.equal(v, master[k]) for k, v in _hf_tensors(root / "z2_hf").items())
+
+
+@pytest.mark.slow
+def test_zero3_tp2_checkpoint_to_tp4_to_hf_logits_equal_ours(launch):
+    from megatron_lite.convert import load_checkpoint
+
+    root, res = launch
+    assert res["z3"] == {"iteration": 2}
+    ds = load_checkpoint(str(root / "ck_z3"), "deepspeed")
+    ours = load_checkpoint(str(root / "ck_z3"), "megatron_lite")   # gathered model_tp_XX.pt
+    assert sorted(ds.state) == sorted(ours.state)
+    assert all(torch.equal(ds.state[k], ours.state[k]) for k in ds.state)
+    _convert("--load-format", "deepspeed", "--save-format", "megatron_lite", "--load",
+             root / "ck_z3", "--save", root / "z3_tp4", "--target-tp", 4)
+    _convert("--load-format", "megatron_lite", "--save-format", "hf", "--load", root / "z3_tp4",
+             "--save", root / "z3_hf")
+    tokens = _tokens(vocab=256)
+    lo, cfg = _ours_logits(root / "ck_z3", tokens, vocab=256)
+    assert cfg.parallel.zero_stage == 3
+    lh, _ = _hf_logits(root / "z3_hf", tokens)
+    assert (lo - lh).abs().max() <= 1e-5
+
+
+@pytest.mark.slow
+def test_hf_converted_in_finetuned_zero_steps_converted_out_is_identical(launch):
+    root, res = launch
+    # --lr must be > 0: one step at 1e-30 moves no weight of magnitude > 2^-76 (Adam's step is
+    # at most lr per element, decay multiplies by 1 - 1e-31 == 1 in fp32): "trained 0 steps"
+    assert res["ft"] == {"iteration": 1}, res["ft"]
+    _convert("--load-format", "megatron_lite", "--save-format", "hf", "--load", root / "ck_ft",
+             "--save", root / "ft_hf")
+    a, b = _hf_tensors(root / "hf_ft"), _hf_tensors(root / "ft_hf")
+    assert sorted(a) == sorted(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_raw_deepspeed_checkpoint_of_hf_model(launch):
+    root, _ = launch
+    _convert("--load-format", "deepspeed", "--save-format", "hf", "--load", root / "raw",
+             "--save", root / "raw_hf")
+    ref = torch.load(root / "raw_ref.pt", weights_only=True)
+    got = _hf_tensors(root / "raw_hf")
+    assert sorted(got) == sorted(k for k in ref if not k.endswith("inv_freq"))
+    assert all(torch.equal(got[k], ref[k]) for k in got)
+    assert not torch.equal(got["model.norm.weight"], torch.ones(64))  # it did train a step
+
+
+if __name__ == "__main__":
+    _driver(sys.argv[1])

@@ -52,16 +52,20 @@ def resolve_tag_folder(load: str, iteration: int | None) -> str:
                 return os.path.join(load, tag)
         raise ConversionError(f"--iteration {iteration}: neither {tag_for(iteration)} nor "
                               f"global_step{iteration} exists in {load}")
-    ours = find_checkpoint(load)
-    if ours is not None:
-        return ours
     latest = os.path.join(load, "latest")
     if os.path.isfile(latest):
         with open(latest) as f:
             tag = f.read().strip()
-        if os.path.isdir(os.path.join(load, tag)):
-            return os.path.join(load, tag)
-        raise ConversionError(f"{latest} names {tag}, which does not exist in {load}")
+        cand = os.path.join(load, tag)
+        # A raw DeepSpeed tag folder has no manifest; ours are checked for completeness (and
+        # fall back to the newest complete one) by find_checkpoint.
+        if os.path.isdir(cand) and not os.path.isfile(os.path.join(cand, "run_config.json")):
+            return cand
+    ours = find_checkpoint(load)
+    if ours is not None:
+        return ours
+    if os.path.isfile(latest):
+        raise ConversionError(f"{latest} names {tag}, which is missing or incomplete in {load}")
     raise ConversionError(f"--load {load}: not a DeepSpeed checkpoint (no *_model_states.pt there and "
                           "no 'latest' file naming a tag folder)")
 

@@ -118,24 +118,18 @@ def _load_ours(load: str, device: torch.device) -> LoadedModel:
 
 def _read_hf_state_dict(folder: str) -> dict[str, torch.Tensor]:
     """Full HF state dict from ``model.safetensors`` (single or sharded with an index) or
-    ``pytorch_model.bin``."""
-    import json
+    ``pytorch_model.bin`` (single or sharded): ``megatron_lite.convert.hf_io.read_hf_state_dict``.
 
-    single = os.path.join(folder, "model.safetensors")
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(single) or os.path.isfile(index):
-        from safetensors.torch import load_file
+    Raises:
+        FileNotFoundError: no weights file in ``folder``.
+        ValueError: an index naming a missing shard or a tensor its shard lacks (file named).
+    """
+    from megatron_lite.convert.hf_io import INDEX, SINGLE, read_hf_state_dict
 
-        files = [single] if os.path.isfile(single) else sorted(
-            {os.path.join(folder, f) for f in json.load(open(index))["weight_map"].values()})
-        out: dict[str, torch.Tensor] = {}
-        for f in files:
-            out.update(load_file(f, device="cpu"))
-        return out
-    binary = os.path.join(folder, "pytorch_model.bin")
-    if os.path.isfile(binary):
-        return torch.load(binary, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{folder}: no model.safetensors(.index.json) or pytorch_model.bin")
+    names = (SINGLE, INDEX, "pytorch_model.bin", "pytorch_model.bin.index.json")
+    if not any(os.path.isfile(os.path.join(folder, n)) for n in names):
+        raise FileNotFoundError(f"{folder}: no model.safetensors(.index.json) or pytorch_model.bin")
+    return read_hf_state_dict(folder)
 
 
 def _load_hf(folder: str, device: torch.device) -> LoadedModel:
