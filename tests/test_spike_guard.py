@@ -31,13 +31,18 @@ def runs_spec(root: str) -> dict:
     base += ["--data-path", os.path.join(root, "data"), "--zero-stage", "1",
              "--spike-detection", "--spike-window", str(W)]
 
-    def r(name, *extra, inject=""):
+    def r(name, *extra, inject="", ck=None):
         return name, {"argv": base + ["--metrics-file", os.path.join(root, name + ".jsonl"),
-                                      "--save", os.path.join(root, "ck_" + name)] + list(extra),
-                      "inject": inject}
+                                      "--save", os.path.join(root, "ck_" + (ck or name))]
+                      + list(extra), "inject": inject}
 
     return dict([
         r("clean", "--noise-scale-interval", "2"),
+        # The clean run again, stopped after step 5 and resumed from its checkpoint.
+        r("res_a", "--noise-scale-interval", "2", "--exit-interval", "5", ck="res"),
+        r("res_b", "--noise-scale-interval", "2", "--load", os.path.join(root, "ck_res"), ck="res"),
+        # ZeRO-0 (p.grad certainly holds the local micro-batch gradient until the boundary).
+        r("z0", "--noise-scale-interval", "2", "--zero-stage", "0", "--train-iters", "2"),
         r("skip", inject="8:50"),
         r("rollback", "--spike-policy", "rollback", "--save-interval", "3",
           "--spike-lr-factor", "0.5", "--spike-lr-steps", "2", inject="8:50"),
@@ -103,6 +108,29 @@ def test_clean_run_never_fires(spike_e2e):
     # Noise scale under DP=2: B_small = one rank's micro-batch (1 x 64 loss tokens), B_big = GB.
     assert m[2]["noise_scale/b_small"] == 64 and m[2]["noise_scale/b_big"] == GB * 64
     assert m[2]["noise_scale/g2_big"] == pytest.approx(m[2]["grad_norm"] ** 2, rel=1e-9)
+    # ZeRO-1 reads the same per-rank micro-batch gradient as ZeRO-0 (same model after step 1:
+    # both runs' step-1 LR is warmup 1/2 x peak).
+    z0 = read_metrics(os.path.join(root, "z0.jsonl"))
+    for k in ("noise_scale/g2_small", "noise_scale/g2_big", "noise_scale/b_simple"):
+        assert z0[2][k] == pytest.approx(m[2][k], rel=1e-4), k
+
+
+def test_resume_restores_window_and_noise_ema_exactly(spike_e2e):
+    root, res, _ = spike_e2e
+    assert res["res_a"]["iteration"] == 5 and res["res_b"]["iteration"] == ITERS
+    clean = read_metrics(os.path.join(root, "clean.jsonl"))
+    resumed = read_metrics(os.path.join(root, "res_b.jsonl"))
+    assert sorted(resumed) == list(range(6, ITERS + 1))
+    keys = ("step_loss", "grad_norm", "lr", "noise_scale/b_simple", "noise_scale/g2",
+            "noise_scale/trace_sigma")
+    for s in range(6, ITERS + 1):   # the EMAs after resume continue the uninterrupted ones
+        assert {k: resumed[s][k] for k in keys} == {k: clean[s][k] for k in keys}, s
+    with open(os.path.join(root, "ck_res", "iter_0000005", "spike_guard.json")) as f:
+        sd = json.load(f)["spike_guard"]
+    assert sd["loss_window"] == [clean[s]["step_loss"] for s in range(1, 6)]   # warm-up: 5 < W
+    with open(os.path.join(root, "ck_res", f"iter_{ITERS:07d}", "spike_guard.json")) as f, \
+            open(os.path.join(root, "ck_clean", f"iter_{ITERS:07d}", "spike_guard.json")) as g:
+        assert json.load(f) == json.load(g)
 
 
 def test_injected_spike_is_skipped_and_captured(spike_e2e):
