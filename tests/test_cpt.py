@@ -86,11 +86,12 @@ def _resolve(argv):
 def test_architecture_comes_from_base_and_overrides_allowed(assets):
     cfg = _resolve(["--pretrained-checkpoint", assets["hf"], "--train-iters", "2",
                     "--seq-length", "32", "--rope-scaling-type", "yarn",
-                    "--rope-scaling-factor", "2", "--hidden-size", "64"])
+                    "--rope-scaling-factor", "2", "--hidden-size", "64", "--rotary-base", "5e5"])
     m = cfg.model
     assert (m.hidden_size, m.num_layers, m.num_attention_heads, m.num_query_groups,
             m.ffn_hidden_size, m.vocab_size, m.tie_word_embeddings) == (64, 2, 4, 2, 176, 512, False)
-    assert (m.seq_length, m.max_position_embeddings, m.rope_scaling_type) == (32, 128, "yarn")
+    assert (m.seq_length, m.max_position_embeddings, m.rope_scaling_type, m.rotary_base) == \
+        (32, 128, "yarn", 5e5)                              # long-context CPT knobs may change
     assert cfg.optimizer.lr == 1e-4 and cfg.optimizer.min_lr == pytest.approx(1e-5)  # CPT default
     assert cfg.cpt.base_vocab_size == 512 and cfg.cpt.base_format == "hf"
     assert cfg.derived.padded_vocab_size == 512

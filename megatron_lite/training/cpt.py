@@ -2,12 +2,13 @@
 
 Precedence of values (lowest first): dataclass defaults < :data:`CPT_DEFAULTS` < the base
 checkpoint's model config < ``--config`` YAML < command-line flags. Architecture fields (width,
-depth, heads, KV groups, FFN, head dim, norm epsilon, RoPE base, tied embeddings) must agree with
+depth, heads, KV groups, FFN, head dim, norm epsilon, tied embeddings) must agree with
 the base: a YAML key or flag that contradicts it is a :class:`~megatron_lite.config.ConfigError`
 naming the flag and both values. Fields a checkpoint may change on resume
 (``checkpointing._MODEL_FIELDS_ALLOWED_TO_CHANGE``: sequence length, RoPE scaling, backends, ...)
 are taken from the base when not given and may be overridden, e.g. a long-context CPT with
-``--seq-length 8192 --rope-scaling-type yarn --rope-scaling-factor 2``.
+``--seq-length 8192 --rope-scaling-type yarn --rope-scaling-factor 2`` or a larger
+``--rotary-base``.
 
 Vocabulary: ``V = --vocab-size`` if given, else ``max(V_base, V_tokenizer)`` of
 ``--tokenizer-model``; ``V < V_base`` is an error (rows cannot be dropped). ``V > V_base`` grows
@@ -39,9 +40,10 @@ CPT_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 # Must equal the base checkpoint when given (compared after resolving defaults).
+# --rotary-base is not among them: raising the RoPE base ("ABF", Xiong et al. 2023, "Effective
+# Long-Context Scaling of Foundation Models", sec. 3.1) is itself a long-context CPT recipe.
 ARCH_FIELDS = ("hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
-               "ffn_hidden_size", "kv_channels", "norm_epsilon", "rotary_base",
-               "tie_word_embeddings")
+               "ffn_hidden_size", "kv_channels", "norm_epsilon", "tie_word_embeddings")
 
 
 @dataclasses.dataclass
