@@ -2,58 +2,55 @@
 
 Criterion. The guard keeps the last ``--spike-window`` values of two all-reduced quantities of
 *accepted* steps (applied, not flagged): the global token-mean loss and the pre-clip global grad
-norm. A step is a spike when, with the window full,
+norm. With the window full (before that: warm-up, nothing flagged) a step is a spike when
 
     x > mean(window) + --spike-threshold * max(std(window), 0.01 * |mean(window)|)
 
-(one-sided, sample std with ddof=1) for the loss or for the grad norm: the OLMo-core rule,
-threshold 6 sigma by default, with a floor of 1 % of the mean on the spread so that a window of
-nearly equal values (short windows, plateaus) does not flag ordinary jitter: at 6 sigma a step
-must exceed the mean by at least 6 %. Before the window is full (warm-up) nothing is flagged. Non-finite values are not judged here: the NaN path
-of :mod:`megatron_lite.training.trainer` skips them.
+for the loss or for the grad norm (one-sided; sample std, ddof=1): the OLMo-core rule (6 sigma by
+default) with a floor of 1 % of the mean on the spread, so a window of nearly equal values does
+not flag ordinary jitter. Non-finite values are left to the trainer's NaN path.
 
-When each criterion is decided (the update must not have happened yet):
+When each criterion is decided (before the update):
 
-* loss: after the last backward, from the loss all-reduced over DP (TP ranks hold it already);
-  a spike calls the optimizer's ``begin_step(force_skip=True)``, the NaN-skip path;
-* grad norm: inside ``engine.step``, right before the base optimizer's update. DeepSpeed computes
-  the global (DP- and TP-reduced) pre-clip norm there (ZeRO 1-3, fp16/bf16 wrappers all set
-  ``_global_grad_norm`` before calling our optimizer's ``step``); at fp32 ZeRO-0, where DeepSpeed
-  has no wrapper, the guard computes the same TP-aware norm of the DP-averaged ``p.grad`` itself
-  (:func:`megatron_lite.training.optimizer.tp_aware_grad_norm`). :meth:`SpikeGuard.install_gate`
-  wraps the optimizer's ``step`` for this; a flagged norm returns without updating, exactly like a
-  NaN skip. Where no norm is available (DeepSpeed told not to compute it) the criterion is off.
+* loss: after the last backward, from the loss all-reduced over DP (TP ranks hold it already); a
+  spike calls the optimizer's ``begin_step(force_skip=True)``, the NaN-skip path;
+* grad norm: inside ``engine.step``, right before our optimizer's update (:meth:`SpikeGuard.
+  install_gate` wraps its ``step``). DeepSpeed's ZeRO 1-3 and fp16/bf16 wrappers set the global
+  (DP- and TP-reduced) pre-clip ``_global_grad_norm`` before calling it; at fp32 ZeRO-0 (no
+  wrapper) the gate computes the same TP-aware norm of the DP-averaged ``p.grad``
+  (:func:`megatron_lite.training.optimizer.tp_aware_grad_norm`). A flagged norm returns without
+  updating, like a NaN skip. Without a norm (DeepSpeed told not to compute one) this criterion is
+  off.
 
-Both inputs are identical on every rank, and the window arithmetic is plain Python floats, so the
-decision is identical on every TP and DP rank without a further collective.
+Both inputs are identical on every rank and the window arithmetic is plain Python floats, so every
+TP and DP rank takes the same decision without a further collective.
 
 Policies (``--spike-policy``):
 
-* ``skip``: the update is not applied (parameters, optimizer state and LR schedule untouched) and
-  the step counts as skipped, like a NaN step; its data stays consumed.
-* ``rollback``: the update is not applied either; the loop then reloads the newest checkpoint in
-  ``--save`` (``checkpointing.load_checkpoint``: model, optimizer, LR schedule, counters, RNG) but
-  keeps ``consumed_samples`` at its value after the spike's batch, so training continues with the
-  next unread samples. Skipped for good: the global sample range
-  ``[consumed_samples of the checkpoint, consumed_samples after the spike step)``, i.e. every batch
-  read since the checkpoint including the bad one. ``--spike-lr-factor F --spike-lr-steps N``
-  multiply the LR by F for the next N steps. With no checkpoint yet, or after
-  ``--spike-max-rollbacks`` rollbacks, the step is skipped instead (printed).
+* ``skip``: the update is not applied (parameters, optimizer state and LR schedule untouched); the
+  step counts as skipped, like a NaN step; its data stays consumed.
+* ``rollback``: the update is not applied; the loop reloads the newest checkpoint in ``--save``
+  (``checkpointing.load_checkpoint``: model, optimizer, LR schedule, counters, RNG) but keeps
+  ``consumed_samples`` at its value after the spike's batch. Skipped for good: the global samples
+  ``[consumed_samples of the checkpoint, consumed_samples after the spike step)``, every batch read
+  since the checkpoint including the bad one. ``--spike-lr-factor F --spike-lr-steps N`` multiply
+  the LR by F for the next N steps. The loop's usual save then rewrites the reloaded step's
+  checkpoint when it is a save step (same weights, new data position). With no checkpoint yet, or
+  after ``--spike-max-rollbacks`` rollbacks, the step is skipped instead.
 
 Capture. Every spike writes ``<save or run dir>/spikes/step_<n>.jsonl`` (``step_<n>.<k>.jsonl``
-when a rollback made step number n occur again): a header record
-(``type: spike``: step, criterion, value, window mean/std, policy) and one ``type: sample`` record
-per sample of the global batch (``sample_id``, ``dataset_id`` from the batch, per-sample token-mean
-loss and loss tokens, DP rank, micro-batch index); the ``--spike-capture-samples`` highest-loss
-samples also carry their token ids and decoded text (tokenizer of the data config). Written by
-rank 0, atomically.
+when a rollback made step n occur again): a ``type: spike`` header (criterion, value, window
+mean/std, action, sample range) and one ``type: sample`` record per sample of the global batch
+(``sample_id``/``dataset_id`` from the batch, per-sample token-mean loss, loss tokens, DP rank,
+micro-batch); the ``--spike-capture-samples`` highest-loss samples also carry token ids and decoded
+text (tokenizer of the data config). Written by rank 0, atomically.
 
-Window state (windows, counters, LR-factor steps left) is saved beside each checkpoint as
-``spike_guard.json`` in the checkpoint folder and restored on resume.
+State (windows, counters, LR-factor steps left, and the noise-scale EMAs) goes into
+``spike_guard.json`` inside each checkpoint folder, written right after the checkpoint (its
+trainer_state.json has no slot for it), and is restored on resume.
 
 Test hook: ``MEGATRON_LITE_INJECT_SPIKE="step:scale,..."`` multiplies every rank's loss (hence its
-gradient) by ``scale`` at that step number, once per run (a rolled-back step number is not
-injected again).
+gradient) at that step number by ``scale``, once per run (not again when a rollback repeats it).
 """
 
 from __future__ import annotations
@@ -280,22 +277,6 @@ class SpikeGuard:
         self.spikes = int(sd.get("spikes", 0))
         self.rollbacks = int(sd.get("rollbacks", 0))
         self.lr_steps_left = int(sd.get("lr_steps_left", 0))
-
-    def save_beside(self, ckpt_dir: str) -> None:
-        """Rank 0 writes the state into a checkpoint folder (atomic: temp file + rename)."""
-        if (dist.get_rank() if dist.is_initialized() else 0) == 0:
-            _atomic_write(os.path.join(ckpt_dir, STATE_FILE), json.dumps(self.state_dict()))
-        if dist.is_initialized():
-            dist.barrier()
-
-    def load_beside(self, ckpt_dir: str) -> bool:
-        """Restore from a checkpoint folder; False (fresh warm-up) when it has no state file."""
-        path = os.path.join(ckpt_dir, STATE_FILE)
-        if not os.path.isfile(path):
-            return False
-        with open(path) as f:
-            self.load_state_dict(json.load(f))
-        return True
 
     # ---- capture ---------------------------------------------------------------------------
     def capture(self, step: int, info: dict, samples: list[dict]) -> Optional[str]:

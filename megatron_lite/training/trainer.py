@@ -220,6 +220,8 @@ def train_step(engine, optimizer, scheduler, micro_batches: Sequence[dict[str, A
         grad_norm = getattr(optimizer, "_global_grad_norm", None)
     if torch.is_tensor(grad_norm):
         grad_norm = float(grad_norm.item())
+    if spike is not None and spike["criterion"] == "grad_norm":
+        grad_norm = spike["value"]  # the gate's reading (our optimizer never ran its own)
     scale = None
     if cfg_fp16(engine):
         scale = float(getattr(engine.optimizer, "cur_scale", getattr(engine.optimizer,
