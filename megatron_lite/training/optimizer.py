@@ -33,11 +33,13 @@ over the TP group, replicated ones counted once: DeepSpeed's ``clip_grad_norm_``
 full (unfactored) second moment and scales its relative step by the partition's RMS instead of
 each matrix's: it trains, but it is not the factored algorithm and saves no memory; ZeRO-0 keeps
 the parameter shapes. AdamW and Lion are elementwise, so every stage gives the same update.
-Elementwise update rules: Lion (Chen et al. 2023, "Symbolic Discovery of Optimization
-Algorithms", Algorithm 2) from ``lion-pytorch``; Adafactor (Shazeer & Stern 2018) is
-``torch.optim.Adafactor``; paged AdamW is ``bitsandbytes.optim.PagedAdamW``; CPU Adam is
-``deepspeed.ops.adam.DeepSpeedCPUAdam`` (adamw_mode). Every optimizer's state is a plain torch
-``state_dict``, saved and restored by DeepSpeed's checkpoint with the rest of the engine.
+Sources: Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms", Algorithm 2)
+from ``lion-pytorch``; Adafactor (Shazeer & Stern 2018) is ``torch.optim.Adafactor``; paged AdamW
+is ``bitsandbytes.optim.PagedAdamW`` (untested here: no GPU in CI); CPU Adam is
+``deepspeed.ops.adam.DeepSpeedCPUAdam`` (adamw_mode; our subclass is not exactly that type, so
+ZeRO drives it through plain ``step()`` rather than ZeRO-3's per-sub-group fast path). Every
+optimizer's state is a plain torch ``state_dict``, saved and restored by DeepSpeed's checkpoint
+with the rest of the engine.
 """
 
 from __future__ import annotations
