@@ -149,6 +149,23 @@ def test_ours_tp2_to_tp4_to_hf_logits_and_sharding(tmp_path):
     assert json.loads((tmp_path / "hf_bf16" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
+def test_pytorch_model_bin_folder_reads_like_safetensors(tmp_path):
+    """An HF folder with pytorch_model.bin (tied: no lm_head stored) converts to the same shards
+    as its safetensors twin."""
+    _hf_model(tmp_path / "st", tied=True)
+    (tmp_path / "bin").mkdir()
+    shutil.copyfile(tmp_path / "st" / "config.json", tmp_path / "bin" / "config.json")
+    torch.save(_hf_tensors(tmp_path / "st"), tmp_path / "bin" / "pytorch_model.bin")
+    for name in ("st", "bin"):
+        _convert("--load-format", "hf", "--save-format", "megatron_lite", "--load", tmp_path / name,
+                 "--save", tmp_path / f"ours_{name}", "--target-tp", 2)
+    for r in range(2):
+        f = f"iter_0000000/mp_rank_{r:02d}_model_states.pt"
+        a = torch.load(tmp_path / "ours_st" / f, weights_only=False)["module"]
+        b = torch.load(tmp_path / "ours_bin" / f, weights_only=False)["module"]
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_gqa_groups_below_tp_is_a_clear_error_and_writes_nothing(tmp_path, capsys):
     _hf_model(tmp_path / "hf0", heads=4, groups=2)
     with pytest.raises(SystemExit):
@@ -231,8 +248,9 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, capsys):
     _convert(*hf_in, "--load", src, "--target-tp", 2)
     _expect_error(capsys, tmp_path, hf_in + ["--load", src], str(out), "not empty", "--force")
     os.remove(out / "iter_0000000" / "mp_rank_01_model_states.pt")
-    _expect_error(capsys, tmp_path, ["--load-format", "megatron_lite", "--save-format", "hf",
-                                     "--load", out, "--save", tmp_path / "y"], "no complete")
+    with pytest.warns(UserWarning, match="incomplete or missing"):
+        _expect_error(capsys, tmp_path, ["--load-format", "megatron_lite", "--save-format", "hf",
+                                         "--load", out, "--save", tmp_path / "y"], "no complete")
     # a DeepSpeed folder without any config (neither run_config.json nor an HF config.json)
     bare = tmp_path / "bare" / "global_step3"
     bare.mkdir(parents=True)
@@ -290,7 +308,7 @@ def _driver(root: str) -> None:
                                      "--ffn-hidden-size", "128", "--train-iters", "1",
                                      "--lr-warmup-iters", "0"],
         "z3": tiny + _BASE + data + ["--num-query-groups", "4", "--tp", "2", "--zero-stage", "3",
-                                     "--save", f"{root}/ck_z3"],
+                                     "--save", f"{root}/ck_z3", "--save-interval", "1"],
         "ft": ft_flags + _BASE + data + ["--tp", "2", "--zero-stage", "2", "--finetune",
                                          "--load", f"{root}/ours_ft", "--save", f"{root}/ck_ft",
                                          "--train-iters", "1", "--lr", "1e-30", "--min-lr", "0",
@@ -403,6 +421,15 @@ def test_zero3_tp2_checkpoint_to_tp4_to_hf_logits_equal_ours(launch):
     assert cfg.parallel.zero_stage == 3
     lh, _ = _hf_logits(root / "z3_hf", tokens)
     assert (lo - lh).abs().max() <= 1e-5
+    # --iteration 1 reads the earlier checkpoint (latest is iter_0000002), in both formats
+    first = load_checkpoint(str(root / "ck_z3"), "deepspeed", iteration=1)
+    assert first.iteration == 1 and ds.iteration == 2
+    assert not torch.equal(first.state["model.norm.weight"], ds.state["model.norm.weight"])
+    _convert("--load-format", "megatron_lite", "--save-format", "megatron_lite", "--load",
+             root / "ck_z3", "--save", root / "z3_it1", "--iteration", 1, "--target-tp", 1)
+    assert (root / "z3_it1" / "latest").read_text().strip() == "iter_0000001"
+    again = load_checkpoint(str(root / "z3_it1"), "megatron_lite")
+    assert all(torch.equal(again.state[k], first.state[k]) for k in first.state)
 
 
 @pytest.mark.slow
