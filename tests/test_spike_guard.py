@@ -183,6 +183,24 @@ def test_injected_spike_is_rolled_back(spike_e2e):
     assert "[spike] step 8: loss" in out and "samples [24, 32) skipped" in out
 
 
+def test_offline_noise_scale_tool_on_the_clean_checkpoint(spike_e2e, tmp_path):
+    """tools/noise_scale_estimator.py on this launch's final clean checkpoint (shares the launch)."""
+    from tests.fixtures_data import load_tool
+
+    root, _, _ = spike_e2e
+    out = str(tmp_path / "ns.json")
+    res = load_tool("noise_scale_estimator").main(
+        ["--load", os.path.join(root, "ck_clean"), "--data-path", os.path.join(root, "data"),
+         "--batch-sizes", "1,4", "--num-batches", "3", "--output", out])
+    with open(out) as f:
+        assert json.load(f) == json.loads(json.dumps(res))
+    assert [r["batch_tokens"] for r in res["rows"]] == [64, 256] and res["seq_length"] == 64
+    # Two batch sizes: the least-squares fit is exactly the A.2/A.3 pair.
+    assert res["b_simple_tokens"] == pytest.approx(res["b_simple_from_extremes_tokens"], rel=1e-9)
+    if res["suggested_global_batch_tokens"] is not None:
+        assert res["suggested_global_batch_tokens"] % 64 == 0
+
+
 # ----------------------------------------------------------------------------- units
 def test_rolling_window_statistics_and_warmup():
     from megatron_lite.training.spike_guard import RollingWindow
