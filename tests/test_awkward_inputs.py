@@ -90,13 +90,13 @@ def test_empty_documents_skipped_and_counted(tiny_corpus_and_tokenizer, tmp_path
 
 
 def test_enormous_document(tiny_corpus_and_tokenizer, tmp_path):  # noqa: F811
-    """One 3 MB document on a single JSONL line (generated, not committed) next to a small one:
+    """One 2 MB document on a single JSONL line (generated, not committed) next to a small one:
     written whole, as one document, token for token."""
     _, model = tiny_corpus_and_tokenizer
     rng = np.random.default_rng(0)
     words = ["data", "model", "token", "the", "of", "日本", "😀", "\n", "    ", "x" * 40]
-    big = " ".join(words[i] for i in rng.integers(0, len(words), 600_000))
-    assert len(big.encode("utf-8")) > 3_000_000
+    big = " ".join(words[i] for i in rng.integers(0, len(words), 400_000))
+    assert len(big.encode("utf-8")) > 2_000_000
     path = tmp_path / "enormous.jsonl"
     with open(path, "w", encoding="utf-8") as f:
         f.write(json.dumps({"text": "small"}) + "\n" + json.dumps({"text": big},
