@@ -106,7 +106,7 @@ def convert(load: str, save: str, load_format: str, save_format: str, target_tp:
             copy.deepcopy(ckpt.model_config).validate(tp)
         except ValueError as e:
             raise ConversionError(f"--target-tp {tp}: {e}") from e
-    notes: list[str] = []
+    notes: list[str] = [] if tokenizer_model else list(ckpt.notes)
     with staged_folder(save, force) as tmp:
         if save_format == "hf":
             notes += hf_io.write_hf(ckpt, tmp, shard_bytes)

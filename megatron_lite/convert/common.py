@@ -38,6 +38,7 @@ class Checkpoint:
         tokenizer_model: path of a SentencePiece ``.model`` that belongs to the weights, or None.
         iteration: training step of the source (0 for HF folders).
         source: a description for messages (path and format).
+        notes: things the user should know about the source (printed by the CLI).
     """
 
     model_config: Any
@@ -46,6 +47,7 @@ class Checkpoint:
     tokenizer_model: str | None = None
     iteration: int = 0
     source: str = ""
+    notes: list = dataclasses.field(default_factory=list)
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)

@@ -120,10 +120,13 @@ def from_shards(shards: list, cfg, iteration: int, path: str) -> Checkpoint:
     except ValueError as e:
         raise ConversionError(f"{path}: {e}") from e
     tok = cfg.data.tokenizer_model if getattr(cfg.data, "tokenizer_model", None) else None
+    notes = []
     if tok and not os.path.isfile(tok):
+        notes.append(f"the run's tokenizer {tok} (--tokenizer-model in run_config.json) does not "
+                     "exist from here; pass --tokenizer-model to ship one")
         tok = None
     return Checkpoint(mc, full, run_config=cfg.to_dict(), tokenizer_model=tok,
-                      iteration=int(iteration or 0), source=f"{path} (megatron_lite)")
+                      iteration=int(iteration or 0), source=f"{path} (megatron_lite)", notes=notes)
 
 
 def model_flags(mc) -> list[str]:

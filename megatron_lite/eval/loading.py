@@ -134,8 +134,7 @@ def _read_hf_state_dict(folder: str) -> dict[str, torch.Tensor]:
 
 def _load_hf(folder: str, device: torch.device) -> LoadedModel:
     """An HF LlamaForCausalLM folder converted into this rank's LlamaModel TP shard."""
-    import json
-
+    from megatron_lite.convert.hf_io import read_hf_config
     from megatron_lite.model.hf_adapter import config_from_hf, hf_to_megatron_lite
     from megatron_lite.model.llama import LlamaModel
 
@@ -143,8 +142,7 @@ def _load_hf(folder: str, device: torch.device) -> LoadedModel:
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"--load {folder} --load-format hf: no config.json there (expected "
                                 "a HuggingFace LlamaForCausalLM folder)")
-    with open(cfg_path) as f:
-        model_cfg = config_from_hf(json.load(f))
+    model_cfg = config_from_hf(read_hf_config(folder))  # refuses non-LLaMA architectures
     tp, rank = parallel.get_tensor_model_parallel_world_size(), \
         parallel.get_tensor_model_parallel_rank()
     model_cfg.validate(tp)
