@@ -119,7 +119,7 @@ def test_plan_shows_ramp():
     plan = format_plan(parse_args(BASE + ["--global-batch-size", "8", "--train-iters", "7"]
                                   + RAMP_ARGS, world_size=2))
     assert "batch ramp-up           : 2 -> 8 samples by 2 over 12 samples (4 steps)" in plan
-    assert "from step       3 (consumed 4 samples): GB 4 samples = 256 tokens, A 2, 1 steps" \
+    assert "from step       3 (consumed 4 samples): GB 4 samples = 256 tokens, A 2, 1 step" \
         in plan
     assert "from step       5 (consumed 14 samples): GB 8 samples = 512 tokens, A 4, to the end" \
         in plan

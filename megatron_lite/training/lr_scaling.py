@@ -1,4 +1,5 @@
-"""Peak learning rate from a reference (LR, batch) pair: the linear and square-root scaling rules.
+"""Peak learning rate from a reference (LR, batch) pair: the linear and square-root scaling
+rules.
 
 ``--lr-scaling linear|sqrt --lr-reference LR@GB_TOK`` says "``LR`` was a good peak learning rate at a
 global batch of ``GB_TOK`` tokens"; this run's peak LR is derived for its own global batch

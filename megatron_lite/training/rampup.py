@@ -111,7 +111,7 @@ class BatchRamp:
         lines = []
         step = 0
         for c, b, n in self._segments():
-            span = "to the end" if n < 0 else f"{n} steps"
+            span = "to the end" if n < 0 else f"{n} step{'' if n == 1 else 's'}"
             lines.append(f"  from step {step + 1:>7d} (consumed {c} samples): GB {b} samples = "
                          f"{b * seq_length} tokens, A {b // micro_times_dp}, {span}")
             if n < 0:
@@ -171,9 +171,10 @@ def make_ramp(rampup_batch_size, rampup_batch_tokens, final_batch: int, seq_leng
     for name, v in (("START", start), ("INCREMENT", inc)):
         if v % micro_times_dp:
             # START + k * INCREMENT is a multiple of m for every k iff START and INCREMENT are.
+            bad = v if name == "START" else start + inc
             raise ValueError(f"{given}: {name} {v} samples is not a multiple of micro_batch_size "
-                             f"x D = {micro_times_dp}, so the batch of {v if name == 'START' else start + inc} "
-                             f"samples cannot be split into whole micro-batches; use "
+                             f"x D = {micro_times_dp}, so the batch of {bad} samples cannot be "
+                             f"split into whole micro-batches; use "
                              f"{max(1, round(v / micro_times_dp)) * micro_times_dp}")
     return BatchRamp(start=start, increment=inc, rampup_samples=samples, final=final_batch)
 

@@ -335,10 +335,13 @@ def _training_dynamics_lines(cfg) -> list[str]:
                    f"({ramp.steps_for(ramp.rampup_samples)} steps); LR schedule counted in samples")
         segs = ramp.describe(cfg.model.seq_length, cfg.training.micro_batch_size
                              * d.data_parallel_size)
-        out += segs if len(segs) <= 12 else segs[:5] + [f"  ... ({len(segs) - 10} more)"] + segs[-5:]
+        if len(segs) > 12:   # a long ramp: its first and last stretches
+            segs = segs[:5] + [f"  ... ({len(segs) - 10} more)"] + segs[-5:]
+        out += segs
     if getattr(o, "lr_scaling", None):
         ref = parse_reference(o.lr_reference)
-        out.append(f"peak lr from scaling    : {derivation_line(o.lr_scaling, ref, d.global_batch_tokens)}")
+        line = derivation_line(o.lr_scaling, ref, d.global_batch_tokens)
+        out.append(f"peak lr from scaling    : {line}")
     out.append(f"optimizer               : {describe_optimizer(cfg)}")
     return out
 
