@@ -150,12 +150,16 @@ def test_ours_tp2_to_tp4_to_hf_logits_and_sharding(tmp_path):
 
 
 def test_pytorch_model_bin_folder_reads_like_safetensors(tmp_path):
-    """An HF folder with pytorch_model.bin (tied: no lm_head stored) converts to the same shards
-    as its safetensors twin."""
+    """An HF folder with pytorch_model.bin converts to the same shards as its safetensors twin
+    (tied; the .bin also stores an lm_head.weight copy, as some exporters do: accepted since equal,
+    and not written twice)."""
     _hf_model(tmp_path / "st", tied=True)
     (tmp_path / "bin").mkdir()
     shutil.copyfile(tmp_path / "st" / "config.json", tmp_path / "bin" / "config.json")
-    torch.save(_hf_tensors(tmp_path / "st"), tmp_path / "bin" / "pytorch_model.bin")
+    sd = _hf_tensors(tmp_path / "st")
+    assert "lm_head.weight" not in sd
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
+    torch.save(sd, tmp_path / "bin" / "pytorch_model.bin")
     for name in ("st", "bin"):
         _convert("--load-format", "hf", "--save-format", "megatron_lite", "--load", tmp_path / name,
                  "--save", tmp_path / f"ours_{name}", "--target-tp", 2)

@@ -7,7 +7,7 @@ Examples::
     # ours (any TP) -> HF folder that transformers.AutoModelForCausalLM.from_pretrained loads
     python tools/convert_checkpoint.py --load-format megatron_lite --save-format hf \\
         --load runs/7b --save hf/7b --dtype bf16 --max-shard-size 5GB
-    # HF -> ours at TP=8 (then: pretrain_llama.py / cpt_llama.py --load ours/7b_tp8 --finetune)
+    # HF -> ours at TP=8 (then: pretrain_llama.py --load ours/7b_tp8 --finetune <printed flags>)
     python tools/convert_checkpoint.py --load-format hf --save-format megatron_lite \\
         --load hf/llama-7b --save ours/7b_tp8 --target-tp 8
     # reshard ours TP=8 -> TP=2 (no HF folder in between)
@@ -25,7 +25,8 @@ fp32 master weights out of the ZeRO optimizer partitions (DeepSpeed's zero_to_fp
 ``hf`` is a folder with config.json and model.safetensors (or sharded with
 model.safetensors.index.json, or pytorch_model.bin).
 
-A megatron_lite output is weights-only (no optimizer/scheduler state): resume it with --finetune.
+A megatron_lite output is weights-only (no optimizer/scheduler state): train from it with
+--finetune (ZeRO 0-2) and the model flags the converter prints.
 Output goes to <save>.tmp_* and is renamed into place when complete; on any error nothing is left.
 """
 
