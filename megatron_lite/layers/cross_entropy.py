@@ -31,19 +31,24 @@ def _check_labels(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, ignore_index, vocab_size):
+    def forward(ctx, logits, labels, ignore_index, vocab_size, inplace):
         tp, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
         local_v = logits.shape[-1]
         vocab = local_v * tp if vocab_size is None else vocab_size
         _check_labels(labels, vocab, ignore_index)
         z = logits.float()
+        own = inplace or z is not logits  # z may be modified in place (a copy, or allowed)
         start = rank * local_v
         if vocab < start + local_v:  # this rank holds padded columns: give them zero probability
             pad = torch.arange(start, start + local_v, device=z.device) >= vocab
-            z = z.masked_fill(pad, torch.finfo(torch.float32).min)
-        zmax = z.max(dim=-1).values
+            z = z.masked_fill_(pad, torch.finfo(torch.float32).min) if own else \
+                z.masked_fill(pad, torch.finfo(torch.float32).min)
+            own = True
+        zmax = z.amax(dim=-1)  # amax: no argmax computed
         _reduce(zmax, dist.ReduceOp.MAX)
-        z = z - zmax.unsqueeze(-1)  # new tensor: the caller's logits are left untouched
+        # In place when z is ours: a [b, s, V_pad/TP] fp32 temporary less per step (the largest
+        # tensor of a small model; on CPU a fresh one also costs page faults every step).
+        z = z.sub_(zmax.unsqueeze(-1)) if own else z - zmax.unsqueeze(-1)
         not_here = (labels < start) | (labels >= start + local_v)  # includes ignore_index
         local_labels = (labels - start).masked_fill(not_here, 0)
         target = z.gather(-1, local_labels.unsqueeze(-1)).squeeze(-1).masked_fill(not_here, 0.0)
@@ -53,8 +58,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         _reduce(sumexp, dist.ReduceOp.SUM)
         ignored = labels == ignore_index
         loss = (sumexp.log() - target).masked_fill(ignored, 0.0)
-        z.div_(sumexp.unsqueeze(-1))  # softmax, kept for backward
-        ctx.save_for_backward(z, local_labels, not_here, ignored)
+        # Kept for backward unnormalised: the 1/sumexp is folded into backward's per-token
+        # multiplier, saving a [b, s, V_pad/TP] division pass.
+        ctx.save_for_backward(z, sumexp, local_labels, not_here, ignored)
         ctx.in_dtype = logits.dtype
         ctx.backward_done = False
         return loss
@@ -65,16 +71,18 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             raise RuntimeError("vocab_parallel_cross_entropy backward ran twice (retain_graph=True): its "
                                "softmax buffer is reused in place; recompute the loss instead")
         ctx.backward_done = True
-        softmax, local_labels, not_here, ignored = ctx.saved_tensors
-        grad = softmax  # reuse the [b, s, V_pad/TP] buffer instead of allocating another (Megatron does too)
-        hit = (~not_here).to(grad.dtype).unsqueeze(-1)
-        grad.scatter_add_(-1, local_labels.unsqueeze(-1), -hit)
-        grad.mul_(grad_loss.masked_fill(ignored, 0.0).unsqueeze(-1).to(grad.dtype))
-        return grad.to(ctx.in_dtype), None, None, None
+        expz, sumexp, local_labels, not_here, ignored = ctx.saved_tensors
+        gl = grad_loss.masked_fill(ignored, 0.0).to(expz.dtype)
+        # (softmax - one_hot(label)) * gl = exp(z) * (gl / sumexp) - one_hot * gl, in the saved
+        # [b, s, V_pad/TP] buffer instead of a new one (Megatron reuses it too).
+        grad = expz.mul_((gl / sumexp).unsqueeze(-1))
+        hit = (~not_here).to(grad.dtype)
+        grad.scatter_add_(-1, local_labels.unsqueeze(-1), (-hit * gl).unsqueeze(-1))
+        return grad.to(ctx.in_dtype), None, None, None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
-                                 vocab_size: int | None = None) -> torch.Tensor:
+                                 vocab_size: int | None = None, inplace: bool = False) -> torch.Tensor:
     """Per-token cross entropy from TP-sharded logits.
 
     Args:
@@ -84,6 +92,10 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ign
         vocab_size: true vocabulary V (<= V_pad). Columns of ids >= V (vocab padding) are excluded
             from the softmax, so the loss does not depend on padding or TP. None: all columns count
             (the LM head of ``LlamaModel`` already masks padded columns).
+        inplace: the fp32 logits may be overwritten (with the softmax, reused as the gradient
+            buffer), saving a ``[b, s, V_pad/TP]`` temporary. Only for logits nobody else reads
+            afterwards and no autograd node saved (``LlamaModel`` passes its LM-head output,
+            whose matmul saves only its inputs); default False leaves the caller's logits untouched.
 
     Returns:
         fp32 loss ``[b, s]`` (0 where ignored). Gradient: softmax - one_hot(label), times upstream.
@@ -95,4 +107,4 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ign
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree; "
                          "expected logits [b, s, V_pad/TP] and labels [b, s]")
-    return _VocabParallelCrossEntropy.apply(logits, labels, ignore_index, vocab_size)
+    return _VocabParallelCrossEntropy.apply(logits, labels, ignore_index, vocab_size, bool(inplace))

@@ -141,4 +141,5 @@ class LlamaModel(torch.nn.Module):
         logits = parallel_lm_logits(h, weight, self.vocab_size)
         if labels is None:
             return logits
-        return vocab_parallel_cross_entropy(logits, labels, vocab_size=self.vocab_size)
+        # inplace: the logits are this forward's own fp32 LM-head output, read by nothing else.
+        return vocab_parallel_cross_entropy(logits, labels, vocab_size=self.vocab_size, inplace=True)

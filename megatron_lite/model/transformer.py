@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron_lite.layers.init import replicated_parameter
 from megatron_lite.layers.linear import ColumnParallelLinear, RowParallelLinear
+from megatron_lite.ops.swiglu_rmsnorm import rms_norm, swiglu
 from megatron_lite.parallel.state import get_tensor_model_parallel_world_size
 
 
@@ -38,11 +39,9 @@ class RMSNorm(torch.nn.Module):
         self.weight = replicated_parameter((hidden_size,), 1.0, dtype=params_dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x ``[b, s, H]`` -> ``[b, s, H]`` in x's dtype (times the weight's promotion)."""
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+        """x ``[b, s, H]`` -> ``[b, s, H]`` in x's dtype (times the weight's promotion); backward by
+        hand (``megatron_lite.ops.swiglu_rmsnorm.rms_norm``), values as the reference."""
+        return rms_norm(x, self.weight, self.eps)
 
 
 class SelfAttention(torch.nn.Module):
@@ -105,8 +104,8 @@ class SwiGLUMLP(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[b, s, H]`` -> ``[b, s, H]``; the ``[b, s, H'/TP]`` intermediate stays on this rank."""
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        # swiglu: gate/up gradients written into one buffer (no cat in backward), see ops/.
+        return self.down_proj(swiglu(self.gate_up_proj(x)))
 
 
 class TransformerLayer(torch.nn.Module):
