@@ -94,8 +94,12 @@ def test_activation_memory_totals_and_recompute_working():
               num_query_groups=2, ffn_hidden_size=24, num_layers=3, padded_vocab_size=128)
     none = memory.activation_memory(**kw, flash_attention=False)
     assert none.layers == 3 * none.per_layer and none.recompute_working == 0
-    # final norm input + LM-head input (2 bytes each) + eager norm's fp32 copy, fp32 logits x 2
-    assert none.output_layer == (2 * 2 + 4) * 16 * 8 + 8 * 16 * 128
+    # final norm input + LM-head input (2 bytes each) + eager norm's fp32 copy; logits at their
+    # peak: the head's bf16 output beside its fp32 upcast (the loss works in place on the latter)
+    assert none.output_layer == (2 * 2 + 4) * 16 * 8 + (2 + 4) * 16 * 128
+    assert none.loss_logits == (2 + 4) * 16 * 128
+    fp32 = memory.activation_memory(**kw, flash_attention=False, bytes_per_element=4)
+    assert fp32.output_layer == (2 * 4 + 4) * 16 * 8 + 4 * 16 * 128  # upcast is a no-op
     full = memory.activation_memory(**kw, flash_attention=False, recompute="full")
     assert full.per_layer == 2 * 16 * 8
     assert full.recompute_working == none.per_layer
@@ -298,12 +302,28 @@ def test_plan_run_cpu_memory_matches_bench_estimate(capsys):
     p = plan_run.plan_from_argv(["--model-size", "tiny", "--vocab-size", "4096", "--gpu", "cpu",
                                  "--gpus", "1", "--tokens-per-sec", "20000", "--device", "cpu",
                                  "--micro-batch-size", "8", "--seq-length", "256",
-                                 "--train-iters", "300", "--attention-backend", "sdpa"])
+                                 "--train-iters", "300", "--attention-backend", "sdpa",
+                                 "--zero-stage", "0"])
     cfg = ModelConfig(model_size="tiny", vocab_size=4096, seq_length=256,
                       max_position_embeddings=256, attention_backend="sdpa")
     cfg.validate(1)
     est = bench_memory.estimate(cfg, 256, 8, "none", True, 4096)
-    assert p["memory_per_gpu_bytes"] == est["total_bytes"]
+    assert p["memory_per_gpu_bytes"] == est["total_bytes"] and not p["memory_gradients_persist"]
+    # by hand: W + O + max(head grads + activations, G); our RMSNorm keeps no normalized copy
+    n = est["params"]
+    act = memory.activation_memory(256, 8, 128, 4, 2, 352, 2, 4096, bytes_per_element=4,
+                                   fused_norm=True)
+    assert act.loss_logits == 4 * 2048 * 4096
+    head = 4 * (4096 * 128 + 128)
+    assert est["total_bytes"] == 4 * n + 8 * n + max(head + act.total, 4 * n)
+    assert est["total_bytes_grads_persist"] == 16 * n + act.total
+    # ZeRO-1 and up keep gradient buffers: the conservative sum
+    p1 = plan_run.plan_from_argv(["--model-size", "tiny", "--vocab-size", "4096", "--gpu", "cpu",
+                                  "--gpus", "1", "--tokens-per-sec", "20000", "--device", "cpu",
+                                  "--micro-batch-size", "8", "--seq-length", "256",
+                                  "--train-iters", "300", "--attention-backend", "sdpa",
+                                  "--zero-stage", "1"])
+    assert p1["memory_per_gpu_bytes"] == est["total_bytes_grads_persist"]
     assert p["precision"] == "fp32" and p["seconds"] == pytest.approx(300 * 2048 / 20000)
     assert plan_run.main(["--model-size", "tiny", "--vocab-size", "4096", "--gpu", "cpu",
                           "--gpus", "1", "--tokens-per-sec", "20000", "--train-iters", "300"]) == 0
@@ -313,20 +333,27 @@ def test_plan_run_cpu_memory_matches_bench_estimate(capsys):
 @pytest.mark.slow
 def test_memory_estimate_within_15_percent_of_measured_cpu_peak():
     """Issue bar: the planner's estimate within 15 % of a measured CPU training peak (RSS growth
-    over a warmed-up baseline; fresh processes, 2 AdamW steps, fp32, tiny preset).
+    over a warmed-up baseline; fresh processes, 2 AdamW steps, fp32, tiny preset, SDPA and eager
+    attention).
 
-    RSS growth varies run to run with the allocator (147-159 MB seen for the same case), so the
-    median of three fresh processes is compared, with glibc limited to one malloc arena."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1"}
-    ratios, runs = [], []
-    for _ in range(3):
-        out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_memory.py"), "--single",
-                              "--cases", "tiny:256:8:none:sdpa", "--vocab-size", "4096"],
-                             capture_output=True, text=True, env=env, timeout=300)
-        assert out.returncode == 0, out.stderr[-2000:]
-        line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")][0]
-        r = json.loads(line[len("RESULT "):])
-        assert r["measured_bytes"] > r["states_bytes"]
-        ratios.append(r["total_bytes"] / r["measured_bytes"])
-        runs.append(r)
-    assert 0.85 <= sorted(ratios)[1] <= 1.15, (ratios, runs)
+    glibc's mmap threshold is fixed (bench_memory.case_env): with its default dynamic threshold,
+    freed transient tensors stay resident in the heap and RSS exceeds the live tensor bytes by
+    12 % (SDPA) to 48 % (eager) on this case, varying run to run; with the threshold fixed, four
+    runs of the SDPA case measured 95.5-96.0 MiB, so one run per case is compared."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import bench_memory
+
+    env = {**bench_memory.case_env("fixed"), "OMP_NUM_THREADS": "1"}
+    for case in ("tiny:256:8:none:sdpa", "tiny:256:8:none:eager"):
+        ratios, runs = [], []
+        for _ in range(1):
+            out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_memory.py"),
+                                  "--single", "--cases", case, "--vocab-size", "4096"],
+                                 capture_output=True, text=True, env=env, timeout=300)
+            assert out.returncode == 0, out.stderr[-2000:]
+            line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")][0]
+            r = json.loads(line[len("RESULT "):])
+            assert r["measured_bytes"] > r["states_bytes"] and r["malloc_mmap_threshold"] == "131072"
+            ratios.append(r["total_bytes"] / r["measured_bytes"])
+            runs.append(r)
+        assert 0.85 <= ratios[0] <= 1.15, (case, ratios, runs)

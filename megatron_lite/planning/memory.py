@@ -213,6 +213,8 @@ class ActivationMemory:
         layers: ``per_layer × num_layers``.
         recompute_working: one layer's full activations rebuilt during backward (full recompute).
         output_layer: final-norm input, LM-head input and the fp32 logits/softmax of the loss.
+        loss_logits: the part of ``output_layer`` that is logits buffers (all copies alive at
+            the loss's peak).
         total: sum of the above.
     """
 
@@ -220,6 +222,7 @@ class ActivationMemory:
     layers: int
     recompute_working: int
     output_layer: int
+    loss_logits: int = 0
 
     @property
     def total(self) -> int:
@@ -240,8 +243,11 @@ def activation_memory(seq_length: int, micro_batch_size: int, hidden_size: int,
     recomputed holds its no-recompute activations once (Korthikanti et al. 2022, section 4:
     "2sbhL" stored plus one layer's working set). The output layer (Korthikanti section 4.3,
     adapted): final RMSNorm input and LM-head input, p·sbh each (+ 4·sbh for an eager norm's
-    normalized copy; replicated unless SP), plus the
-    vocab-parallel loss's fp32 logits and their softmax/gradient buffer, 2 × 4·s·b·V/t bytes.
+    normalized copy; replicated unless SP), plus the logits at their peak: the LM head's fp32
+    logits, which the vocab-parallel loss turns into its softmax/gradient buffer in place
+    (megatron_lite/layers/cross_entropy.py, ``inplace=True``), 4·s·b·V/t bytes, and with 16-bit
+    activations the head's 16-bit output beside its fp32 upcast (and the 16-bit gradient beside
+    the fp32 one in backward), p·s·b·V/t more.
 
     With ``recompute="full"`` and ``recompute_num_layers`` = N < L (Megatron's "block" method, the
     first N blocks checkpointed), the other L - N blocks keep their full activations.
@@ -272,8 +278,46 @@ def activation_memory(seq_length: int, micro_batch_size: int, hidden_size: int,
     sb = seq_length * micro_batch_size
     head = 2 * bytes_per_element + (0 if fused_norm else 4)
     head_inputs = head * sb * hidden_size // (t if sequence_parallel else 1)
-    logits = 2 * 4 * sb * (-(-padded_vocab_size // t))
-    return ActivationMemory(per_layer, layers, working, head_inputs + logits)
+    upcast_from = bytes_per_element if bytes_per_element < 4 else 0  # fp32: .float() is a no-op
+    logits = (4 + upcast_from) * sb * (-(-padded_vocab_size // t))
+    return ActivationMemory(per_layer, layers, working, head_inputs + logits, logits)
+
+
+def peak_training_bytes(states: ModelStateMemory, act: ActivationMemory,
+                        gradients_persist: bool = True, head_gradient_bytes: int = 0) -> int:
+    """Peak device bytes of one training step: model states plus activations, where gradients
+    either persist through the forward pass or exist only from the backward pass on.
+
+    ``gradients_persist=True`` (conservative; DeepSpeed ZeRO-1/2/3 keep reduced gradient
+    partitions in buffers across steps): W + G + O + activations, all at once.
+
+    ``gradients_persist=False`` (``zero_grad(set_to_none=True)``: plain PyTorch, and DeepSpeed's
+    ZeRO-0 engine, which sets every ``param.grad`` to None after the step): the forward pass runs
+    without gradients and the backward pass swaps each layer's activations for its gradients, so
+    the live bytes are largest at one of three points:
+
+    - the start of backward, when the LM head's gradients appear while every activation (and
+      the logits buffer, reused as its gradient) is still alive: W + O + head gradients +
+      activations (the forward's peak, at the loss, is this without the head gradients);
+    - the end of backward (activations freed): W + O + G.
+
+    Layer by layer in between, backward frees a layer's activations as it makes that layer's
+    gradients, so the live bytes move monotonically between those two ends.
+
+    Args:
+        states: from :func:`model_state_memory` (device bytes).
+        act: from :func:`activation_memory` (one micro-batch in flight).
+        gradients_persist: see above.
+        head_gradient_bytes: gradient bytes of the LM head and final norm on this rank
+            (the first gradients backward makes); only used when gradients do not persist.
+
+    Returns:
+        Bytes (excluding allocator slack and ZeRO-3 gather buffers, which callers add).
+    """
+    w, g, o = states.weights, states.gradients, states.optimizer
+    if gradients_persist:
+        return w + g + o + act.total
+    return w + o + max(head_gradient_bytes + act.total, g)
 
 
 def zero3_working_bytes(layer_params: int, precision: str = "bf16") -> int:

@@ -54,6 +54,7 @@ class PlanInputs:
     device_memory_bytes: int = 80 * memory.GiB
     peak_flops: float | None = None
     memory_overhead_bytes: int = 0
+    gradients_persist: bool | None = None  # None: True unless ZeRO-0 (see peak_training_bytes)
     tokens_per_sec: float | None = None
     mfu: float | None = None
     price_gpu_hour: float = 0.0
@@ -111,7 +112,8 @@ def _activations(inp: PlanInputs, micro_batch: int, recompute: str, flash: bool)
         inp.seq_length, micro_batch, inp.hidden_size, inp.num_attention_heads,
         inp.num_query_groups, inp.ffn_hidden_size, inp.num_layers, inp.padded_vocab_size,
         inp.tensor_model_parallel_size, inp.sequence_parallel, flash, recompute,
-        2 if inp.precision in ("bf16", "fp16") else 4, inp.recompute_num_layers)
+        2 if inp.precision in ("bf16", "fp16") else 4, inp.recompute_num_layers,
+        fused_norm=True)  # our RMSNorm saves x and rstd only (ops/swiglu_rmsnorm.py)
 
 
 def make_plan(inp: PlanInputs) -> dict:
@@ -204,10 +206,18 @@ def _memory_section(inp: PlanInputs) -> dict:
     layer_params = (inp.n_params_non_embedding - inp.hidden_size) // inp.num_layers
     layer_rank = -(-(layer_params - 2 * inp.hidden_size) // t) + 2 * inp.hidden_size
     working = memory.zero3_working_bytes(layer_rank, inp.precision) if inp.zero_stage == 3 else 0
-    fixed = states.total + working + inp.memory_overhead_bytes
+    fixed = working + inp.memory_overhead_bytes
+    # ZeRO-0: DeepSpeed's engine sets param.grad = None after each step, so gradients exist only
+    # from the backward on; ZeRO-1/2/3 keep gradient partitions in buffers (counted throughout).
+    persist = inp.zero_stage != 0 if inp.gradients_persist is None else inp.gradients_persist
+    precision_grad = memory.precision_bytes(inp.precision)[1]
+    # LM head = half the embedding-type parameters (input embedding + untied output layer)
+    head = max(0, (inp.n_params_padded or inp.n_params_total) - inp.n_params_non_embedding) // 2
+    head_grad = precision_grad * (-(-head // t) + inp.hidden_size)  # LM head slice + final norm
 
     def total_for(b: int) -> int:
-        return fixed + _activations(inp, b, inp.recompute, inp.flash_attention).total
+        a = _activations(inp, b, inp.recompute, inp.flash_attention)
+        return fixed + memory.peak_training_bytes(states, a, persist, head_grad)
 
     act = _activations(inp, inp.micro_batch_size, inp.recompute, inp.flash_attention)
     variants = {}
@@ -215,7 +225,7 @@ def _memory_section(inp: PlanInputs) -> dict:
         for flash in (True, False):
             variants[f"{rc}_{'flash' if flash else 'noflash'}"] = \
                 _activations(inp, inp.micro_batch_size, rc, flash).total
-    total = fixed + act.total
+    total = total_for(inp.micro_batch_size)
     return {
         "zero_stage": inp.zero_stage, "offload_optimizer": inp.offload_optimizer,
         "offload_params": inp.offload_params, "precision": inp.precision,
@@ -229,6 +239,7 @@ def _memory_section(inp: PlanInputs) -> dict:
         "memory_activations_per_layer_bytes": act.per_layer,
         "memory_activations_variants_bytes": variants,
         "memory_overhead_bytes": inp.memory_overhead_bytes,
+        "memory_gradients_persist": persist,
         "memory_per_gpu_bytes": total,
         "device_memory_bytes": inp.device_memory_bytes,
         "fits": total <= inp.device_memory_bytes,
