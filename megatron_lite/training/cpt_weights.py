@@ -167,7 +167,13 @@ class _Grown(Mapping):
 
 
 def base_hf_state_dict(base) -> Mapping:
-    """The base model's full weights under HF ``LlamaForCausalLM`` names (vocab unpadded)."""
+    """The base model's full weights under HF ``LlamaForCausalLM`` names (vocab unpadded).
+
+    Memory: an HF safetensors base is read lazily (each rank materialises one tensor at a time
+    and keeps only its TP shard); one of our checkpoints is read whole (all its TP shards) on
+    every rank - for a 7B base about 4 bytes x 7e9 = 28 GB of CPU memory per process at fp32
+    (less in bf16); convert it to HF first when that is too much.
+    """
     if base.format == "hf":
         if os.path.isfile(os.path.join(base.path, "model.safetensors")) or os.path.isfile(
                 os.path.join(base.path, "model.safetensors.index.json")):
