@@ -78,10 +78,13 @@ def estimate(cfg: ModelConfig, seq: int, mbs: int, recompute: str, flash: bool,
                                    cfg.num_query_groups, cfg.ffn_hidden_size, cfg.num_layers,
                                    padded_vocab, 1, False, flash, recompute, bytes_per_element,
                                    cfg.recompute_num_layers, fused_norm=True)
-    head_grad = 4 * ((n - non_emb) // 2 + cfg.hidden_size)
+    head = (n - non_emb) // 2  # the LM head (V_pad x h), also the largest tensor
+    step = memory.optimizer_step_working_bytes(head, fused=False)  # foreach=False AdamW below
     return {"params": n, "states_bytes": states.total, "activations_bytes": act.total,
-            "total_bytes": memory.peak_training_bytes(states, act, False, head_grad),
-            "total_bytes_grads_persist": memory.peak_training_bytes(states, act, True)}
+            "optimizer_step_bytes": step,
+            "total_bytes": memory.peak_training_bytes(states, act, False,
+                                                      4 * (head + cfg.hidden_size), step),
+            "total_bytes_grads_persist": memory.peak_training_bytes(states, act, True, 0, step)}
 
 
 def _warmup(preset: str, backend: str, recompute: str, dev: torch.device) -> None:

@@ -315,8 +315,16 @@ def test_plan_run_cpu_memory_matches_bench_estimate(capsys):
                                    fused_norm=True)
     assert act.loss_logits == 4 * 2048 * 4096
     head = 4 * (4096 * 128 + 128)
-    assert est["total_bytes"] == 4 * n + 8 * n + max(head + act.total, 4 * n)
+    step = 2 * 4 * 4096 * 128  # single-tensor AdamW: two temporaries of the largest tensor
+    assert est["optimizer_step_bytes"] == step
+    assert est["total_bytes"] == 4 * n + 8 * n + max(head + act.total, 4 * n + step)
     assert est["total_bytes_grads_persist"] == 16 * n + act.total
+    # a 125m-like shape where the step, not the activations, sets the peak
+    states = memory.model_state_memory(1000, 1, 0, "fp32")
+    small = memory.ActivationMemory(10, 20, 0, 30, 0)
+    assert memory.peak_training_bytes(states, small, False, 7, 500) == 4000 + 8000 + 4000 + 500
+    assert memory.peak_training_bytes(states, small, True, 7, 500) == 16000 + 500
+    assert memory.optimizer_step_working_bytes(10, fused=True) == 0
     # ZeRO-1 and up keep gradient buffers: the conservative sum
     p1 = plan_run.plan_from_argv(["--model-size", "tiny", "--vocab-size", "4096", "--gpu", "cpu",
                                   "--gpus", "1", "--tokens-per-sec", "20000", "--device", "cpu",
@@ -357,3 +365,20 @@ def test_memory_estimate_within_15_percent_of_measured_cpu_peak():
             ratios.append(r["total_bytes"] / r["measured_bytes"])
             runs.append(r)
         assert 0.85 <= ratios[0] <= 1.15, (case, ratios, runs)
+
+
+@pytest.mark.gpu
+def test_bench_memory_records_cuda_max_memory_allocated_next_to_the_estimate():
+    """On a GPU the bench measures torch.cuda.max_memory_allocated (reserved beside it) over a
+    warmed-up baseline and puts the planner's estimate next to it."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_memory.py"), "--single",
+                          "--cases", "tiny:256:8:none:sdpa", "--vocab-size", "4096",
+                          "--device", "cuda"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads([ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")][0][7:])
+    assert r["device"] == "cuda"
+    assert r["measured_bytes"] == (r["cuda_max_memory_allocated_bytes"]
+                                   - r["cuda_baseline_allocated_bytes"])
+    assert r["cuda_max_memory_reserved_bytes"] >= r["cuda_max_memory_allocated_bytes"]
+    assert r["measured_bytes"] > r["states_bytes"]
+    assert 0.85 <= r["estimate_over_measured"] <= 1.15, r

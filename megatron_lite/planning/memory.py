@@ -283,8 +283,28 @@ def activation_memory(seq_length: int, micro_batch_size: int, hidden_size: int,
     return ActivationMemory(per_layer, layers, working, head_inputs + logits, logits)
 
 
+def optimizer_step_working_bytes(largest_param_numel: int, fused: bool,
+                                 state_bytes: int = 4) -> int:
+    """Transient bytes of one AdamW step beside the states: torch's single-tensor AdamW (the CPU
+    default; ``torch/optim/adamw.py`` ``_single_tensor_adamw``) forms ``exp_avg_sq.sqrt()`` and
+    its quotient by the bias correction as two temporaries the size of the parameter it is
+    updating, so the largest parameter (the embedding or LM head, V·h/t) sets the peak; the fused
+    CUDA kernel makes none.
+
+    Args:
+        largest_param_numel: elements of the largest parameter tensor on this rank.
+        fused: the fused (CUDA) AdamW.
+        state_bytes: bytes per optimizer-state element (4: fp32).
+
+    Returns:
+        Bytes.
+    """
+    return 0 if fused else 2 * state_bytes * largest_param_numel
+
+
 def peak_training_bytes(states: ModelStateMemory, act: ActivationMemory,
-                        gradients_persist: bool = True, head_gradient_bytes: int = 0) -> int:
+                        gradients_persist: bool = True, head_gradient_bytes: int = 0,
+                        optimizer_step_bytes: int = 0) -> int:
     """Peak device bytes of one training step: model states plus activations, where gradients
     either persist through the forward pass or exist only from the backward pass on.
 
@@ -299,7 +319,8 @@ def peak_training_bytes(states: ModelStateMemory, act: ActivationMemory,
     - the start of backward, when the LM head's gradients appear while every activation (and
       the logits buffer, reused as its gradient) is still alive: W + O + head gradients +
       activations (the forward's peak, at the loss, is this without the head gradients);
-    - the end of backward (activations freed): W + O + G.
+    - the end of backward and the optimizer step (activations freed): W + O + G + the step's
+      temporaries (:func:`optimizer_step_working_bytes`).
 
     Layer by layer in between, backward frees a layer's activations as it makes that layer's
     gradients, so the live bytes move monotonically between those two ends.
@@ -310,14 +331,15 @@ def peak_training_bytes(states: ModelStateMemory, act: ActivationMemory,
         gradients_persist: see above.
         head_gradient_bytes: gradient bytes of the LM head and final norm on this rank
             (the first gradients backward makes); only used when gradients do not persist.
+        optimizer_step_bytes: the optimizer step's temporaries (added to W + G + O).
 
     Returns:
         Bytes (excluding allocator slack and ZeRO-3 gather buffers, which callers add).
     """
     w, g, o = states.weights, states.gradients, states.optimizer
     if gradients_persist:
-        return w + g + o + act.total
-    return w + o + max(head_gradient_bytes + act.total, g)
+        return w + g + o + max(act.total, optimizer_step_bytes)
+    return w + o + max(head_gradient_bytes + act.total, g + optimizer_step_bytes)
 
 
 def zero3_working_bytes(layer_params: int, precision: str = "bf16") -> int:
