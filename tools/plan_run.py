@@ -215,7 +215,9 @@ def format_table(p: dict) -> str:
          + f", {p['precision']}, recompute {p['recompute']}, "
          + ("flash attention" if p["flash_attention"] else "no flash attention")),
         ("  weights", _gib(p["memory_weights_bytes"])),
-        ("  gradients", _gib(p["memory_gradients_bytes"])),
+        ("  gradients", _gib(p["memory_gradients_bytes"])
+         + (" (through the step)" if p.get("memory_gradients_persist", True)
+            else " (from backward on: total = W + O + max(act + head grads, G + step))")),
         ("  optimizer states", _gib(p["memory_optimizer_bytes"])),
         ("  ZeRO-3 gathered params", _gib(p["memory_zero3_working_bytes"])),
         ("  activations", _gib(p["memory_activations_bytes"])),
