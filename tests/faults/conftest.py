@@ -69,7 +69,13 @@ def _launch(root, name, ck, interval, data, tok, env=None, **kw):
 
 @pytest.fixture(scope="session")
 def faults(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("faults"))
+    try:
+        yield _run_all(str(tmp_path_factory.mktemp("faults")))
+    finally:
+        h.kill_leftovers()    # a failed wait must not leave torchrun jobs running
+
+
+def _run_all(root: str) -> dict:
     data, tok = h.make_corpus(root)
     ck = lambda n: os.path.join(root, "ck_" + n)  # noqa: E731
     out: dict = {"root": root, "data": data, "tok": tok, "times": {}}

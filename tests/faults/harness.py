@@ -74,7 +74,20 @@ def launch(argv: list[str], env: dict, log_path: str, torchrun_args: tuple = (),
     p = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                          preexec_fn=preexec_fn)
     log.close()
+    LAUNCHED.append(p)
     return p
+
+
+LAUNCHED: list[subprocess.Popen] = []
+
+
+def kill_leftovers() -> None:
+    """Kill every launch (and its workers) still running, e.g. after a failed wait."""
+    for p in LAUNCHED:
+        if p.poll() is None:
+            kill_tree(p.pid)
+            p.wait()
+    LAUNCHED.clear()
 
 
 def finish(p: subprocess.Popen, log_path: str, timeout: float = 300) -> tuple[int, str]:

@@ -41,19 +41,24 @@ def test_preprocess_killed_mid_run_then_rerun(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.Popen(_cmd(corpus, model, prefix), env=env, start_new_session=True,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    tmp_bin = []
-    while time.time() < deadline and p.poll() is None:
-        tmp_bin = [f for f in os.listdir(tmp_path) if f.startswith("out_text_document.tmp-")
-                   and f.endswith(".bin") and os.path.getsize(tmp_path / f) > 20_000]
-        if tmp_bin:
-            break
-        time.sleep(0.02)
-    assert tmp_bin and p.poll() is None, "preprocess_data.py finished before it could be killed"
-    group = [c.pid for c in psutil.Process(p.pid).children(recursive=True)]
-    assert len(group) >= 2                         # the two tokenizer workers
-    os.killpg(p.pid, signal.SIGKILL)               # the node dies: main process and workers
-    p.wait(timeout=60)
+    try:
+        deadline = time.time() + 120
+        tmp_bin = []
+        while time.time() < deadline and p.poll() is None:
+            tmp_bin = [f for f in os.listdir(tmp_path) if f.startswith("out_text_document.tmp-")
+                       and f.endswith(".bin") and os.path.getsize(tmp_path / f) > 20_000]
+            if tmp_bin:
+                break
+            time.sleep(0.02)
+        assert tmp_bin and p.poll() is None, "preprocess_data.py finished before it was killed"
+        group = [c.pid for c in psutil.Process(p.pid).children(recursive=True)]
+        assert len(group) >= 2                     # the two tokenizer workers
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)       # the node dies: main process and workers
+        except ProcessLookupError:                 # it had already finished (assert above)
+            pass
+        p.wait(timeout=60)
     assert p.returncode == -signal.SIGKILL
     for pid in group:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
