@@ -41,9 +41,11 @@ class _SwiGLU(torch.autograd.Function):
         gate, up, act = ctx.saved_tensors
         f = gate.shape[-1]
         grad = torch.empty(gate.shape[:-1] + (2 * f,), dtype=gate.dtype, device=gate.device)
-        # d up = dy * silu(gate); d gate = silu'(gate) * (dy * up), silu' by ATen's own kernel.
+        # d up = dy * silu(gate); d gate = silu'(gate) * (dy * up), silu' by ATen's own kernel,
+        # which reads dy * up from the gate half and overwrites it element by element (no temp).
         torch.mul(dy, act, out=grad[..., f:])
-        torch.ops.aten.silu_backward.grad_input(dy * up, gate, grad_input=grad[..., :f])
+        dgate = torch.mul(dy, up, out=grad[..., :f])
+        torch.ops.aten.silu_backward.grad_input(dgate, gate, grad_input=dgate)
         return grad
 
 
