@@ -311,3 +311,38 @@ def test_save_is_complete_fsynced_and_a_failed_save_changes_nothing(tmp_path, mo
         f"stops. Free disk space (or lower --keep-last) and restart with --load {tmp_path}")
     assert sorted(d for d in os.listdir(tmp_path) if "iter_" in d) == ["iter_0000002"]
     assert ckpt.find_checkpoint(str(tmp_path)) == d2
+
+
+def test_each_rank_fsyncs_the_files_it_wrote(tmp_path, monkeypatch):
+    """With DeepSpeed's checkpoint_engine observable, a rank fsyncs exactly its own files (its
+    engine's saves and its RNG file), not another rank's."""
+    from megatron_lite.training.trainer import TrainState
+
+    class _CE:
+        def save(self, state_dict, path):
+            with open(path, "wb") as f:
+                f.write(b"s" * 3)
+
+    class _Engine:
+        checkpoint_engine = _CE()
+
+        def save_checkpoint(self, save_dir, tag, save_latest=False):
+            d = os.path.join(save_dir, tag)
+            os.makedirs(d, exist_ok=True)
+            self.checkpoint_engine.save({}, os.path.join(d, "mine.pt"))
+            self.checkpoint_engine.save(state_dict={}, path=os.path.join(d, "mine2.pt"))
+            with open(os.path.join(d, "other_rank.pt"), "wb") as f:   # not through this rank
+                f.write(b"o")
+
+    synced = []
+    monkeypatch.setattr(ckpt, "_fsync_path", synced.append)
+    eng = _Engine()
+    d = ckpt.save_checkpoint(eng, _cfg(), TrainState(iteration=1), _sched(), str(tmp_path))
+    tmp = os.path.join(str(tmp_path), ".tmp_iter_0000001")
+    files = [p for p in synced if os.path.basename(os.path.dirname(p)) in (".tmp_iter_0000001", "rng")
+             and p != os.path.join(tmp, "rng")]
+    assert sorted(os.path.relpath(p, tmp) for p in files) == ["mine.pt", "mine2.pt",
+                                                             "rng/rank_00000.pt"]
+    assert "save" not in vars(eng.checkpoint_engine)          # the recording wrapper is removed
+    assert ckpt.is_complete(d) and "other_rank.pt" in json.load(
+        open(os.path.join(d, "manifest.json")))["files"]

@@ -244,12 +244,16 @@ def save_checkpoint(engine, cfg, state, scheduler, save_dir: str) -> str:
                 shutil.rmtree(os.path.join(save_dir, d), ignore_errors=True)
     _barrier()
     try:
-        _write_rank_files(engine, cfg, tmp, tmp_tag, save_dir)
+        written = _write_rank_files(engine, cfg, tmp, tmp_tag, save_dir)
         _fault_hook(state.iteration, "engine")
         os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
-        torch.save(rng_state(), os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt"))
-        for p in _list_files(tmp):  # each rank flushes what it wrote (and sees) to stable storage
-            _fsync_path(os.path.join(tmp, p))
+        rng_file = os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt")
+        torch.save(rng_state(), rng_file)
+        # Each rank flushes what it wrote to stable storage (an fsync by a process that did not
+        # write the data does not flush the writer's cache on a shared filesystem).
+        for p in ([os.path.join(tmp, f) for f in _list_files(tmp)] if written is None
+                  else written + [rng_file]):
+            _fsync_path(p)
     except Exception as e:
         _abandon(tmp, tag, e)
     _barrier()
@@ -268,8 +272,28 @@ def save_checkpoint(engine, cfg, state, scheduler, save_dir: str) -> str:
     return final
 
 
-def _write_rank_files(engine, cfg, tmp: str, tmp_tag: str, save_dir: str) -> None:
-    engine.save_checkpoint(save_dir, tag=tmp_tag, save_latest=False)
+def _write_rank_files(engine, cfg, tmp: str, tmp_tag: str, save_dir: str) -> list[str] | None:
+    """DeepSpeed's files of this rank (+ the ZeRO-3 gathered shard). Returns the paths this rank
+    wrote, or None when the engine has no DeepSpeed ``checkpoint_engine`` to observe."""
+    ce = getattr(engine, "checkpoint_engine", None)
+    written: list[str] | None = None
+    if ce is not None and callable(getattr(ce, "save", None)):
+        written, orig, shadowed = [], ce.save, "save" in vars(ce)
+
+        def recording_save(*a, **k):  # DeepSpeed calls save(sd, path) or save(state_dict=, path=)
+            out = orig(*a, **k)
+            written.append(str(k["path"] if "path" in k else a[1]))
+            return out
+
+        ce.save = recording_save
+    try:
+        engine.save_checkpoint(save_dir, tag=tmp_tag, save_latest=False)
+    finally:
+        if written is not None:
+            if shadowed:
+                ce.save = orig
+            else:
+                del ce.save
     if cfg.parallel.zero_stage == 3:
         # DeepSpeed's module file holds no weights at stage 3; gather this TP shard over its DP
         # group. (engine._zero3_consolidated_16bit_state_dict() would return the dict on global
@@ -287,7 +311,11 @@ def _write_rank_files(engine, cfg, tmp: str, tmp_tag: str, save_dir: str) -> Non
             opt.checkpoint_event_epilogue()
         if get_data_parallel_rank() == 0:
             assert sd is not None, "ZeRO-3 gather returned no state dict on DP rank 0"
-            torch.save(sd, os.path.join(tmp, f"model_tp_{get_tensor_model_parallel_rank():02d}.pt"))
+            path = os.path.join(tmp, f"model_tp_{get_tensor_model_parallel_rank():02d}.pt")
+            torch.save(sd, path)
+            if written is not None:
+                written.append(path)
+    return written
 
 
 def _finalize(cfg, state, scheduler, save_dir: str, tmp: str, final: str, tag: str) -> None:
