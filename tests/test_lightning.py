@@ -227,6 +227,32 @@ def test_lr_scheduler_is_lr_at_per_update_and_skips_with_the_optimizer():
     assert again.last_epoch == 11
 
 
+def test_single_process_fit_with_validation_every_n_steps(tmp_path):
+    """One process (no DDP): validation runs every --eval-interval optimizer steps (Lightning's
+    val_check_interval counts micro-batches: interval x A) on --eval-iters micro-batches."""
+    from test_training import make_dataset
+
+    from megatron_lite.integrations.lightning import (MegatronDataModule, MegatronLlamaModule,
+                                                      build_trainer, load_lightning_config)
+
+    make_dataset(str(tmp_path / "data"))
+    run = load_lightning_config(CONFIG, ["--data-path", str(tmp_path / "data"), "--split", "90,10,0",
+                                         "--train-iters", "4", "--eval-interval", "2",
+                                         "--eval-iters", "1", "--global-batch-size", "2"],
+                                world_size=1)
+    assert run.cfg.derived.num_micro_batches == 2
+    run.trainer.update(devices=1, strategy="auto")
+    trainer = build_trainer(run)
+    assert trainer.val_check_interval == 4 and trainer.limit_val_batches == 1
+    module = MegatronLlamaModule(run.cfg)
+    trainer.fit(module, datamodule=MegatronDataModule(run.cfg))
+    assert [h["step"] for h in module.history] == [1, 2, 3, 4]
+    assert [h["consumed_samples"] for h in module.history] == [2, 4, 6, 8]
+    val = float(trainer.callback_metrics["val_loss"])
+    assert 0 < val < math.log(256) + 0.5
+    assert float(trainer.callback_metrics["val_ppl"]) == pytest.approx(math.exp(val), rel=1e-5)
+
+
 @pytest.mark.gpu
 def test_deepspeed_stage3_strategy_on_gpu(tmp_path):
     """Lightning's DeepSpeedStrategy (ZeRO-3, bf16) runs our module on one GPU; the loss falls."""
