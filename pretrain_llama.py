@@ -9,11 +9,35 @@ import os
 import sys
 
 
+def _refuse_cpt_settings(cfg) -> None:
+    """The ``cpt`` section shares the config tree but only ``cpt_llama.py`` acts on it; a CPT
+    setting given here would be silently ignored, so it is an error.
+
+    Raises:
+        ConfigError: naming the CPT flags that were set.
+    """
+    import dataclasses
+
+    from megatron_lite.config import ConfigError
+
+    section = getattr(cfg, "cpt", None)
+    if section is None or not dataclasses.is_dataclass(section):
+        return
+    default = type(section)()
+    changed = [f.name for f in dataclasses.fields(section)
+               if getattr(section, f.name) != getattr(default, f.name)]
+    if changed:
+        flags = ", ".join("--" + n.replace("_", "-") for n in changed)
+        raise ConfigError(f"{flags}: continued-pretraining settings are read by cpt_llama.py "
+                          "only; run cpt_llama.py with the same flags (or drop them)")
+
+
 def main(argv=None) -> int:
     from megatron_lite.config import ConfigError, format_plan, parse_args
 
     try:
         cfg = parse_args(argv)
+        _refuse_cpt_settings(cfg)
     except ConfigError as e:
         print(f"pretrain_llama.py: error: {e}", file=sys.stderr)
         return 2

@@ -186,6 +186,17 @@ def test_cli_dry_run_and_error_exit():
     assert out.returncode == 2 and "--zero-stage" in out.stderr
 
 
+def test_pretrain_entrypoint_refuses_cpt_settings(capsys):
+    """CPT flags share the config tree, but pretrain_llama.py would ignore them: an error."""
+    import pretrain_llama
+
+    assert pretrain_llama.main([*BASE, "--dry-run", "--freeze-layers", "0-1",
+                                "--freeze-embeddings"]) == 2
+    err = capsys.readouterr().err
+    assert "--freeze-layers" in err and "--freeze-embeddings" in err and "cpt_llama.py" in err
+    assert pretrain_llama.main([*BASE, "--dry-run"]) == 0
+
+
 def test_deepspeed_json_vs_zero_flags(tmp_path, capsys):
     """A JSON stage replaces the flag default with a note; an explicit contradicting flag is an error."""
     import json as _json
