@@ -12,6 +12,13 @@ Activations follow Korthikanti et al. 2022, "Reducing Activation Recomputation i
 Models", section 4 (eq. 1: s·b·h·(34 + 5·a·s/h) bytes per layer for GPT with 16-bit activations,
 eq. 2-4 for tensor and sequence parallelism and selective recomputation). The GPT terms are rederived
 for a LLaMA block; the adjustments are listed in :func:`activation_bytes_per_layer`.
+
+:func:`peak_training_bytes` combines them at the point where a step peaks (gradients persistent
+under ZeRO-1/2/3, transient under ZeRO-0). The figure is live tensor bytes, checked by
+``bench/bench_memory.py`` against ``torch.cuda.max_memory_allocated`` on GPUs and against peak RSS
+growth on CPU with glibc's mmap threshold fixed (its default dynamic threshold keeps freed
+transient tensors resident: +12 % to +48 % RSS on the tiny preset, allocator policy rather than
+training state). The caching allocator's slack on GPUs is the plan's separate overhead term.
 """
 
 from __future__ import annotations

@@ -130,6 +130,7 @@ def make_plan(inp: PlanInputs) -> dict:
     ``memory_weights_bytes``, ``memory_gradients_bytes``, ``memory_optimizer_bytes``,
     ``memory_zero3_working_bytes``, ``memory_activations_bytes``,
     ``memory_activations_variants_bytes`` (recompute × flash), ``memory_overhead_bytes``,
+    ``memory_gradients_persist`` (see ``memory.peak_training_bytes``),
     ``memory_per_gpu_bytes``, ``memory_host_offload_bytes``, ``device_memory_bytes``, ``fits``,
     ``max_micro_batch_size``; ``notes`` (list of sentences).
 
