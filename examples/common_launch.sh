@@ -2,8 +2,9 @@
 # Shared launcher of the examples/pretrain_*.sh scripts (sourced, not run): builds the torchrun
 # command for one node of a multi-node job and runs it, or validates the config with --dry-run.
 #
-# The calling script sets CONFIG (a YAML under configs/) and RUN_NAME, then calls
-# `launch_pretrain "$@"`. Environment (a cluster scheduler sets the first four; under SLURM they
+# The calling script sets CONFIG (a YAML under configs/), RUN_NAME and optionally ENTRYPOINT
+# (default pretrain_llama.py; cpt_7b.sh sets cpt_llama.py), then calls `launch_pretrain "$@"`.
+# Environment (a cluster scheduler sets the first four; under SLURM they
 # default from SLURM_NNODES, SLURM_NODEID and the first host of SLURM_JOB_NODELIST):
 #   NNODES         nodes in the job                     (default 8)
 #   NODE_RANK      this node's index, 0..NNODES-1       (default 0)
@@ -14,7 +15,7 @@
 #   TOKENIZER_MODEL SentencePiece .model of DATA_PATH    (required to train)
 #   RUN_DIR        checkpoints, TensorBoard, metrics    (default runs/$RUN_NAME)
 #   SAVE_INTERVAL  steps between checkpoints            (default 1000)
-# Arguments after the script name go to pretrain_llama.py and override the YAML, e.g.
+# Arguments after the script name go to the entrypoint and override the YAML, e.g.
 #   --train-tokens 2000000000000 --lr 2e-4. With --dry-run nothing is launched: the config is
 #   validated for NNODES x GPUS_PER_NODE ranks and the resolved plan printed (no GPU or data needed);
 #   ML_PRINT_CMD=1 with --dry-run prints the world size and arguments instead (for tests).
@@ -58,12 +59,12 @@ launch_pretrain() {
 
   if [ "$dry_run" = 1 ]; then
     # Validate for the full job size without launching anything. ML_PRINT_CMD=1 prints the
-    # world size and the pretrain_llama.py arguments (one per line) instead (used by the tests).
+    # world size and the entrypoint's arguments (one per line) instead (used by the tests).
     if [ "${ML_PRINT_CMD:-0}" = 1 ]; then
       printf '%s\n' "WORLD_SIZE=$(( nnodes * gpus ))" "${args[@]}" "$@"
       return 0
     fi
-    WORLD_SIZE=$(( nnodes * gpus )) RANK=0 python pretrain_llama.py "${args[@]}" "$@"
+    WORLD_SIZE=$(( nnodes * gpus )) RANK=0 python "${ENTRYPOINT:-pretrain_llama.py}" "${args[@]}" "$@"
     return $?
   fi
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
@@ -71,6 +72,6 @@ launch_pretrain() {
   echo "node $node_rank/$nnodes: torchrun x $gpus -> ${master_addr}:$master_port, config $CONFIG, run dir $run_dir"
   torchrun --nnodes "$nnodes" --node_rank "$node_rank" --nproc_per_node "$gpus" \
     --master_addr "$master_addr" --master_port "$master_port" \
-    pretrain_llama.py "${args[@]}" "$@" 2>&1 | tee -a "$run_dir/train_node${node_rank}.log"
+    "${ENTRYPOINT:-pretrain_llama.py}" "${args[@]}" "$@" 2>&1 | tee -a "$run_dir/train_node${node_rank}.log"
   return "${PIPESTATUS[0]}"
 }

@@ -13,12 +13,10 @@
 set -euo pipefail
 CONFIG="configs/cpt_7b.yaml"
 RUN_NAME="cpt_7b"
+ENTRYPOINT="cpt_llama.py"
 if [ -z "${PRETRAINED:-}" ]; then
   echo "$(basename "$0"): set PRETRAINED (the base model: a HuggingFace folder or a megatron_lite checkpoint folder)" >&2
   exit 2
 fi
 source "$(dirname "$0")/common_launch.sh"
-# common_launch.sh starts pretrain_llama.py; run the same command line through cpt_llama.py.
-python() { local -a a=("$@"); command python "${a[@]/#pretrain_llama.py/cpt_llama.py}"; }
-torchrun() { local -a a=("$@"); command torchrun "${a[@]/#pretrain_llama.py/cpt_llama.py}"; }
 launch_pretrain --pretrained-checkpoint "$PRETRAINED" "$@"
