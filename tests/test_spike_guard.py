@@ -93,6 +93,12 @@ def _capture(path):
 
 
 # ----------------------------------------------------------------------------- end to end
+def _extras(root: str, ckpt: str, iteration: int) -> dict:
+    """The guard/noise state saved in a checkpoint's trainer_state.json."""
+    with open(os.path.join(root, ckpt, f"iter_{iteration:07d}", "trainer_state.json")) as f:
+        return json.load(f)["extras"]
+
+
 def test_clean_run_never_fires(spike_e2e):
     root, res, _ = spike_e2e
     assert res["clean"] == {"iteration": ITERS, "skipped": 0, "consumed_samples": ITERS * GB}
@@ -100,8 +106,7 @@ def test_clean_run_never_fires(spike_e2e):
     assert [m[s]["spikes"] for s in range(1, ITERS + 1)] == [0] * ITERS
     assert not os.path.exists(os.path.join(root, "ck_clean", "spikes"))
     # The window saved with the final checkpoint holds the last W accepted steps' values.
-    with open(os.path.join(root, "ck_clean", f"iter_{ITERS:07d}", "spike_guard.json")) as f:
-        sd = json.load(f)["spike_guard"]
+    sd = _extras(root, "ck_clean", ITERS)["spike_guard"]
     last = range(ITERS - W + 1, ITERS + 1)
     assert sd["loss_window"] == pytest.approx([m[s]["step_loss"] for s in last], rel=1e-12)
     assert sd["norm_window"] == pytest.approx([m[s]["grad_norm"] for s in last], rel=1e-12)
@@ -125,12 +130,9 @@ def test_resume_restores_window_and_noise_ema_exactly(spike_e2e):
             "noise_scale/trace_sigma")
     for s in range(6, ITERS + 1):   # the EMAs after resume continue the uninterrupted ones
         assert {k: resumed[s][k] for k in keys} == {k: clean[s][k] for k in keys}, s
-    with open(os.path.join(root, "ck_res", "iter_0000005", "spike_guard.json")) as f:
-        sd = json.load(f)["spike_guard"]
+    sd = _extras(root, "ck_res", 5)["spike_guard"]
     assert sd["loss_window"] == [clean[s]["step_loss"] for s in range(1, 6)]   # warm-up: 5 < W
-    with open(os.path.join(root, "ck_res", f"iter_{ITERS:07d}", "spike_guard.json")) as f, \
-            open(os.path.join(root, "ck_clean", f"iter_{ITERS:07d}", "spike_guard.json")) as g:
-        assert json.load(f) == json.load(g)
+    assert _extras(root, "ck_res", ITERS) == _extras(root, "ck_clean", ITERS)
 
 
 def test_injected_spike_is_skipped_and_captured(spike_e2e):
@@ -345,20 +347,20 @@ def test_state_round_trip_and_config_checks():
         check_config(_cfg(spike_window=1))
 
 
-def test_extras_saved_beside_checkpoint_and_restored(tmp_path):
-    """setup_extras restores the window and the noise-scale EMAs from a resumed folder."""
+def test_extras_state_round_trip(tmp_path):
+    """setup_extras restores the window and the noise-scale EMAs from TrainState.extras."""
     from megatron_lite.training.noise_scale import NoiseScaleEstimator
-    from megatron_lite.training.spike_guard import STATE_FILE, SpikeGuard, save_extras, setup_extras
+    from megatron_lite.training.spike_guard import SpikeGuard, extras_state, setup_extras
 
     cfg = _cfg(noise_scale_interval=5)
     g, n = SpikeGuard(cfg, None), NoiseScaleEstimator(5, 0.9)
     for x in (4.0, 3.5, 3.25):
         g.accept(x, x / 2)
     n.update(2.0, 50.0)
-    save_extras(str(tmp_path), g, n)
-    assert os.path.isfile(os.path.join(str(tmp_path), STATE_FILE))
+    extras = json.loads(json.dumps(extras_state(g, n)))  # what trainer_state.json holds
+    assert extras_state(None, None) is None
     opt = types.SimpleNamespace(step=lambda *a, **k: None, param_groups=[])
-    g2, n2 = setup_extras(cfg, opt, types.SimpleNamespace(optimizer=None), str(tmp_path), None)
+    g2, n2 = setup_extras(cfg, opt, types.SimpleNamespace(optimizer=None), extras, True, None)
     assert g2.state_dict() == g.state_dict() and n2.state_dict() == n.state_dict()
     assert opt.step.__name__ == "gated_step"
     # Off: nothing is built, the optimizer is left alone.
@@ -367,7 +369,7 @@ def test_extras_saved_beside_checkpoint_and_restored(tmp_path):
 
     plain = parse_args(["--model-size", "tiny", "--vocab-size", "128", "--seq-length", "16",
                         "--train-iters", "4", "--device", "cpu"], world_size=1)
-    assert setup_extras(plain, opt, None, str(tmp_path), None) == (None, None)
+    assert setup_extras(plain, opt, None, extras, True, None) == (None, None)
     assert opt.step.__name__ == "<lambda>"
 
 

@@ -324,6 +324,7 @@ def _finalize(cfg, state, scheduler, save_dir: str, tmp: str, final: str, tag: s
                      "skipped_steps": state.skipped_steps,
                      "consecutive_skipped": state.consecutive_skipped,
                      "data_state": getattr(state, "data_state", None),
+                     "extras": getattr(state, "extras", None),
                      "scheduler": scheduler.state_dict(),
                      "world_size": cfg.derived.world_size,
                      "data_parallel_size": cfg.derived.data_parallel_size,
@@ -524,6 +525,7 @@ def load_checkpoint(engine, cfg, state, scheduler) -> str | None:
     state.skipped_steps = ts["skipped_steps"]
     state.consecutive_skipped = ts["consecutive_skipped"]
     state.data_state = ts.get("data_state")
+    state.extras = ts.get("extras")
     scheduler.load_state_dict(ts["scheduler"], override=cfg.schedule.override_opt_param_scheduler)
     rng_file = os.path.join(path, "rng", f"rank_{_rank():05d}.pt")
     if not ck.no_load_rng:

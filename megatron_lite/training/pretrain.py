@@ -261,7 +261,9 @@ def pretrain(cfg, data_iterators=None, model_setup=None) -> TrainState:
     resumed = None
     if cfg.checkpoint.load:
         resumed = checkpointing.load_checkpoint(engine, cfg, state, scheduler)
-    guard, noise = _spikes.setup_extras(cfg, optimizer, engine, resumed, run_folder(cfg))
+    guard, noise = _spikes.setup_extras(cfg, optimizer, engine, state.extras,
+                                         resumed is not None and not cfg.checkpoint.finetune,
+                                         run_folder(cfg))
     if state.iteration >= cfg.derived.train_iters:
         # A requeued job restarting after its final save: nothing left to do (and no data to
         # build: the train split holds exactly train_iters global batches).
@@ -335,11 +337,11 @@ def pretrain(cfg, data_iterators=None, model_setup=None) -> TrainState:
                 train_ds = data_holder.get("train_ds")
                 if train_ds is not None and hasattr(train_ds, "state_dict"):
                     state.data_state = train_ds.state_dict(state.consumed_samples)
+                state.extras = _spikes.extras_state(guard, noise)
                 ctx = logger.exclude_time() if logger is not None else _null()
                 with ctx:
-                    saved = checkpointing.save_checkpoint(engine, cfg, state, scheduler,
-                                                          cfg.checkpoint.save)
-                    _spikes.save_extras(saved, guard, noise)
+                    checkpointing.save_checkpoint(engine, cfg, state, scheduler,
+                                                  cfg.checkpoint.save)
             if exit_now or signalled:
                 if rank == 0:
                     print(f"[exit] {'signal received' if signalled else '--exit-interval'}: "

@@ -45,9 +45,9 @@ mean/std, action, sample range) and one ``type: sample`` record per sample of th
 micro-batch); the ``--spike-capture-samples`` highest-loss samples also carry token ids and decoded
 text (tokenizer of the data config). Written by rank 0, atomically.
 
-State (windows, counters, LR-factor steps left, and the noise-scale EMAs) goes into
-``spike_guard.json`` inside each checkpoint folder, written right after the checkpoint (its
-trainer_state.json has no slot for it), and is restored on resume.
+State (windows, counters, LR-factor steps left, and the noise-scale EMAs) goes into the
+checkpoint's ``trainer_state.json`` (``TrainState.extras``, written with the counters in the same
+atomic save) and is restored on resume.
 
 Test hook: ``MEGATRON_LITE_INJECT_SPIKE="step:scale,..."`` multiplies every rank's loss (hence its
 gradient) at that step number by ``scale``, once per run (not again when a rollback repeats it).
@@ -64,7 +64,6 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-STATE_FILE = "spike_guard.json"
 MIN_REL_STD = 0.01  # floor of the window's spread, relative to its mean (see the module doc)
 
 
@@ -410,11 +409,13 @@ def check_extras_config(cfg) -> None:
     noise_scale.check_config(cfg)
 
 
-def setup_extras(cfg, optimizer, engine, resumed: Optional[str], out_dir: Optional[str]):
+def setup_extras(cfg, optimizer, engine, extras: Optional[dict], resumed: bool,
+                 out_dir: Optional[str]):
     """Build the guard and the noise-scale estimator when their flags ask for them.
 
-    Installs the guard's grad-norm gate on ``optimizer`` and restores both states from the
-    resumed checkpoint folder (missing state: printed, the window warms up again).
+    Installs the guard's grad-norm gate on ``optimizer`` and restores both states from
+    ``extras`` (``TrainState.extras`` of the resumed checkpoint; a resumed checkpoint without
+    them, e.g. saved with the guard off: printed, the window warms up again).
 
     Returns:
         ``(SpikeGuard | None, NoiseScaleEstimator | None)``.
@@ -428,32 +429,24 @@ def setup_extras(cfg, optimizer, engine, resumed: Optional[str], out_dir: Option
     if guard is not None:
         guard.install_gate(optimizer, engine)
     if resumed and (guard is not None or noise is not None):
-        path = os.path.join(resumed, STATE_FILE)
-        sd = {}
-        if os.path.isfile(path):
-            with open(path) as f:
-                sd = json.load(f)
+        sd = extras or {}
         if guard is not None and sd.get("spike_guard"):
             guard.load_state_dict(sd["spike_guard"])
         if noise is not None and sd.get("noise_scale"):
             noise.load_state_dict(sd["noise_scale"])
         if not sd and (dist.get_rank() if dist.is_initialized() else 0) == 0:
-            print(f"[spike] {resumed} has no {STATE_FILE}: spike window / noise-scale EMA start "
-                  f"empty", flush=True)
+            print("[spike] the resumed checkpoint holds no spike-guard / noise-scale state: "
+                  "the window and the EMAs start empty", flush=True)
     return guard, noise
 
 
-def save_extras(ckpt_dir: str, guard, noise) -> None:
-    """Write the guard's and the estimator's state into a saved checkpoint folder (rank 0,
-    atomic). Collective (a barrier) when either exists."""
+def extras_state(guard, noise) -> Optional[dict]:
+    """JSON-safe state of the guard and the estimator for ``TrainState.extras`` (None when
+    neither is on)."""
     if guard is None and noise is None:
-        return
-    if (dist.get_rank() if dist.is_initialized() else 0) == 0:
-        sd = {"spike_guard": guard.state_dict() if guard is not None else None,
-              "noise_scale": noise.state_dict() if noise is not None else None}
-        _atomic_write(os.path.join(ckpt_dir, STATE_FILE), json.dumps(sd))
-    if dist.is_initialized():
-        dist.barrier()
+        return None
+    return {"spike_guard": guard.state_dict() if guard is not None else None,
+            "noise_scale": noise.state_dict() if noise is not None else None}
 
 
 def step_scalars(guard, noise) -> dict:

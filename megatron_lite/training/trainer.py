@@ -50,6 +50,9 @@ class TrainState:
         consecutive_skipped: skipped steps since the last applied one.
         data_state: the blended train dataset's resume state (per-source consumed counts, see
             ``BlendedDataset.state_dict``); None for a single corpus.
+        extras: JSON-safe state of optional step companions (spike-guard windows, noise-scale
+            EMAs: ``spike_guard.extras_state``), saved in trainer_state.json with the counters
+            so one atomic checkpoint holds everything a resume needs; None when none is on.
     """
 
     iteration: int = 0
@@ -57,6 +60,7 @@ class TrainState:
     skipped_steps: int = 0
     consecutive_skipped: int = 0
     data_state: Optional[dict] = None
+    extras: Optional[dict] = None
 
 
 @dataclasses.dataclass
