@@ -26,7 +26,7 @@ fp32 master weights out of the ZeRO optimizer partitions (DeepSpeed's zero_to_fp
 model.safetensors.index.json, or pytorch_model.bin).
 
 A megatron_lite output is weights-only (no optimizer/scheduler state): train from it with
---finetune (ZeRO 0-2) and the model flags the converter prints.
+--finetune (any ZeRO stage) and the model flags the converter prints.
 Output goes to <save>.tmp_* and is renamed into place when complete; on any error nothing is left.
 """
 

@@ -516,6 +516,19 @@ def load_checkpoint(engine, cfg, state, scheduler) -> str | None:
                          f"--zero-stage {cfg.parallel.zero_stage}; use the same stage or "
                          f"--no-load-optim")
     parent, tag = os.path.split(os.path.abspath(path))
+    if ck.finetune and cfg.parallel.zero_stage == 3:
+        # DeepSpeed's stage-3 module-only load rebuilds the weights from ZeRO-3 optimizer
+        # partitions, which a checkpoint saved at another stage, or written by
+        # tools/convert_checkpoint.py (weights only), does not have: copy this TP rank's full
+        # shard (model_tp_XX.pt or the DeepSpeed module file) into the partitioned parameters.
+        from megatron_lite.parallel import get_tensor_model_parallel_rank
+        from megatron_lite.training.cpt_weights import load_into
+
+        load_into(engine.module, _module_state(path, get_tensor_model_parallel_rank()))
+        opt = getattr(engine, "optimizer", None)
+        if opt is not None and hasattr(opt, "refresh_fp32_params"):
+            opt.refresh_fp32_params()  # the fp32 master partitions were copied at engine init
+        return path
     engine.load_checkpoint(parent, tag=tag, load_optimizer_states=load_optim,
                            load_lr_scheduler_states=False, load_module_only=not load_optim)
     if ck.finetune:
