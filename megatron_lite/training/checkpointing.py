@@ -16,15 +16,15 @@ Atomicity: everything is written into ``DIR/.tmp_iter_0000100``; after a barrier
 manifest, renames the folder to ``iter_0000100`` and only then replaces ``latest``. A kill at any
 moment leaves the previous complete checkpoint: ``--load`` only accepts a folder whose manifest
 exists and whose files all exist with the recorded sizes, falling back to the newest complete one.
+Folder names, the manifest, completeness, fsync and pruning live in
+:mod:`megatron_lite.training.checkpoint_files` (re-exported here).
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import random
-import re
 import shutil
 import warnings
 from typing import Any
@@ -33,8 +33,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-MANIFEST = "manifest.json"
-_ITER_RE = re.compile(r"^iter_(\d{7,})$")
+from megatron_lite.training.checkpoint_files import (  # noqa: F401 - re-exported (tools, tests)
+    _ITER_RE, MANIFEST, CheckpointSaveError, _atomic_write_text, _barrier, _fsync_path, _iter_of,
+    _list_files, _prune, _rank, _versions, _write_manifest, check_coverage, find_checkpoint,
+    is_complete, list_checkpoints, read_saved_config, tag_for)
 
 # Model fields that may change between save and resume without changing the weights' meaning.
 _MODEL_FIELDS_ALLOWED_TO_CHANGE = {
@@ -44,29 +46,6 @@ _MODEL_FIELDS_ALLOWED_TO_CHANGE = {
     "rope_original_max_position_embeddings", "yarn_beta_fast", "yarn_beta_slow",
     "yarn_attention_factor", "yarn_truncate", "llama3_low_freq_factor", "llama3_high_freq_factor",
 }
-
-
-def tag_for(iteration: int) -> str:
-    """Folder name of the checkpoint after ``iteration`` steps."""
-    return f"iter_{iteration:07d}"
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict:
@@ -93,74 +72,6 @@ def set_rng_state(state: dict) -> None:
         get_rng_tracker().set_states(state["tracker"])
 
 
-def is_complete(path: str) -> bool:
-    """Whether a checkpoint folder has its manifest and every listed file with its size."""
-    try:
-        with open(os.path.join(path, MANIFEST)) as f:
-            files = json.load(f)["files"]
-    except (OSError, ValueError, KeyError):
-        return False
-    for rel, size in files.items():
-        p = os.path.join(path, rel)
-        if not os.path.isfile(p) or os.path.getsize(p) != size:
-            return False
-    return True
-
-
-def find_checkpoint(load_dir: str) -> str | None:
-    """Path of the checkpoint to resume from: ``latest`` if complete, else the newest complete one.
-
-    ``load_dir`` may also be a checkpoint folder itself. Returns None when there is none.
-    """
-    if not load_dir or not os.path.isdir(load_dir):
-        return None
-    if os.path.isfile(os.path.join(load_dir, MANIFEST)):
-        return load_dir if is_complete(load_dir) else None
-    latest = os.path.join(load_dir, "latest")
-    limit = None
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            tag = f.read().strip()
-        cand = os.path.join(load_dir, tag)
-        if is_complete(cand):
-            return cand
-        # Fall back within the lineage `latest` belongs to: later iterations in the folder are
-        # from a run that was rolled back past them.
-        limit = _iter_of(tag) if _ITER_RE.match(tag) else None
-        warnings.warn(f"{latest} names {tag}, which is incomplete or missing; using the newest "
-                      f"complete checkpoint before it instead")
-    tags = sorted((d for d in os.listdir(load_dir) if _ITER_RE.match(d)
-                   and (limit is None or _iter_of(d) <= limit)), key=_iter_of, reverse=True)
-    for tag in tags:
-        cand = os.path.join(load_dir, tag)
-        if is_complete(cand):
-            return cand
-    return None
-
-
-def _write_manifest(path: str) -> None:
-    _atomic_write_text(os.path.join(path, MANIFEST),
-                       json.dumps({"files": _list_files(path)}, indent=1))
-
-
-def _versions() -> dict:
-    import deepspeed
-
-    import megatron_lite
-
-    return {"megatron_lite": megatron_lite.__version__, "torch": torch.__version__,
-            "deepspeed": deepspeed.__version__}
-
-
-class CheckpointSaveError(RuntimeError):
-    """A save failed (full disk, file-size limit, I/O error, files invisible to rank 0).
-
-    Nothing was marked complete: ``latest`` still names the previous checkpoint. Training stops
-    (the caller does not catch it), because every later save would most likely fail the same way
-    and the steps trained meanwhile would be lost on the next fault anyway.
-    """
-
-
 def _fault_hook(iteration: int, point: str) -> None:
     """Test hook: ``MEGATRON_LITE_INJECT_SAVE_KILL="iteration:rank:point,..."`` SIGKILLs this rank at
     ``point`` of the save after ``iteration`` steps. Points, in save order: ``engine`` (DeepSpeed's
@@ -173,47 +84,6 @@ def _fault_hook(iteration: int, point: str) -> None:
             import signal
 
             os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _fsync_path(path: str) -> None:
-    """fsync a file or a directory (a directory's fsync makes renames inside it durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _list_files(path: str) -> dict[str, int]:
-    """``{relative path: size in bytes}`` of every file under ``path`` except the manifest."""
-    files = {}
-    for root, _, names in os.walk(path):
-        for n in names:
-            if root == path and n == MANIFEST:
-                continue
-            p = os.path.join(root, n)
-            files[os.path.relpath(p, path)] = os.path.getsize(p)
-    return files
-
-
-def check_coverage(seen_by_rank: list[dict[str, int]], mine: dict[str, int], where: str) -> None:
-    """Raise unless rank 0's view ``mine`` holds every file any rank sees, with the same size.
-
-    Args:
-        seen_by_rank: each rank's :func:`_list_files` of the temporary folder after its writes.
-        mine: rank 0's listing (what the manifest will record).
-        where: the checkpoint folder (for the message).
-
-    Raises:
-        CheckpointSaveError: a file written by another rank is missing or differs for rank 0,
-            i.e. ``--save`` is not one filesystem shared by all nodes.
-    """
-    for r, seen in enumerate(seen_by_rank):
-        for rel, size in seen.items():
-            if mine.get(rel) != size:
-                raise CheckpointSaveError(
-                    f"{where}: rank {r} sees {rel} ({size} bytes) but rank 0 sees "
-                    f"{mine.get(rel)!r} bytes: --save must be a filesystem shared by every node")
 
 
 def save_checkpoint(engine, cfg, state, scheduler, save_dir: str) -> str:
@@ -369,10 +239,6 @@ def _abandon(tmp: str, tag: str, err: Exception):
         f"space (or lower --keep-last) and restart with --load {save_dir}") from err
 
 
-def _iter_of(tag: str) -> int:
-    return int(_ITER_RE.match(tag).group(1))
-
-
 def _zero3_gathered_state_dict(module: torch.nn.Module, keep: bool) -> dict | None:
     """This TP shard's full (unpartitioned over DP) state dict of a ZeRO-3 ``module``.
 
@@ -408,42 +274,6 @@ def _zero3_gathered_state_dict(module: torch.nn.Module, keep: bool) -> dict | No
 
     visit(module, "")
     return sd
-
-
-def _prune(save_dir: str, keep_last: int | None) -> None:
-    """Keep the ``keep_last`` newest checkpoints of the lineage ``latest`` names.
-
-    Only checkpoints at or before the ``latest`` one are candidates, and the ``latest`` one is
-    never deleted: after a rollback (``--load DIR/iter_1000 --save DIR``) the abandoned later
-    iterations are left alone (with a warning) rather than allowed to push out the new saves.
-    """
-    if not keep_last:
-        return
-    tags = [d for d in os.listdir(save_dir) if _ITER_RE.match(d)]
-    if not tags:
-        return
-    latest = os.path.join(save_dir, "latest")
-    current = max(tags, key=_iter_of)
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            named = f.read().strip()
-        if _ITER_RE.match(named):
-            current = named
-    later = sorted(t for t in tags if _iter_of(t) > _iter_of(current))
-    if later:
-        warnings.warn(f"{save_dir}: {', '.join(later)} are later than the checkpoint just saved "
-                      f"({current}) and belong to an abandoned run; --keep-last leaves them alone, "
-                      f"delete them by hand if they are not needed")
-    older = sorted((t for t in tags if _iter_of(t) <= _iter_of(current) and t != current),
-                   key=_iter_of)
-    for tag in older[:max(0, len(older) - (keep_last - 1))]:
-        shutil.rmtree(os.path.join(save_dir, tag), ignore_errors=True)
-
-
-def read_saved_config(path: str) -> dict:
-    """The ``config`` dict saved in a checkpoint folder."""
-    with open(os.path.join(path, "run_config.json")) as f:
-        return json.load(f)["config"]
 
 
 def _shape(model: dict, padded_vocab) -> str:
@@ -605,12 +435,6 @@ def load_model_for_inference(load_dir: str, tp_rank: int = 0, tp_size: int = 1):
     model.load_state_dict(sd)
     model.eval()
     return model, cfg
-
-
-def list_checkpoints(save_dir: str) -> list[str]:
-    """Complete checkpoint folders in ``save_dir``, oldest first."""
-    out = [p for p in glob.glob(os.path.join(save_dir, "iter_*")) if is_complete(p)]
-    return sorted(out, key=lambda p: int(_ITER_RE.match(os.path.basename(p)).group(1)))
 
 
 __all__: list[Any] = ["CheckpointSaveError", "check_coverage", "find_checkpoint", "is_complete", "load_checkpoint",
