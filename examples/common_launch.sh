@@ -69,9 +69,15 @@ launch_pretrain() {
   fi
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
   mkdir -p "$run_dir"
+  # Console copy in the node's log through a tee that ignores the preemption signals: a tee
+  # killed by SIGTERM/SIGUSR1 would break the pipe of ranks still writing their checkpoint.
+  exec > >(trap '' TERM USR1 HUP INT; exec tee -a "$run_dir/train_node${node_rank}.log") 2>&1
   echo "node $node_rank/$nnodes: torchrun x $gpus -> ${master_addr}:$master_port, config $CONFIG, run dir $run_dir"
-  torchrun --nnodes "$nnodes" --node_rank "$node_rank" --nproc_per_node "$gpus" \
+  # exec: the torchrun agent replaces this shell, so a signal the scheduler sends the task
+  # (SLURM --signal, scancel --signal, preemption SIGTERM) reaches the agent, which forwards it
+  # to the ranks; they save at the next step boundary and exit 0 (docs/reliability.md).
+  exec torchrun --nnodes "$nnodes" --node_rank "$node_rank" --nproc_per_node "$gpus" \
     --master_addr "$master_addr" --master_port "$master_port" \
-    "${ENTRYPOINT:-pretrain_llama.py}" "${args[@]}" "$@" 2>&1 | tee -a "$run_dir/train_node${node_rank}.log"
-  return "${PIPESTATUS[0]}"
+    --signals-to-handle "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" \
+    "${ENTRYPOINT:-pretrain_llama.py}" "${args[@]}" "$@"
 }

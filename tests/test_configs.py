@@ -189,3 +189,37 @@ def test_example_script_refuses_to_train_without_data():
     r = subprocess.run(["bash", os.path.join(ROOT, "examples", "pretrain_7b_4k.sh")],
                        capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 2 and "set DATA_PATH" in r.stderr
+
+
+def test_example_script_launches_torchrun_with_signal_forwarding(tmp_path):
+    """The training branch execs torchrun (so the scheduler's signal reaches the agent), asks it
+    to forward SIGUSR1, logs the console to RUN_DIR, and returns torchrun's exit status. A stub
+    torchrun first in PATH records its arguments and process id."""
+    stub = tmp_path / "bin" / "torchrun"
+    stub.parent.mkdir()
+    stub.write_text("#!/usr/bin/env bash\necho \"stub pid $$ ppid $PPID\"\n"
+                    "printf '%s\\n' \"$@\" > \"$STUB_ARGS\"\nexit 3\n")
+    stub.chmod(0o755)
+    run_dir = tmp_path / "run"
+    env = {**_clean_env(), "PATH": f"{stub.parent}:{os.environ['PATH']}", "NNODES": "2",
+           "NODE_RANK": "1", "GPUS_PER_NODE": "4", "DATA_PATH": "0.3 /d/a 0.7 /d/b",
+           "TOKENIZER_MODEL": "/t/spm.model", "RUN_DIR": str(run_dir),
+           "STUB_ARGS": str(tmp_path / "args.txt")}
+    proc = subprocess.Popen(["bash", os.path.join(ROOT, "examples", "pretrain_7b_4k.sh"),
+                             "--lr", "2e-4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 3, err
+    args = (tmp_path / "args.txt").read_text().splitlines()
+    assert args[args.index("--signals-to-handle") + 1].split(",")[-1] == "SIGUSR1"
+    assert args[args.index("--nnodes") + 1] == "2" and args[args.index("--node_rank") + 1] == "1"
+    assert args[args.index("--nproc_per_node") + 1] == "4"
+    i = args.index("pretrain_llama.py")
+    assert args[i + 1:i + 3] == ["--config", "configs/pretrain_7b_4k.yaml"]
+    assert args[args.index("--data-path") + 1:][:4] == ["0.3", "/d/a", "0.7", "/d/b"]
+    assert args[-2:] == ["--lr", "2e-4"]
+    # exec: torchrun runs as the script's own process (pid of bash), not as a child
+    pid = int(out.split("stub pid ")[1].split()[0])
+    assert pid == proc.pid
+    log = run_dir / "train_node1.log"
+    assert "stub pid" in log.read_text() and "torchrun x 4" in log.read_text()
