@@ -193,6 +193,11 @@ def test_runner_dry_run_and_config_error_exit_code(tmp_path, capsys):
     y.write_text("trainer:\n  accumulate_grad_batches: 4\n")
     assert main(["--config", str(y), "--dry-run"]) == 2
     assert f"{y}:2: trainer.accumulate_grad_batches" in capsys.readouterr().err
+    # flags of features only our trainer has are refused, not ignored
+    assert main(["--config", CONFIG, "--dry-run", "--optimizer", "lion",
+                 "--spike-detection"]) == 2
+    err = capsys.readouterr().err
+    assert "--optimizer lion, --spike-detection: not supported by the Lightning shim" in err
 
 
 def test_lr_scheduler_is_lr_at_per_update_and_skips_with_the_optimizer():

@@ -328,4 +328,15 @@ def load_lightning_config(path: str, flags: Sequence[str] = (),
     if cfg.parallel.tensor_model_parallel_size != 1:
         raise ConfigError("--tensor-model-parallel-size must be 1 under Lightning (see "
                           "docs: README 'Lightning'); use pretrain_llama.py for TP")
+    # Training-loop features that live in our trainer only: refuse rather than ignore them.
+    t = cfg.training
+    ours_only = {"--optimizer " + cfg.optimizer.optimizer: cfg.optimizer.optimizer != "adamw",
+                 "--rampup-batch-size": bool(t.rampup_batch_size),
+                 "--rampup-batch-tokens": bool(t.rampup_batch_tokens),
+                 "--spike-detection": bool(t.spike_detection),
+                 "--noise-scale-interval": bool(t.noise_scale_interval)}
+    given = [flag for flag, on in ours_only.items() if on]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: not supported by the Lightning shim (it builds "
+                          "AdamW and a fixed global batch); use pretrain_llama.py for these")
     return LightningRun(cfg=cfg, trainer=trainer, name=name, source=path)
