@@ -34,6 +34,7 @@ def main(argv=None) -> int:
                   f"{c.freeze_embeddings}, freeze layers {c.freeze_layers or 'none'}")
         return 0
     from megatron_lite.training.cpt import run
+    from megatron_lite.training.checkpoint_files import CheckpointSaveError
     from megatron_lite.training.trainer import TooManySkippedSteps
 
     try:
@@ -43,6 +44,10 @@ def main(argv=None) -> int:
         return 2
     except TooManySkippedSteps as e:
         print(f"cpt_llama.py: training aborted: {e}", file=sys.stderr)
+        return 1
+    except CheckpointSaveError as e:
+        # The previous checkpoint is intact and still `latest`; restarting resumes from it.
+        print(f"cpt_llama.py: checkpoint save failed: {e}", file=sys.stderr)
         return 1
     return 0
 

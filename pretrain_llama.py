@@ -46,6 +46,7 @@ def main(argv=None) -> int:
             print(format_plan(cfg))
         return 0
     from megatron_lite.training.pretrain import pretrain
+    from megatron_lite.training.checkpoint_files import CheckpointSaveError
     from megatron_lite.training.trainer import TooManySkippedSteps
 
     try:
@@ -55,6 +56,10 @@ def main(argv=None) -> int:
         return 2
     except TooManySkippedSteps as e:
         print(f"pretrain_llama.py: training aborted: {e}", file=sys.stderr)
+        return 1
+    except CheckpointSaveError as e:
+        # The previous checkpoint is intact and still `latest`; restarting resumes from it.
+        print(f"pretrain_llama.py: checkpoint save failed: {e}", file=sys.stderr)
         return 1
     return 0
 

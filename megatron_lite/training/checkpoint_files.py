@@ -109,8 +109,9 @@ class CheckpointSaveError(RuntimeError):
     """A save failed (full disk, file-size limit, I/O error, files invisible to rank 0).
 
     Nothing was marked complete: ``latest`` still names the previous checkpoint. Training stops
-    (the caller does not catch it), because every later save would most likely fail the same way
-    and the steps trained meanwhile would be lost on the next fault anyway.
+    (``pretrain()`` does not catch it; ``pretrain_llama.py``/``cpt_llama.py`` print it as one line
+    and exit 1), because every later save would most likely fail the same way and the steps
+    trained meanwhile would be lost on the next fault anyway.
     """
 
 

@@ -146,7 +146,7 @@ def test_preemption_signal_saves_at_step_boundary(faults, name):
 def test_full_disk_while_saving_keeps_previous_checkpoint_and_stops(faults):
     rc, log = faults["disk"]
     assert rc != 0
-    assert "CheckpointSaveError: saving iter_0000004" in log
+    assert "pretrain_llama.py: checkpoint save failed: saving iter_0000004" in log
     assert "Nothing was marked complete ('latest' still names iter_0000002); training stops" in log
     snap = faults["ck_disk"]
     assert snap["latest"] == "iter_0000002"
