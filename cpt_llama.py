@@ -12,44 +12,23 @@ loaded only on a fresh start; optimizer and LR schedule start fresh (peak --lr d
 Semantics: megatron_lite/training/cpt.py and README "Continued pretraining (CPT)".
 """
 
-import os
 import sys
 
 
+def _dry_run_note(cfg) -> str:
+    c = cfg.cpt
+    return (f"cpt: base {c.pretrained_checkpoint} ({c.base_format}, vocab {c.base_vocab_size} -> "
+            f"{cfg.model.vocab_size}), freeze embeddings {c.freeze_embeddings}, freeze layers "
+            f"{c.freeze_layers or 'none'}")
+
+
 def main(argv=None) -> int:
-    from megatron_lite.config import ConfigError, format_plan
-    from megatron_lite.training.cpt import resolve_config
+    """Resolve against the base checkpoint, then dry-run or train; the exit status is documented
+    in :mod:`megatron_lite.training.entrypoint`."""
+    from megatron_lite.training.cpt import resolve_config, run
+    from megatron_lite.training.entrypoint import run_entrypoint
 
-    try:
-        cfg = resolve_config(argv)
-    except ConfigError as e:
-        print(f"cpt_llama.py: error: {e}", file=sys.stderr)
-        return 2
-    if cfg.dry_run:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(format_plan(cfg))
-            c = cfg.cpt
-            print(f"cpt: base {c.pretrained_checkpoint} ({c.base_format}, vocab "
-                  f"{c.base_vocab_size} -> {cfg.model.vocab_size}), freeze embeddings "
-                  f"{c.freeze_embeddings}, freeze layers {c.freeze_layers or 'none'}")
-        return 0
-    from megatron_lite.training.cpt import run
-    from megatron_lite.training.checkpoint_files import CheckpointSaveError
-    from megatron_lite.training.trainer import TooManySkippedSteps
-
-    try:
-        run(cfg)
-    except ConfigError as e:
-        print(f"cpt_llama.py: error: {e}", file=sys.stderr)
-        return 2
-    except TooManySkippedSteps as e:
-        print(f"cpt_llama.py: training aborted: {e}", file=sys.stderr)
-        return 1
-    except CheckpointSaveError as e:
-        # The previous checkpoint is intact and still `latest`; restarting resumes from it.
-        print(f"cpt_llama.py: checkpoint save failed: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_entrypoint("cpt_llama.py", lambda: resolve_config(argv), run, _dry_run_note)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@
     python pretrain_llama.py ... --dry-run   # validate and print the resolved plan
 """
 
-import os
 import sys
 
 
@@ -33,35 +32,18 @@ def _refuse_cpt_settings(cfg) -> None:
 
 
 def main(argv=None) -> int:
-    from megatron_lite.config import ConfigError, format_plan, parse_args
+    """Parse, then dry-run or train; the exit status is documented in
+    :mod:`megatron_lite.training.entrypoint`."""
+    from megatron_lite.config import parse_args
+    from megatron_lite.training.entrypoint import run_entrypoint
+    from megatron_lite.training.pretrain import pretrain
 
-    try:
+    def resolve():
         cfg = parse_args(argv)
         _refuse_cpt_settings(cfg)
-    except ConfigError as e:
-        print(f"pretrain_llama.py: error: {e}", file=sys.stderr)
-        return 2
-    if cfg.dry_run:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(format_plan(cfg))
-        return 0
-    from megatron_lite.training.pretrain import pretrain
-    from megatron_lite.training.checkpoint_files import CheckpointSaveError
-    from megatron_lite.training.trainer import TooManySkippedSteps
+        return cfg
 
-    try:
-        pretrain(cfg)
-    except ConfigError as e:
-        print(f"pretrain_llama.py: error: {e}", file=sys.stderr)
-        return 2
-    except TooManySkippedSteps as e:
-        print(f"pretrain_llama.py: training aborted: {e}", file=sys.stderr)
-        return 1
-    except CheckpointSaveError as e:
-        # The previous checkpoint is intact and still `latest`; restarting resumes from it.
-        print(f"pretrain_llama.py: checkpoint save failed: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_entrypoint("pretrain_llama.py", resolve, pretrain)
 
 
 if __name__ == "__main__":

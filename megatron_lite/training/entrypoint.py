@@ -1,0 +1,59 @@
+"""The shared body of the training entrypoints (``pretrain_llama.py``, ``cpt_llama.py``).
+
+Exit status (what a cluster script or an auto-resubmitting scheduler can act on):
+
+* 0 - trained to the end, or stopped cleanly (``--exit-interval``, SIGTERM/SIGUSR1 after saving),
+  or ``--dry-run`` printed the plan;
+* 2 - a configuration error (one line naming the flag or YAML key and the fix);
+* 1 - training aborted: too many consecutive skipped steps, or a checkpoint save failed (the
+  previous checkpoint is intact and still ``latest``, so a restart resumes from it).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Optional
+
+
+def run_entrypoint(name: str, resolve: Callable[[], object], train: Callable[[object], object],
+                   dry_run_note: Optional[Callable[[object], str]] = None) -> int:
+    """Resolve the config, then print the plan (``--dry-run``) or train; errors -> one line.
+
+    Args:
+        name: the script's name for messages (``pretrain_llama.py``).
+        resolve: returns the finalized RunConfig; raises ``ConfigError`` on bad input.
+        train: runs training on it (collective over all ranks).
+        dry_run_note: extra text printed after the plan under ``--dry-run``.
+
+    Returns:
+        The process exit status (see the module docstring).
+    """
+    from megatron_lite.config import ConfigError, format_plan
+
+    try:
+        cfg = resolve()
+    except ConfigError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    if cfg.dry_run:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(format_plan(cfg))
+            if dry_run_note is not None:
+                print(dry_run_note(cfg))
+        return 0
+    from megatron_lite.training.checkpoint_files import CheckpointSaveError
+    from megatron_lite.training.trainer import TooManySkippedSteps
+
+    try:
+        train(cfg)
+    except ConfigError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    except TooManySkippedSteps as e:
+        print(f"{name}: training aborted: {e}", file=sys.stderr)
+        return 1
+    except CheckpointSaveError as e:
+        print(f"{name}: checkpoint save failed: {e}", file=sys.stderr)
+        return 1
+    return 0
