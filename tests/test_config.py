@@ -116,6 +116,11 @@ def test_boolean_flags_including_no_prefixed_ones():
     cfg = parse_args(BASE + ["--no-mmap-bin-files", "--bf16", "--no-bf16"])
     assert cfg.data.mmap_bin_files is False and cfg.training.bf16 is False
     assert parse_args(BASE).checkpoint.no_load_optim is False
+    # Megatron-LM's spelling and the CPT-style alias set the same field
+    for flag in ("--override-opt-param-scheduler", "--override-opt_param-scheduler",
+                 "--override-scheduler"):
+        assert parse_args(BASE + [flag]).schedule.override_opt_param_scheduler is True
+    assert parse_args(BASE).schedule.override_opt_param_scheduler is False
 
 
 def test_saved_config_yaml_relaunches_the_same_run(tmp_path):

@@ -123,7 +123,10 @@ class ScheduleConfig:
                                   choices=list(WSD_DECAY_STYLES))
     override_opt_param_scheduler: bool = arg(
         False, "On resume, take the schedule from this run's flags even if the checkpoint's "
-               "schedule differs (otherwise a difference is an error).")
+               "schedule differs (otherwise a difference is an error). Megatron-LM spells it "
+               "--override-opt_param-scheduler; --override-scheduler is the CPT-style alias.",
+        flags=["--override-opt-param-scheduler", "--override-opt_param-scheduler",
+               "--override-scheduler"])
 
 
 @dataclasses.dataclass
