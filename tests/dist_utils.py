@@ -1,9 +1,13 @@
-"""Shared helpers for multi-process tests: free TCP port and forked gloo process groups."""
+"""Shared helpers for multi-process tests: free TCP port, forked gloo process groups, torchrun
+launches of a test module's driver, metrics.jsonl reading."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
 
 import torch
 import torch.distributed as dist
@@ -36,3 +40,33 @@ def spawn(fn, world, *args):
     torch.distributed and runs single-threaded (OMP_NUM_THREADS=1), so forking is safe."""
     mp.start_processes(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True,
                        start_method="fork")
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 600,
+                 env: dict | None = None) -> str:
+    """Run ``python -m torch.distributed.run --nproc_per_node nproc script *args`` from the repo
+    root (OMP_NUM_THREADS=1, the repo on PYTHONPATH, ``env`` added) and return its stdout.
+
+    Raises:
+        AssertionError: non-zero exit, with the tails of stdout and stderr.
+    """
+    full = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, **(env or {}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(free_port()), os.path.abspath(script), *map(str, args)]
+    out = subprocess.run(cmd, env=full, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-6000:]
+    return out.stdout
+
+
+def read_metrics(path: str) -> dict[int, dict]:
+    """step -> training record of a metrics.jsonl (evaluation records left out)."""
+    out = {}
+    with open(path) as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec.get("type", "train") == "train":
+                out[rec["step"]] = rec
+    return out

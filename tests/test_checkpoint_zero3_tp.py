@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.test_training import COMMON, _free_port, make_dataset, probe_loss
+from tests.dist_utils import run_torchrun
+from tests.test_training import COMMON, make_dataset, probe_loss
 
 ITERS = ["--train-iters", "4", "--save-interval", "2"]
 
@@ -80,11 +80,7 @@ def test_zero3_tp2_checkpoint_loads_at_tp2_and_tp1(tmp_path):
 
     root = str(tmp_path)
     make_dataset(os.path.join(root, "data"))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(_free_port()), __file__, root]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    run_torchrun(__file__, root)
     res = []
     for r in (0, 1):
         with open(os.path.join(root, f"results_{r}.json")) as f:

@@ -12,14 +12,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from tests.fixtures_data import load_tool, tiny_corpus_and_tokenizer  # noqa: F401
-from tests.test_training import _free_port, make_dataset
+from tests.dist_utils import run_torchrun
+from tests.test_training import make_dataset
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 V_ODD = 300  # not a multiple of 128 * TP: padded to 384 (TP=1), 512 (TP=2 and TP=4)
@@ -384,11 +384,7 @@ def _launch(root):
     flags = model_flags(load_checkpoint(str(root / "ours_ft"), "megatron_lite").model_config)
     (root / "ft_flags.json").write_text(json.dumps(flags))
     _hf_model(root / "raw", seed=2)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd(), HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(_free_port()), __file__, str(root)]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    run_torchrun(__file__, root, env={"HF_HUB_OFFLINE": "1"})
     return root, json.loads((root / "results.json").read_text())
 
 

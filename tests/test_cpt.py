@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.dist_utils import run_torchrun
 from tests.fixtures_data import TINY_VOCAB_SIZE, load_tool, make_tiny_corpus_and_tokenizer
 
 DOMAIN_WORDS = ("photosynthesis chlorophyll mitochondria ribosome enzyme substrate catalysis "
@@ -316,18 +317,12 @@ def e2e(assets):
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, "assets.json"), "w") as f:
         json.dump(assets, f)
-    from tests.dist_utils import free_port
-
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(free_port()), __file__, root]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    stdout = run_torchrun(__file__, root)
     results = []
     for r in range(2):
         with open(os.path.join(root, f"results_{r}.json")) as f:
             results.append(json.load(f))
-    return root, results, p.stdout
+    return root, results, stdout
 
 
 @pytest.mark.slow
@@ -363,7 +358,7 @@ def test_extended_rows_under_zero3(e2e, assets):
 
 @pytest.mark.slow
 def test_resume_of_cpt_run_is_exact_and_skips_base_load(e2e):
-    from tests.test_training import read_metrics
+    from tests.dist_utils import read_metrics
 
     root, _, out = e2e
     full = read_metrics(os.path.join(root, "full.jsonl"))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -66,15 +65,11 @@ def launch(tmp_path_factory):
 
     root = str(tmp_path_factory.mktemp("lightning"))
     make_dataset(os.path.join(root, "data"))
-    from dist_utils import free_port
+    from dist_utils import run_torchrun
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(free_port()), os.path.abspath(__file__), root]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-6000:]
+    stdout = run_torchrun(__file__, root)
     with open(os.path.join(root, "done.json")) as f:
-        return root, json.load(f), out.stdout
+        return root, json.load(f), stdout
 
 
 def test_ddp_losses_equal_our_trainer_and_fall(launch):

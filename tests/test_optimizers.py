@@ -13,11 +13,12 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
+
+from tests.dist_utils import read_metrics, run_torchrun
 
 from megatron_lite.config import ConfigError, parse_args
 from megatron_lite.training.optimizer import (GuardedAdafactor, GuardedAdamW, SkipGuard,
@@ -80,22 +81,11 @@ def _driver(root: str) -> None:
             json.dump(results, f)
 
 
-def read_metrics(path: str) -> dict[int, dict]:
-    """step -> train record of a metrics.jsonl."""
-    out = {}
-    with open(path) as f:
-        for line in f:
-            rec = json.loads(line)
-            if rec.get("type", "train") == "train":
-                out[rec["step"]] = rec
-    return out
-
-
 @pytest.fixture(scope="session")
 def dyn(tmp_path_factory):
     """Run the shared launch once (test_rampup imports this fixture: a fixed folder lets the
     second copy pytest makes of it reuse the first launch); returns (root, results, stdout)."""
-    from tests.test_training import _free_port, make_dataset
+    from tests.test_training import make_dataset
 
     root = str(tmp_path_factory.getbasetemp() / "dyn_shared")
     done = os.path.join(root, "results.json")
@@ -104,15 +94,11 @@ def dyn(tmp_path_factory):
             return root, json.load(f), g.read()
     os.makedirs(root, exist_ok=True)
     make_dataset(os.path.join(root, "data"))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(_free_port()), __file__, root]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    stdout = run_torchrun(__file__, root)
     with open(os.path.join(root, "stdout.txt"), "w") as g:
-        g.write(out.stdout)
+        g.write(stdout)
     with open(done) as f:
-        return root, json.load(f), out.stdout
+        return root, json.load(f), stdout
 
 
 # ----------------------------------------------------------------------------- unit: one step

@@ -8,9 +8,7 @@ The end-to-end runs share ONE torchrun launch (this file run as a script; fixtur
 from __future__ import annotations
 
 import json
-import math
 import os
-import subprocess
 import sys
 import types
 
@@ -19,7 +17,8 @@ import pytest
 import torch
 
 from tests.fixtures_data import tiny_corpus_and_tokenizer  # noqa: F401
-from tests.test_training import COMMON, _free_port, make_dataset, read_metrics
+from tests.dist_utils import read_metrics, run_torchrun
+from tests.test_training import COMMON, make_dataset
 
 GB, ITERS, W = 4, 10, 6
 
@@ -73,16 +72,12 @@ def _driver(root: str) -> None:
 def spike_e2e(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("spike_e2e"))
     make_dataset(os.path.join(root, "data"))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(_free_port()), __file__, root]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    stdout = run_torchrun(__file__, root)
     with open(os.path.join(root, "results.json")) as f:
         res = json.load(f)
     for name, r in res.items():
         assert "error" not in r, (name, r)
-    return root, res, out.stdout
+    return root, res, stdout
 
 
 def _capture(path):

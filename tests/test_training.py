@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+
+from tests.dist_utils import free_port as _free_port  # noqa: F401 - used by other test modules
+from tests.dist_utils import read_metrics, run_torchrun
 
 COMMON = ["--model-size", "tiny", "--vocab-size", "256", "--seq-length", "64",
           "--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", "6",
@@ -106,16 +108,6 @@ def probe_loss(model) -> float:
     return float(model(tokens, labels=torch.roll(tokens, -1, 1)).mean())
 
 
-def read_metrics(path: str) -> dict[int, dict]:
-    out = {}
-    with open(path) as f:
-        for line in f:
-            r = json.loads(line)
-            if r.get("type", "train") == "train":
-                out[r["step"]] = r
-    return out
-
-
 @pytest.fixture(scope="session")
 def e2e(tmp_path_factory):
     """Run the end-to-end launch once; returns (root folder, results dict)."""
@@ -128,21 +120,9 @@ def e2e(tmp_path_factory):
             return root, json.load(f), ""
     os.makedirs(root, exist_ok=True)
     make_dataset(os.path.join(root, "data"))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(_free_port()), __file__, root]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    stdout = run_torchrun(__file__, root)
     with open(os.path.join(root, "results.json")) as f:
-        return root, json.load(f), out.stdout
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return root, json.load(f), stdout
 
 
 # ----------------------------------------------------------------------------- unit: one step
