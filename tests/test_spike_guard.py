@@ -347,7 +347,7 @@ def test_extras_state_round_trip(tmp_path):
     from megatron_lite.training.noise_scale import NoiseScaleEstimator
     from megatron_lite.training.spike_guard import SpikeGuard, extras_state, setup_extras
 
-    cfg = _cfg(noise_scale_interval=5)
+    cfg = _cfg(noise_scale_interval=5, global_batch_size=2)   # A = 2: the estimator needs >= 2
     g, n = SpikeGuard(cfg, None), NoiseScaleEstimator(5, 0.9)
     for x in (4.0, 3.5, 3.25):
         g.accept(x, x / 2)

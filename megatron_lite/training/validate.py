@@ -232,6 +232,14 @@ def derive_and_check(cfg, world_size: int) -> None:
         if v is not None and v < 0:
             raise _err(f"--{name.replace('_', '-')} must be >= 0 (got {v})")
 
+    # Spike guard and noise scale (need the derived A and the checkpoint flags above).
+    from megatron_lite.training.spike_guard import check_extras_config
+
+    try:
+        check_extras_config(cfg)
+    except ValueError as e:
+        raise _err(str(e)) from None
+
 
 def _train_device_type(tr) -> str:
     import torch
