@@ -224,3 +224,30 @@ def test_deepspeed_json_vs_zero_flags(tmp_path, capsys):
     assert build_ds_config(cfg)["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     with pytest.raises((ConfigError, ValueError), match="--zero-stage 2 contradicts"):
         parse_args(base + ["--zero-stage", "2"], world_size=1)
+
+
+def test_entrypoint_prints_bad_input_as_one_line(capsys, monkeypatch):
+    """Errors raised on purpose at start (missing data file, checkpoint mismatch) -> exit 2 and
+    one line; a failed save -> exit 1; MEGATRON_LITE_TRACEBACK=1 keeps the traceback."""
+    from megatron_lite.training.checkpoint_files import CheckpointSaveError
+    from megatron_lite.training.entrypoint import run_entrypoint
+
+    cfg = parse_args(BASE)
+
+    def fail(exc):
+        def train(_):
+            raise exc
+        return train
+
+    assert run_entrypoint("x.py", lambda: cfg, fail(FileNotFoundError("data/a.idx does not "
+                                                                      "exist"))) == 2
+    assert capsys.readouterr().err == "x.py: error: data/a.idx does not exist\n"
+    assert run_entrypoint("x.py", lambda: cfg, fail(CheckpointSaveError("disk full"))) == 1
+    assert capsys.readouterr().err == "x.py: checkpoint save failed: disk full\n"
+    assert run_entrypoint("x.py", lambda: cfg, lambda c: None) == 0
+    monkeypatch.setenv("MEGATRON_LITE_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="shape"):
+        run_entrypoint("x.py", lambda: cfg, fail(ValueError("shape")))
+    with pytest.raises(RuntimeError):  # anything else is a bug: traceback as usual
+        monkeypatch.delenv("MEGATRON_LITE_TRACEBACK")
+        run_entrypoint("x.py", lambda: cfg, fail(RuntimeError("bug")))

@@ -4,7 +4,11 @@ Exit status (what a cluster script or an auto-resubmitting scheduler can act on)
 
 * 0 - trained to the end, or stopped cleanly (``--exit-interval``, SIGTERM/SIGUSR1 after saving),
   or ``--dry-run`` printed the plan;
-* 2 - a configuration error (one line naming the flag or YAML key and the fix);
+* 2 - bad input: a configuration error (one line naming the flag or YAML key and the fix), or
+  one found when the run starts: a missing or corrupt dataset file, a checkpoint that does not
+  match the run (model shape, schedule, D at ZeRO >= 1), token ids outside the vocabulary. These
+  are ``ValueError``/``FileNotFoundError`` raised on purpose with the fix in the message, printed
+  as one line; ``MEGATRON_LITE_TRACEBACK=1`` re-raises them with the traceback;
 * 1 - training aborted: too many consecutive skipped steps, or a checkpoint save failed (the
   previous checkpoint is intact and still ``latest``, so a restart resumes from it).
 """
@@ -56,4 +60,9 @@ def run_entrypoint(name: str, resolve: Callable[[], object], train: Callable[[ob
     except CheckpointSaveError as e:
         print(f"{name}: checkpoint save failed: {e}", file=sys.stderr)
         return 1
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("MEGATRON_LITE_TRACEBACK") == "1":
+            raise
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
     return 0
