@@ -280,3 +280,20 @@ def test_deepspeed_stage3_strategy_on_gpu(tmp_path):
 
 if __name__ == "__main__":
     _driver(sys.argv[1])
+
+
+def test_datamodule_refuses_token_ids_beyond_vocab_size(tmp_path):
+    """The shim's loaders check ids like pretrain_llama.py's: a clear ValueError naming
+    --vocab-size, not an IndexError inside the embedding."""
+    from test_training import make_dataset
+
+    from megatron_lite.integrations.lightning import MegatronDataModule, load_lightning_config
+
+    make_dataset(str(tmp_path / "data"))            # ids up to 252
+    run = load_lightning_config(CONFIG, ["--data-path", str(tmp_path / "data"), "--train-iters",
+                                         "2", "--global-batch-size", "1", "--vocab-size", "128"],
+                                world_size=1)
+    dm = MegatronDataModule(run.cfg)
+    dm.setup("fit")
+    with pytest.raises(ValueError, match=r"outside \[0, --vocab-size 128\)"):
+        next(iter(dm.train_dataloader()))

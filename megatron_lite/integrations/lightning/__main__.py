@@ -11,6 +11,7 @@ from a Lightning checkpoint (``last`` = the newest in ``--save``). Exit status 2
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -43,7 +44,15 @@ def main(argv=None) -> int:
         return 0
     trainer = build_trainer(run)
     module = MegatronLlamaModule(run.cfg)
-    trainer.fit(module, datamodule=MegatronDataModule(run.cfg), ckpt_path=args.ckpt_path)
+    try:
+        trainer.fit(module, datamodule=MegatronDataModule(run.cfg), ckpt_path=args.ckpt_path)
+    except (ValueError, FileNotFoundError) as e:
+        # Bad input found at start (dataset files, token ids beyond --vocab-size): one line,
+        # as pretrain_llama.py does (megatron_lite/training/entrypoint.py).
+        if os.environ.get("MEGATRON_LITE_TRACEBACK") == "1":
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if trainer.global_rank == 0 and module.history:
         last = module.history[-1]
         print(f"[lightning] step {last['step']}: loss {last['loss']:.4f} (first step "

@@ -79,9 +79,13 @@ class MegatronDataModule(L.LightningDataModule):
         from megatron_lite.data import build_data_loader
 
         rank, size = self._dp()
+        # Same loader as pretrain_llama.py: its own seeded generator, and token ids checked
+        # against --vocab-size (a clear error instead of an IndexError in the embedding).
         return build_data_loader(self.train_ds, self.consumed_samples(),
                                  self.cfg.training.micro_batch_size, rank, size,
-                                 num_workers=self.cfg.data.num_workers)
+                                 num_workers=self.cfg.data.num_workers,
+                                 seed=self.cfg.training.seed,
+                                 vocab_size=self.cfg.model.vocab_size)
 
     def val_dataloader(self):
         """The first ``eval_iters`` micro-batches of the validation split (every evaluation)."""
@@ -91,7 +95,8 @@ class MegatronDataModule(L.LightningDataModule):
             return []
         rank, size = self._dp()
         return build_data_loader(self.valid_ds, 0, self.cfg.training.micro_batch_size, rank,
-                                 size, num_workers=0)
+                                 size, num_workers=0, seed=self.cfg.training.seed + 1,
+                                 vocab_size=self.cfg.model.vocab_size)
 
     def state_dict(self) -> dict:
         """``{"consumed_samples", "data_state"}`` (blended per-source counts, or None)."""
