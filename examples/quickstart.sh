@@ -19,6 +19,16 @@ while [ $# -gt 0 ]; do
   esac
 done
 cd "$ROOT"
+# A rerun resumes $OUT/ckpt (--load); a different --steps would change that run's LR schedule.
+if [ -f "$OUT/ckpt/latest" ]; then
+  prev=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["config"]["derived"]["train_iters"])' \
+         "$OUT/ckpt/$(cat "$OUT/ckpt/latest")/run_config.json" 2>/dev/null || echo "")
+  if [ -n "$prev" ] && [ "$prev" != "$STEPS" ]; then
+    echo "quickstart.sh: $OUT/ckpt holds a --steps $prev run (a rerun resumes it); give --steps $prev," \
+         "another --out DIR, or delete $OUT" >&2
+    exit 2
+  fi
+fi
 source scripts/setup_env.sh
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 mkdir -p "$OUT"

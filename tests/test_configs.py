@@ -223,3 +223,16 @@ def test_example_script_launches_torchrun_with_signal_forwarding(tmp_path):
     assert pid == proc.pid
     log = run_dir / "train_node1.log"
     assert "stub pid" in log.read_text() and "torchrun x 4" in log.read_text()
+
+
+def test_quickstart_refuses_other_steps_over_an_existing_run(tmp_path):
+    """A rerun resumes OUT/ckpt; another --steps would change that run's schedule: refused
+    before anything is installed or run, with the ways out."""
+    ck = tmp_path / "ckpt" / "iter_0000060"
+    ck.mkdir(parents=True)
+    (ck / "run_config.json").write_text(json.dumps({"config": {"derived": {"train_iters": 60}}}))
+    (tmp_path / "ckpt" / "latest").write_text("iter_0000060")
+    r = subprocess.run(["bash", os.path.join(ROOT, "examples", "quickstart.sh"), "--steps", "64",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert f"{tmp_path}/ckpt holds a --steps 60 run" in r.stderr and "--out DIR" in r.stderr
