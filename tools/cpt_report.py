@@ -42,8 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, help="base model: our checkpoint folder or HF folder")
     p.add_argument("--cpt", required=True, help="CPT model: our checkpoint folder or HF folder")
-    p.add_argument("--base-format", default="auto", choices=["auto", "megatron_lite", "hf"])
-    p.add_argument("--cpt-format", default="auto", choices=["auto", "megatron_lite", "hf"])
+    p.add_argument("--base-format", default="auto", choices=["auto", "megatron_lite", "hf"],
+                   help="format of the base model folder (auto: hf when it has config.json)")
+    p.add_argument("--cpt-format", default="auto", choices=["auto", "megatron_lite", "hf"],
+                   help="format of the CPT model folder (auto: hf when it has config.json)")
     p.add_argument("--base-data", required=True, help="held-out prefix of the base domain")
     p.add_argument("--domain-data", required=True, help="held-out prefix of the CPT domain")
     p.add_argument("--seq-length", type=int, default=None,
@@ -59,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="its factor (default: F)")
     p.add_argument("--rope-scaling-original", type=int, default=None,
                    help="pre-extension context for the scaling (default: L)")
-    p.add_argument("--tensor-model-parallel-size", "--tp", dest="tp", type=int, default=1)
+    p.add_argument("--tensor-model-parallel-size", "--tp", dest="tp", type=int, default=1,
+                   help="TP degree to evaluate at (run under torchrun with as many processes)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--output", default=None, help="also write the JSON report here (atomic)")

@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sentence-length", type=int, default=4192, help="bytes per sentence")
     p.add_argument("--max-eval-docs", type=int, default=2000,
                    help="domain documents used for the tokens-per-character report")
-    p.add_argument("--num-threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--num-threads", type=int, default=os.cpu_count() or 1,
+                   help="SentencePiece training threads")
     return p
 
 
@@ -235,6 +236,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{s['tokens_per_char_before']:.4f} -> {s['tokens_per_char_after']:.4f} "
           f"({s['eval_docs']} docs, {s['eval_chars']} chars)")
     print(f"wrote {args.output_prefix}.model, .vocab, .stats.json")
+    if s["added_pieces"] < args.num_new_pieces:
+        print(f"extend_tokenizer: warning: only {s['added_pieces']} of --num-new-pieces "
+              f"{args.num_new_pieces} were added: the domain tokenizer's other pieces are already "
+              f"in the base; raise --domain-vocab-size (this run: {s['domain_vocab_size']})",
+              file=sys.stderr)
     return 0
 
 

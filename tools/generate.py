@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="our --save folder / checkpoint folder, or a "
                    "HuggingFace folder with --load-format hf")
-    p.add_argument("--load-format", default="megatron_lite", choices=["megatron_lite", "hf"])
+    p.add_argument("--load-format", default="megatron_lite", choices=["megatron_lite", "hf"],
+                   help="--load is our checkpoint folder or a HuggingFace LlamaForCausalLM folder")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     p.add_argument("--greedy", action="store_true", help="argmax decoding (default: sampling)")
@@ -41,9 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep generating past the end-of-document token")
     p.add_argument("--add-bos", action="store_true", help="prepend the tokenizer's BOS id")
     p.add_argument("--tokenizer-type", default=None,
-                   choices=["SentencePieceTokenizer", "HuggingFaceTokenizer"])
+                   choices=["SentencePieceTokenizer", "HuggingFaceTokenizer"],
+                   help="tokenizer kind (default: the checkpoint's, or SentencePiece)")
     p.add_argument("--tokenizer-model", default=None, help="override the checkpoint's tokenizer")
-    p.add_argument("--tensor-model-parallel-size", "--tp", dest="tp", type=int, default=1)
+    p.add_argument("--tensor-model-parallel-size", "--tp", dest="tp", type=int, default=1,
+                   help="TP degree to generate at (run under torchrun with as many processes)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--json", action="store_true",
                    help='print {"prompt", "text", "prompt_ids", "new_ids"} as JSON')

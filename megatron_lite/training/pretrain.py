@@ -261,6 +261,11 @@ def pretrain(cfg, data_iterators=None, model_setup=None) -> TrainState:
     resumed = None
     if cfg.checkpoint.load:
         resumed = checkpointing.load_checkpoint(engine, cfg, state, scheduler)
+        if resumed is not None and rank == 0:
+            what = ("weights only (--finetune)" if cfg.checkpoint.finetune else
+                    f"iteration {state.iteration}, consumed samples {state.consumed_samples}, "
+                    f"skipped steps {state.skipped_steps}")
+            print(f"[checkpoint] loaded {resumed}: {what}", flush=True)
     guard, noise = _spikes.setup_extras(cfg, optimizer, engine, state.extras,
                                          resumed is not None and not cfg.checkpoint.finetune,
                                          run_folder(cfg))
