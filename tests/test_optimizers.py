@@ -292,9 +292,12 @@ def test_matrix_refusals():
         _cfg("--optimizer", "cpu_adam", "--zero-stage", "0")
     with pytest.raises(ConfigError, match="paged_adamw pages its states .* drop --offload-optimizer"):
         _cfg("--optimizer", "paged_adamw", "--zero-stage", "2", "--offload-optimizer")
-    # Valid for a GPU cluster (plans on a laptop) but refused at launch on a CPU machine.
-    cfg = _cfg("--optimizer", "paged_adamw", "--zero-stage", "1")
+    # --device cpu (or --dry-run here): refused when parsed; --device auto: at launch on a CPU
     if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="paged_adamw .* CUDA only"):
+            _cfg("--optimizer", "paged_adamw", "--zero-stage", "1")
+        cfg = parse_args(TINY[:-2] + ["--optimizer", "paged_adamw", "--zero-stage", "1"],
+                         world_size=1)
         with pytest.raises(ConfigError, match="paged_adamw .* CUDA only"):
             check_runtime(cfg)
     with pytest.raises(ConfigError, match="--lion-beta1"):

@@ -202,6 +202,11 @@ def derive_and_check(cfg, world_size: int) -> None:
         opt.lr = resolve_peak_lr(opt.lr, getattr(opt, "lr_scaling", None),
                                  getattr(opt, "lr_reference", None), d.global_batch_tokens, 3.0e-4)
         check_optimizer(cfg)
+        if tr.device != "auto" or getattr(cfg, "dry_run", False):
+            from megatron_lite.training.optimizer import check_optimizer_runtime
+
+            # the machine-dependent part (paged_adamw needs CUDA), like the attention check
+            check_optimizer_runtime(cfg, _train_device_type(tr) != "cuda")
     except ValueError as e:
         raise _err(str(e)) from None
     if opt.min_lr is None:
