@@ -230,7 +230,7 @@ def bench_sample_index(args) -> None:
           f"identical: {np.array_equal(loop, ref)}")
     # The vectorised ratio stays small because both builders are bound by the random reads of
     # sizes[doc_idx[k]] (one cache miss per document for a shuffled order), not by arithmetic:
-    # the C++ walk spends ~15 ns per document, about one prefetched DRAM access.
+    # the C++ walk spends ~12-15 ns per document, about one prefetched DRAM access.
 
 
 def main(argv=None) -> int:
