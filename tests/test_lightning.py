@@ -24,15 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 pytest.importorskip("lightning")
 
+from dist_utils import read_metrics  # noqa: E402 - after the skip
 
-def _read(path: str) -> dict[int, dict]:
-    out = {}
-    with open(path) as f:
-        for line in f:
-            r = json.loads(line)
-            if r.get("type", "train") == "train":
-                out[r["step"]] = r
-    return out
+
 
 
 # ----------------------------------------------------------------------------- the launch body
@@ -74,7 +68,7 @@ def launch(tmp_path_factory):
 
 def test_ddp_losses_equal_our_trainer_and_fall(launch):
     root, done, _ = launch
-    pl, ours = _read(os.path.join(root, "pl.jsonl")), _read(os.path.join(root, "ours.jsonl"))
+    pl, ours = read_metrics(os.path.join(root, "pl.jsonl")), read_metrics(os.path.join(root, "ours.jsonl"))
     assert sorted(pl) == sorted(ours) == list(range(1, 7)) and done["ours_iteration"] == 6
     for s in range(1, 7):
         # same init seed, data, sampler, AdamW groups, LR schedule and clipping: the same run
@@ -89,7 +83,7 @@ def test_ddp_losses_equal_our_trainer_and_fall(launch):
 def test_ddp_resume_from_lightning_checkpoint_matches_uninterrupted(launch):
     root, done, _ = launch
     assert done["resume_rc"] == 0 and "step=3.ckpt" in done["ckpts"]
-    full, res = _read(os.path.join(root, "pl.jsonl")), _read(os.path.join(root, "resumed.jsonl"))
+    full, res = read_metrics(os.path.join(root, "pl.jsonl")), read_metrics(os.path.join(root, "resumed.jsonl"))
     assert sorted(res) == [4, 5, 6]  # the data loader restarts at consumed_samples = 3 x GB
     for s in (4, 5, 6):
         assert res[s]["loss"] == pytest.approx(full[s]["loss"], rel=1e-5), s

@@ -345,7 +345,8 @@ def test_state_round_trip_and_config_checks():
 def test_extras_state_round_trip(tmp_path):
     """setup_extras restores the window and the noise-scale EMAs from TrainState.extras."""
     from megatron_lite.training.noise_scale import NoiseScaleEstimator
-    from megatron_lite.training.spike_guard import SpikeGuard, extras_state, setup_extras
+    from megatron_lite.training.spike_guard import SpikeGuard
+    from megatron_lite.training.step_extras import extras_state, setup_extras
 
     cfg = _cfg(noise_scale_interval=5, global_batch_size=2)   # A = 2: the estimator needs >= 2
     g, n = SpikeGuard(cfg, None), NoiseScaleEstimator(5, 0.9)

@@ -227,7 +227,7 @@ def pretrain(cfg, data_iterators=None, model_setup=None) -> TrainState:
     from megatron_lite.training.validate import check_runtime
 
     check_runtime(cfg)
-    from megatron_lite.training import spike_guard as _spikes
+    from megatron_lite.training import step_extras as _spikes
 
     _spikes.check_extras_config(cfg)  # --spike-* and --noise-scale-* (before any group work)
     dc = cfg.data

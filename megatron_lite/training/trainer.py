@@ -51,7 +51,7 @@ class TrainState:
         data_state: the blended train dataset's resume state (per-source consumed counts, see
             ``BlendedDataset.state_dict``); None for a single corpus.
         extras: JSON-safe state of optional step companions (spike-guard windows, noise-scale
-            EMAs: ``spike_guard.extras_state``), saved in trainer_state.json with the counters
+            EMAs: ``step_extras.extras_state``), saved in trainer_state.json with the counters
             so one atomic checkpoint holds everything a resume needs; None when none is on.
     """
 

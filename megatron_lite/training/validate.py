@@ -238,7 +238,7 @@ def derive_and_check(cfg, world_size: int) -> None:
             raise _err(f"--{name.replace('_', '-')} must be >= 0 (got {v})")
 
     # Spike guard and noise scale (need the derived A and the checkpoint flags above).
-    from megatron_lite.training.spike_guard import check_extras_config
+    from megatron_lite.training.step_extras import check_extras_config
 
     try:
         check_extras_config(cfg)
