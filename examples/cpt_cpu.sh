@@ -14,13 +14,14 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 STEPS=100
 BASE_STEPS=150
+BASE_STEPS_GIVEN=0
 BASE_RUN="$ROOT/runs/quickstart"
 OUT="$ROOT/runs/cpt_cpu"
 while [ $# -gt 0 ]; do
   case "$1" in
     --steps) STEPS="$2"; shift 2 ;;
     --base) BASE_RUN="$2"; shift 2 ;;
-    --base-steps) BASE_STEPS="$2"; shift 2 ;;
+    --base-steps) BASE_STEPS="$2"; BASE_STEPS_GIVEN=1; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
     -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "cpt_cpu.sh: unknown option '$1' (use --steps N, --base DIR, --base-steps N, --out DIR)" >&2; exit 2 ;;
@@ -34,6 +35,17 @@ T0=$(date +%s)
 echo "== 1/5 base model ($BASE_RUN/ckpt)"
 if [ ! -f "$BASE_RUN/ckpt/latest" ]; then
   bash examples/quickstart.sh --out "$BASE_RUN" --steps "$BASE_STEPS"
+else
+  # An existing base is reused as it is; an explicit --base-steps that disagrees with it would
+  # otherwise be ignored without a word.
+  prev=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["config"]["derived"]["train_iters"])' \
+         "$BASE_RUN/ckpt/$(cat "$BASE_RUN/ckpt/latest")/run_config.json" 2>/dev/null || echo "?")
+  if [ "$BASE_STEPS_GIVEN" = 1 ] && [ "$prev" != "$BASE_STEPS" ]; then
+    echo "cpt_cpu.sh: --base-steps $BASE_STEPS, but the base $BASE_RUN/ckpt already holds a --steps $prev" \
+         "run; drop --base-steps, give --base-steps $prev, another --base DIR, or delete $BASE_RUN" >&2
+    exit 2
+  fi
+  echo "reusing the base model in $BASE_RUN/ckpt (--steps $prev run)"
 fi
 TOK="$BASE_RUN/tokenizer/spm.model"
 mkdir -p "$OUT/corpus" "$OUT/data"

@@ -159,6 +159,7 @@ trainer:
     ("model", "{architecture: {context_length: 128}, seq_length: 64}", "contradicts"),
     ("parallel", "{tensor_model_parallel_size: 2}", "must be 1 under Lightning"),
     ("trainr", "{devices: 1}", "unknown section"),
+    ("parallel", "{zero_stage: 2}", "needs trainer.strategy deepspeed_stage_2"),
 ])
 def test_recipe_yaml_errors_name_file_line_and_fix(tmp_path, section, body, msg):
     from megatron_lite.config import ConfigError
@@ -178,6 +179,7 @@ def test_runner_dry_run_and_config_error_exit_code(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "total steps             : 8" in out and "accumulate_grad_batches=2" in out
     assert "use_distributed_sampler=False" in out and "strategy='ddp'" in out
+    assert "ZeRO stage              : 0" in out   # ddp replicates the optimizer state
     y = tmp_path / "bad.yaml"
     y.write_text("trainer:\n  accumulate_grad_batches: 4\n")
     assert main(["--config", str(y), "--dry-run"]) == 2

@@ -312,6 +312,15 @@ def load_lightning_config(path: str, flags: Sequence[str] = (),
             f"{path}: parallel.tensor_model_parallel_size must be 1 under Lightning: its "
             "strategies (ddp, deepspeed) see data parallelism only and would average the TP "
             "shards' gradients across TP ranks; use pretrain_llama.py --tp N for tensor parallelism")
+    strategy = trainer.get("strategy", "auto")
+    if isinstance(strategy, str) and not strategy.startswith("deepspeed"):
+        # ddp / auto replicate the optimizer state: ZeRO-0 is what runs, and what the plan and
+        # the memory estimate must show (the flag's default, 1, describes our DeepSpeed path).
+        z = tree.get("parallel", {}).get("zero_stage")
+        if z not in (None, 0):
+            raise ConfigError(f"{path}: parallel.zero_stage {z} needs trainer.strategy "
+                              f"deepspeed_stage_{z} (strategy {strategy!r} shards nothing)")
+        tree.setdefault("parallel", {})["zero_stage"] = 0
     cfg = RunConfig()
     cfg.config_file = path
     _apply_tree(cfg, tree, path, {})
