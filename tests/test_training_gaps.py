@@ -265,3 +265,24 @@ def test_vocab_size_smaller_than_tokenizer_refused(tiny_corpus_and_tokenizer):
 
 if __name__ == "__main__":
     _driver(sys.argv[1])
+
+
+def _empty_valid_warnings(rank, world, prefix, out_dir):
+    from megatron_lite.data.builder import build_train_valid_test_datasets
+    from megatron_lite.data.config import DataConfig
+
+    cfg = DataConfig(data_path=[prefix], split="100,0,0")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_train_valid_test_datasets(cfg, 16, (8, 8, 0), seed=1, eod_id=None)
+    with open(os.path.join(out_dir, f"w{rank}.json"), "w") as f:
+        json.dump([str(w.message) for w in caught if "split is empty" in str(w.message)], f)
+
+
+def test_empty_split_warning_printed_by_rank_0_only(tmp_path):
+    from tests.dist_utils import spawn
+
+    make_dataset(str(tmp_path / "d"))
+    spawn(_empty_valid_warnings, 2, str(tmp_path / "d"), str(tmp_path))
+    w0, w1 = (json.load(open(tmp_path / f"w{r}.json")) for r in (0, 1))
+    assert len(w0) == 1 and w0[0].startswith("valid split is empty") and w1 == []

@@ -19,6 +19,13 @@ from megatron_lite.data.sampler import MegatronPretrainingRandomSampler, Megatro
 SPLITS = ("train", "valid", "test")
 
 
+def _rank() -> int:
+    """This process's global rank (0 without torch.distributed)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def _split_sources(cfg: DataConfig) -> List[Tuple[List[str], Optional[List[float]], Optional[int]]]:
     """Per split: (prefixes, weights, split slot) — slot None means the whole corpus."""
     out = []
@@ -134,11 +141,12 @@ def build_train_valid_test_datasets(data_config: DataConfig, seq_length: int, nu
             # instead of failing; a split without one full sample is as good as empty.
             tokens = _split_tokens(data_config, prefixes, slot, cache)
             if tokens < seq_length + 1:
-                warnings.warn(f"{SPLITS[k]} split is empty or shorter than one sample "
-                              f"({tokens} tokens < seq_length + 1 = {seq_length + 1}; --split "
-                              f"{data_config.split!r}, --data-path/--{SPLITS[k]}-data-path): "
-                              f"{'validation' if k == 1 else 'test'} evaluation is skipped",
-                              stacklevel=2)
+                if _rank() == 0:  # every rank reaches this; one line is enough
+                    warnings.warn(f"{SPLITS[k]} split is empty or shorter than one sample "
+                                  f"({tokens} tokens < seq_length + 1 = {seq_length + 1}; --split "
+                                  f"{data_config.split!r}, --data-path/--{SPLITS[k]}-data-path): "
+                                  f"{'validation' if k == 1 else 'test'} evaluation is skipped",
+                                  stacklevel=2)
                 out.append(None)
                 continue
         out.append(build_split_dataset(data_config, SPLITS[k], prefixes, weights, slot, seq_length, n, seed,

@@ -95,7 +95,8 @@ def resolve_attention_backend(name: str, device, dtype: torch.dtype | None = Non
     chosen = "flash" if dev_type == "cuda" and half and flash_attn_available() else "sdpa"
     if (dev_type, chosen) not in _announced:
         _announced.add((dev_type, chosen))
-        print(f"[megatron_lite] --attention-backend auto -> {chosen} on {dev_type}", flush=True)
+        if not (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
+            print(f"[megatron_lite] --attention-backend auto -> {chosen} on {dev_type}", flush=True)
     return chosen
 
 

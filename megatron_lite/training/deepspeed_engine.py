@@ -193,6 +193,15 @@ def skip_cpu_shm_comm_op() -> None:
         compat["deepspeed_shm_comm"] = False
 
 
+class _UntestedOptimizerFilter:
+    """Drops DeepSpeed's "ZeRO with an untested optimizer" warning. Every optimizer we hand to
+    ZeRO (torch AdamW/Adafactor, Lion, DeepSpeed CPU Adam, each with our skip guard) is run under
+    ZeRO 1/2/3 by tests/test_optimizers.py; ``zero_allow_untested_optimizer`` already allows it."""
+
+    def filter(self, record) -> bool:
+        return "untested optimizer" not in record.getMessage()
+
+
 def init_engine(model, optimizer, cfg):
     """``deepspeed.initialize`` with our optimizer, the TP-aware mpu and the built config.
 
@@ -200,9 +209,12 @@ def init_engine(model, optimizer, cfg):
         The DeepSpeed engine (the process group must already exist).
     """
     import deepspeed
+    from deepspeed.utils import logger as ds_logger
 
     from megatron_lite.parallel import mpu
 
+    if not any(isinstance(f, _UntestedOptimizerFilter) for f in ds_logger.filters):
+        ds_logger.addFilter(_UntestedOptimizerFilter())
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=build_ds_config(cfg), mpu=mpu,
                                            dist_init_required=False)

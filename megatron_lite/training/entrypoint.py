@@ -35,6 +35,13 @@ def run_entrypoint(name: str, resolve: Callable[[], object], train: Callable[[ob
     """
     from megatron_lite.config import ConfigError, format_plan
 
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            # DeepSpeed's auto-detection ends on the CPU anyway but warns on every rank that it
+            # "was unable to detect" a GPU, which reads like a fault on a CPU run.
+            os.environ["DS_ACCELERATOR"] = "cpu"
     try:
         cfg = resolve()
     except ConfigError as e:
