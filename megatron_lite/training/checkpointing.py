@@ -320,8 +320,8 @@ def load_checkpoint(engine, cfg, state, scheduler) -> str | None:
     samples and RNG (unless --no-load-rng). ``--finetune`` loads the model only.
 
     Raises:
-        ValueError: model mismatch (:func:`check_compatible`), or ZeRO >= 1 optimizer state saved
-            with a different data-parallel size (pass --no-load-optim).
+        ValueError: model mismatch (:func:`check_compatible`), another ZeRO stage, or a
+            data-parallel size change :mod:`zero_reshard` cannot reshard (its one-line reason).
     """
     ck = cfg.checkpoint
     path = find_checkpoint(ck.load)
@@ -333,14 +333,14 @@ def load_checkpoint(engine, cfg, state, scheduler) -> str | None:
     with open(os.path.join(path, "trainer_state.json")) as f:
         ts = json.load(f)
     load_optim = not (ck.no_load_optim or ck.finetune)
-    # DeepSpeed 0.19 refuses ZeRO >= 1 optimizer partitions saved under another DP size (it needs
-    # an offline "universal checkpoint" conversion); say so before it raises deep inside.
-    if load_optim and ts["zero_stage"] >= 1 and ts["data_parallel_size"] != \
-            cfg.derived.data_parallel_size:
-        raise ValueError(f"{path}: ZeRO-{ts['zero_stage']} optimizer partitions were saved for "
-                         f"D={ts['data_parallel_size']} but this run has "
-                         f"D={cfg.derived.data_parallel_size}; pass --no-load-optim (fresh Adam "
-                         f"moments, data position kept) or resume with the same D")
+    # DeepSpeed 0.19 loads ZeRO >= 1 optimizer partitions only at the D they were saved with:
+    # another D goes through zero_reshard (full per-parameter state, re-partitioned).
+    reshard = load_optim and ts["zero_stage"] >= 1 and ts["data_parallel_size"] != \
+        cfg.derived.data_parallel_size
+    if reshard:
+        from megatron_lite.training import zero_reshard
+
+        zero_reshard.check_supported(path, ts, cfg)
     if load_optim and ts["zero_stage"] != cfg.parallel.zero_stage:
         raise ValueError(f"{path}: saved with ZeRO-{ts['zero_stage']}, resuming with "
                          f"--zero-stage {cfg.parallel.zero_stage}; use the same stage or "
@@ -359,10 +359,17 @@ def load_checkpoint(engine, cfg, state, scheduler) -> str | None:
         if opt is not None and hasattr(opt, "refresh_fp32_params"):
             opt.refresh_fp32_params()  # the fp32 master partitions were copied at engine init
         return path
-    engine.load_checkpoint(parent, tag=tag, load_optimizer_states=load_optim,
-                           load_lr_scheduler_states=False, load_module_only=not load_optim)
+    if reshard:
+        zero_reshard.load_resharded(engine, cfg, path, ts)
+    else:
+        engine.load_checkpoint(parent, tag=tag, load_optimizer_states=load_optim,
+                               load_lr_scheduler_states=False, load_module_only=not load_optim)
     if ck.finetune:
         return path
+    if load_optim and cfg.parallel.zero_stage >= 1 and os.environ.get("MEGATRON_LITE_DUMP_OPTIM_STATE"):
+        from megatron_lite.training.zero_reshard import dump_full_state  # test hook
+
+        dump_full_state(engine, os.environ["MEGATRON_LITE_DUMP_OPTIM_STATE"], tag)
     state.iteration = ts["iteration"]
     state.consumed_samples = ts["consumed_samples"]
     state.skipped_steps = ts["skipped_steps"]
