@@ -113,6 +113,30 @@ def make_step(model, kind, tokens, labels):
     return step
 
 
+def step_breakdown(step, n: int = 2) -> dict:
+    """Mean self CPU seconds per step of ``step`` by class of op (torch.profiler, ``n`` steps).
+
+    Returns:
+        ``{"gemm", "attention", "other", "total"}`` in seconds: ``aten::mm/addmm/bmm`` (the
+        linear layers and LM head, forward and backward), SDPA's forward and backward kernels,
+        and all the rest (norms, SwiGLU, RoPE, cross entropy, embedding, AdamW, glue).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            step()
+    gemm = attn = total = 0.0
+    for ev in prof.key_averages():
+        t = ev.self_cpu_time_total / 1e6 / n
+        total += t
+        if ev.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"):
+            gemm += t
+        elif "scaled_dot_product" in ev.key:
+            attn += t
+    return {"gemm": gemm, "attention": attn, "other": total - gemm - attn, "total": total}
+
+
 def main(argv=None):
     args = parse_args(argv)
     import torch
@@ -178,6 +202,19 @@ def main(argv=None):
           f"GFLOP/s: ours {fpt * mo / 1e9:.2f}, HF {fpt * mh / 1e9:.2f}; measured fp32 matmul "
           f"peak {peak:.1f} GFLOP/s at {torch.get_num_threads()} thread(s) -> MFU ours "
           f"{fpt * mo / 1e9 / peak * 100:.1f}%, HF {fpt * mh / 1e9 / peak * 100:.1f}%")
+    # Where the step's time goes, and what that allows: both models run the same GEMMs (MKL) and
+    # the same SDPA kernel, so even with every other op of ours free the ratio cannot exceed
+    # HF's step time / (our GEMM + attention time).
+    parts = {name: step_breakdown(step) for name, step in steps.items()}
+    for name, p in parts.items():
+        print(f"profiled step, {name}: GEMM {p['gemm'] * 1e3:.0f} ms, attention (SDPA fwd+bwd) "
+              f"{p['attention'] * 1e3:.0f} ms, everything else {p['other'] * 1e3:.0f} ms "
+              f"(total self CPU {p['total'] * 1e3:.0f} ms)")
+    ceiling = parts["hf"]["total"] / (parts["ours"]["gemm"] + parts["ours"]["attention"])
+    print(f"ceiling: with all our non-GEMM, non-attention time removed the ratio would be "
+          f"{ceiling:.2f} (HF total / our GEMM + attention); ours now removes "
+          f"{(parts['hf']['other'] - parts['ours']['other']) * 1e3:.0f} ms of HF's "
+          f"{parts['hf']['other'] * 1e3:.0f} ms of other ops")
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
         for name, step in steps.items():
