@@ -175,15 +175,11 @@ def format_table(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    import torch
     import torch.distributed as dist
 
-    from megatron_lite.eval.loading import init_distributed, pick_device, shutdown_distributed
+    from megatron_lite.eval.loading import inference_session
 
-    grad_was_enabled = torch.is_grad_enabled()
-    torch.set_grad_enabled(False)
-    created = init_distributed(args.tp, pick_device(args.device))
-    try:
+    with inference_session(args.tp, args.device):
         try:
             report = evaluate(args)
         except (ValueError, FileNotFoundError) as e:
@@ -197,9 +193,6 @@ def main(argv: list[str] | None = None) -> dict:
                 os.replace(tmp, args.output)
             print(text if args.json else format_table(report), flush=True)
         return report
-    finally:
-        shutdown_distributed(created)
-        torch.set_grad_enabled(grad_was_enabled)
 
 
 if __name__ == "__main__":

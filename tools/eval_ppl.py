@@ -54,21 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    import torch
     import torch.distributed as dist
 
     from megatron_lite import parallel
     from megatron_lite.data.indexed import IndexedDataset
-    from megatron_lite.eval.loading import (init_distributed, load_model, pick_device,
-                                             shutdown_distributed)
+    from megatron_lite.eval.loading import inference_session, load_model
     from megatron_lite.eval.perplexity import build_stream, stream_perplexity
 
-    device = pick_device(args.device)
-    # Restored on the way out: callers (tests, notebooks) run main() in their own process.
-    grad_was_enabled = torch.is_grad_enabled()
-    torch.set_grad_enabled(False)
-    created = init_distributed(args.tp, device)
-    try:
+    with inference_session(args.tp, args.device) as device:
         loaded = load_model(args.load, args.load_format, device)
         seq_length = args.seq_length or loaded.seq_length
         if not seq_length:
@@ -96,9 +89,6 @@ def main(argv: list[str] | None = None) -> dict:
                       f"{stride} | {args.load} ({args.load_format}) on {args.data_path}",
                       flush=True)
         return result
-    finally:
-        shutdown_distributed(created)
-        torch.set_grad_enabled(grad_was_enabled)
 
 
 if __name__ == "__main__":

@@ -78,15 +78,9 @@ def main(argv: list[str] | None = None) -> dict:
     import torch.distributed as dist
 
     from megatron_lite.eval.generation import generate
-    from megatron_lite.eval.loading import (init_distributed, load_model, pick_device,
-                                             shutdown_distributed)
+    from megatron_lite.eval.loading import inference_session, load_model
 
-    device = pick_device(args.device)
-    # Restored on the way out: callers (tests, notebooks) run main() in their own process.
-    grad_was_enabled = torch.is_grad_enabled()
-    torch.set_grad_enabled(False)
-    created = init_distributed(args.tp, device)
-    try:
+    with inference_session(args.tp, args.device) as device:
         loaded = load_model(args.load, args.load_format, device)
         tok = _tokenizer(args, loaded)
         prompt_ids = tok.encode(args.prompt)
@@ -111,9 +105,6 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"--- prompt ({mode}) ---\n{args.prompt}\n--- continuation "
                       f"({len(new)} tokens) ---\n{result['text']}", flush=True)
         return result
-    finally:
-        shutdown_distributed(created)
-        torch.set_grad_enabled(grad_was_enabled)
 
 
 if __name__ == "__main__":

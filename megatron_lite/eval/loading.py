@@ -13,9 +13,10 @@ fp32 logits ``[b, s, V]``, gathered over the TP group and with the vocab padding
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -105,6 +106,26 @@ def shutdown_distributed(created: bool) -> None:
     if created:
         parallel.destroy_model_parallel()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def inference_session(tp: int, device_name: str | None) -> Iterator[torch.device]:
+    """The inference tools' common frame: pick the device, turn autograd off, build the TP/DP
+    groups (:func:`init_distributed`); on the way out undo both, so a caller that runs a tool's
+    ``main()`` in its own process (tests, notebooks) gets its state back.
+
+    Yields:
+        the ``torch.device`` to load onto (``--device``, default CUDA when available).
+    """
+    device = pick_device(device_name)
+    grad_was_enabled = torch.is_grad_enabled()
+    torch.set_grad_enabled(False)
+    created = init_distributed(tp, device)
+    try:
+        yield device
+    finally:
+        shutdown_distributed(created)
+        torch.set_grad_enabled(grad_was_enabled)
 
 
 def _load_ours(load: str, device: torch.device) -> LoadedModel:
