@@ -1,0 +1,234 @@
+"""Resume ZeRO-1/2/3 optimizer state at another data-parallel size (training/zero_reshard.py).
+
+Three torchrun launches (this file run as a script, ``phase`` = save | d1 | d2):
+
+* ``save`` (2 processes): for ZeRO-1, -2, -3 at TP=1, D=2 an uninterrupted 4-step run saving at
+  steps 2 and 4, then a same-D reload of step 2 that dumps the state DeepSpeed's own loader
+  restores (the reference); the same for a TP=2, D=1 ZeRO-1 run.
+* ``d1`` (1 process): each TP=1 step-2 checkpoint resumed at D=1 (A doubles: the global batch is
+  the same) to step 4, dumping the state right after the load; plus a --no-load-optim resume.
+* ``d2`` (4 processes): the TP=2, D=1 checkpoint resumed at TP=2, D=2 (world 2 -> 4).
+
+Right after the load every parameter's fp32 master, exp_avg, exp_avg_sq (gathered with
+DeepSpeed's ``safe_get_full_*``) and the step equal the reference bitwise, and the training-dtype
+weights equal the masters. The resumed steps' losses equal the uninterrupted run's within 2e-6
+relative: only the gradients' reduction order changes (sum over 4 micro-batches in one process
+instead of 2 x 2 over two ranks), fp32 rounding of order 1e-7 relative per step; a resume with
+fresh Adam moments is off by > 1e-4. LR and consumed samples are identical.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from megatron_lite.config import parse_args
+from megatron_lite.training import checkpointing as ckpt
+from tests.dist_utils import read_metrics, run_torchrun
+from tests.test_training import COMMON, make_dataset
+
+STAGES = ("1", "2", "3")
+REL_TOL = 2e-6
+
+
+def _argv(root: str, name: str, *extra: str) -> list[str]:
+    return COMMON + ["--data-path", os.path.join(root, "data"), "--train-iters", "4",
+                     "--metrics-file", os.path.join(root, name + ".jsonl"), *extra]
+
+
+def _runs(root: str, phase: str) -> list[tuple[str, list[str], str | None]]:
+    """(name, argv, dump folder or None) of the runs of one launch, in order."""
+    ck = lambda s: os.path.join(root, f"ck_{s}")           # noqa: E731
+    it2 = lambda s: os.path.join(ck(s), "iter_0000002")     # noqa: E731
+    dump = lambda n: os.path.join(root, "dump", n)          # noqa: E731
+    if phase == "save":
+        runs = []
+        for s in STAGES:
+            runs.append((f"u{s}", _argv(root, f"u{s}", "--zero-stage", s, "--save", ck(s),
+                                        "--save-interval", "2"), None))
+            runs.append((f"ref{s}", _argv(root, f"ref{s}", "--zero-stage", s, "--load", it2(s),
+                                          "--train-iters", "2", "--override-opt-param-scheduler"),
+                         dump(f"ref{s}")))
+        runs.append(("utp", _argv(root, "utp", "--tp", "2", "--zero-stage", "1", "--save",
+                                  ck("tp"), "--save-interval", "2"), None))
+        runs.append(("reftp", _argv(root, "reftp", "--tp", "2", "--zero-stage", "1", "--load",
+                                    it2("tp"), "--train-iters", "2",
+                                    "--override-opt-param-scheduler"), dump("reftp")))
+        return runs
+    if phase == "d1":
+        runs = [(f"r{s}", _argv(root, f"r{s}", "--zero-stage", s, "--load", it2(s)), dump(f"r{s}"))
+                for s in STAGES]
+        runs.append(("fresh", _argv(root, "fresh", "--zero-stage", "1", "--load", it2("1"),
+                                    "--no-load-optim"), None))
+        return runs
+    return [("rtp", _argv(root, "rtp", "--tp", "2", "--zero-stage", "1", "--load", it2("tp")),
+             dump("rtp"))]
+
+
+def _driver(root: str, phase: str) -> None:
+    """Body of a torchrun launch: the runs of :func:`_runs` in one process group."""
+    from megatron_lite.training.pretrain import pretrain
+
+    results = {}
+    for name, argv, dump in _runs(root, phase):
+        os.environ.pop("MEGATRON_LITE_DUMP_OPTIM_STATE", None)
+        if dump:
+            os.environ["MEGATRON_LITE_DUMP_OPTIM_STATE"] = dump
+        st = pretrain(parse_args(argv))
+        results[name] = {"iteration": st.iteration, "consumed_samples": st.consumed_samples}
+    if torch.distributed.get_rank() == 0:
+        with open(os.path.join(root, f"results_{phase}.json"), "w") as f:
+            json.dump(results, f)
+
+
+def _dump(root: str, name: str, tp: int = 0) -> dict:
+    return torch.load(os.path.join(root, "dump", name, f"iter_0000002_tp{tp}.pt"))
+
+
+def _assert_same_state(ref: dict, got: dict, what: str) -> None:
+    assert ref["step"] == got["step"] == [2.0], (what, ref["step"], got["step"])
+    assert ref["model_mismatch"] == got["model_mismatch"] == [], what
+    assert ref["params"].keys() == got["params"].keys(), what
+    for n, d in ref["params"].items():
+        assert set(d) == {"fp32", "exp_avg", "exp_avg_sq"}, (what, n, sorted(d))
+        for k, t in d.items():
+            assert torch.equal(t, got["params"][n][k]), (what, n, k)
+    # the state is not trivially equal: two Adam steps were taken
+    assert any(d["exp_avg_sq"].abs().sum() > 0 for d in got["params"].values()), what
+
+
+def _assert_continues(root: str, uninterrupted: str, resumed: str) -> None:
+    u, r = read_metrics(os.path.join(root, uninterrupted + ".jsonl")), \
+        read_metrics(os.path.join(root, resumed + ".jsonl"))
+    assert sorted(r) == [3, 4], (resumed, sorted(r))
+    for step in (3, 4):
+        assert r[step]["lr"] == u[step]["lr"], (resumed, step)
+        assert r[step]["consumed_samples"] == u[step]["consumed_samples"], (resumed, step)
+        assert r[step]["loss"] == pytest.approx(u[step]["loss"], rel=REL_TOL, abs=0), \
+            (resumed, step, r[step]["loss"], u[step]["loss"])
+
+
+@pytest.mark.slow
+def test_resume_at_other_dp_size_restores_optimizer_state(tmp_path):
+    root = str(tmp_path)
+    make_dataset(os.path.join(root, "data"))
+    run_torchrun(__file__, root, "save", nproc=2)
+    run_torchrun(__file__, root, "d1", nproc=1)
+    run_torchrun(__file__, root, "d2", nproc=4)
+    res = {}
+    for phase in ("save", "d1", "d2"):
+        with open(os.path.join(root, f"results_{phase}.json")) as f:
+            res.update(json.load(f))
+    for s in STAGES:                                      # D=2 -> D=1, ZeRO-1/2/3
+        ts = json.load(open(os.path.join(root, f"ck_{s}", "iter_0000002", "trainer_state.json")))
+        assert ts["data_parallel_size"] == 2 and ts["zero_stage"] == int(s)
+        _assert_same_state(_dump(root, f"ref{s}"), _dump(root, f"r{s}"), f"ZeRO-{s} D2->D1")
+        _assert_continues(root, f"u{s}", f"r{s}")
+        assert res[f"r{s}"] == res[f"u{s}"] == {"iteration": 4, "consumed_samples": 16}
+    for tp in (0, 1):                                     # TP=2: D=1 -> D=2 (world 2 -> 4)
+        _assert_same_state(_dump(root, "reftp", tp), _dump(root, "rtp", tp), f"TP2 tp{tp} D1->D2")
+    _assert_continues(root, "utp", "rtp")
+    assert res["rtp"] == res["utp"] == {"iteration": 4, "consumed_samples": 16}
+    # Fresh Adam moments (--no-load-optim) move the loss far outside the tolerance used above.
+    u = read_metrics(os.path.join(root, "u1.jsonl"))
+    fresh = read_metrics(os.path.join(root, "fresh.jsonl"))
+    assert abs(fresh[4]["loss"] - u[4]["loss"]) > 50 * REL_TOL * abs(u[4]["loss"])
+
+
+def _fake(tmp_path, stage: int, dp: int = 2) -> str:
+    d = os.path.join(str(tmp_path), ckpt.tag_for(3))
+    os.makedirs(d)
+    saved = parse_args(COMMON + ["--data-path", "x", "--zero-stage", str(stage)], world_size=dp)
+    with open(os.path.join(d, "run_config.json"), "w") as f:
+        json.dump({"config": saved.to_dict()}, f)
+    with open(os.path.join(d, "trainer_state.json"), "w") as f:
+        json.dump({"zero_stage": stage, "data_parallel_size": dp, "world_size": dp}, f)
+    ckpt._write_manifest(d)
+    return d
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--zero-stage", "2"], r"saved at D=2, this run has D=1 and --zero-stage 2: resharding keeps "
+                            r"the stage; resume with --zero-stage 1 or pass --no-load-optim"),
+    (["--zero-stage", "1", "--optimizer", "adafactor"],
+     r"supports --optimizer adamw/lion, not adafactor .*pass --no-load-optim"),
+    (["--zero-stage", "1", "--offload-optimizer"], r"--offload-optimizer.*not supported"),
+])
+def test_unsupported_reshard_is_refused_in_one_line(tmp_path, flags, match):
+    from megatron_lite.training.trainer import TrainState
+
+    _fake(tmp_path, 1)
+    now = parse_args(COMMON + ["--data-path", "x", "--load", str(tmp_path), *flags], world_size=1)
+    with pytest.raises(ValueError, match=match) as e:
+        ckpt.load_checkpoint(None, now, TrainState(), None)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_saved_partition_is_named(tmp_path):
+    """read_full_state names the saved DP rank file that is missing."""
+    from megatron_lite.training.zero_reshard import read_full_state
+
+    d = _fake(tmp_path, 1)
+    shapes = [{"a": torch.Size([3, 2]), "b": torch.Size([5])}]
+    torch.save({"param_shapes": shapes, "ds_config": {}}, os.path.join(d, "mp_rank_00_model_states.pt"))
+    with pytest.raises(FileNotFoundError, match="zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        read_full_state(d, 1, 2, 0)
+
+
+def test_stage12_and_stage3_layouts_hand_built(tmp_path):
+    """Partitions laid out by hand as DeepSpeed documents them (stage 1/2: one flat group with
+    per-parameter alignment padding and tail padding, split in equal slices; stage 3: each
+    parameter split in ceil(numel/D) chunks) are cut back into the original tensors."""
+    from megatron_lite.training.zero_reshard import read_full_state
+
+    a = torch.arange(6, dtype=torch.float32).view(3, 2)
+    b = torch.arange(100, 105, dtype=torch.float32)
+    shapes = [{"a": a.shape, "b": b.shape}]
+    for stage in (1, 3):
+        d = os.path.join(str(tmp_path), f"s{stage}")
+        os.makedirs(d)
+        ms = {"param_shapes": shapes, "ds_config": {}, "global_steps": 7}
+        name = "zero_pp_rank_0_mp_rank_00_model_states.pt" if stage == 3 else \
+            "mp_rank_00_model_states.pt"
+        torch.save(ms, os.path.join(d, name))
+        if stage == 1:
+            # a (6) + 2 alignment zeros + b (5) = 13, tail-padded to 16, D=2 -> slices of 8
+            flat = torch.cat([a.flatten(), torch.zeros(2), b, torch.zeros(3)])
+            for r in range(2):
+                part = flat[8 * r:8 * (r + 1)]
+                pad = 3 if r == 1 else 0
+                sd = {"single_partition_of_fp32_groups": [part[:8 - pad].clone()],
+                      "group_paddings": [pad], "param_alignment_paddings": [[2, 0]],
+                      "partition_count": [2], "loss_scaler": None,
+                      "base_optimizer_state": {"state": {0: {"step": torch.tensor(4.0),
+                                                             "exp_avg": -part.clone()}},
+                                               "param_groups": []}}
+                torch.save({"optimizer_state_dict": sd},
+                           os.path.join(d, f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"))
+        else:
+            # a: chunks of 3 (rank 0: 0..2, rank 1: 3..5); b: chunks of 3 (rank 1: 103, 104, 0)
+            for r in range(2):
+                fa = a.flatten()[3 * r:3 * r + 3]
+                fb = torch.cat([b, torch.zeros(1)])[3 * r:3 * r + 3]
+                flat = torch.cat([fa, fb])
+                sd = {"fp32_flat_groups": [flat[:4].clone(), flat[4:].clone()],
+                      "partition_count": 2, "loss_scaler": None,
+                      "optimizer_state_dict": {"state": {
+                          0: {"step": torch.tensor(4.0), "exp_avg": -flat[:4].clone()},
+                          1: {"step": torch.tensor(4.0), "exp_avg": -flat[4:].clone()}}}}
+                torch.save({"optimizer_state_dict": sd},
+                           os.path.join(d, f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"))
+        full = read_full_state(d, stage, 2, 0)
+        assert torch.equal(full["params"]["a"]["fp32"], a), stage
+        assert torch.equal(full["params"]["b"]["fp32"], b), stage
+        assert torch.equal(full["params"]["a"]["exp_avg"], -a), stage
+        assert torch.equal(full["params"]["b"]["exp_avg"], -b), stage
+        assert float(full["scalars"]["step"]) == 4.0 and full["engine"]["global_steps"] == 7
+
+
+if __name__ == "__main__":
+    _driver(sys.argv[1], sys.argv[2])
