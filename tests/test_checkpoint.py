@@ -104,7 +104,10 @@ def test_load_with_no_checkpoint_warns_and_starts_fresh(tmp_path):
     assert st.iteration == 0
 
 
-def test_zero1_resume_with_other_dp_size_needs_no_load_optim(tmp_path):
+def test_zero1_resume_with_other_dp_size_reshards_the_optimizer_state(tmp_path):
+    """D=2 -> D=1 at ZeRO-1 is no longer refused: the load goes to zero_reshard, which reads
+    every saved DP rank's partition (this fake checkpoint has none, so it names the first
+    missing file); a stage change is refused in one line (tests/test_zero_reshard.py runs it)."""
     from megatron_lite.training.trainer import TrainState
 
     saved = _cfg("--zero-stage", "1")                      # world 2: D = 2
@@ -113,10 +116,16 @@ def test_zero1_resume_with_other_dp_size_needs_no_load_optim(tmp_path):
         json.dump({"config": saved.to_dict()}, f)
     with open(os.path.join(d, "trainer_state.json"), "w") as f:
         json.dump({"zero_stage": 1, "data_parallel_size": 2, "world_size": 2}, f)
+    torch.save({"param_shapes": [{"w": torch.Size([2])}], "ds_config": {}},
+               os.path.join(d, "mp_rank_00_model_states.pt"))
     ckpt._write_manifest(d)
     now = parse_args(COMMON + ["--data-path", "x", "--zero-stage", "1", "--load", str(tmp_path)],
                      world_size=1)
-    with pytest.raises(ValueError, match="saved for D=2 but this run has D=1; pass --no-load-optim"):
+    with pytest.raises(FileNotFoundError, match="zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        ckpt.load_checkpoint(None, now, TrainState(), None)
+    now = parse_args(COMMON + ["--data-path", "x", "--zero-stage", "2", "--load", str(tmp_path)],
+                     world_size=1)
+    with pytest.raises(ValueError, match="resume with --zero-stage 1 or pass --no-load-optim"):
         ckpt.load_checkpoint(None, now, TrainState(), None)
 
 

@@ -3,18 +3,18 @@
 Three torchrun launches (this file run as a script, ``phase`` = save | d1 | d2):
 
 * ``save`` (2 processes): for ZeRO-1, -2, -3 at TP=1, D=2 an uninterrupted 4-step run saving at
-  steps 2 and 4, then a same-D reload of step 2 that dumps the state DeepSpeed's own loader
-  restores (the reference); the same for a TP=2, D=1 ZeRO-1 run.
+  steps 2 and 4; right after the step-2 save it gathers its full optimizer state (the
+  reference); the same for a TP=2, D=1 ZeRO-1 run.
 * ``d1`` (1 process): each TP=1 step-2 checkpoint resumed at D=1 (A doubles: the global batch is
   the same) to step 4, dumping the state right after the load; plus a --no-load-optim resume.
 * ``d2`` (4 processes): the TP=2, D=1 checkpoint resumed at TP=2, D=2 (world 2 -> 4).
 
 Right after the load every parameter's fp32 master, exp_avg, exp_avg_sq (gathered with
 DeepSpeed's ``safe_get_full_*``) and the step equal the reference bitwise, and the training-dtype
-weights equal the masters. The resumed steps' losses equal the uninterrupted run's within 2e-6
+weights equal the masters. The resumed steps' losses equal the uninterrupted run's within 1e-6
 relative: only the gradients' reduction order changes (sum over 4 micro-batches in one process
 instead of 2 x 2 over two ranks), fp32 rounding of order 1e-7 relative per step; a resume with
-fresh Adam moments is off by > 1e-4. LR and consumed samples are identical.
+fresh Adam moments is off by 1.7e-3 (measured differences: <= 2.3e-8). LR and consumed samples are identical.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -32,7 +33,7 @@ from tests.dist_utils import read_metrics, run_torchrun
 from tests.test_training import COMMON, make_dataset
 
 STAGES = ("1", "2", "3")
-REL_TOL = 2e-6
+REL_TOL = 1e-6
 
 
 def _argv(root: str, name: str, *extra: str) -> list[str]:
@@ -46,19 +47,10 @@ def _runs(root: str, phase: str) -> list[tuple[str, list[str], str | None]]:
     it2 = lambda s: os.path.join(ck(s), "iter_0000002")     # noqa: E731
     dump = lambda n: os.path.join(root, "dump", n)          # noqa: E731
     if phase == "save":
-        runs = []
-        for s in STAGES:
-            runs.append((f"u{s}", _argv(root, f"u{s}", "--zero-stage", s, "--save", ck(s),
-                                        "--save-interval", "2"), None))
-            runs.append((f"ref{s}", _argv(root, f"ref{s}", "--zero-stage", s, "--load", it2(s),
-                                          "--train-iters", "2", "--override-opt-param-scheduler"),
-                         dump(f"ref{s}")))
-        runs.append(("utp", _argv(root, "utp", "--tp", "2", "--zero-stage", "1", "--save",
-                                  ck("tp"), "--save-interval", "2"), None))
-        runs.append(("reftp", _argv(root, "reftp", "--tp", "2", "--zero-stage", "1", "--load",
-                                    it2("tp"), "--train-iters", "2",
-                                    "--override-opt-param-scheduler"), dump("reftp")))
-        return runs
+        runs = [(f"u{s}", _argv(root, f"u{s}", "--zero-stage", s, "--save", ck(s),
+                                "--save-interval", "2"), dump(f"ref{s}")) for s in STAGES]
+        return runs + [("utp", _argv(root, "utp", "--tp", "2", "--zero-stage", "1", "--save",
+                                     ck("tp"), "--save-interval", "2"), dump("reftp"))]
     if phase == "d1":
         runs = [(f"r{s}", _argv(root, f"r{s}", "--zero-stage", s, "--load", it2(s)), dump(f"r{s}"))
                 for s in STAGES]
@@ -72,13 +64,24 @@ def _runs(root: str, phase: str) -> list[tuple[str, list[str], str | None]]:
 def _driver(root: str, phase: str) -> None:
     """Body of a torchrun launch: the runs of :func:`_runs` in one process group."""
     from megatron_lite.training.pretrain import pretrain
+    from megatron_lite.training.zero_reshard import dump_full_state
 
     results = {}
+    save = ckpt.save_checkpoint
     for name, argv, dump in _runs(root, phase):
         os.environ.pop("MEGATRON_LITE_DUMP_OPTIM_STATE", None)
-        if dump:
+        if dump and phase == "save":   # the reference: the saving run's state at step 2
+            def save_and_dump(engine, cfg, state, scheduler, save_dir, _dump=dump):
+                final = save(engine, cfg, state, scheduler, save_dir)
+                if state.iteration == 2:
+                    dump_full_state(engine, _dump, os.path.basename(final))
+                return final
+
+            ckpt.save_checkpoint = save_and_dump
+        elif dump:                     # the resumed run's state right after the load
             os.environ["MEGATRON_LITE_DUMP_OPTIM_STATE"] = dump
         st = pretrain(parse_args(argv))
+        ckpt.save_checkpoint = save
         results[name] = {"iteration": st.iteration, "consumed_samples": st.consumed_samples}
     if torch.distributed.get_rank() == 0:
         with open(os.path.join(root, f"results_{phase}.json"), "w") as f:
@@ -117,8 +120,12 @@ def test_resume_at_other_dp_size_restores_optimizer_state(tmp_path):
     root = str(tmp_path)
     make_dataset(os.path.join(root, "data"))
     run_torchrun(__file__, root, "save", nproc=2)
-    run_torchrun(__file__, root, "d1", nproc=1)
-    run_torchrun(__file__, root, "d2", nproc=4)
+    # The two resume launches only read the saved folders: run them side by side (their
+    # start-up, mostly imports, overlaps).
+    with ThreadPoolExecutor(2) as pool:
+        for job in [pool.submit(run_torchrun, __file__, root, "d1", nproc=1),
+                    pool.submit(run_torchrun, __file__, root, "d2", nproc=4)]:
+            job.result()
     res = {}
     for phase in ("save", "d1", "d2"):
         with open(os.path.join(root, f"results_{phase}.json")) as f:
