@@ -4,7 +4,8 @@ Three torchrun launches (this file run as a script, ``phase`` = save | d1 | d2):
 
 * ``save`` (2 processes): for ZeRO-1, -2, -3 at TP=1, D=2 an uninterrupted 4-step run saving at
   steps 2 and 4; right after the step-2 save it gathers its full optimizer state (the
-  reference); the same for a TP=2, D=1 ZeRO-1 run.
+  reference); the same for a TP=2, D=1 ZeRO-1 run. The ZeRO-2 runs freeze layer 0 and the
+  embedding (CPT's --freeze-layers/--freeze-embeddings: 7 of 15 parameters without state).
 * ``d1`` (1 process): each TP=1 step-2 checkpoint resumed at D=1 (A doubles: the global batch is
   the same) to step 4, dumping the state right after the load; plus a --no-load-optim resume.
 * ``d2`` (4 processes): the TP=2, D=1 checkpoint resumed at TP=2, D=2 (world 2 -> 4).
@@ -61,6 +62,12 @@ def _runs(root: str, phase: str) -> list[tuple[str, list[str], str | None]]:
              dump("rtp"))]
 
 
+def _freeze(model, cfg) -> None:
+    for n, p in model.named_parameters():
+        if n.startswith(("layers.0.", "embedding.")):
+            p.requires_grad_(False)
+
+
 def _driver(root: str, phase: str) -> None:
     """Body of a torchrun launch: the runs of :func:`_runs` in one process group."""
     from megatron_lite.training.pretrain import pretrain
@@ -80,7 +87,9 @@ def _driver(root: str, phase: str) -> None:
             ckpt.save_checkpoint = save_and_dump
         elif dump:                     # the resumed run's state right after the load
             os.environ["MEGATRON_LITE_DUMP_OPTIM_STATE"] = dump
-        st = pretrain(parse_args(argv))
+        # ZeRO-2 runs freeze layer 0 and the embedding (as cpt_llama.py --freeze-layers does):
+        # frozen parameters have no optimizer partitions.
+        st = pretrain(parse_args(argv), model_setup=_freeze if name in ("u2", "r2") else None)
         ckpt.save_checkpoint = save
         results[name] = {"iteration": st.iteration, "consumed_samples": st.consumed_samples}
     if torch.distributed.get_rank() == 0:
@@ -96,6 +105,8 @@ def _assert_same_state(ref: dict, got: dict, what: str) -> None:
     assert ref["step"] == got["step"] == [2.0], (what, ref["step"], got["step"])
     assert ref["model_mismatch"] == got["model_mismatch"] == [], what
     assert ref["params"].keys() == got["params"].keys(), what
+    frozen = [n for n in got["params"] if n.startswith(("layers.0.", "embedding."))]
+    assert len(got["params"]) == (8 if "ZeRO-2" in what else 15) and not (frozen and "ZeRO-2" in what)
     for n, d in ref["params"].items():
         assert set(d) == {"fp32", "exp_avg", "exp_avg_sq"}, (what, n, sorted(d))
         for k, t in d.items():
