@@ -79,7 +79,7 @@ def estimate(cfg: ModelConfig, seq: int, mbs: int, recompute: str, flash: bool,
                                    padded_vocab, 1, False, flash, recompute, bytes_per_element,
                                    cfg.recompute_num_layers, fused_norm=True)
     head = (n - non_emb) // 2  # the LM head (V_pad x h), also the largest tensor
-    step = memory.optimizer_step_working_bytes(head, fused=False)  # foreach=False AdamW below
+    step = memory.optimizer_step_working_bytes(head, fused=True)  # fused AdamW, as we train
     return {"params": n, "states_bytes": states.total, "activations_bytes": act.total,
             "optimizer_step_bytes": step,
             "total_bytes": memory.peak_training_bytes(states, act, False,
@@ -99,7 +99,7 @@ def _warmup(preset: str, backend: str, recompute: str, dev: torch.device) -> Non
                       attention_backend=backend, num_layers=1,
                       recompute_granularity=None if recompute == "none" else recompute)
     model = LlamaModel(cfg, device=dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     tokens = torch.randint(0, 256, (1, 16), device=dev)
     for _ in range(2):
         opt.zero_grad(set_to_none=True)
@@ -134,7 +134,7 @@ def run_case(spec: str, steps: int, vocab: int, device: str) -> dict:
             raise RuntimeError("cannot reset peak RSS (/proc/self/clear_refs); Linux needed")
     t0 = time.perf_counter()
     model = LlamaModel(cfg, device=dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as --optimizer adamw builds it
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
         loss = model(tokens, labels=labels).mean()

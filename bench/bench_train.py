@@ -3,7 +3,7 @@
 
 Both models get the same architecture (default: the CPU quickstart's model: hidden 256, 4 layers,
 8 heads, 4 KV groups, SwiGLU 704, seq 256, vocab 4096), the same batch, the same thread count and
-the same optimizer (torch AdamW, betas (0.9, 0.95), eps 1e-8, wd 0.1); one measured step is
+the same optimizer (torch's fused AdamW, betas (0.9, 0.95), eps 1e-8, wd 0.1); one measured step is
 forward + backward + AdamW step + zero_grad on one process (TP = 1, no DeepSpeed). Rounds
 alternate between the two models so that load from other processes hits both alike; the median
 over rounds is reported, with the ratio ours / HF and the median of the per-round ratios (the
@@ -96,8 +96,10 @@ def build_models(args):
 def make_step(model, kind, tokens, labels):
     import torch
 
+    # fused=True for both: what --optimizer adamw builds, and HF Trainer's default optim
+    # ("adamw_torch_fused" with torch >= 2.8, transformers' TrainingArguments).
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8,
-                            weight_decay=0.1)
+                            weight_decay=0.1, fused=True)
 
     def step():
         if kind == "ours":

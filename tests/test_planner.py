@@ -315,8 +315,9 @@ def test_plan_run_cpu_memory_matches_bench_estimate(capsys):
                                    fused_norm=True)
     assert act.loss_logits == 4 * 2048 * 4096
     head = 4 * (4096 * 128 + 128)
-    step = 2 * 4 * 4096 * 128  # single-tensor AdamW: two temporaries of the largest tensor
+    step = 0  # fused AdamW (CUDA and CPU): no temporaries
     assert est["optimizer_step_bytes"] == step
+    assert memory.optimizer_step_working_bytes(10, fused=False) == 2 * 4 * 10  # single-tensor
     assert est["total_bytes"] == 4 * n + 8 * n + max(head + act.total, 4 * n + step)
     assert est["total_bytes_grads_persist"] == 16 * n + act.total
     # a 125m-like shape where the step, not the activations, sets the peak

@@ -292,15 +292,17 @@ def activation_memory(seq_length: int, micro_batch_size: int, hidden_size: int,
 
 def optimizer_step_working_bytes(largest_param_numel: int, fused: bool,
                                  state_bytes: int = 4) -> int:
-    """Transient bytes of one AdamW step beside the states: torch's single-tensor AdamW (the CPU
-    default; ``torch/optim/adamw.py`` ``_single_tensor_adamw``) forms ``exp_avg_sq.sqrt()`` and
-    its quotient by the bias correction as two temporaries the size of the parameter it is
-    updating, so the largest parameter (the embedding or LM head, V·h/t) sets the peak; the fused
-    CUDA kernel makes none.
+    """Transient bytes of one AdamW step beside the states: torch's single-tensor AdamW
+    (``torch/optim/adamw.py`` ``_single_tensor_adamw``, torch's CPU default) forms
+    ``exp_avg_sq.sqrt()`` and its quotient by the bias correction as two temporaries the size of
+    the parameter it is updating, so the largest parameter (the embedding or LM head, V·h/t)
+    sets the peak; the fused kernel (``fused=True``, CUDA and CPU; what ``--optimizer adamw``
+    uses) makes none. Measured on CPU for a 32000 x 512 fp32 parameter (62.5 MiB): peak RSS
+    growth during the step 124.8 MiB single-tensor, 0.0 MiB fused.
 
     Args:
         largest_param_numel: elements of the largest parameter tensor on this rank.
-        fused: the fused (CUDA) AdamW.
+        fused: torch's fused AdamW.
         state_bytes: bytes per optimizer-state element (4: fp32).
 
     Returns:

@@ -215,9 +215,9 @@ def _memory_section(inp: PlanInputs) -> dict:
     # LM head = half the embedding-type parameters (input embedding + untied output layer)
     head = max(0, (inp.n_params_padded or inp.n_params_total) - inp.n_params_non_embedding) // 2
     head_grad = precision_grad * (-(-head // t) + inp.hidden_size)  # LM head slice + final norm
-    # AdamW is fused on CUDA; a CPU run steps with torch's single-tensor AdamW (no ZeRO
-    # partitioning of the states: ZeRO-0, the only case where the step sees whole tensors)
-    step = memory.optimizer_step_working_bytes(-(-head // t), fused=inp.gpu != "cpu") \
+    # our AdamW is torch's fused kernel on CUDA and CPU alike: no temporaries (the ZeRO-0 case
+    # is the only one where a step would see whole tensors; offload steps in DeepSpeed's CPU Adam)
+    step = memory.optimizer_step_working_bytes(-(-head // t), fused=True) \
         if inp.zero_stage == 0 and not inp.offload_optimizer else 0
 
     def total_for(b: int) -> int:

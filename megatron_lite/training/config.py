@@ -51,8 +51,9 @@ class OptimizerConfig:
 
     optimizer: str = arg(
         "adamw", "Optimizer (megatron_lite/training/optimizer.py): adamw (Loshchilov & Hutter "
-                 "2019; fused on CUDA), lion (Chen et al. 2023, lion-pytorch; use a 3-10x smaller "
-                 "--lr and a 3-10x larger --lion-weight-decay than AdamW), adafactor "
+                 "2019; torch's fused kernel, CUDA and CPU), lion (Chen et al. 2023, "
+                 "lion-pytorch; use a 3-10x smaller --lr and a 3-10x larger "
+                 "--lion-weight-decay than AdamW), adafactor "
                  "(torch.optim.Adafactor; --lr is its relative step size, 1e-2 typical), "
                  "paged_adamw (bitsandbytes PagedAdamW, CUDA only), cpu_adam (DeepSpeedCPUAdam, "
                  "needs --offload-optimizer).",

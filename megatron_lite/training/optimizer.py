@@ -269,7 +269,7 @@ def describe_optimizer(cfg) -> str:
         note = "" if par.zero_stage == 0 else "; unfactored on ZeRO's flat partitions"
         return (f"adafactor (torch) relative step --lr, beta2_decay {o.adafactor_beta2_decay:g}, "
                 f"eps2 {o.adafactor_eps2:g}, d {o.adafactor_d:g}, {wd}{note}")
-    name = {"adamw": "adamw (torch" + (", fused on CUDA)" if not par.offload_optimizer else ")"),
+    name = {"adamw": "adamw (torch" + (", fused)" if not par.offload_optimizer else ")"),
             "paged_adamw": "paged_adamw (bitsandbytes PagedAdamW)",
             "cpu_adam": "cpu_adam (DeepSpeedCPUAdam, ZeRO-Offload)"}[o.optimizer]
     return f"{name} betas ({o.adam_beta1:g}, {o.adam_beta2:g}), eps {o.adam_eps:g}, {wd}"
@@ -296,7 +296,10 @@ def build_optimizer(model: torch.nn.Module, cfg, device: torch.device,
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if name == "adamw":
-        fused = device.type == "cuda" and not cfg.parallel.offload_optimizer
+        # torch's fused AdamW has a CPU kernel too (one pass over each tensor instead of ~10
+        # element-wise ops): 9.5 ms of CPU time per step against 33.7 ms for the single-tensor
+        # loop, quickstart's 5M parameters, 1 thread. ZeRO-Offload keeps DeepSpeed's CPU path.
+        fused = not cfg.parallel.offload_optimizer
         return GuardedAdamW(groups, clip_grad=clip, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2),
                             eps=o.adam_eps, weight_decay=o.weight_decay, fused=fused or None)
     if name == "lion":

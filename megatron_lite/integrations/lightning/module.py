@@ -201,7 +201,7 @@ class MegatronLlamaModule(L.LightningModule):
     def configure_optimizers(self):
         """Our AdamW param groups (decay for matrices only) and the per-update LR schedule."""
         o = self.cfg.optimizer
-        fused = self.device.type == "cuda" and not self.cfg.parallel.offload_optimizer
+        fused = not self.cfg.parallel.offload_optimizer   # as build_optimizer (CPU too)
         opt = LightningGuardedAdamW(param_groups(self.model, o.weight_decay,
                                                  o.no_decay_embeddings),
                                     lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
