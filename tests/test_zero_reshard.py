@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -126,9 +128,20 @@ def _assert_continues(root: str, uninterrupted: str, resumed: str) -> None:
             (resumed, step, r[step]["loss"], u[step]["loss"])
 
 
+@pytest.fixture
+def scratch():
+    """A folder made with tempfile, not under pytest's basetemp: concurrent pytest sessions of one
+    user prune each other's older basetemp folders (see tests/test_convert_checkpoint.py)."""
+    root = tempfile.mkdtemp(prefix="zero_reshard_")
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.mark.slow
-def test_resume_at_other_dp_size_restores_optimizer_state(tmp_path):
-    root = str(tmp_path)
+def test_resume_at_other_dp_size_restores_optimizer_state(scratch):
+    root = scratch
     make_dataset(os.path.join(root, "data"))
     run_torchrun(__file__, root, "save", nproc=2)
     # The two resume launches only read the saved folders: run them side by side (their
@@ -155,6 +168,82 @@ def test_resume_at_other_dp_size_restores_optimizer_state(tmp_path):
     u = read_metrics(os.path.join(root, "u1.jsonl"))
     fresh = read_metrics(os.path.join(root, "fresh.jsonl"))
     assert abs(fresh[4]["loss"] - u[4]["loss"]) > 50 * REL_TOL * abs(u[4]["loss"])
+
+
+# ----------------------------------------------------------- DeepSpeed-level, odd-sized params
+def _toy_engine(stage: int, seed: int):
+    """A 2-layer toy under ZeRO-``stage`` over all ranks: every parameter's numel is odd (15, 3,
+    21, 7), so DeepSpeed pads (stage 1/2: per-parameter alignment and tail; stage 3: the last
+    chunk of each parameter)."""
+    import deepspeed
+
+    from megatron_lite import parallel as ps
+    from megatron_lite.parallel import mpu
+    from megatron_lite.training.deepspeed_engine import skip_cpu_shm_comm_op
+
+    skip_cpu_shm_comm_op()
+    os.environ.setdefault("LOCAL_RANK", str(torch.distributed.get_rank()))   # DeepSpeed checks it
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(1)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.Linear(3, 7))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, mpu=mpu, config={
+        "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2 ** 31 - 1}, dist_init_required=False)
+    return engine
+
+
+def _toy_job(rank: int, world: int, root: str, load_from: int | None, save: bool) -> None:
+    """Per stage: optionally reshard the toy checkpoint saved at D=``load_from`` into this D and
+    dump its state; optionally train 2 steps and save at this D (dumping the reference)."""
+    from megatron_lite.training.zero_reshard import dump_full_state, read_full_state, write_full_state
+
+    for stage in (1, 2, 3):
+        if load_from is not None:
+            engine = _toy_engine(stage, seed=99)          # other initial weights: all overwritten
+            ck = os.path.join(root, f"s{stage}_d{load_from}", "t")
+            write_full_state(engine, read_full_state(ck, stage, load_from, 0), ck)
+            dump_full_state(engine, os.path.join(root, f"got_s{stage}_d{load_from}to{world}"), "t")
+        if save:
+            engine = _toy_engine(stage, seed=0)
+            for i in range(2):
+                x = torch.randn(4, 5, generator=torch.Generator().manual_seed(10 * i + rank))
+                engine.backward(engine(x).pow(2).mean())
+                engine.step()
+            engine.save_checkpoint(os.path.join(root, f"s{stage}_d{world}"), tag="t")
+            dump_full_state(engine, os.path.join(root, f"ref_s{stage}_d{world}"), "t")
+
+
+def test_odd_sized_parameters_reshard_exactly(scratch):
+    """D=2 -> 1 and D=1 -> 2 at ZeRO-1/2/3 with padded partitions (forked gloo processes): the
+    state read back with DeepSpeed's safe_get_full_* equals the saving engine's bitwise."""
+    import importlib
+
+    from tests.dist_utils import spawn
+
+    # Import once here what every forked child would otherwise import on its own (~10 s each on
+    # 2 cores): torch._dynamo (an optimizer's constructor) and DeepSpeed's engine and ZeRO.
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    for m in ("deepspeed", "deepspeed.runtime.engine", "deepspeed.runtime.zero.stage_1_and_2",
+              "deepspeed.runtime.zero.stage3", "deepspeed.runtime.zero.muon.muon_optimizer"):
+        importlib.import_module(m)
+    root = scratch
+    spawn(_toy_job, 2, root, None, True)      # save at D=2
+    spawn(_toy_job, 1, root, 2, True)         # D=2 -> D=1; save at D=1
+    spawn(_toy_job, 2, root, 1, False)        # D=1 -> D=2
+    for stage in (1, 2, 3):
+        for a, b in ((2, 1), (1, 2)):
+            ref = torch.load(os.path.join(root, f"ref_s{stage}_d{a}", "t_tp0.pt"))
+            got = torch.load(os.path.join(root, f"got_s{stage}_d{a}to{b}", "t_tp0.pt"))
+            assert ref["step"] == got["step"] == [2.0], (stage, a, b)
+            assert ref["params"].keys() == got["params"].keys() == {"0.weight", "0.bias",
+                                                                    "1.weight", "1.bias"}
+            for n, d in ref["params"].items():
+                assert set(d) == {"fp32", "exp_avg", "exp_avg_sq"}
+                for k, t in d.items():
+                    assert torch.equal(t, got["params"][n][k]), (stage, a, b, n, k)
 
 
 def _fake(tmp_path, stage: int, dp: int = 2) -> str:

@@ -25,8 +25,9 @@ optim_states.pt`` under ``["optimizer_state_dict"]``:
   laid end to end in ``param_shapes`` order (all groups) across the concatenation of the rank's
   ``fp32_flat_groups`` (and of its base optimizer's per-sub-group state tensors).
 
-Memory: the full fp32 state of this TP shard (4 bytes x (1 + number of state tensors) per
-parameter: 12 bytes/param for AdamW) plus one saved rank's file at a time.
+Memory (CPU): the full fp32 state of this TP shard (4 bytes x (1 + number of state tensors) per
+parameter: 12 bytes/param for AdamW) plus one saved rank's file at a time (twice at ZeRO-3, whose
+sub-groups are concatenated), i.e. ~12 x (1 + 2/D) bytes/param of the shard at peak.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ import torch.distributed as dist
 # Optimizers whose ZeRO state is elementwise over the flat fp32 partition (so a partition can be
 # cut per parameter and re-partitioned). Adafactor's RMS is taken over the partition itself.
 SUPPORTED_OPTIMIZERS = ("adamw", "lion")
-_NO_OPTIM = "pass --no-load-optim (fresh optimizer state, data position kept) or resume with the same D"
+_NO_OPTIM = ("pass --no-load-optim (fresh optimizer state, data position kept) or resume with the "
+             "same D")
 
 
 def check_supported(path: str, saved: dict, cfg) -> None:
@@ -53,14 +55,16 @@ def check_supported(path: str, saved: dict, cfg) -> None:
 
     Raises:
         ValueError: one line naming the flag and the way out: another ZeRO stage, an optimizer
-            outside :data:`SUPPORTED_OPTIMIZERS`, ``--offload-optimizer``/``--offload-params``,
-            fp16 (its dynamic loss scale is not resharded), or ``round_robin_gradients``.
+            outside :data:`SUPPORTED_OPTIMIZERS`, ``--offload-optimizer``/``--offload-params``
+            (not supported), or ``--fp16`` (untested: no fp16 on CPU).
     """
     d_old, d_new = saved["data_parallel_size"], cfg.derived.data_parallel_size
-    head = f"{path}: ZeRO-{saved['zero_stage']} optimizer state saved at D={d_old}, this run has D={d_new}"
+    head = (f"{path}: ZeRO-{saved['zero_stage']} optimizer state saved at D={d_old}, this run "
+            f"has D={d_new}")
     if saved["zero_stage"] != cfg.parallel.zero_stage:
         raise ValueError(f"{head} and --zero-stage {cfg.parallel.zero_stage}: resharding keeps "
-                         f"the stage; resume with --zero-stage {saved['zero_stage']} or {_NO_OPTIM}")
+                         f"the stage; resume with --zero-stage {saved['zero_stage']} or "
+                         f"{_NO_OPTIM}")
     if cfg.optimizer.optimizer not in SUPPORTED_OPTIMIZERS:
         raise ValueError(f"{head}: resharding supports --optimizer {'/'.join(SUPPORTED_OPTIMIZERS)}"
                          f", not {cfg.optimizer.optimizer} (its state is not elementwise); "
@@ -70,15 +74,18 @@ def check_supported(path: str, saved: dict, cfg) -> None:
         raise ValueError(f"{head}: resharding with --offload-optimizer/--offload-params is not "
                          f"supported; resume without offload at the new D, or {_NO_OPTIM}")
     if cfg.derived.precision == "fp16":
-        raise ValueError(f"{head}: resharding an --fp16 run is not supported (its dynamic loss "
-                         f"scale is not carried); {_NO_OPTIM}")
+        # The loss scaler is carried like DeepSpeed's own load does, but fp16 has no CPU path to
+        # test it on; refuse rather than ship it untested.
+        raise ValueError(f"{head}: resharding an --fp16 run is not supported (untested); "
+                         f"{_NO_OPTIM}")
 
 
 def _optim_file(path: str, dp: int, tp: int) -> str:
     hits = glob.glob(os.path.join(path, f"*zero_pp_rank_{dp}_mp_rank_{tp:02d}_optim_states.pt"))
     if len(hits) != 1:
         raise FileNotFoundError(f"{path}: expected one zero_pp_rank_{dp}_mp_rank_{tp:02d}_optim_"
-                                f"states.pt (saved DP rank {dp} of TP rank {tp}), found {len(hits)}")
+                                f"states.pt (saved DP rank {dp} of TP rank {tp}), found "
+                                f"{len(hits)}")
     return hits[0]
 
 
@@ -126,11 +133,7 @@ def read_full_state(path: str, stage: int, saved_dp: int, tp_rank: int) -> dict:
     ms = _model_states(path, stage, tp_rank)
     groups = [OrderedDict(g) for g in ms["param_shapes"]]
     engine_counters = {k: ms.get(k) for k in ("global_steps", "global_samples", "skipped_steps")}
-    zcfg = (ms.get("ds_config") or {}).get("zero_optimization") or {}
-    if zcfg.get("round_robin_gradients"):
-        raise ValueError(f"{path}: saved with zero_optimization.round_robin_gradients (another "
-                         f"parameter order in the partitions); {_NO_OPTIM}")
-    del ms
+    del ms   # (param_shapes lists the flat order itself, round_robin_gradients included)
     full: dict[str, dict[str, torch.Tensor]] = {}   # name -> key -> flat full tensor
     scalars: dict = {}
     glob_state: dict = {}
@@ -152,9 +155,12 @@ def read_full_state(path: str, stage: int, saved_dp: int, tp_rank: int) -> dict:
             glob_state = {k: sd.get(k) for k in ("loss_scaler", "dynamic_loss_scale", "overflow")}
         # srcs[key][g]: this rank's flat vector of group g (stage 3: one vector for all groups)
         if stage == 3:
-            base = sd["optimizer_state_dict"]["state"]
+            base = sd["optimizer_state_dict"]["state"]   # index i = sub-group i's flat tensor
+            if sorted(base) != list(range(len(sd["fp32_flat_groups"]))):
+                raise ValueError(f"{f}: optimizer state for sub-groups {sorted(base)}, but "
+                                 f"{len(sd['fp32_flat_groups'])} fp32 flat groups")
             parts = [_split_state(base[i], t.numel(), f)
-                     for i, t in zip(sorted(base), sd["fp32_flat_groups"])]
+                     for i, t in enumerate(sd["fp32_flat_groups"])]
             srcs = {"fp32": [torch.cat([t.reshape(-1) for t in sd["fp32_flat_groups"]])]}
             for k in parts[0][0]:
                 srcs[k] = [torch.cat([p[k].reshape(-1) for p, _ in parts])]
@@ -221,10 +227,13 @@ def _flat_partitions(opt) -> list[torch.Tensor]:
 def write_full_state(engine, full: dict, where: str) -> None:
     """Write :func:`read_full_state`'s tensors into ``engine``'s (new-D) partitions.
 
-    Collective over the DP group at ZeRO-3 (DeepSpeed's setters narrow the full value locally;
-    nothing is communicated at stage 1/2). The base optimizer's per-partition state is created
-    first (DeepSpeed creates it lazily at the first step): elementwise keys as zeros, scalar keys
-    (``step``) with the saved value, then every parameter's fp32 master and state are set.
+    Local (DeepSpeed's setters copy this rank's slice of the full value; nothing is
+    communicated). The base optimizer's per-partition state is created first (DeepSpeed creates
+    it lazily at the first step): elementwise keys as zeros, scalar keys (``step``) with the saved
+    value; at stage 1/2 the parameters' state fragments are then linked to it (DeepSpeed's
+    ``_lazy_init_hp_params_optimizer_state``, which it would otherwise run after the first step),
+    and every parameter's fp32 master and state are set. The training-dtype weights are not
+    touched: the caller loads them from the checkpoint, where they are the masters' rounding.
 
     Raises:
         ValueError: this run's trainable parameters differ from the saved ones (e.g. another
