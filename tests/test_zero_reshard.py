@@ -10,12 +10,16 @@ Three torchrun launches (this file run as a script, ``phase`` = save | d1 | d2):
   the same) to step 4, dumping the state right after the load; plus a --no-load-optim resume.
 * ``d2`` (4 processes): the TP=2, D=1 checkpoint resumed at TP=2, D=2 (world 2 -> 4).
 
+A DeepSpeed-level test (forked gloo processes, a toy whose parameters all have odd sizes, so
+every partition is padded) covers ZeRO-1/2/3 fp32 and ZeRO-2/3 bf16 in both directions.
+
 Right after the load every parameter's fp32 master, exp_avg, exp_avg_sq (gathered with
 DeepSpeed's ``safe_get_full_*``) and the step equal the reference bitwise, and the training-dtype
 weights equal the masters. The resumed steps' losses equal the uninterrupted run's within 1e-6
 relative: only the gradients' reduction order changes (sum over 4 micro-batches in one process
 instead of 2 x 2 over two ranks), fp32 rounding of order 1e-7 relative per step; a resume with
-fresh Adam moments is off by 1.7e-3 (measured differences: <= 2.3e-8). LR and consumed samples are identical.
+fresh Adam moments is off by 1.7e-3 (measured differences: <= 2.3e-8). LR and consumed samples
+are identical.
 """
 
 from __future__ import annotations
@@ -108,7 +112,8 @@ def _assert_same_state(ref: dict, got: dict, what: str) -> None:
     assert ref["model_mismatch"] == got["model_mismatch"] == [], what
     assert ref["params"].keys() == got["params"].keys(), what
     frozen = [n for n in got["params"] if n.startswith(("layers.0.", "embedding."))]
-    assert len(got["params"]) == (8 if "ZeRO-2" in what else 15) and not (frozen and "ZeRO-2" in what)
+    zero2 = "ZeRO-2" in what       # layer 0 and the embedding frozen: 8 of 15 have state
+    assert len(got["params"]) == (8 if zero2 else 15) and not (frozen and zero2), what
     for n, d in ref["params"].items():
         assert set(d) == {"fp32", "exp_avg", "exp_avg_sq"}, (what, n, sorted(d))
         for k, t in d.items():
@@ -171,10 +176,13 @@ def test_resume_at_other_dp_size_restores_optimizer_state(scratch):
 
 
 # ----------------------------------------------------------- DeepSpeed-level, odd-sized params
-def _toy_engine(stage: int, seed: int):
+TOY_CASES = ((1, False), (2, False), (3, False), (2, True), (3, True))   # (stage, bf16)
+
+
+def _toy_engine(stage: int, seed: int, bf16: bool = False):
     """A 2-layer toy under ZeRO-``stage`` over all ranks: every parameter's numel is odd (15, 3,
-    21, 7), so DeepSpeed pads (stage 1/2: per-parameter alignment and tail; stage 3: the last
-    chunk of each parameter)."""
+    21, 7), so DeepSpeed pads (stage 1/2: per-parameter alignment to 4 fp32 / 8 bf16 elements
+    and the tail; stage 3: the last chunk of each parameter)."""
     import deepspeed
 
     from megatron_lite import parallel as ps
@@ -191,34 +199,38 @@ def _toy_engine(stage: int, seed: int):
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, mpu=mpu, config={
         "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
-        "steps_per_print": 2 ** 31 - 1}, dist_init_required=False)
+        "steps_per_print": 2 ** 31 - 1, "bf16": {"enabled": bf16}}, dist_init_required=False)
     return engine
 
 
 def _toy_job(rank: int, world: int, root: str, load_from: int | None, save: bool) -> None:
     """Per stage: optionally reshard the toy checkpoint saved at D=``load_from`` into this D and
     dump its state; optionally train 2 steps and save at this D (dumping the reference)."""
-    from megatron_lite.training.zero_reshard import dump_full_state, read_full_state, write_full_state
+    from megatron_lite.training.zero_reshard import (dump_full_state, read_full_state,
+                                                     write_full_state)
 
-    for stage in (1, 2, 3):
+    for stage, bf16 in TOY_CASES:
+        c = f"s{stage}{'_bf16' * bf16}"
         if load_from is not None:
-            engine = _toy_engine(stage, seed=99)          # other initial weights: all overwritten
-            ck = os.path.join(root, f"s{stage}_d{load_from}", "t")
+            engine = _toy_engine(stage, 99, bf16)          # other initial weights: overwritten
+            ck = os.path.join(root, f"{c}_d{load_from}", "t")
             write_full_state(engine, read_full_state(ck, stage, load_from, 0), ck)
-            dump_full_state(engine, os.path.join(root, f"got_s{stage}_d{load_from}to{world}"), "t")
+            dump_full_state(engine, os.path.join(root, f"got_{c}_d{load_from}to{world}"), "t")
         if save:
-            engine = _toy_engine(stage, seed=0)
+            engine = _toy_engine(stage, 0, bf16)
             for i in range(2):
                 x = torch.randn(4, 5, generator=torch.Generator().manual_seed(10 * i + rank))
-                engine.backward(engine(x).pow(2).mean())
+                engine.backward(engine(x.to(torch.bfloat16 if bf16 else torch.float32))
+                                .float().pow(2).mean())
                 engine.step()
-            engine.save_checkpoint(os.path.join(root, f"s{stage}_d{world}"), tag="t")
-            dump_full_state(engine, os.path.join(root, f"ref_s{stage}_d{world}"), "t")
+            engine.save_checkpoint(os.path.join(root, f"{c}_d{world}"), tag="t")
+            dump_full_state(engine, os.path.join(root, f"ref_{c}_d{world}"), "t")
 
 
 def test_odd_sized_parameters_reshard_exactly(scratch):
-    """D=2 -> 1 and D=1 -> 2 at ZeRO-1/2/3 with padded partitions (forked gloo processes): the
-    state read back with DeepSpeed's safe_get_full_* equals the saving engine's bitwise."""
+    """D=2 -> 1 and D=1 -> 2 at ZeRO-1/2/3 fp32 and ZeRO-2/3 bf16 with padded partitions (forked
+    gloo processes): the state read back with DeepSpeed's safe_get_full_* equals the saving
+    engine's bitwise."""
     import importlib
 
     from tests.dist_utils import spawn
@@ -233,17 +245,20 @@ def test_odd_sized_parameters_reshard_exactly(scratch):
     spawn(_toy_job, 2, root, None, True)      # save at D=2
     spawn(_toy_job, 1, root, 2, True)         # D=2 -> D=1; save at D=1
     spawn(_toy_job, 2, root, 1, False)        # D=1 -> D=2
-    for stage in (1, 2, 3):
+    saved = os.listdir(os.path.join(root, "s2_bf16_d2", "t"))
+    assert "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt" in saved, saved   # DeepSpeed's bf16 name
+    for stage, bf16 in TOY_CASES:
+        c = f"s{stage}{'_bf16' * bf16}"
         for a, b in ((2, 1), (1, 2)):
-            ref = torch.load(os.path.join(root, f"ref_s{stage}_d{a}", "t_tp0.pt"))
-            got = torch.load(os.path.join(root, f"got_s{stage}_d{a}to{b}", "t_tp0.pt"))
-            assert ref["step"] == got["step"] == [2.0], (stage, a, b)
+            ref = torch.load(os.path.join(root, f"ref_{c}_d{a}", "t_tp0.pt"))
+            got = torch.load(os.path.join(root, f"got_{c}_d{a}to{b}", "t_tp0.pt"))
+            assert ref["step"] == got["step"] == [2.0], (c, a, b)
             assert ref["params"].keys() == got["params"].keys() == {"0.weight", "0.bias",
                                                                     "1.weight", "1.bias"}
             for n, d in ref["params"].items():
                 assert set(d) == {"fp32", "exp_avg", "exp_avg_sq"}
                 for k, t in d.items():
-                    assert torch.equal(t, got["params"][n][k]), (stage, a, b, n, k)
+                    assert torch.equal(t, got["params"][n][k]), (c, a, b, n, k)
 
 
 def _fake(tmp_path, stage: int, dp: int = 2) -> str:
@@ -281,7 +296,8 @@ def test_missing_saved_partition_is_named(tmp_path):
 
     d = _fake(tmp_path, 1)
     shapes = [{"a": torch.Size([3, 2]), "b": torch.Size([5])}]
-    torch.save({"param_shapes": shapes, "ds_config": {}}, os.path.join(d, "mp_rank_00_model_states.pt"))
+    torch.save({"param_shapes": shapes, "ds_config": {}},
+               os.path.join(d, "mp_rank_00_model_states.pt"))
     with pytest.raises(FileNotFoundError, match="zero_pp_rank_0_mp_rank_00_optim_states.pt"):
         read_full_state(d, 1, 2, 0)
 

@@ -366,10 +366,11 @@ def load_checkpoint(engine, cfg, state, scheduler) -> str | None:
                                load_lr_scheduler_states=False, load_module_only=not load_optim)
     if ck.finetune:
         return path
-    if load_optim and cfg.parallel.zero_stage >= 1 and os.environ.get("MEGATRON_LITE_DUMP_OPTIM_STATE"):
-        from megatron_lite.training.zero_reshard import dump_full_state  # test hook
+    dump = os.environ.get("MEGATRON_LITE_DUMP_OPTIM_STATE")   # test hook (docs/interfaces.md)
+    if dump and load_optim and cfg.parallel.zero_stage >= 1:
+        from megatron_lite.training.zero_reshard import dump_full_state
 
-        dump_full_state(engine, os.environ["MEGATRON_LITE_DUMP_OPTIM_STATE"], tag)
+        dump_full_state(engine, dump, tag)
     state.iteration = ts["iteration"]
     state.consumed_samples = ts["consumed_samples"]
     state.skipped_steps = ts["skipped_steps"]
