@@ -11,7 +11,8 @@ Three torchrun launches (this file run as a script, ``phase`` = save | d1 | d2):
 * ``d2`` (4 processes): the TP=2, D=1 checkpoint resumed at TP=2, D=2 (world 2 -> 4).
 
 A DeepSpeed-level test (forked gloo processes, a toy whose parameters all have odd sizes, so
-every partition is padded) covers ZeRO-1/2/3 fp32 and ZeRO-2/3 bf16 in both directions.
+every partition is padded) covers ZeRO-1/2/3 fp32, ZeRO-2/3 bf16 and ZeRO-2/3 with the optimizer
+(and at ZeRO-3 the parameters) offloaded to CPU, in both directions.
 
 Right after the load every parameter's fp32 master, exp_avg, exp_avg_sq (gathered with
 DeepSpeed's ``safe_get_full_*``) and the step equal the reference bitwise, and the training-dtype
@@ -176,10 +177,13 @@ def test_resume_at_other_dp_size_restores_optimizer_state(scratch):
 
 
 # ----------------------------------------------------------- DeepSpeed-level, odd-sized params
-TOY_CASES = ((1, False), (2, False), (3, False), (2, True), (3, True))   # (stage, bf16)
+# (stage, bf16, offload): "opt" = optimizer on CPU (ZeRO-Offload), "all" = also the parameters;
+# "lion" = lion-pytorch's Lion (state: exp_avg only, no step count) instead of torch AdamW
+TOY_CASES = ((1, False, ""), (2, False, ""), (3, False, ""), (2, True, ""), (3, True, ""),
+             (2, False, "opt"), (3, False, "all"), (1, False, "lion"), (3, False, "lion"))
 
 
-def _toy_engine(stage: int, seed: int, bf16: bool = False):
+def _toy_engine(stage: int, seed: int, bf16: bool = False, offload: str = ""):
     """A 2-layer toy under ZeRO-``stage`` over all ranks: every parameter's numel is odd (15, 3,
     21, 7), so DeepSpeed pads (stage 1/2: per-parameter alignment to 4 fp32 / 8 bf16 elements
     and the tail; stage 3: the last chunk of each parameter)."""
@@ -195,11 +199,25 @@ def _toy_engine(stage: int, seed: int, bf16: bool = False):
         ps.initialize_model_parallel(1)
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.Linear(3, 7))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    if offload == "lion":
+        from lion_pytorch import Lion
+
+        opt, offload = Lion(model.parameters(), lr=1e-3), ""
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    zero = {"stage": stage}
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if offload == "all":
+        zero["offload_param"] = {"device": "cpu"}
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, mpu=mpu, config={
         "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+        "zero_optimization": zero, "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2 ** 31 - 1, "bf16": {"enabled": bf16}}, dist_init_required=False)
+    opt = engine.optimizer   # offload really on (stage 1/2: cpu_offload; 3: offload_optimizer)
+    assert bool(getattr(opt, "cpu_offload", False) or getattr(opt, "offload_optimizer", False)) \
+        == bool(offload)
     return engine
 
 
@@ -209,15 +227,15 @@ def _toy_job(rank: int, world: int, root: str, load_from: int | None, save: bool
     from megatron_lite.training.zero_reshard import (dump_full_state, read_full_state,
                                                      write_full_state)
 
-    for stage, bf16 in TOY_CASES:
-        c = f"s{stage}{'_bf16' * bf16}"
+    for stage, bf16, offload in TOY_CASES:
+        c = f"s{stage}{'_bf16' * bf16}{offload}"
         if load_from is not None:
-            engine = _toy_engine(stage, 99, bf16)          # other initial weights: overwritten
+            engine = _toy_engine(stage, 99, bf16, offload)   # other initial weights: overwritten
             ck = os.path.join(root, f"{c}_d{load_from}", "t")
             write_full_state(engine, read_full_state(ck, stage, load_from, 0), ck)
             dump_full_state(engine, os.path.join(root, f"got_{c}_d{load_from}to{world}"), "t")
         if save:
-            engine = _toy_engine(stage, 0, bf16)
+            engine = _toy_engine(stage, 0, bf16, offload)
             for i in range(2):
                 x = torch.randn(4, 5, generator=torch.Generator().manual_seed(10 * i + rank))
                 engine.backward(engine(x.to(torch.bfloat16 if bf16 else torch.float32))
@@ -228,9 +246,9 @@ def _toy_job(rank: int, world: int, root: str, load_from: int | None, save: bool
 
 
 def test_odd_sized_parameters_reshard_exactly(scratch):
-    """D=2 -> 1 and D=1 -> 2 at ZeRO-1/2/3 fp32 and ZeRO-2/3 bf16 with padded partitions (forked
-    gloo processes): the state read back with DeepSpeed's safe_get_full_* equals the saving
-    engine's bitwise."""
+    """D=2 -> 1 and D=1 -> 2 at ZeRO-1/2/3 fp32, ZeRO-2/3 bf16 and ZeRO-2/3 with CPU offload, all
+    with padded partitions (forked gloo processes): the state read back with DeepSpeed's
+    safe_get_full_* equals the saving engine's bitwise."""
     import importlib
 
     from tests.dist_utils import spawn
@@ -246,17 +264,18 @@ def test_odd_sized_parameters_reshard_exactly(scratch):
     spawn(_toy_job, 1, root, 2, True)         # D=2 -> D=1; save at D=1
     spawn(_toy_job, 2, root, 1, False)        # D=1 -> D=2
     saved = os.listdir(os.path.join(root, "s2_bf16_d2", "t"))
-    assert "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt" in saved, saved   # DeepSpeed's bf16 name
-    for stage, bf16 in TOY_CASES:
-        c = f"s{stage}{'_bf16' * bf16}"
+    assert "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt" in saved, saved   # bf16 file name
+    for stage, bf16, offload in TOY_CASES:
+        c = f"s{stage}{'_bf16' * bf16}{offload}"
         for a, b in ((2, 1), (1, 2)):
             ref = torch.load(os.path.join(root, f"ref_{c}_d{a}", "t_tp0.pt"))
             got = torch.load(os.path.join(root, f"got_{c}_d{a}to{b}", "t_tp0.pt"))
-            assert ref["step"] == got["step"] == [2.0], (c, a, b)
+            lion = offload == "lion"
+            assert ref["step"] == got["step"] == ([] if lion else [2.0]), (c, a, b)
             assert ref["params"].keys() == got["params"].keys() == {"0.weight", "0.bias",
                                                                     "1.weight", "1.bias"}
             for n, d in ref["params"].items():
-                assert set(d) == {"fp32", "exp_avg", "exp_avg_sq"}
+                assert set(d) == {"fp32", "exp_avg"} | (set() if lion else {"exp_avg_sq"})
                 for k, t in d.items():
                     assert torch.equal(t, got["params"][n][k]), (c, a, b, n, k)
 
@@ -278,13 +297,18 @@ def _fake(tmp_path, stage: int, dp: int = 2) -> str:
                             r"the stage; resume with --zero-stage 1 or pass --no-load-optim"),
     (["--zero-stage", "1", "--optimizer", "adafactor"],
      r"supports --optimizer adamw/lion, not adafactor .*pass --no-load-optim"),
-    (["--zero-stage", "1", "--offload-optimizer"], r"--offload-optimizer.*not supported"),
+    (["--zero-stage", "1", "fp16"], r"an --fp16 run is not supported \(untested\); pass "
+                                    r"--no-load-optim"),
 ])
 def test_unsupported_reshard_is_refused_in_one_line(tmp_path, flags, match):
     from megatron_lite.training.trainer import TrainState
 
     _fake(tmp_path, 1)
-    now = parse_args(COMMON + ["--data-path", "x", "--load", str(tmp_path), *flags], world_size=1)
+    fp16 = "fp16" in flags       # --fp16 is refused on CPU by parse_args: set it afterwards
+    now = parse_args(COMMON + ["--data-path", "x", "--load", str(tmp_path),
+                               *[f for f in flags if f != "fp16"]], world_size=1)
+    if fp16:
+        now.derived.precision = "fp16"
     with pytest.raises(ValueError, match=match) as e:
         ckpt.load_checkpoint(None, now, TrainState(), None)
     assert "\n" not in str(e.value)

@@ -55,8 +55,9 @@ def check_supported(path: str, saved: dict, cfg) -> None:
 
     Raises:
         ValueError: one line naming the flag and the way out: another ZeRO stage, an optimizer
-            outside :data:`SUPPORTED_OPTIMIZERS`, ``--offload-optimizer``/``--offload-params``
-            (not supported), or ``--fp16`` (untested: no fp16 on CPU).
+            outside :data:`SUPPORTED_OPTIMIZERS` (``cpu_adam`` included: untested, its op needs a
+            C++ build), or ``--fp16`` (untested: no fp16 on CPU). CPU offload of the optimizer
+            and parameters (torch AdamW/Lion on CPU) is supported.
     """
     d_old, d_new = saved["data_parallel_size"], cfg.derived.data_parallel_size
     head = (f"{path}: ZeRO-{saved['zero_stage']} optimizer state saved at D={d_old}, this run "
@@ -69,10 +70,6 @@ def check_supported(path: str, saved: dict, cfg) -> None:
         raise ValueError(f"{head}: resharding supports --optimizer {'/'.join(SUPPORTED_OPTIMIZERS)}"
                          f", not {cfg.optimizer.optimizer} (its state is not elementwise); "
                          f"{_NO_OPTIM}")
-    par = cfg.parallel
-    if par.offload_optimizer or par.offload_params:
-        raise ValueError(f"{head}: resharding with --offload-optimizer/--offload-params is not "
-                         f"supported; resume without offload at the new D, or {_NO_OPTIM}")
     if cfg.derived.precision == "fp16":
         # The loss scaler is carried like DeepSpeed's own load does, but fp16 has no CPU path to
         # test it on; refuse rather than ship it untested.
