@@ -7,7 +7,10 @@ saved partitions of this rank's TP shard are read one file at a time and cut int
 state (AdamW: ``exp_avg``, ``exp_avg_sq``), plus the step count. They are then written into the
 new engine's partitions with DeepSpeed's public ``safe_set_full_fp32_param`` /
 ``safe_set_full_optimizer_state``, so training continues as the uninterrupted run would (up to
-reduction-order rounding of the gradients, which D changes).
+reduction-order rounding of the gradients, which D changes). Works for fp32 and bf16, with or
+without CPU offload of the optimizer (and, at ZeRO-3, of the parameters), for the elementwise
+optimizers AdamW and Lion; frozen parameters (CPT's ``--freeze-layers``) have no partitions and
+are skipped, and must be the same set in both runs.
 
 Saved layouts (read from DeepSpeed 0.19.8's ``runtime/zero/stage_1_and_2.py`` ``state_dict``,
 ``runtime/zero/stage3.py`` ``_rigid_state_dict`` and ``utils/zero_to_fp32.py``; the code below is
