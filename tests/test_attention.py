@@ -265,3 +265,14 @@ def test_model_packed_sample_invariant(backend, fused):
         # (the check above can fail). Shifted positions alone would not show: RoPE scores are relative.
         leaky = model(tokens, pos, None, None)
         assert (leaky[:, 7:, :100] - packed[:, 7:, :100]).abs().max() > 1e-3
+
+
+def test_auto_backend_choice_is_announced_on_stderr_not_stdout(capsys):
+    """Tools print machine-readable results (``eval_ppl --json``) on stdout; the one-time note on
+    the attention backend must not land among them."""
+    from megatron_lite.model import attention
+
+    attention._announced.clear()
+    assert attention.resolve_attention_backend("auto", "cpu") == "sdpa"
+    out, err = capsys.readouterr()
+    assert out == "" and "--attention-backend auto -> sdpa on cpu" in err

@@ -20,6 +20,7 @@ Backends (``--attention-backend``):
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 
 import torch
@@ -96,7 +97,9 @@ def resolve_attention_backend(name: str, device, dtype: torch.dtype | None = Non
     if (dev_type, chosen) not in _announced:
         _announced.add((dev_type, chosen))
         if not (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
-            print(f"[megatron_lite] --attention-backend auto -> {chosen} on {dev_type}", flush=True)
+            # stderr: tools print machine-readable results (--json) on stdout
+            print(f"[megatron_lite] --attention-backend auto -> {chosen} on {dev_type}",
+                  file=sys.stderr, flush=True)
     return chosen
 
 
