@@ -2,7 +2,8 @@
 
 Every machine with Python has this text, so the quickstart needs no download. Each ``.py`` file is
 one document (``{"text": ..., "path": ...}``); files are split deterministically into a training
-corpus and a held-out corpus by a hash of their relative path (about ``--heldout-percent`` % held out).
+corpus and a held-out corpus by a hash of their relative path (about ``--heldout-percent`` % of all
+files held out; ``--max-mb`` caps the training corpus only).
 
 Usage: python examples/make_stdlib_corpus.py --out-dir DIR [--max-mb 8] [--heldout-percent 5]
 Writes DIR/stdlib_train.jsonl and DIR/stdlib_heldout.jsonl atomically and prints their sizes (bytes).
