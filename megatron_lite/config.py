@@ -308,7 +308,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML run config whose sections mirror the "
                    "flag groups below (model:, data:, parallel:, ...).")
     p.add_argument("--dry-run", action="store_true",
-                   help="Validate the config, print the resolved plan and exit.")
+                   help="Validate the config, print the resolved plan and exit. Plans for "
+                   "$WORLD_SIZE processes (set by torchrun; e.g. WORLD_SIZE=64 for 8 x 8 GPUs), "
+                   "or TP x PP (D = 1) when it is unset.")
     seen: dict[str, str] = {}
     for sec, cls in section_classes().items():
         group = p.add_argument_group(sec, (cls.__doc__ or "").strip().splitlines()[0]
@@ -384,6 +386,11 @@ def parse_args(argv: Sequence[str] | None = None, world_size: int | None = None)
             sec, key = dest.split(".", 1)
             setattr(getattr(cfg, sec), key, value)
     cfg.dry_run = ns.dry_run
+    if cfg.dry_run and world_size is None and "WORLD_SIZE" not in os.environ:
+        # A plan typed at a login shell has no launcher around it: plan the smallest world the
+        # model parallelism needs (D = 1) rather than refuse TP > 1; WORLD_SIZE=N plans for N.
+        world_size = max(1, cfg.parallel.tensor_model_parallel_size
+                         * cfg.parallel.pipeline_model_parallel_size)
     return finalize(cfg, world_size)
 
 

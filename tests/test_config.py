@@ -191,6 +191,22 @@ def test_cli_dry_run_and_error_exit():
     assert out.returncode == 2 and "--zero-stage" in out.stderr
 
 
+def test_dry_run_without_world_size_plans_tp_times_pp(monkeypatch):
+    """A plan typed outside a launcher: no WORLD_SIZE -> the smallest world TP x PP (D = 1);
+    WORLD_SIZE=N plans for N. Without --dry-run an unset WORLD_SIZE still means 1 process."""
+    from megatron_lite.config import ConfigError
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    d = parse_args(BASE + ["--tp", "2", "--dry-run"]).derived
+    assert (d.world_size, d.data_parallel_size) == (2, 1)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    d = parse_args(BASE + ["--tp", "2", "--dry-run", "--global-batch-size", "2"]).derived
+    assert (d.world_size, d.data_parallel_size) == (4, 2)
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(ConfigError, match="must divide the world size 1"):
+        parse_args(BASE + ["--tp", "2"])
+
+
 def test_pretrain_entrypoint_refuses_cpt_settings(capsys):
     """CPT flags share the config tree, but pretrain_llama.py would ignore them: an error."""
     import pretrain_llama
