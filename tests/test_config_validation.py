@@ -50,6 +50,14 @@ CASES = {
     "world % TP": (["--tp", "2"], 3,
                    "--tensor-model-parallel-size 2 must divide the world size 3 (nproc_per_node x "
                    "nnodes); choose TP in [1, 3]"),
+    "global batch 0": (["--global-batch-size", "0"], 1,
+                       "--global-batch-size must be >= 1 (got 0): it is the number of samples per "
+                       "optimizer step; omit it for micro_batch_size x D"),
+    "TP 0": (["--tp", "0"], 1, "--tensor-model-parallel-size must be >= 1 (got 0)"),
+    "negative warmup": (["--lr-warmup-tokens", "-5"], 1,
+                        "--lr-warmup-tokens must be >= 0 (got -5); 0 means no warmup"),
+    "kv channels 0": (["--kv-channels", "0"], 1, "--kv-channels must be >= 1 (got 0); omit it "
+                      "for hidden_size / num_attention_heads"),
     "unknown flag": (["--micro-batch-sise", "2"], 1,
                      "unknown argument '--micro-batch-sise' (did you mean '--micro-batch-size' or "
                      "'--rampup-batch-size' or '--global-batch-size'?)"),
@@ -87,6 +95,78 @@ def test_unknown_yaml_key_or_section_names_file_line_and_suggestion(tmp_path, bo
     with pytest.raises(ConfigError) as e:
         parse_args(BASE + ["--config", y])
     assert str(e.value) == message.format(y=y)
+
+
+# Output paths are checked with the config (issue: a bad --save failed after the engine was built).
+_FILE_PARENT = "{t}/afile is a file, not a folder, so nothing can be created under it; remove it " \
+    "or choose another path"
+PATH_CASES = {
+    "save is a file": (["--save", "{t}/afile"], "--save {t}/afile: exists and is a file, not a "
+                       "folder; remove it or choose another path"),
+    "save under a file": (["--save", "{t}/afile/sub"], "--save {t}/afile/sub: " + _FILE_PARENT),
+    "tensorboard under a file": (["--tensorboard-dir", "{t}/afile/tb"],
+                                 "--tensorboard-dir {t}/afile/tb: " + _FILE_PARENT),
+    "metrics file under a file": (["--metrics-file", "{t}/afile/deep/m.jsonl"],
+                                  "--metrics-file {t}/afile/deep/m.jsonl: " + _FILE_PARENT),
+    "metrics file is a folder": (["--metrics-file", "{t}/adir"], "--metrics-file {t}/adir: is a "
+                                 "folder, not a file; give a file path (a new name inside it, say)"),
+    "cache is a file": (["--data-cache-path", "{t}/afile"], "--data-cache-path {t}/afile: exists "
+                        "and is a file, not a folder; remove it or choose another path"),
+    "broken symlink": (["--save", "{t}/dangling"], "--save {t}/dangling: exists and is a broken "
+                       "symlink, not a folder; remove it or choose another path"),
+}
+
+
+def _path_fixture(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    os.symlink(str(tmp_path / "nowhere"), str(tmp_path / "dangling"))
+    return sorted(os.listdir(tmp_path))
+
+
+@pytest.mark.parametrize("name", list(PATH_CASES))
+def test_bad_output_path_is_refused_at_validation(tmp_path, name):
+    before = _path_fixture(tmp_path)
+    extra, message = PATH_CASES[name]
+    with pytest.raises(ConfigError) as e:
+        parse_args(BASE + [a.format(t=tmp_path) for a in extra])
+    assert str(e.value) == message.format(t=tmp_path)
+    assert sorted(os.listdir(tmp_path)) == before  # nothing created, no probe left behind
+
+
+def test_good_output_paths_pass_and_create_nothing(tmp_path):
+    before = _path_fixture(tmp_path)
+    cfg = parse_args(BASE + ["--save", str(tmp_path / "a" / "b" / "ckpt"), "--tensorboard-dir",
+                             str(tmp_path / "adir"), "--metrics-file",
+                             str(tmp_path / "m" / "metrics.jsonl"), "--data-cache-path",
+                             str(tmp_path / "adir" / "cache")])
+    assert cfg.checkpoint.save == str(tmp_path / "a" / "b" / "ckpt")
+    assert sorted(os.listdir(tmp_path)) == before and os.listdir(tmp_path / "adir") == []
+
+
+def test_output_folder_that_refuses_new_entries(tmp_path, monkeypatch):
+    """/proc refuses mkdir even to root (for whom os.access says yes): the probe catches it; a
+    folder os.access calls unwritable is refused without a probe; an existing read-only
+    --data-cache-path is allowed (a prebuilt index cache is only read)."""
+    from megatron_lite.training import validate
+
+    if os.path.isdir("/proc/self"):
+        with pytest.raises(ConfigError) as e:
+            parse_args(BASE + ["--save", "/proc/ck"])
+        assert str(e.value).startswith("--save /proc/ck: cannot be created: the folder /proc ")
+        assert str(e.value).endswith("; choose a folder you can write to, or fix its permissions")
+    (tmp_path / "ro").mkdir()
+    real = os.access
+    monkeypatch.setattr(validate.os, "access",
+                        lambda p, m: False if p == str(tmp_path / "ro") else real(p, m))
+    with pytest.raises(ConfigError) as e:
+        parse_args(BASE + ["--save", str(tmp_path / "ro" / "x")])
+    assert str(e.value) == (f"--save {tmp_path}/ro/x: cannot be created: the folder {tmp_path}/ro "
+                            "is not writable by this user; choose a folder you can write to, or "
+                            "fix its permissions")
+    with pytest.raises(ConfigError, match=f"^--tensorboard-dir {tmp_path}/ro: the folder "):
+        parse_args(BASE + ["--tensorboard-dir", str(tmp_path / "ro")])
+    parse_args(BASE + ["--data-cache-path", str(tmp_path / "ro")])
 
 
 def test_dry_run_prints_one_line_error_and_exits_2():

@@ -62,7 +62,9 @@ def derive_and_check(cfg, world_size: int) -> None:
     if world_size < 1:
         raise _err(f"world size must be >= 1 (got {world_size})")
     tp = par.tensor_model_parallel_size
-    if tp < 1 or world_size % tp:
+    if tp < 1:
+        raise _err(f"--tensor-model-parallel-size must be >= 1 (got {tp})")
+    if world_size % tp:
         raise _err(f"--tensor-model-parallel-size {tp} must divide the world size {world_size} "
                    f"(nproc_per_node x nnodes); choose TP in "
                    f"{[t for t in range(1, world_size + 1) if world_size % t == 0]}")
@@ -88,6 +90,9 @@ def derive_and_check(cfg, world_size: int) -> None:
         except (OSError, ValueError, RuntimeError) as e:
             raise _err(f"--tokenizer-model {cfg.data.tokenizer_model}: cannot load ({e})") from None
     # Model: its own checks (divisibility of heads by TP, ...) in the model section.
+    if cfg.model.kv_channels is not None and cfg.model.kv_channels < 1:
+        raise _err(f"--kv-channels must be >= 1 (got {cfg.model.kv_channels}); omit it for "
+                   "hidden_size / num_attention_heads")
     validate = getattr(cfg.model, "validate", None)
     if callable(validate):
         try:
@@ -107,6 +112,9 @@ def derive_and_check(cfg, world_size: int) -> None:
     d.micro_batch_tokens = tr.micro_batch_size * seq
     if tr.global_batch_size is not None and tr.global_batch_tokens is not None:
         raise _err("give either --global-batch-size (samples) or --global-batch-tokens, not both")
+    if tr.global_batch_size is not None and tr.global_batch_size < 1:
+        raise _err(f"--global-batch-size must be >= 1 (got {tr.global_batch_size}): it is the "
+                   "number of samples per optimizer step; omit it for micro_batch_size x D")
     if tr.global_batch_tokens is not None:
         if tr.global_batch_tokens <= 0 or tr.global_batch_tokens % seq:
             raise _err(f"--global-batch-tokens {tr.global_batch_tokens} must be a positive "
@@ -176,6 +184,10 @@ def derive_and_check(cfg, world_size: int) -> None:
                             ("--lr-warmup-fraction", sch.lr_warmup_fraction)) if v is not None]
     if len(given) > 1:
         raise _err(f"give at most one of {', '.join(given)}")
+    for flag, v in (("--lr-warmup-iters", sch.lr_warmup_iters),
+                    ("--lr-warmup-tokens", sch.lr_warmup_tokens)):
+        if v is not None and v < 0:
+            raise _err(f"{flag} must be >= 0 (got {v}); 0 means no warmup")
     if sch.lr_warmup_fraction is not None and not 0 <= sch.lr_warmup_fraction <= 1:
         raise _err(f"--lr-warmup-fraction must be in [0, 1] (got {sch.lr_warmup_fraction})")
     d.lr_warmup_iters = warmup_steps_from(
@@ -237,6 +249,8 @@ def derive_and_check(cfg, world_size: int) -> None:
         if v is not None and v < 0:
             raise _err(f"--{name.replace('_', '-')} must be >= 0 (got {v})")
 
+    check_output_paths(cfg)
+
     # Spike guard and noise scale (need the derived A and the checkpoint flags above).
     from megatron_lite.training.step_extras import check_extras_config
 
@@ -244,6 +258,82 @@ def derive_and_check(cfg, world_size: int) -> None:
         check_extras_config(cfg)
     except ValueError as e:
         raise _err(str(e)) from None
+
+
+def check_output_paths(cfg) -> None:
+    """The run's output paths, checked with the config (so ``--dry-run`` and every rank refuse a
+    bad one in seconds, not after the model and the engine are built): ``--save``,
+    ``--tensorboard-dir`` and ``--data-cache-path`` as folders, ``--metrics-file`` as a file.
+
+    Raises:
+        ConfigError: naming the flag, the path and the fix (:func:`output_path_problem`).
+    """
+    log, data = cfg.logging, cfg.data
+    for flag, path, kind in (("--save", cfg.checkpoint.save, "dir"),
+                             ("--tensorboard-dir", getattr(log, "tensorboard_dir", None), "dir"),
+                             ("--metrics-file", getattr(log, "metrics_file", None), "file"),
+                             ("--data-cache-path", getattr(data, "data_cache_path", None), "cache")):
+        if path:
+            check_output_path(flag, path, kind)
+
+
+def check_output_path(flag: str, path: str, kind: str = "dir") -> None:
+    """Raise ConfigError (a ValueError) ``"<flag> <path>: <problem and fix>"`` when ``path``
+    cannot be written (:func:`output_path_problem`); the tools use it for their outputs too."""
+    problem = output_path_problem(path, kind)
+    if problem:
+        raise _err(f"{flag} {path}: {problem}")
+
+
+def output_path_problem(path: str, kind: str = "dir") -> str | None:
+    """Why ``path`` cannot be an output of this process, or None when it can.
+
+    Nothing is created: the folders missing on the way to ``path`` are not made. Whether the
+    nearest existing folder accepts new entries is asked of the OS (``os.access``) and, when that
+    says yes, confirmed by making and at once removing one empty probe folder in it, because
+    ``os.access`` says yes to root everywhere (``/proc``, a read-only bind mount of some kinds).
+
+    Args:
+        path: the output path as given.
+        kind: ``"dir"`` (an output folder, e.g. ``--save``), ``"file"`` (a file written through
+            a temporary file in its folder, e.g. ``--metrics-file``) or ``"cache"`` (a folder
+            that may be read-only when it exists already: a prebuilt ``--data-cache-path``).
+
+    Returns:
+        One clause saying what is wrong and the fix, or None.
+    """
+    full = os.path.abspath(path)
+    if os.path.lexists(full):
+        if kind == "file":
+            if os.path.isdir(full):
+                return "is a folder, not a file; give a file path (a new name inside it, say)"
+            return _unwritable(os.path.dirname(full))
+        if not os.path.isdir(full):
+            what = "a broken symlink" if os.path.islink(full) else "a file"
+            return f"exists and is {what}, not a folder; remove it or choose another path"
+        return None if kind == "cache" else _unwritable(full)
+    anc = os.path.dirname(full)
+    while not os.path.lexists(anc):  # the nearest existing ancestor ("/" at worst)
+        anc = os.path.dirname(anc)
+    if not os.path.isdir(anc):
+        return (f"{anc} is a file, not a folder, so nothing can be created under it; remove it "
+                "or choose another path")
+    why = _unwritable(anc)
+    return f"cannot be created: {why}" if why else None
+
+
+def _unwritable(folder: str) -> str | None:
+    """None when new entries can be made in ``folder``, else why not (with the fix)."""
+    import tempfile
+
+    fix = "choose a folder you can write to, or fix its permissions"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"the folder {folder} is not writable by this user; {fix}"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write_probe_", dir=folder))
+    except OSError as e:
+        return f"the folder {folder} does not accept new entries ({e.strerror or e}); {fix}"
+    return None
 
 
 def _train_device_type(tr) -> str:
