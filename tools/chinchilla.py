@@ -48,6 +48,11 @@ def run(argv=None) -> dict:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    for flag in ("flops", "params", "tokens", "gpus", "peak_tflops", "mfu", "days",
+                 "tokens_per_param"):
+        value = getattr(args, flag)
+        if value is not None and not value > 0:  # also NaN
+            parser.error(f"--{flag.replace('_', '-')} must be > 0 (got {value:g})")
     out: dict = {}
     flops = args.flops
     if args.gpus is not None:

@@ -82,8 +82,13 @@ def main(argv: list[str] | None = None) -> dict:
     """
     args = build_parser().parse_args(argv)
     from megatron_lite.convert import ConversionError, convert
+    from megatron_lite.training.validate import output_path_problem
 
     try:
+        # The output is staged in <save>.tmp_* beside --save: its folder must accept new entries.
+        problem = output_path_problem(os.path.abspath(args.save).rstrip(os.sep) + ".tmp_", "dir")
+        if problem:
+            raise ConversionError(f"--save {args.save}: {problem}")
         res = convert(args.load, args.save, args.load_format, args.save_format,
                       target_tp=args.target_tp, dtype=args.dtype,
                       max_shard_size=args.max_shard_size, tokenizer_model=args.tokenizer_model,
@@ -100,4 +105,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from megatron_lite.eval.tool_cli import run_tool
+
+    sys.exit(run_tool("convert_checkpoint", main))

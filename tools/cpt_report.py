@@ -111,8 +111,9 @@ def evaluate(args) -> dict:
     from megatron_lite.eval.perplexity import build_stream, stream_perplexity
 
     device = pick_device(args.device)
-    models = {"base": load_model(args.base, _format(args.base, args.base_format), device),
-              "cpt": load_model(args.cpt, _format(args.cpt, args.cpt_format), device)}
+    models = {"base": load_model(args.base, _format(args.base, args.base_format), device,
+                                 "--base"),
+              "cpt": load_model(args.cpt, _format(args.cpt, args.cpt_format), device, "--cpt")}
     L = args.seq_length or models["cpt"].seq_length
     if not L:
         raise ValueError("the CPT checkpoint names no sequence length; pass --seq-length")
@@ -174,16 +175,22 @@ def format_table(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Build, print and optionally write the report; returns it.
+
+    Raises:
+        ValueError, FileNotFoundError: bad flags, checkpoints or data (``tools/cpt_report.py``
+            prints them as one line, exit 2).
+    """
     args = build_parser().parse_args(argv)
     import torch.distributed as dist
 
     from megatron_lite.eval.loading import inference_session
+    from megatron_lite.training.validate import check_output_path
 
+    if args.output:
+        check_output_path("--output", args.output, "file")  # before the evaluations, not after
     with inference_session(args.tp, args.device):
-        try:
-            report = evaluate(args)
-        except (ValueError, FileNotFoundError) as e:
-            raise SystemExit(f"cpt_report: error: {e}") from None
+        report = evaluate(args)
         if not dist.is_initialized() or dist.get_rank() == 0:
             text = json.dumps(report)
             if args.output:
@@ -196,4 +203,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from megatron_lite.eval.tool_cli import run_tool
+
+    sys.exit(run_tool("cpt_report", main))

@@ -52,8 +52,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Flag values that need no checkpoint or data, refused before anything is loaded.
+
+    Raises:
+        ValueError: naming the flag and the valid range.
+    """
+    for flag, value, low in (("--seq-length", args.seq_length, 1), ("--stride", args.stride, 1),
+                             ("--max-tokens", args.max_tokens, 2),
+                             ("--micro-batch-size", args.micro_batch_size, 1),
+                             ("--tensor-model-parallel-size", args.tp, 1)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be >= {low} (got {value})")
+    if args.stride is not None and args.seq_length is not None and args.stride > args.seq_length:
+        raise ValueError(f"--stride {args.stride} must be <= --seq-length {args.seq_length}: a "
+                         "stride above the window length would leave targets unscored")
+
+
 def main(argv: list[str] | None = None) -> dict:
+    """Evaluate; returns ``{"ppl", "nll", "tokens"}``.
+
+    Raises:
+        ValueError, FileNotFoundError: bad flags, a missing checkpoint or dataset, data made
+            with another tokenizer (``tools/eval_ppl.py`` prints them as one line, exit 2).
+    """
     args = build_parser().parse_args(argv)
+    check_args(args)
     import torch.distributed as dist
 
     from megatron_lite import parallel
@@ -62,23 +86,30 @@ def main(argv: list[str] | None = None) -> dict:
     from megatron_lite.eval.perplexity import build_stream, stream_perplexity
 
     with inference_session(args.tp, args.device) as device:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        # The data first: a wrong --data-path fails before the model is read.
+        stream = build_stream(IndexedDataset(args.data_path), args.max_tokens)
         loaded = load_model(args.load, args.load_format, device)
         seq_length = args.seq_length or loaded.seq_length
         if not seq_length:
-            raise SystemExit("eval_ppl: the checkpoint names no sequence length; pass --seq-length")
-        stream = build_stream(IndexedDataset(args.data_path), args.max_tokens)
+            raise ValueError("the checkpoint names no sequence length; pass --seq-length")
+        if args.stride is not None and args.stride > seq_length:
+            raise ValueError(f"--stride {args.stride} must be <= the window length {seq_length} "
+                             "(the checkpoint's --seq-length; pass --seq-length to change it)")
+        note = loaded.extrapolation_warning(seq_length)
+        if note and rank == 0:
+            print(f"eval_ppl: warning: {note}", file=sys.stderr, flush=True)
         top = int(stream.max())
         if top >= loaded.vocab_size:
-            raise SystemExit(f"eval_ppl: {args.data_path} holds token id {top} but the model's "
-                             f"vocabulary has {loaded.vocab_size} entries: the data was made "
-                             "with a different tokenizer")
+            raise ValueError(f"--data-path {args.data_path} holds token id {top} but the "
+                             f"model's vocabulary has {loaded.vocab_size} entries: the data was "
+                             "made with a different tokenizer")
         result = stream_perplexity(
             loaded.loss, stream, seq_length, args.stride, micro_batch_size=args.micro_batch_size,
             dp_rank=parallel.get_data_parallel_rank(),
             dp_size=parallel.get_data_parallel_world_size(),
             dp_group=parallel.get_data_parallel_group(), device=device,
             progress=args.progress)
-        rank = dist.get_rank() if dist.is_initialized() else 0
         if rank == 0:
             if args.json:
                 print(json.dumps(result), flush=True)
@@ -92,4 +123,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from megatron_lite.eval.tool_cli import run_tool
+
+    sys.exit(run_tool("eval_ppl", main))

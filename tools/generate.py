@@ -31,10 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "HuggingFace folder with --load-format hf")
     p.add_argument("--load-format", default="megatron_lite", choices=["megatron_lite", "hf"],
                    help="--load is our checkpoint folder or a HuggingFace LlamaForCausalLM folder")
-    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--prompt", required=True, help="text to continue (may be empty with "
+                   "--add-bos: generate from the BOS token alone)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     p.add_argument("--greedy", action="store_true", help="argmax decoding (default: sampling)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (>= 0; "
+                   "0 means greedy, as in the OpenAI API and vLLM)")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass in (0, 1]")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
     p.add_argument("--seed", type=int, default=1234, help="sampling seed")
@@ -65,15 +67,46 @@ def _tokenizer(args, loaded):
             os.path.isfile(os.path.join(loaded.hf_folder, "tokenizer.json")):
         tmodel, ttype = loaded.hf_folder, ttype or "HuggingFaceTokenizer"
     if tmodel is None:
-        raise SystemExit("generate: the checkpoint records no tokenizer; pass --tokenizer-model "
+        raise ValueError("the checkpoint records no tokenizer; pass --tokenizer-model "
                          "(and --tokenizer-type)")
     if ttype is None:
         ttype = "SentencePieceTokenizer" if tmodel.endswith(".model") else "HuggingFaceTokenizer"
     return build_tokenizer(ttype, tmodel)
 
 
+EMPTY_PROMPT = ("--prompt is empty (no tokens to continue): give some text, or pass --add-bos to "
+                "generate from the BOS token alone")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Sampling flags checked before the model is loaded; ``--temperature 0`` becomes greedy.
+
+    Raises:
+        ValueError: naming the flag and the valid range.
+    """
+    if not args.prompt and not args.add_bos:
+        raise ValueError(EMPTY_PROMPT)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1 (got {args.max_new_tokens})")
+    if not args.temperature >= 0:  # also refuses NaN
+        raise ValueError(f"--temperature must be >= 0 (got {args.temperature}); 0 means greedy")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1] (got {args.top_p}); 1 keeps every token")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0 (got {args.top_k}); 0 turns it off")
+    if args.temperature == 0:
+        args.greedy = True
+
+
 def main(argv: list[str] | None = None) -> dict:
+    """Generate; returns ``{"prompt", "text", "prompt_ids", "new_ids"}``.
+
+    Raises:
+        ValueError, FileNotFoundError: bad flags or checkpoint (``tools/generate.py`` prints
+            them as one line, exit 2).
+    """
     args = build_parser().parse_args(argv)
+    check_args(args)
     import torch
     import torch.distributed as dist
 
@@ -86,8 +119,10 @@ def main(argv: list[str] | None = None) -> dict:
         prompt_ids = tok.encode(args.prompt)
         if args.add_bos:
             if tok.bos is None:
-                raise SystemExit("generate: --add-bos but the tokenizer has no BOS token")
+                raise ValueError("--add-bos but the tokenizer has no BOS token")
             prompt_ids = [tok.bos] + prompt_ids
+        if not prompt_ids:
+            raise ValueError(EMPTY_PROMPT)
         gen = torch.Generator().manual_seed(args.seed)
         new = generate(loaded.logits, prompt_ids, args.max_new_tokens, greedy=args.greedy,
                        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -108,4 +143,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from megatron_lite.eval.tool_cli import run_tool
+
+    sys.exit(run_tool("generate", main))

@@ -77,7 +77,10 @@ def main(argv=None) -> int:
     p.add_argument("--input", nargs="+", required=True, help="dataset prefixes or directories, in order")
     p.add_argument("--output-prefix", required=True, help="writes <prefix>.bin/.idx")
     args = p.parse_args(argv)
+    from megatron_lite.training.validate import check_output_path
+
     try:
+        check_output_path("--output-prefix", args.output_prefix, "prefix")
         stats = merge(expand(args.input), args.output_prefix)
     except (ValueError, FileNotFoundError) as e:
         print(f"merge_datasets: error: {e}", file=sys.stderr)

@@ -106,7 +106,12 @@ def squared_grad_norm(model, tokens, labels) -> tuple[float, int]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Measure, fit, print and optionally write the result. Returns the result dict."""
+    """Measure, fit, print and optionally write the result. Returns the result dict.
+
+    Raises:
+        ValueError, FileNotFoundError: bad flags, checkpoint or data (the script prints them as
+            one line, exit 2).
+    """
     args = build_parser().parse_args(argv)
     import numpy as np
     import torch
@@ -114,18 +119,26 @@ def main(argv: list[str] | None = None) -> dict:
     from megatron_lite.training.checkpointing import load_model_for_inference
     from megatron_lite.training.noise_scale import unbiased_estimates
 
-    sizes = sorted({int(x) for x in args.batch_sizes.split(",") if x.strip()})
+    try:
+        sizes = sorted({int(x) for x in args.batch_sizes.split(",") if x.strip()})
+    except ValueError:
+        sizes = []
     if len(sizes) < 2 or sizes[0] < 1:
-        raise SystemExit(f"--batch-sizes {args.batch_sizes}: give at least two distinct sizes >= 1")
+        raise ValueError(f"--batch-sizes {args.batch_sizes}: give at least two distinct sizes "
+                         ">= 1, comma-separated (e.g. 4,8,16,32)")
     if args.num_batches < 1:
-        raise SystemExit("--num-batches must be >= 1")
+        raise ValueError(f"--num-batches must be >= 1 (got {args.num_batches})")
+    if args.output:
+        from megatron_lite.training.validate import check_output_path
+
+        check_output_path("--output", args.output, "file")  # before the measurement, not after
     model, cfg = load_model_for_inference(args.load, 0, 1)
     seq = int(args.seq_length or cfg.model.seq_length)
     device = torch.device(args.device)
     model.to(device).train()
     stream, n = _samples(args.data_path, seq)
     if sizes[-1] > n:
-        raise SystemExit(f"--batch-sizes: {sizes[-1]} samples > the {n} the dataset holds")
+        raise ValueError(f"--batch-sizes: {sizes[-1]} samples > the {n} the dataset holds")
     rng = np.random.default_rng(args.seed)
     rows = []
     prev = torch.is_grad_enabled()
@@ -171,4 +184,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from megatron_lite.eval.tool_cli import run_tool
+
+    sys.exit(run_tool("noise_scale_estimator", main))

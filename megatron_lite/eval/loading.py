@@ -47,6 +47,25 @@ class LoadedModel:
     run_config: Any = None
     hf_folder: str | None = None
 
+    def extrapolation_warning(self, seq_length: int) -> str | None:
+        """A warning when windows of ``seq_length`` tokens reach positions the model never
+        trained at (beyond its ``seq_length``), else None. RoPE still produces those positions,
+        but without a context extension (YaRN, Peng et al. 2023; position interpolation, Chen
+        et al. 2023) the loss there rises sharply, so the perplexity is not the model's."""
+        trained = self.seq_length
+        if not trained or seq_length <= trained:
+            return None
+        cfg = getattr(self.module, "config", None)
+        kind = getattr(cfg, "rope_scaling_type", "none") or "none"
+        factor = getattr(cfg, "rope_scaling_factor", 1.0)
+        how = "RoPE without scaling" if kind == "none" else \
+            f"--rope-scaling-type {kind} x{factor:g} up to {trained}"
+        return (f"--seq-length {seq_length} is longer than the {trained} positions the model was "
+                f"trained at ({how}): positions {trained}..{seq_length - 1} are extrapolated and "
+                f"the perplexity is not comparable with --seq-length <= {trained}; to evaluate a "
+                "longer context, extend the model first (continued pretraining at that length "
+                "with --rope-scaling-type yarn/linear/llama3 and --rope-scaling-factor)")
+
     @torch.no_grad()
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Per-token NLL in nats ``[b, s]`` fp32 for ``tokens [b, s]``, ``labels [b, s]``."""
@@ -128,11 +147,20 @@ def inference_session(tp: int, device_name: str | None) -> Iterator[torch.device
         torch.set_grad_enabled(grad_was_enabled)
 
 
-def _load_ours(load: str, device: torch.device) -> LoadedModel:
+def _load_ours(load: str, device: torch.device, flag: str = "--load") -> LoadedModel:
     from megatron_lite.training.checkpointing import load_model_for_inference
 
-    model, cfg = load_model_for_inference(load, parallel.get_tensor_model_parallel_rank(),
-                                          parallel.get_tensor_model_parallel_world_size())
+    if not os.path.exists(load):
+        raise FileNotFoundError(f"{flag} {load}: no such file or folder")
+    try:
+        model, cfg = load_model_for_inference(load, parallel.get_tensor_model_parallel_rank(),
+                                              parallel.get_tensor_model_parallel_world_size())
+    except FileNotFoundError as e:
+        if os.path.isfile(os.path.join(load, "config.json")):
+            raise FileNotFoundError(f"{flag} {load}: no megatron_lite checkpoint there (no "
+                                    "manifest.json) but a config.json: for a HuggingFace folder "
+                                    f"pass {flag}-format hf") from None
+        raise FileNotFoundError(f"{flag} {e}") from None
     return LoadedModel(model.to(device).eval(), "ours", cfg.model.vocab_size,
                        cfg.model.seq_length, run_config=cfg)
 
@@ -153,16 +181,20 @@ def _read_hf_state_dict(folder: str) -> dict[str, torch.Tensor]:
     return read_hf_state_dict(folder)
 
 
-def _load_hf(folder: str, device: torch.device) -> LoadedModel:
+def _load_hf(folder: str, device: torch.device, flag: str = "--load") -> LoadedModel:
     """An HF LlamaForCausalLM folder converted into this rank's LlamaModel TP shard."""
     from megatron_lite.convert.hf_io import read_hf_config
     from megatron_lite.model.hf_adapter import config_from_hf, hf_to_megatron_lite
     from megatron_lite.model.llama import LlamaModel
+    from megatron_lite.training.checkpoint_files import find_checkpoint
 
     cfg_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(cfg_path) and find_checkpoint(folder) is not None:
+        raise FileNotFoundError(f"{flag} {folder} {flag}-format hf: that is a megatron_lite "
+                                f"checkpoint (no config.json); drop {flag}-format hf")
     if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"--load {folder} --load-format hf: no config.json there (expected "
-                                "a HuggingFace LlamaForCausalLM folder)")
+        raise FileNotFoundError(f"{flag} {folder} {flag}-format hf: no config.json there "
+                                "(expected a HuggingFace LlamaForCausalLM folder)")
     model_cfg = config_from_hf(read_hf_config(folder))  # refuses non-LLaMA architectures
     tp, rank = parallel.get_tensor_model_parallel_world_size(), \
         parallel.get_tensor_model_parallel_rank()
@@ -175,23 +207,26 @@ def _load_hf(folder: str, device: torch.device) -> LoadedModel:
                        model_cfg.seq_length, hf_folder=folder)
 
 
-def load_model(load: str, load_format: str, device: torch.device) -> LoadedModel:
+def load_model(load: str, load_format: str, device: torch.device,
+               flag: str = "--load") -> LoadedModel:
     """Load a checkpoint for inference on this rank (after :func:`init_distributed`).
 
     Args:
         load: ``--load`` path.
         load_format: ``megatron_lite`` or ``hf``.
         device: where the weights go.
+        flag: the tool's flag for ``load`` in messages (its format flag is ``<flag>-format``).
 
     Raises:
         ValueError: unknown ``--load-format``; TP mismatch with the checkpoint.
-        FileNotFoundError: no checkpoint at ``load``.
+        FileNotFoundError: no checkpoint at ``load`` (an HF folder given as ours, or ours as
+            HF, is named as such with the format flag to change).
     """
     if load_format not in LOAD_FORMATS:
-        raise ValueError(f"--load-format {load_format!r}: choose one of {LOAD_FORMATS}")
+        raise ValueError(f"{flag}-format {load_format!r}: choose one of {LOAD_FORMATS}")
     if load_format == "hf":
-        return _load_hf(load, device)
-    return _load_ours(load, device)
+        return _load_hf(load, device, flag)
+    return _load_ours(load, device, flag)
 
 
 def pick_device(name: str | None) -> torch.device:

@@ -296,7 +296,8 @@ def output_path_problem(path: str, kind: str = "dir") -> str | None:
     Args:
         path: the output path as given.
         kind: ``"dir"`` (an output folder, e.g. ``--save``), ``"file"`` (a file written through
-            a temporary file in its folder, e.g. ``--metrics-file``) or ``"cache"`` (a folder
+            a temporary file in its folder, e.g. ``--metrics-file``), ``"prefix"`` (files named
+            ``<path><suffix>`` in its folder, e.g. ``--output-prefix``) or ``"cache"`` (a folder
             that may be read-only when it exists already: a prebuilt ``--data-cache-path``).
 
     Returns:
@@ -304,8 +305,8 @@ def output_path_problem(path: str, kind: str = "dir") -> str | None:
     """
     full = os.path.abspath(path)
     if os.path.lexists(full):
-        if kind == "file":
-            if os.path.isdir(full):
+        if kind in ("file", "prefix"):
+            if kind == "file" and os.path.isdir(full):
                 return "is a folder, not a file; give a file path (a new name inside it, say)"
             return _unwritable(os.path.dirname(full))
         if not os.path.isdir(full):

@@ -1,0 +1,58 @@
+"""How the command-line tools in ``tools/`` end on bad input: one line, exit status 2.
+
+The training entrypoints do this in ``megatron_lite.training.entrypoint.run_entrypoint``; the
+tools follow the same convention through :func:`run_tool`, so a wrong path or flag value prints
+
+    <tool>: error: <what is wrong and how to fix it>
+
+on stderr and exits 2 instead of a traceback with status 1. ``MEGATRON_LITE_TRACEBACK=1`` in the
+environment re-raises instead (the traceback is then printed as usual).
+
+A tool's ``main(argv)`` keeps raising plain exceptions, so tests and notebooks calling it in
+process see them; only the ``if __name__ == "__main__"`` line goes through :func:`run_tool`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+# Raised on purpose with the fix in the message (bad flag values, missing or malformed input
+# files, output paths that cannot be written), as in run_entrypoint; anything else is a bug and
+# keeps its traceback.
+BAD_INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+                    IsADirectoryError, PermissionError)
+
+
+def error_line(tool: str, exc: BaseException) -> str:
+    """``"<tool>: error: <message>"`` on one line (a multi-line message is joined with ``; ``)."""
+    msg = "; ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+    return f"{tool}: error: {msg or type(exc).__name__}"
+
+
+def run_tool(tool: str, main: Callable[[Sequence[str] | None], Any],
+             argv: Sequence[str] | None = None) -> int:
+    """Run a tool's ``main(argv)`` and turn bad-input errors into one line and status 2.
+
+    Args:
+        tool: the tool's name for the message (``eval_ppl``).
+        main: the tool's entry point; an int it returns is the exit status, anything else
+            (a result dict, None) means 0.
+        argv: arguments without the program name (None: ``sys.argv[1:]``, as argparse does).
+
+    Returns:
+        The process exit status: ``main``'s, 0, or 2 after printing :func:`error_line` for one of
+        :data:`BAD_INPUT_ERRORS` (``ConfigError`` and ``ConversionError`` are ValueErrors).
+
+    Raises:
+        The caught error itself when ``MEGATRON_LITE_TRACEBACK=1``; other exceptions unchanged.
+    """
+    try:
+        status = main(argv)
+    except BAD_INPUT_ERRORS as e:
+        if os.environ.get("MEGATRON_LITE_TRACEBACK") == "1":
+            raise
+        print(error_line(tool, e), file=sys.stderr, flush=True)
+        return 2
+    return status if isinstance(status, int) and not isinstance(status, bool) else 0
