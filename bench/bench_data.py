@@ -38,6 +38,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+def fmt_seconds(t: float) -> str:
+    """``t`` seconds to 4 significant digits in s, ms or us, so a sub-millisecond build does not
+    print as ``0.000 s``."""
+    for scale, unit in ((1.0, "s"), (1e-3, "ms"), (1e-6, "us")):
+        if t >= scale or unit == "us":
+            return f"{t / scale:.4g} {unit}"
+
+
+def fmt_ratio(slow: float, fast: float) -> str:
+    """``slow / fast`` from the unrounded times, to 3 significant digits (``n/a`` if fast <= 0)."""
+    return f"{slow / fast:.3g}x" if fast > 0 else "n/a"
+
+
 def _load_tool(name: str):
     import importlib.util
 
@@ -149,7 +162,7 @@ def bench_preprocess(args, work: str) -> None:
     print(f"\n{'':40s} {'wall s':>7s} {'MB/s':>7s} {'tokens/s':>10s} {'vs plain':>8s} "
           f"{'CPU s main':>10s} {'CPU s workers':>13s}")
     for name, sec, tok, mbs, cpu, kids in rows:
-        print(f"{name:40s} {sec:7.2f} {mbs:7.2f} {tok / sec:10.0f} {mbs / plain_mbs:7.2f}x "
+        print(f"{name:40s} {sec:7.4g} {mbs:7.4g} {tok / sec:10.0f} {mbs / plain_mbs:7.3g}x "
               f"{cpu:10.2f} {kids:13.2f}")
     print("(tokens exclude the appended EOD; MB/s over the JSONL bytes; CPU seconds show where\n"
           " the work went when other processes share the cores and wall-clock ratios are noisy)")
@@ -185,7 +198,9 @@ def sample_idx_loop(sizes, doc_idx, seq_length: int, num_samples: int) -> np.nda
     return out
 
 
-def bench_sample_index(args) -> None:
+def bench_sample_index(args) -> dict[str, float]:
+    """Time the index builders; prints them and returns the best times in seconds
+    (``numpy``, ``cpp``, ``loop``; absent when not measured)."""
     from megatron_lite.data import helpers
 
     total = int(float(args.index_tokens))
@@ -213,24 +228,27 @@ def bench_sample_index(args) -> None:
         return out, min(times)
 
     ref, t_np = best_of(helpers.build_sample_idx_numpy)
-    print(f"  NumPy reference: {t_np:8.3f} s (best of {args.repeat})")
+    times = {"numpy": t_np}
+    print(f"  NumPy reference: {fmt_seconds(t_np):>10s} (best of {args.repeat})")
     if not helpers.have_cpp():
         print("  C++ builder: not built (python setup.py build_ext --inplace); no ratio")
-        return
+        return times
     got, t_cpp = best_of(helpers.build_sample_idx_cpp)
+    times["cpp"] = t_cpp
     same = np.array_equal(np.asarray(got, dtype=np.int64), ref)
-    print(f"  C++ builder:     {t_cpp:8.3f} s   speed-up {t_np / t_cpp:.1f}x vs the NumPy reference   "
-          f"identical: {same}")
+    print(f"  C++ builder:     {fmt_seconds(t_cpp):>10s}   speed-up {fmt_ratio(t_np, t_cpp)} vs "
+          f"the NumPy reference   identical: {same}")
     if args.skip_loop:
-        return
+        return times
     t0 = time.perf_counter()  # one run: the loop takes tens of seconds at 1e10 tokens
     loop = sample_idx_loop(sizes, doc_idx, args.seq_length, num_samples)
-    t_loop = time.perf_counter() - t0
-    print(f"  Python loop:     {t_loop:8.3f} s   C++ speed-up {t_loop / t_cpp:.1f}x vs the loop   "
-          f"identical: {np.array_equal(loop, ref)}")
+    times["loop"] = t_loop = time.perf_counter() - t0
+    print(f"  Python loop:     {fmt_seconds(t_loop):>10s}   C++ speed-up {fmt_ratio(t_loop, t_cpp)} "
+          f"vs the loop   identical: {np.array_equal(loop, ref)}")
     # The vectorised ratio stays small because both builders are bound by the random reads of
     # sizes[doc_idx[k]] (one cache miss per document for a shuffled order), not by arithmetic:
     # the C++ walk spends ~12-15 ns per document, about one prefetched DRAM access.
+    return times
 
 
 def main(argv=None) -> int:

@@ -17,15 +17,35 @@ BASE_STEPS=150
 BASE_STEPS_GIVEN=0
 BASE_RUN="$ROOT/runs/quickstart"
 OUT="$ROOT/runs/cpt_cpu"
+usage_error() {  # one line and exit 2, like the Python entrypoints
+  echo "cpt_cpu.sh: error: $1 (usage: bash examples/cpt_cpu.sh [--steps N] [--base DIR] [--base-steps N] [--out DIR])" >&2
+  exit 2
+}
 while [ $# -gt 0 ]; do
   case "$1" in
-    --steps) STEPS="$2"; shift 2 ;;
-    --base) BASE_RUN="$2"; shift 2 ;;
-    --base-steps) BASE_STEPS="$2"; BASE_STEPS_GIVEN=1; shift 2 ;;
-    --out) OUT="$2"; shift 2 ;;
+    --steps|--base|--base-steps|--out)
+      # the last word, or one followed by another option, has no value
+      if [ $# -lt 2 ] || [ -z "$2" ] || [ "${2#--}" != "$2" ]; then usage_error "$1 needs a value"; fi
+      case "$1" in
+        --steps) STEPS="$2" ;;
+        --base) BASE_RUN="$2" ;;
+        --base-steps) BASE_STEPS="$2"; BASE_STEPS_GIVEN=1 ;;
+        --out) OUT="$2" ;;
+      esac
+      shift 2 ;;
     -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
-    *) echo "cpt_cpu.sh: unknown option '$1' (use --steps N, --base DIR, --base-steps N, --out DIR)" >&2; exit 2 ;;
+    *) usage_error "unknown option '$1'" ;;
   esac
+done
+for pair in "--steps:$STEPS" "--base-steps:$BASE_STEPS"; do
+  case "${pair#*:}" in
+    ''|*[!0-9]*|0*) usage_error "${pair%%:*} must be a positive whole number of steps (got '${pair#*:}')" ;;
+  esac
+done
+for pair in "--base:$BASE_RUN" "--out:$OUT"; do
+  if [ -e "${pair#*:}" ] && [ ! -d "${pair#*:}" ]; then
+    usage_error "${pair%%:*} ${pair#*:} exists and is not a folder; choose another folder"
+  fi
 done
 cd "$ROOT"
 source scripts/setup_env.sh

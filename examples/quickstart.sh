@@ -9,15 +9,31 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 STEPS=150
 OUT="$ROOT/runs/quickstart"
 CORPUS=""
+usage_error() {  # one line and exit 2, like the Python entrypoints
+  echo "quickstart.sh: error: $1 (usage: bash examples/quickstart.sh [--steps N] [--out DIR] [--corpus FILE.jsonl])" >&2
+  exit 2
+}
 while [ $# -gt 0 ]; do
   case "$1" in
-    --steps) STEPS="$2"; shift 2 ;;
-    --out) OUT="$2"; shift 2 ;;
-    --corpus) CORPUS="$2"; shift 2 ;;
+    --steps|--out|--corpus)
+      # "--steps" as the last word, or followed by another option, has no value
+      if [ $# -lt 2 ] || [ -z "$2" ] || [ "${2#--}" != "$2" ]; then usage_error "$1 needs a value"; fi
+      case "$1" in --steps) STEPS="$2" ;; --out) OUT="$2" ;; --corpus) CORPUS="$2" ;; esac
+      shift 2 ;;
     -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
-    *) echo "quickstart.sh: unknown option '$1' (use --steps N, --out DIR, --corpus FILE.jsonl)" >&2; exit 2 ;;
+    *) usage_error "unknown option '$1'" ;;
   esac
 done
+case "$STEPS" in
+  ''|*[!0-9]*|0*) usage_error "--steps must be a positive whole number of steps (got '$STEPS')" ;;
+esac
+# Checked before anything is created, so a typo leaves no empty --out folder behind.
+if [ -n "$CORPUS" ] && { [ ! -f "$CORPUS" ] || [ ! -r "$CORPUS" ]; }; then
+  usage_error "--corpus $CORPUS: no such readable file (give a JSON-lines file with a \"text\" field)"
+fi
+if [ -e "$OUT" ] && [ ! -d "$OUT" ]; then
+  usage_error "--out $OUT exists and is not a folder; choose another --out DIR"
+fi
 cd "$ROOT"
 # A rerun resumes $OUT/ckpt (--load); a different --steps would change that run's LR schedule.
 if [ -f "$OUT/ckpt/latest" ]; then

@@ -236,3 +236,43 @@ def test_quickstart_refuses_other_steps_over_an_existing_run(tmp_path):
                         "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert f"{tmp_path}/ckpt holds a --steps 60 run" in r.stderr and "--out DIR" in r.stderr
+
+
+_QS_USAGE = "(usage: bash examples/quickstart.sh [--steps N] [--out DIR] [--corpus FILE.jsonl])"
+_CPT_USAGE = ("(usage: bash examples/cpt_cpu.sh [--steps N] [--base DIR] [--base-steps N] "
+              "[--out DIR])")
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("quickstart.sh", ["--steps"], "--steps needs a value"),
+    ("quickstart.sh", ["--out", "{t}/o", "--steps", "--corpus", "c"], "--steps needs a value"),
+    ("quickstart.sh", ["--corpus"], "--corpus needs a value"),
+    ("quickstart.sh", ["--steps", "ten"], "--steps must be a positive whole number of steps "
+                                          "(got 'ten')"),
+    ("quickstart.sh", ["--steps", "0"], "--steps must be a positive whole number of steps "
+                                        "(got '0')"),
+    ("quickstart.sh", ["--corpus", "{t}/nonexistent.jsonl", "--out", "{t}/o"],
+     "--corpus {t}/nonexistent.jsonl: no such readable file (give a JSON-lines file with a "
+     "\"text\" field)"),
+    ("quickstart.sh", ["--out", "{t}/afile"], "--out {t}/afile exists and is not a folder; "
+                                              "choose another --out DIR"),
+    ("quickstart.sh", ["--step", "5"], "unknown option '--step'"),
+    ("cpt_cpu.sh", ["--base-steps"], "--base-steps needs a value"),
+    ("cpt_cpu.sh", ["--base", "--out", "{t}/o"], "--base needs a value"),
+    ("cpt_cpu.sh", ["--steps", "-3"], "--steps must be a positive whole number of steps "
+                                      "(got '-3')"),
+    ("cpt_cpu.sh", ["--out", "{t}/afile"], "--out {t}/afile exists and is not a folder; choose "
+                                           "another folder"),
+    ("cpt_cpu.sh", ["--bogus"], "unknown option '--bogus'"),
+])
+def test_cpu_walkthrough_scripts_refuse_bad_options_in_one_line(tmp_path, script, args, message):
+    """A missing value or a bad one is a one-line usage error with status 2 (not bash's
+    '$2: unbound variable'), found before anything is installed, created or run."""
+    (tmp_path / "afile").write_text("x")
+    r = subprocess.run(["bash", os.path.join(ROOT, "examples", script),
+                        *[a.format(t=tmp_path) for a in args]],
+                       capture_output=True, text=True, timeout=60)
+    usage = _QS_USAGE if script == "quickstart.sh" else _CPT_USAGE
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.splitlines() == [f"{script}: error: {message.format(t=tmp_path)} {usage}"]
+    assert r.stdout == "" and sorted(os.listdir(tmp_path)) == ["afile"]  # no --out left behind

@@ -270,6 +270,22 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, capsys):
     assert not (out / "iter_0000000" / "mp_rank_01_model_states.pt").exists()
 
 
+def test_unwritable_save_location_is_a_clear_error(tmp_path, capsys):
+    """--save under a file, or where no folder can be made (/proc refuses mkdir even to root):
+    one line naming --save, checked before the input is read (it does not exist here)."""
+    (tmp_path / "afile").write_text("x")
+    common = ["--load-format", "hf", "--save-format", "megatron_lite", "--load", tmp_path / "nope"]
+    err = _expect_error(capsys, tmp_path, common + ["--save", tmp_path / "afile" / "sub"])
+    assert err.strip().splitlines() == [
+        f"convert_checkpoint: error: --save {tmp_path}/afile/sub: {tmp_path}/afile is a file, not "
+        "a folder, so nothing can be created under it; remove it or choose another path"]
+    if os.path.isdir("/proc/self"):
+        err = _expect_error(capsys, tmp_path, common + ["--save", "/proc/h2x"])
+        assert len(err.strip().splitlines()) == 1
+        assert err.startswith("convert_checkpoint: error: --save /proc/h2x: cannot be created: "
+                              "the folder /proc ")
+
+
 def test_parse_size_and_help():
     from megatron_lite.convert import ConversionError, parse_size
 

@@ -112,11 +112,16 @@ def init_distributed(tp: int, device: torch.device) -> bool:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         created = True
-    if not parallel.model_parallel_is_initialized():
-        parallel.initialize_model_parallel(tp)
-    elif parallel.get_tensor_model_parallel_world_size() != tp:
-        raise ValueError(f"--tp {tp}, but TP groups of size "
-                         f"{parallel.get_tensor_model_parallel_world_size()} already exist")
+    try:
+        if not parallel.model_parallel_is_initialized():
+            parallel.initialize_model_parallel(tp)
+        elif parallel.get_tensor_model_parallel_world_size() != tp:
+            raise ValueError(f"--tp {tp}, but TP groups of size "
+                             f"{parallel.get_tensor_model_parallel_world_size()} already exist")
+    except BaseException:
+        if created:  # a refused --tp leaves no process group behind
+            dist.destroy_process_group()
+        raise
     return created
 
 
@@ -137,9 +142,9 @@ def inference_session(tp: int, device_name: str | None) -> Iterator[torch.device
         the ``torch.device`` to load onto (``--device``, default CUDA when available).
     """
     device = pick_device(device_name)
+    created = init_distributed(tp, device)  # may refuse --tp: nothing to undo yet
     grad_was_enabled = torch.is_grad_enabled()
     torch.set_grad_enabled(False)
-    created = init_distributed(tp, device)
     try:
         yield device
     finally:
