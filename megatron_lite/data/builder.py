@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import os
+import signal
+import threading
 import warnings
 from typing import List, Optional, Sequence, Tuple
 
@@ -156,7 +159,8 @@ def build_train_valid_test_datasets(data_config: DataConfig, seq_length: int, nu
 
 def build_data_loader(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
                       num_workers: int = 0, random_order: bool = False, seed: int = 1234,
-                      vocab_size: Optional[int] = None):
+                      vocab_size: Optional[int] = None, worker_signals: Sequence[int] = (),
+                      worker_init_fn=None):
     """A DataLoader yielding docs/interfaces.md batches of this DP rank's micro-batches.
 
     Args:
@@ -172,7 +176,13 @@ def build_data_loader(dataset, consumed_samples: int, micro_batch_size: int, dp_
             stream untouched and a resumed run's losses equal the uninterrupted run's bitwise.
         vocab_size: when given, every micro-batch is checked in ``collate`` for a token id
             ``>= vocab_size`` (one max per batch; see :func:`collate_samples`).
+        worker_signals: signals the workers must survive because this process handles them
+            (the training loop's preemption signals): see :class:`PreemptionSafeWorkerInit`.
+            Empty: torch's default (a worker dies of a SIGTERM it did not get from its rank).
+        worker_init_fn: the DataLoader's ``worker_init_fn``, run after the signal setup.
     """
+    if num_workers > 0 and (worker_signals or worker_init_fn is not None):
+        worker_init_fn = PreemptionSafeWorkerInit(worker_signals, worker_init_fn)
     if random_order:
         sampler = MegatronPretrainingRandomSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank,
                                                    dp_size, seed=seed)
@@ -183,4 +193,77 @@ def build_data_loader(dataset, consumed_samples: int, micro_batch_size: int, dp_
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                        num_workers=num_workers, pin_memory=torch.cuda.is_available(),
                                        persistent_workers=num_workers > 0,
+                                       worker_init_fn=worker_init_fn,
                                        generator=torch.Generator().manual_seed(int(seed)))
+
+
+class PreemptionSafeWorkerInit:
+    """``worker_init_fn`` that makes a DataLoader worker survive the preemption signals its rank
+    handles, then calls the caller's own ``worker_init_fn`` (if any).
+
+    Why: torchrun signals each rank's whole process group (``os.killpg``) and SLURM signals every
+    process of the job step, so SIGTERM/SIGUSR1 reach the workers too. torch's worker dies of a
+    SIGTERM that its parent did not send (``handler_SIGTERM`` in torch/csrc/DataLoader.cpp), and
+    the rank's SIGCHLD handler then raises ``DataLoader worker (pid N) is killed by signal`` in the
+    middle of a step, before the rank's own handler could save at the step boundary.
+
+    How: the worker blocks ``signals`` and a daemon thread takes them with ``sigwaitinfo``, which
+    tells who sent each one. A SIGTERM from the rank (``multiprocessing``'s ``terminate()``: the
+    DataLoader's shutdown fallback and the interpreter-exit cleanup of daemon children) still ends
+    the worker at once with status 0, as torch's handler does; every other one is dropped (the rank
+    got its own copy and stops the loader at the step boundary). Plain SIG_IGN would also ignore
+    the rank's ``terminate()``, and a rank exiting with a live loader would then wait forever in
+    ``multiprocessing``'s exit-time ``join()``. Unchanged: SIGINT (Ctrl-C) and SIGKILL; a worker
+    whose rank died (any way) exits through torch's watchdog within ``MP_STATUS_CHECK_INTERVAL``
+    (5 s).
+
+    Args:
+        signals: signal numbers to survive (e.g. ``(SIGTERM, SIGUSR1)``).
+        user_fn: optional ``fn(worker_id)`` run afterwards.
+    """
+
+    def __init__(self, signals: Sequence[int], user_fn=None):
+        self.signals = tuple(int(s) for s in signals)
+        self.user_fn = user_fn
+        self.rank_pid = os.getpid()   # the process building the loader forks (or spawns) the workers
+
+    def __call__(self, worker_id: int) -> None:
+        if self.signals:
+            sigs = set(self.signals)
+            # Blocked in this (the worker's only) thread before any other starts: threads created
+            # later (the queue feeder, OpenMP) inherit the mask, so only the waiter takes them.
+            signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+            parents = {self.rank_pid, os.getppid()}
+            threading.Thread(target=_take_signals, args=(sigs, parents), daemon=True,
+                             name="preemption-signals").start()
+        if self.user_fn is not None:
+            self.user_fn(worker_id)
+
+
+def _take_signals(sigs: set, parents: set) -> None:
+    while True:
+        info = signal.sigwaitinfo(sigs)
+        if info.si_signo == signal.SIGTERM and info.si_pid in parents:
+            os._exit(0)   # the rank stops its worker: torch's rule (exit status 0, no cleanup)
+
+
+def iter_loader(loader, signals: Sequence[int] = ()):
+    """``iter(loader)`` with ``signals`` blocked in the calling thread while the loader starts
+    its workers: a worker inherits the mask at fork, so a signal arriving before its
+    :class:`PreemptionSafeWorkerInit` runs stays pending instead of killing it. This process's own
+    handler still gets such a signal (through another thread, or right after the unblock).
+
+    Args:
+        loader: a DataLoader from :func:`build_data_loader`.
+        signals: the loader's ``worker_signals``.
+
+    Returns:
+        The loader's iterator.
+    """
+    if not signals or threading.current_thread() is not threading.main_thread():
+        return iter(loader)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, set(signals))
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)

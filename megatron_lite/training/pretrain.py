@@ -73,13 +73,18 @@ def set_seeds(cfg, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+# Preemption signals (--exit-signal-handler): the rank saves at the next step boundary; its
+# DataLoader workers are made to survive them (data/builder.py PreemptionSafeWorkerInit).
+EXIT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
 class _ExitSignal:
     """Records SIGTERM/SIGUSR1; the loop saves and exits at the next step boundary."""
 
     def __init__(self, enabled: bool):
         self.received = False
         if enabled:
-            for s in (signal.SIGTERM, signal.SIGUSR1):
+            for s in EXIT_SIGNALS:
                 signal.signal(s, self._handler)
 
     def _handler(self, signum, frame):
@@ -91,9 +96,16 @@ class _ExitSignal:
         return bool(t.item() > 0)
 
 
-def _batches(loader) -> Iterator[dict]:
-    for b in loader:
+def _batches(loader, signals=()) -> Iterator[dict]:
+    from megatron_lite.data.builder import iter_loader
+
+    for b in iter_loader(loader, signals):   # workers start with the signals blocked
         yield b
+
+
+def _worker_signals(cfg) -> tuple:
+    """Signals the training loader's workers must survive: those this rank handles."""
+    return EXIT_SIGNALS if cfg.training.exit_signal_handler else ()
 
 
 def _spike_headroom(cfg) -> int:
@@ -142,7 +154,8 @@ def build_data(cfg, consumed_samples: int, data_state: dict | None = None, holde
     dp_rank, dp = get_data_parallel_rank(), get_data_parallel_world_size()
     mbs, seed, vocab = cfg.training.micro_batch_size, cfg.training.seed, cfg.model.vocab_size
     train = build_data_loader(train_ds, consumed_samples, mbs, dp_rank, dp, num_workers=dc.num_workers,
-                              seed=seed, vocab_size=vocab) if train_ds is not None else None
+                              seed=seed, vocab_size=vocab, worker_signals=_worker_signals(cfg)
+                              ) if train_ds is not None else None
     valid = build_data_loader(valid_ds, 0, mbs, dp_rank, dp, num_workers=0, random_order=False,
                               seed=seed + 1, vocab_size=vocab) if valid_ds is not None else None
     if holder is not None:
@@ -287,7 +300,7 @@ def pretrain(cfg, data_iterators=None, model_setup=None) -> TrainState:
     else:
         train_loader, valid_loader = build_data(cfg, state.consumed_samples, state.data_state,
                                                 data_holder)
-        train_iter = _batches(train_loader)
+        train_iter = _batches(train_loader, _worker_signals(cfg))
     logger = _make_logger(cfg, rank, device, resumed is not None and state.iteration or None)
     stop = _ExitSignal(cfg.training.exit_signal_handler)
     d, A = cfg.derived, cfg.derived.num_micro_batches
