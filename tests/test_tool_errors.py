@@ -219,6 +219,14 @@ def test_chinchilla_refuses_non_positive_values(capsys):
         ": error: --tokens must be > 0 (got 0)")
 
 
+def test_plan_run_refuses_zero_gpus(capsys):
+    # 0 used to fall back to $WORLD_SIZE and blame the TP degree instead
+    assert load_tool("plan_run").main(["--config", f"{ROOT}/configs/pretrain_7b_4k.yaml",
+                                        "--gpus", "0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "plan_run.py: error: --gpus must be >= 1 (got 0)"]
+
+
 # ------------------------------------------------------------------------ bench/bench_data.py
 def test_bench_data_prints_significant_digits_and_unrounded_ratios(capsys):
     import argparse

@@ -151,6 +151,8 @@ def plan_from_argv(argv: list[str]) -> dict:
     from megatron_lite.config import parse_args
 
     args, rest = planner_parser().parse_known_args(argv)
+    if args.gpus is not None and args.gpus < 1:  # 0 would fall back to $WORLD_SIZE below
+        raise ValueError(f"--gpus must be >= 1 (got {args.gpus})")
     gpus = args.gpus or int(os.environ.get("WORLD_SIZE", "1"))
     defaulted = []
     try:
