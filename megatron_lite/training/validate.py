@@ -288,10 +288,10 @@ def check_output_path(flag: str, path: str, kind: str = "dir") -> None:
 def output_path_problem(path: str, kind: str = "dir") -> str | None:
     """Why ``path`` cannot be an output of this process, or None when it can.
 
-    Nothing is created: the folders missing on the way to ``path`` are not made. Whether the
-    nearest existing folder accepts new entries is asked of the OS (``os.access``) and, when that
-    says yes, confirmed by making and at once removing one empty probe folder in it, because
-    ``os.access`` says yes to root everywhere (``/proc``, a read-only bind mount of some kinds).
+    Nothing is created: the folders missing on the way to ``path`` are not made, and whether the
+    nearest existing folder accepts new entries is asked of the OS (``os.access``). Only for root,
+    to whom ``os.access`` says yes everywhere (``/proc`` included), is that confirmed by making
+    and at once removing one empty probe folder there.
 
     Args:
         path: the output path as given.
@@ -330,6 +330,8 @@ def _unwritable(folder: str) -> str | None:
     fix = "choose a folder you can write to, or fix its permissions"
     if not os.access(folder, os.W_OK | os.X_OK):
         return f"the folder {folder} is not writable by this user; {fix}"
+    if getattr(os, "geteuid", lambda: -1)() != 0:
+        return None
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".write_probe_", dir=folder))
     except OSError as e:
