@@ -52,7 +52,7 @@ def test_run_tool_contract(monkeypatch, capsys):
         raise FileNotFoundError("x.idx does not exist:\n  give the prefix")
 
     assert run_tool("t", bad) == 2
-    assert capsys.readouterr().err == "t: error: x.idx does not exist:; give the prefix\n"
+    assert capsys.readouterr().err == "t: error: x.idx does not exist: give the prefix\n"
     assert run_tool("t", lambda argv: {"ppl": 1.0}) == 0
     assert run_tool("t", lambda argv: 3) == 3
     assert run_tool("t", lambda argv: argv, ["--x"]) == 0  # a list is a result, not a status
@@ -63,6 +63,7 @@ def test_run_tool_contract(monkeypatch, capsys):
         run_tool("t", bad)
     assert capsys.readouterr().err == ""
     assert error_line("t", ValueError("")) == "t: error: ValueError"
+    assert error_line("t", ValueError("one\n\n two ")) == "t: error: one; two"
 
 
 # ------------------------------------------------------------- real scripts (the __main__ line)

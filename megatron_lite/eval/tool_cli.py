@@ -26,8 +26,12 @@ BAD_INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirector
 
 
 def error_line(tool: str, exc: BaseException) -> str:
-    """``"<tool>: error: <message>"`` on one line (a multi-line message is joined with ``; ``)."""
-    msg = "; ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+    """``"<tool>: error: <message>"`` on one line: the lines of a multi-line message are joined
+    with ``; `` (with a space after a line ending in ``:``)."""
+    msg = ""
+    for part in (p.strip() for p in str(exc).splitlines()):
+        if part:
+            msg += (" " if msg.endswith(":") else "; " if msg else "") + part
     return f"{tool}: error: {msg or type(exc).__name__}"
 
 
