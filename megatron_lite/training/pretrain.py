@@ -230,7 +230,22 @@ def pretrain(cfg, data_iterators=None, model_setup=None) -> TrainState:
 
     Returns:
         The final :class:`TrainState`.
+
+    Raises:
+        RunLockedError: (every rank) another live run holds ``--save``'s lock
+            (:mod:`megatron_lite.training.run_lock`); nothing was written.
     """
+    from megatron_lite.training.run_lock import RunLock
+
+    lock = RunLock()   # global rank 0 holds it from start-up to here, whatever ends the run
+    try:
+        return _pretrain(cfg, data_iterators, model_setup, lock)
+    finally:
+        lock.release()
+
+
+def _pretrain(cfg, data_iterators, model_setup, lock) -> TrainState:
+    """The body of :func:`pretrain`; ``lock`` is taken right after the process group exists."""
     from megatron_lite.config import format_plan
     from megatron_lite.training import checkpointing
     from megatron_lite.training.deepspeed_engine import clip_in_optimizer, init_engine
@@ -259,6 +274,10 @@ def pretrain(cfg, data_iterators=None, model_setup=None) -> TrainState:
         skip_cpu_shm_comm_op()
     init_distributed(cfg, device)
     rank = dist.get_rank()
+    from megatron_lite.training.run_lock import acquire_for_run
+
+    # Before anything is written (checkpoints, run folder, metrics): one run per --save folder.
+    acquire_for_run(lock, cfg.checkpoint.save, rank, device)
     if device.type == "cpu" and cfg.derived.precision != "fp32" and rank == 0:
         warnings.warn(f"{cfg.derived.precision} on CPU is ~30x slower than fp32 here")
     if rank == 0:
