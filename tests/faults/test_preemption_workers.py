@@ -11,7 +11,8 @@ of them before its rank saves at the step boundary.
   to the torchrun agent, and to every process of the job (agent, ranks, workers: what SLURM does)
   after 3 logged steps: the signal's step is saved, no process is left, and the resume (one
   shared driver.py launch, which also runs the uninterrupted reference) reproduces the reference
-  bit for bit.
+  bit for bit. The same driver launch checks that all ranks of a run refused by the run lock
+  stop (test_run_lock.py has the single-process checks).
 """
 
 from __future__ import annotations
@@ -110,11 +111,11 @@ def test_ctrl_c_still_interrupts_without_saving(tmp_path):
 
 # ---- end to end: torchrun, pretrain_llama.py --num-workers 2 ----
 
-def _launch(root, name, data, tok):
+def _launch(root, name, data, tok, torchrun_args=()):
     argv = h.with_flag(h.run_argv(root, name, os.path.join(root, "ck_" + name), 2, data, tok),
                        "--num-workers", "2")
     log = os.path.join(root, name + ".log")
-    return h.launch(argv, h.env_for(root, name), log), log
+    return h.launch(argv, h.env_for(root, name), log, torchrun_args=torchrun_args), log
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +131,9 @@ def _run(root):
     data, tok = h.make_corpus(root)
     out = {"root": root}
     for name in ("sigterm_agent", "sigterm_all"):
-        p, log = _launch(root, name, data, tok)
+        # sigterm_all: the SLURM path, torchrun started as examples/common_launch.sh starts it.
+        p, log = _launch(root, name, data, tok, () if name == "sigterm_agent" else (
+            "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"))
         h.workers(p)
         h.wait_steps(os.path.join(root, name + ".jsonl"), 3, p)
         pids = h.tree_pids(p.pid)      # agent, 2 ranks and their 2 + 2 DataLoader workers
@@ -139,8 +142,16 @@ def _run(root):
         rc, text = h.finish(p, log)
         out[name] = {"rc": rc, "log": text, "pids": pids, "left": h.wait_gone(pids, 30),
                      "latest": open(os.path.join(root, "ck_" + name, "latest")).read().strip()}
-    # One launch: the uninterrupted reference (workers on, from scratch), then both resumes.
-    runs = [{"name": "ref", "argv": h.with_flag(h.run_argv(
+    # One launch: a run refused by the run lock (this process holds --save's lock: every rank
+    # must raise, or the ranks would drift apart), the uninterrupted reference (workers on, from
+    # scratch), then both resumes.
+    from megatron_lite.training.run_lock import RunLock
+
+    lock = RunLock()
+    lock.acquire(os.path.join(root, "ck_locked"))
+    runs = [{"name": "locked", "argv": h.run_argv(root, "locked", os.path.join(root, "ck_locked"),
+                                                  2, data, tok)}]
+    runs += [{"name": "ref", "argv": h.with_flag(h.run_argv(
         root, "ref", os.path.join(root, "ck_ref"), 100, data, tok), "--num-workers", "2"),
         "env": {"MEGATRON_LITE_LOG_SAMPLES": os.path.join(root, "ref.samples")}}]
     for name in ("sigterm_agent", "sigterm_all"):
@@ -153,7 +164,10 @@ def _run(root):
         json.dump(runs, f)
     p = h.launch([spec, res], h.env_for(root, "driver"), os.path.join(root, "driver.log"),
                  script="tests/faults/driver.py")
-    rc, text = h.finish(p, os.path.join(root, "driver.log"), timeout=400)
+    try:
+        rc, text = h.finish(p, os.path.join(root, "driver.log"), timeout=400)
+    finally:
+        lock.release()
     assert rc == 0, text[-4000:]
     with open(res) as f:
         out["driver"] = json.load(f)
@@ -193,3 +207,21 @@ def test_preemption_with_workers_saves_and_resumes_bitwise(preempted, name):
     _same(root, name, name + ".samples", "ref", "ref.samples", range(1, k + 1))
     _same(root, name + ".resume", name + ".resume.samples", "ref", "ref.samples",
           range(k + 1, N + 1))
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_run_lock_refuses_every_rank_of_a_second_run(preempted):
+    """2 ranks under torchrun: rank 0 finds --save locked (by the test process), every rank raises
+    the same one-line error before writing anything, and the next run of the launch proceeds."""
+    root = preempted["root"]
+    ck = os.path.join(root, "ck_locked")
+    err = preempted["driver"]["locked"]["error"]
+    assert err.startswith(f"RunLockedError: --save {ck}: another run is using this folder (host "
+                          f"{os.uname().nodename}, pid {os.getpid()}, started "), err
+    assert err.endswith(f"lock file {ck}/.run_lock). Two runs saving into one folder overwrite "
+                        f"each other's checkpoints and metrics: stop that run first, or give "
+                        f"this one another --save")
+    assert sorted(os.listdir(ck)) == [".run_lock"]
+    assert not os.path.exists(os.path.join(root, "locked.jsonl"))   # --metrics-file outside it
+    assert preempted["driver"]["ref"]["iteration"] == N
