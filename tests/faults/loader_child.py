@@ -5,8 +5,9 @@ that handles the preemption signals like pretrain()'s ``_ExitSignal`` and reads 
     python tests/faults/loader_child.py MODE SIGNALS STATUS_JSON
 
 MODE: ``until_signal`` (read batches until a handled signal arrives, then stop cleanly with the
-loader still alive, exit 0), ``exit`` (the same after 3 batches without a signal). SIGNALS: ``guarded`` (``worker_signals=EXIT_SIGNALS``, what pretrain passes)
-or ``plain`` (torch's default). STATUS_JSON receives ``{"workers": [pids], ...}`` as soon as the
+loader still alive, exit 0), ``exit`` (the same after 3 batches without a signal). SIGNALS:
+``guarded`` (``worker_signals=EXIT_SIGNALS``, what pretrain passes) or ``plain`` (torch's
+default). STATUS_JSON receives ``{"workers": [pids], ...}`` as soon as the
 workers run (written atomically), then the outcome.
 """
 
