@@ -23,7 +23,8 @@ step: ours GEMM 726 ms + SDPA 167 ms + everything else 108 ms; HF 739 + 163 + 15
 (the same MKL calls in both models) run at ~93 % of a 1024^3 fp32 matmul's rate and the SDPA
 kernel is the same, so the printed ceiling, HF's step over our GEMM + attention time, is 1.18:
 even with every other op of ours free the 1.2x aim is out of reach on this CPU. (On a loaded
-machine the ratio swings up to 1.3-2.2x because ours launches fewer OpenMP regions; those
+machine the ratio swings up to 1.3-2.2x, likely because ours runs fewer separate element-wise
+kernels, each a synchronisation point of the thread pool; those
 figures are not the comparison.)
 """
 
