@@ -180,7 +180,7 @@ def test_resolve_backend(capsys):
     attn_mod._announced.clear()
     assert resolve_attention_backend("auto", "cpu") == "sdpa"
     assert resolve_attention_backend("auto", torch.device("cpu")) == "sdpa"
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err  # stderr: stdout is for --json results
     assert printed.count("auto -> sdpa on cpu") == 1  # printed once
     assert resolve_attention_backend("eager", "cpu") == "eager"
     assert resolve_attention_backend("flex", "cpu") == "flex"
