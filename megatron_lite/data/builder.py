@@ -230,19 +230,42 @@ class PreemptionSafeWorkerInit:
     def __call__(self, worker_id: int) -> None:
         if self.signals:
             sigs = set(self.signals)
+            ppid = os.getppid()
+            if ppid != self.rank_pid and not _pid_alive(self.rank_pid):
+                # The rank died while this worker was starting. torch's watchdog, created after
+                # this function returns, would take the new parent (init) for the rank and keep
+                # the worker alive forever (seen under load when a rank is SIGKILLed early).
+                os._exit(0)
             # Blocked in this (the worker's only) thread before any other starts: threads created
             # later (the queue feeder, OpenMP) inherit the mask, so only the waiter takes them.
             signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
-            parents = {self.rank_pid, os.getppid()}
-            threading.Thread(target=_take_signals, args=(sigs, parents), daemon=True,
+            parents = {self.rank_pid, ppid}
+            watch = self.rank_pid if ppid == self.rank_pid else None
+            threading.Thread(target=_take_signals, args=(sigs, parents, watch), daemon=True,
                              name="preemption-signals").start()
         if self.user_fn is not None:
             self.user_fn(worker_id)
 
 
-def _take_signals(sigs: set, parents: set) -> None:
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _take_signals(sigs: set, parents: set, watch: int | None) -> None:
+    """The worker's signal waiter; also ends the worker when its rank ``watch`` is gone (the same
+    5 s rule as torch's watchdog, which cannot see a rank that died before it was created)."""
     while True:
-        info = signal.sigwaitinfo(sigs)
+        info = signal.sigtimedwait(sigs, 5.0)
+        if info is None:
+            if watch is not None and os.getppid() != watch:
+                os._exit(0)
+            continue
         if info.si_signo == signal.SIGTERM and info.si_pid in parents:
             os._exit(0)   # the rank stops its worker: torch's rule (exit status 0, no cleanup)
 

@@ -54,9 +54,10 @@ def main(mode: str, which: str, out: str) -> int:
     loader = build_data_loader(ToyDataset(), 0, 2, 0, 1, num_workers=2, worker_signals=sigs)
     it = iter_loader(loader, sigs)
     first = next(it)
+    next(it)   # batch 2 comes from worker 1: both workers are past their start-up
     status = {"workers": [w.pid for w in it._workers], "first_ids": first["sample_ids"].tolist()}
     write_status(out, status)
-    n = 1
+    n = 2
     while not got and (mode != "exit" or n < 3):
         next(it)
         n += 1

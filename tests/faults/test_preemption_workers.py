@@ -97,6 +97,28 @@ def test_workers_of_a_sigkilled_rank_exit(tmp_path):
     assert h.wait_gone(workers, timeout=60) == []
 
 
+def _init_then_sleep(init):
+    init(0)
+    time.sleep(60)
+
+
+def test_worker_whose_rank_died_during_start_up_exits():
+    """A rank killed while a worker is still in its worker_init_fn: torch's watchdog, made after
+    it, would take init for the rank and never exit; the guard ends the worker at once."""
+    import multiprocessing
+
+    from megatron_lite.data.builder import PreemptionSafeWorkerInit
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    init = PreemptionSafeWorkerInit([signal.SIGTERM])
+    init.rank_pid = gone.pid                      # a rank that no longer exists
+    p = multiprocessing.get_context("fork").Process(target=_init_then_sleep, args=(init,))
+    p.start()
+    p.join(30)
+    assert p.exitcode == 0, p.exitcode           # not None: it did not sleep on
+
+
 def test_ctrl_c_still_interrupts_without_saving(tmp_path):
     """SIGINT to the process group (a terminal's Ctrl-C) is not a preemption signal: the rank gets
     KeyboardInterrupt (docs/reliability.md), the workers exit."""
