@@ -64,6 +64,10 @@ def _runs(root: str, phase: str) -> list[tuple[str, list[str], str | None]]:
                 for s in STAGES]
         runs.append(("fresh", _argv(root, "fresh", "--zero-stage", "1", "--load", it2("1"),
                                     "--no-load-optim"), None))
+        # weights only (--no-load-optim) at ZeRO-3, and across stages 3 -> 1 and 1 -> 3
+        for name, stage, src in (("w33", "3", "3"), ("w31", "1", "3"), ("w13", "3", "1")):
+            runs.append((name, _argv(root, name, "--zero-stage", stage, "--load", it2(src),
+                                     "--no-load-optim"), None))
         return runs
     return [("rtp", _argv(root, "rtp", "--tp", "2", "--zero-stage", "1", "--load", it2("tp")),
              dump("rtp"))]
@@ -174,6 +178,14 @@ def test_resume_at_other_dp_size_restores_optimizer_state(scratch):
     u = read_metrics(os.path.join(root, "u1.jsonl"))
     fresh = read_metrics(os.path.join(root, "fresh.jsonl"))
     assert abs(fresh[4]["loss"] - u[4]["loss"]) > 50 * REL_TOL * abs(u[4]["loss"])
+    # --no-load-optim keeps the weights whatever the stages: step 3's loss (its forward runs on
+    # the loaded weights, before any update) is the uninterrupted run's. DeepSpeed's module-only
+    # load gave other weights at ZeRO-3 and asserted across stages.
+    for name, src in (("w33", "3"), ("w31", "3"), ("w13", "1")):
+        u = read_metrics(os.path.join(root, f"u{src}.jsonl"))
+        w = read_metrics(os.path.join(root, name + ".jsonl"))
+        assert w[3]["loss"] == pytest.approx(u[3]["loss"], rel=REL_TOL, abs=0), (name, w[3], u[3])
+        assert res[name] == {"iteration": 4, "consumed_samples": 16}, name
 
 
 # ----------------------------------------------------------- DeepSpeed-level, odd-sized params
@@ -312,6 +324,17 @@ def test_unsupported_reshard_is_refused_in_one_line(tmp_path, flags, match):
     with pytest.raises(ValueError, match=match) as e:
         ckpt.load_checkpoint(None, now, TrainState(), None)
     assert "\n" not in str(e.value)
+
+
+def test_changed_frozen_set_is_refused_before_loading_optimizer_state():
+    from types import SimpleNamespace
+
+    now = SimpleNamespace(cpt=SimpleNamespace(freeze_layers="0-1", freeze_embeddings=False))
+    ckpt._check_same_frozen_set({"cpt": {"freeze_layers": "0-1"}}, now, "ck")   # same: fine
+    with pytest.raises(ValueError, match=r"^ck: the frozen parameters differ from the "
+                       r"checkpoint's \(--freeze-layers: checkpoint '0-0', this run '0-1'\), .*"
+                       r"pass --no-load-optim$"):
+        ckpt._check_same_frozen_set({"cpt": {"freeze_layers": "0-0"}}, now, "ck")
 
 
 def test_missing_saved_partition_is_named(tmp_path):

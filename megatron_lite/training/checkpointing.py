@@ -345,12 +345,16 @@ def load_checkpoint(engine, cfg, state, scheduler) -> str | None:
         raise ValueError(f"{path}: saved with ZeRO-{ts['zero_stage']}, resuming with "
                          f"--zero-stage {cfg.parallel.zero_stage}; use the same stage or "
                          f"--no-load-optim")
+    if load_optim:
+        _check_same_frozen_set(read_saved_config(path), cfg, path)
     parent, tag = os.path.split(os.path.abspath(path))
-    if ck.finetune and cfg.parallel.zero_stage == 3:
-        # DeepSpeed's stage-3 module-only load rebuilds the weights from ZeRO-3 optimizer
-        # partitions, which a checkpoint saved at another stage, or written by
-        # tools/convert_checkpoint.py (weights only), does not have: copy this TP rank's full
-        # shard (model_tp_XX.pt or the DeepSpeed module file) into the partitioned parameters.
+    stage_changed = ts["zero_stage"] != cfg.parallel.zero_stage
+    if not load_optim and (cfg.parallel.zero_stage == 3 or stage_changed):
+        # Weights only, by hand: DeepSpeed's module-only load at stage 3 rebuilds the weights
+        # from ZeRO-3 optimizer partitions (wrong weights when resuming a ZeRO-3 run with
+        # --no-load-optim; none in a checkpoint saved at another stage or written by
+        # tools/convert_checkpoint.py), and across stages it asserts on the file list. Copy this
+        # TP rank's full shard (model_tp_XX.pt or the DeepSpeed module file) into the parameters.
         from megatron_lite.parallel import get_tensor_model_parallel_rank
         from megatron_lite.training.cpt_weights import load_into
 
@@ -358,8 +362,7 @@ def load_checkpoint(engine, cfg, state, scheduler) -> str | None:
         opt = getattr(engine, "optimizer", None)
         if opt is not None and hasattr(opt, "refresh_fp32_params"):
             opt.refresh_fp32_params()  # the fp32 master partitions were copied at engine init
-        return path
-    if reshard:
+    elif reshard:
         zero_reshard.load_resharded(engine, cfg, path, ts)
     else:
         engine.load_checkpoint(parent, tag=tag, load_optimizer_states=load_optim,
@@ -386,6 +389,24 @@ def load_checkpoint(engine, cfg, state, scheduler) -> str | None:
             warnings.warn("world size changed since the checkpoint: RNG states not restored "
                           "(dropout masks differ from the uninterrupted run)")
     return path
+
+
+def _check_same_frozen_set(saved: dict, cfg, path: str) -> None:
+    """The optimizer state covers the trainable parameters only: a resume that freezes other
+    layers (CPT's --freeze-layers/--freeze-embeddings) cannot load it.
+
+    Raises:
+        ValueError: one line naming both settings and the ways out.
+    """
+    old, now = saved.get("cpt") or {}, getattr(cfg, "cpt", None)
+    pairs = [("--freeze-layers", old.get("freeze_layers"), getattr(now, "freeze_layers", None)),
+             ("--freeze-embeddings", bool(old.get("freeze_embeddings")),
+              bool(getattr(now, "freeze_embeddings", False)))]
+    diffs = [f"{flag}: checkpoint {a!r}, this run {b!r}" for flag, a, b in pairs if a != b]
+    if diffs:
+        raise ValueError(f"{path}: the frozen parameters differ from the checkpoint's ("
+                         + "; ".join(diffs) + "), so its optimizer state does not fit; resume "
+                         "with the checkpoint's settings or pass --no-load-optim")
 
 
 def _module_state(path: str, tp_rank: int) -> dict:
