@@ -21,8 +21,8 @@ from typing import Any, Callable, Sequence
 # Raised on purpose with the fix in the message (bad flag values, missing or malformed input
 # files, output paths that cannot be written), as in run_entrypoint; anything else is a bug and
 # keeps its traceback.
-BAD_INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
-                    IsADirectoryError, PermissionError)
+# OSError covers missing or unwritable paths and full or read-only disks (ENOSPC, EROFS).
+BAD_INPUT_ERRORS = (ValueError, OSError)
 
 
 def error_line(tool: str, exc: BaseException) -> str:
