@@ -101,6 +101,8 @@ def test_unknown_yaml_key_or_section_names_file_line_and_suggestion(tmp_path, bo
 _FILE_PARENT = "{t}/afile is a file, not a folder, so nothing can be created under it; remove it " \
     "or choose another path"
 PATH_CASES = {
+    "empty save": (["--save", ""], "--save is an empty string (an unset shell variable?); give a "
+                   "path, or leave --save out"),
     "save is a file": (["--save", "{t}/afile"], "--save {t}/afile: exists and is a file, not a "
                        "folder; remove it or choose another path"),
     "save under a file": (["--save", "{t}/afile/sub"], "--save {t}/afile/sub: " + _FILE_PARENT),

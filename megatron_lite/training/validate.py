@@ -273,6 +273,11 @@ def check_output_paths(cfg) -> None:
                              ("--tensorboard-dir", getattr(log, "tensorboard_dir", None), "dir"),
                              ("--metrics-file", getattr(log, "metrics_file", None), "file"),
                              ("--data-cache-path", getattr(data, "data_cache_path", None), "cache")):
+        if path is not None and not str(path).strip():
+            # most often an unset shell variable ("--save $RUN_DIR"): a run that would quietly
+            # write no checkpoints (or write into the working folder)
+            raise _err(f"{flag} is an empty string (an unset shell variable?); give a path, or "
+                       f"leave {flag} out")
         if path:
             check_output_path(flag, path, kind)
 
