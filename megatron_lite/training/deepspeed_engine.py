@@ -215,6 +215,9 @@ def init_engine(model, optimizer, cfg):
 
     if not any(isinstance(f, _UntestedOptimizerFilter) for f in ds_logger.filters):
         ds_logger.addFilter(_UntestedOptimizerFilter())
+    # DeepSpeed's ZeRO calls it on every rank; nothing a user can act on
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is "
+                            r"deprecated", category=FutureWarning)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=build_ds_config(cfg), mpu=mpu,
                                            dist_init_required=False)
