@@ -9,7 +9,7 @@
 
 The architecture comes from the base checkpoint (flags that contradict it are errors); weights are
 loaded only on a fresh start; optimizer and LR schedule start fresh (peak --lr default 1e-4).
-Semantics: megatron_lite/training/cpt.py and README "Continued pretraining (CPT)".
+Semantics: megatron_lite/cpt/resolve.py and README "Continued pretraining (CPT)".
 """
 
 import sys
@@ -24,9 +24,9 @@ def _dry_run_note(cfg) -> str:
 
 def main(argv=None) -> int:
     """Resolve against the base checkpoint, then dry-run or train; the exit status is documented
-    in :mod:`megatron_lite.training.entrypoint`."""
-    from megatron_lite.training.cpt import resolve_config, run
-    from megatron_lite.training.entrypoint import run_entrypoint
+    in :mod:`megatron_lite.entrypoints`."""
+    from megatron_lite.cpt.resolve import resolve_config, run
+    from megatron_lite.entrypoints import run_entrypoint
 
     return run_entrypoint("cpt_llama.py", lambda: resolve_config(argv), run, _dry_run_note)
 

@@ -33,10 +33,10 @@ def _refuse_cpt_settings(cfg) -> None:
 
 def main(argv=None) -> int:
     """Parse, then dry-run or train; the exit status is documented in
-    :mod:`megatron_lite.training.entrypoint`."""
+    :mod:`megatron_lite.entrypoints`."""
     from megatron_lite.config import parse_args
-    from megatron_lite.training.entrypoint import run_entrypoint
-    from megatron_lite.training.pretrain import pretrain
+    from megatron_lite.entrypoints import run_entrypoint
+    from megatron_lite.training.loop import pretrain
 
     def resolve():
         cfg = parse_args(argv)

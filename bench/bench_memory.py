@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from megatron_lite.model.config import ModelConfig  # noqa: E402
+from megatron_lite.model.model_config import ModelConfig  # noqa: E402
 from megatron_lite.model.counting import num_parameters  # noqa: E402
 from megatron_lite.planning import memory  # noqa: E402
 

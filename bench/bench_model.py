@@ -187,7 +187,7 @@ def bench_rope(args, device, dtype):
 
 def bench_model(args, device, dtype):
     try:
-        from megatron_lite.model.config import ModelConfig
+        from megatron_lite.model.model_config import ModelConfig
         from megatron_lite.model.llama import LlamaModel
     except ImportError as exc:
         print(f"\n## whole model: skipped ({exc})")

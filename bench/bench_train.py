@@ -67,7 +67,7 @@ def build_models(args):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from megatron_lite.model.config import ModelConfig
+    from megatron_lite.model.model_config import ModelConfig
     from megatron_lite.model.llama import LlamaModel
 
     cfg = ModelConfig(hidden_size=args.hidden_size, num_layers=args.num_layers,

@@ -240,7 +240,7 @@ def test_cuda_backends_equal_eager(backend):
 def test_model_packed_sample_invariant(backend, fused):
     """Whole LlamaModel (RoPE with reset position_ids + document-masked attention): the logits of each
     document inside a packed row equal the logits of that document run alone."""
-    from megatron_lite.model.config import ModelConfig
+    from megatron_lite.model.model_config import ModelConfig
     from megatron_lite.model.llama import LlamaModel
 
     cfg = ModelConfig(hidden_size=32, num_layers=2, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,

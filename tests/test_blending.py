@@ -6,7 +6,7 @@ import pytest
 from megatron_lite.data import helpers
 from megatron_lite.data.blended import BlendedDataset, compute_blend, load_stages, temperature_weights
 from megatron_lite.data.builder import build_train_valid_test_datasets
-from megatron_lite.data.config import DataConfig, parse_data_path
+from megatron_lite.data.data_config import DataConfig, parse_data_path
 from megatron_lite.data.gpt_dataset import GPTDataset
 from megatron_lite.data.indexed import IndexedDatasetBuilder
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from megatron_lite.config import parse_args
-from megatron_lite.training import checkpointing as ckpt
+from megatron_lite.checkpoint import engine_state as ckpt
 from tests.test_training import COMMON, e2e, read_metrics  # noqa: F401 (session fixture)
 
 
@@ -25,7 +25,7 @@ def _fake_ckpt(root, it, files=("mp_rank_00_model_states.pt", "trainer_state.jso
     for f in files:
         with open(os.path.join(d, f), "w") as fh:
             fh.write("x" * (10 + it))
-    ckpt._write_manifest(d)
+    ckpt.write_manifest(d)
     return d
 
 
@@ -55,7 +55,7 @@ def test_only_complete_checkpoints_are_chosen(tmp_path):
 def test_keep_last(tmp_path):
     for it in (1, 2, 3, 4):
         _fake_ckpt(str(tmp_path), it)
-    ckpt._prune(str(tmp_path), 2)
+    ckpt.prune(str(tmp_path), 2)
     assert [os.path.basename(p) for p in ckpt.list_checkpoints(str(tmp_path))] == \
         ["iter_0000003", "iter_0000004"]
 
@@ -70,7 +70,7 @@ def test_rollback_save_is_not_pruned_and_later_tags_are_not_resumed(tmp_path):
     with open(os.path.join(root, "latest"), "w") as f:
         f.write("iter_0000011\n")
     with pytest.warns(UserWarning, match="abandoned"):
-        ckpt._prune(root, 2)
+        ckpt.prune(root, 2)
     assert [os.path.basename(p) for p in ckpt.list_checkpoints(root)] == \
         ["iter_0000010", "iter_0000011", "iter_0000015", "iter_0000020"]
     assert ckpt.find_checkpoint(root) == c11
@@ -95,7 +95,7 @@ def test_mismatch_that_changes_the_model_is_an_error():
 
 
 def test_load_with_no_checkpoint_warns_and_starts_fresh(tmp_path):
-    from megatron_lite.training.trainer import TrainState
+    from megatron_lite.training.step import TrainState
 
     cfg = _cfg("--load", str(tmp_path))
     st = TrainState()
@@ -108,7 +108,7 @@ def test_zero1_resume_with_other_dp_size_reshards_the_optimizer_state(tmp_path):
     """D=2 -> D=1 at ZeRO-1 is no longer refused: the load goes to zero_reshard, which reads
     every saved DP rank's partition (this fake checkpoint has none, so it names the first
     missing file); a stage change is refused in one line (tests/test_zero_reshard.py runs it)."""
-    from megatron_lite.training.trainer import TrainState
+    from megatron_lite.training.step import TrainState
 
     saved = _cfg("--zero-stage", "1")                      # world 2: D = 2
     d = _fake_ckpt(str(tmp_path), 3, files=())
@@ -118,7 +118,7 @@ def test_zero1_resume_with_other_dp_size_reshards_the_optimizer_state(tmp_path):
         json.dump({"zero_stage": 1, "data_parallel_size": 2, "world_size": 2}, f)
     torch.save({"param_shapes": [{"w": torch.Size([2])}], "ds_config": {}},
                os.path.join(d, "mp_rank_00_model_states.pt"))
-    ckpt._write_manifest(d)
+    ckpt.write_manifest(d)
     now = parse_args(COMMON + ["--data-path", "x", "--zero-stage", "1", "--load", str(tmp_path)],
                      world_size=1)
     with pytest.raises(FileNotFoundError, match="zero_pp_rank_0_mp_rank_00_optim_states.pt"):
@@ -220,7 +220,7 @@ def test_blend_state_restored_through_build_data(tmp_path):
     import numpy as np
 
     from megatron_lite.config import parse_args
-    from megatron_lite.training.pretrain import build_data
+    from megatron_lite.training.loop import build_data
     from tests.test_training import make_dataset
 
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
@@ -292,7 +292,7 @@ def test_save_is_complete_fsynced_and_a_failed_save_changes_nothing(tmp_path, mo
     synced = []
     real = ckpt._fsync_path
     monkeypatch.setattr(ckpt, "_fsync_path", lambda p: (synced.append(p), real(p)))
-    from megatron_lite.training.trainer import TrainState
+    from megatron_lite.training.step import TrainState
 
     d2 = ckpt.save_checkpoint(_FilesEngine(100), _cfg(), TrainState(iteration=2), _sched(),
                               str(tmp_path))
@@ -325,7 +325,7 @@ def test_save_is_complete_fsynced_and_a_failed_save_changes_nothing(tmp_path, mo
 def test_each_rank_fsyncs_the_files_it_wrote(tmp_path, monkeypatch):
     """With DeepSpeed's checkpoint_engine observable, a rank fsyncs exactly its own files (its
     engine's saves and its RNG file), not another rank's."""
-    from megatron_lite.training.trainer import TrainState
+    from megatron_lite.training.step import TrainState
 
     class _CE:
         def save(self, state_dict, path):

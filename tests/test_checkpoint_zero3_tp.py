@@ -51,8 +51,8 @@ def _driver(root: str) -> None:
     """Body of the torchrun launch."""
     from megatron_lite.config import parse_args
     from megatron_lite.parallel import get_tensor_model_parallel_rank
-    from megatron_lite.training import checkpointing
-    from megatron_lite.training.pretrain import pretrain
+    from megatron_lite.checkpoint import engine_state as checkpointing
+    from megatron_lite.training.loop import pretrain
 
     results: dict = {"mem": {}, "tp2": {}}
     save = checkpointing.save_checkpoint
@@ -76,7 +76,7 @@ def _driver(root: str) -> None:
 
 @pytest.mark.slow
 def test_zero3_tp2_checkpoint_loads_at_tp2_and_tp1(tmp_path):
-    from megatron_lite.training.checkpointing import load_model_for_inference
+    from megatron_lite.checkpoint.engine_state import load_model_for_inference
 
     root = str(tmp_path)
     make_dataset(os.path.join(root, "data"))

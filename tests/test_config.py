@@ -174,7 +174,7 @@ def test_deepspeed_json_template_with_autos(tmp_path):
 
 
 def test_machine_dependent_checks_run_at_start_not_in_finalize():
-    from megatron_lite.training.validate import check_runtime
+    from megatron_lite.config.derive import check_runtime
 
     cfg = parse_args(BASE + ["--fp16", "--device", "cpu"])      # plannable anywhere
     with pytest.raises(ConfigError, match="--fp16 is not supported on CPU"):
@@ -245,8 +245,8 @@ def test_deepspeed_json_vs_zero_flags(tmp_path, capsys):
 def test_entrypoint_prints_bad_input_as_one_line(capsys, monkeypatch):
     """Errors raised on purpose at start (missing data file, checkpoint mismatch) -> exit 2 and
     one line; a failed save -> exit 1; MEGATRON_LITE_TRACEBACK=1 keeps the traceback."""
-    from megatron_lite.training.checkpoint_files import CheckpointSaveError
-    from megatron_lite.training.entrypoint import run_entrypoint
+    from megatron_lite.checkpoint.layout import CheckpointSaveError
+    from megatron_lite.entrypoints import run_entrypoint
 
     cfg = parse_args(BASE)
 

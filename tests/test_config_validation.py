@@ -13,7 +13,7 @@ import pytest
 import torch.distributed as dist
 
 from megatron_lite.config import ConfigError, parse_args
-from megatron_lite.training import checkpointing as ckpt
+from megatron_lite.checkpoint import engine_state as ckpt
 
 BASE = ["--model-size", "tiny", "--vocab-size", "256", "--seq-length", "64",
         "--micro-batch-size", "1", "--train-iters", "10", "--device", "cpu"]
@@ -150,7 +150,7 @@ def test_output_folder_that_refuses_new_entries(tmp_path, monkeypatch):
     """/proc refuses mkdir even to root (for whom os.access says yes): the probe catches it; a
     folder os.access calls unwritable is refused without a probe; an existing read-only
     --data-cache-path is allowed (a prebuilt index cache is only read)."""
-    from megatron_lite.training import validate
+    from megatron_lite.config import derive as validate
 
     if os.path.isdir("/proc/self"):
         with pytest.raises(ConfigError) as e:
@@ -192,11 +192,11 @@ def _saved(tmp_path, **flags):
         json.dump({"config": saved.to_dict()}, f)
     with open(os.path.join(d, "trainer_state.json"), "w") as f:
         json.dump({"zero_stage": 1, "data_parallel_size": 1, "world_size": 1}, f)
-    ckpt._write_manifest(d)
+    ckpt.write_manifest(d)
 
 
 def test_resume_with_different_model_shape_names_both_shapes_and_flag(tmp_path):
-    from megatron_lite.training.trainer import TrainState
+    from megatron_lite.training.step import TrainState
 
     _saved(tmp_path, **{"--num-layers": "2", "--ffn-hidden-size": "352"})
     now = parse_args(BASE + ["--data-path", "x", "--num-layers", "3", "--load", str(tmp_path)])

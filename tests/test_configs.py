@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from megatron_lite.config import load_config
-from megatron_lite.model.config import ModelConfig
+from megatron_lite.model.model_config import ModelConfig
 from megatron_lite.model.counting import num_parameters
 from megatron_lite.model.llama import LlamaModel
 

@@ -78,7 +78,7 @@ def assets(tmp_path_factory):
 
 
 def _resolve(argv):
-    from megatron_lite.training.cpt import resolve_config
+    from megatron_lite.cpt.resolve import resolve_config
 
     return resolve_config(argv, world_size=1)
 
@@ -164,7 +164,7 @@ def _expected_rows(old: np.ndarray, ext_tok: str, base_tok: str, v0: int, v1: in
 
 @pytest.mark.parametrize("mode", ["piece-mean", "mean"])
 def test_extended_vocab_rows_initialised_as_documented(assets, mode):
-    from megatron_lite.training.cpt_weights import shard_for_this_run
+    from megatron_lite.cpt.weights import shard_for_this_run
 
     cfg = _resolve(["--pretrained-checkpoint", assets["hf"], "--train-iters", "2",
                     "--tokenizer-model", assets["ext_tok"], "--extended-vocab-init", mode])
@@ -186,7 +186,7 @@ def test_extended_vocab_rows_initialised_as_documented(assets, mode):
 
 def test_freeze_marks_exactly_the_named_parameters(assets):
     from megatron_lite.model.llama import LlamaModel
-    from megatron_lite.training.cpt_weights import freeze
+    from megatron_lite.cpt.weights import freeze
 
     cfg = _resolve(["--pretrained-checkpoint", assets["hf"], "--train-iters", "2",
                     "--freeze-embeddings", "--freeze-layers", "1"])
@@ -201,7 +201,7 @@ def test_freeze_marks_exactly_the_named_parameters(assets):
 def test_cpt_7b_example_dry_run_validates_against_the_base(tmp_path):
     """examples/cpt_7b.sh --dry-run runs cpt_llama.py for 64 ranks against a base's config.json
     (no weights needed); a base that contradicts configs/cpt_7b.yaml is refused."""
-    from megatron_lite.model.config import ModelConfig
+    from megatron_lite.model.model_config import ModelConfig
     from megatron_lite.model.hf_adapter import config_to_hf
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -276,8 +276,8 @@ def _driver(root: str) -> None:
 
     from megatron_lite import parallel
     from megatron_lite.model.hf_adapter import hf_to_megatron_lite
-    from megatron_lite.training.checkpointing import load_model_for_inference
-    from megatron_lite.training.cpt import resolve_config, run
+    from megatron_lite.checkpoint.engine_state import load_model_for_inference
+    from megatron_lite.cpt.resolve import resolve_config, run
 
     with open(os.path.join(root, "assets.json")) as f:
         a = json.load(f)

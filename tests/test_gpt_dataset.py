@@ -10,7 +10,7 @@ import torch
 from megatron_lite.data import helpers
 from megatron_lite.data.builder import build_data_loader, build_train_valid_test_datasets
 from megatron_lite.data.collate import collate_samples
-from megatron_lite.data.config import DataConfig
+from megatron_lite.data.data_config import DataConfig
 from megatron_lite.data.gpt_dataset import GPTDataset, split_document_ranges
 from megatron_lite.data.indexed import IndexedDatasetBuilder
 

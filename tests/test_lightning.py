@@ -35,7 +35,7 @@ def _driver(root: str) -> None:
 
     from megatron_lite.integrations.lightning import load_lightning_config
     from megatron_lite.integrations.lightning.__main__ import main
-    from megatron_lite.training.pretrain import pretrain
+    from megatron_lite.training.loop import pretrain
 
     data = ["--data-path", os.path.join(root, "data")]
     ck = os.path.join(root, "ck")

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from megatron_lite.config import ConfigError, parse_args
-from megatron_lite.training.lr_scaling import (LRReference, derivation_line, parse_reference,
+from megatron_lite.config.lr_scaling import (LRReference, derivation_line, parse_reference,
                                                resolve_peak_lr, scaled_lr)
 
 # Tiny run: L_ctx 64, micro-batch 1, D 1 -> GB_tok = 64 x global batch.

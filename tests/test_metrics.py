@@ -11,8 +11,9 @@ import torch
 import yaml
 
 from megatron_lite.training import timers as T
-from megatron_lite.training.metrics import (LoggingConfig, TrainingLogger, lookup_peak_tflops,
-                                            resolve_peak_tflops, write_run_info)
+from megatron_lite.config.sections import LoggingConfig
+from megatron_lite.training.metrics import TrainingLogger, lookup_peak_tflops, resolve_peak_tflops
+from megatron_lite.training.run_info import write_run_info
 
 
 class FakeClock:

@@ -8,7 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from megatron_lite.model.config import MODEL_PRESETS, ModelConfig, model_preset, padded_vocab_size
+from megatron_lite.model.model_config import MODEL_PRESETS, ModelConfig, model_preset, padded_vocab_size
 from megatron_lite.model.counting import flops_per_token, num_parameters
 from megatron_lite.model.hf_adapter import config_from_hf, config_to_hf
 from megatron_lite.model.llama import LlamaModel
@@ -213,7 +213,7 @@ def test_hf_adapter_shape_and_consistency_errors():
 def test_llama3_factor_order_and_hf_unsupported_rope_fields_are_refused():
     import transformers
 
-    from megatron_lite.model.config import ModelConfig
+    from megatron_lite.model.model_config import ModelConfig
     from megatron_lite.model.hf_adapter import config_from_hf
 
     cfg = ModelConfig(model_size="tiny", vocab_size=256, seq_length=64, rope_scaling_type="llama3",

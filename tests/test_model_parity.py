@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from transformers import LlamaForCausalLM  # imported before forking so the workers share it
 
 from megatron_lite import parallel as ps
-from megatron_lite.model.config import ModelConfig
+from megatron_lite.model.model_config import ModelConfig
 from megatron_lite.model.hf_adapter import config_to_hf, hf_to_megatron_lite, megatron_lite_to_hf
 from megatron_lite.model.llama import LlamaModel
 

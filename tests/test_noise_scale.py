@@ -15,7 +15,7 @@ from tests.dist_utils import free_port
 
 
 def test_unbiased_estimators_exact():
-    from megatron_lite.training.noise_scale import NoiseScaleEstimator, unbiased_estimates
+    from megatron_lite.training.callbacks.noise_scale import NoiseScaleEstimator, unbiased_estimates
 
     # |G|^2 = 2, tr(Sigma) = 8: E|G_4|^2 = 2 + 8/4 = 4, E|G_16|^2 = 2 + 8/16 = 2.5.
     assert unbiased_estimates(4, 4.0, 16, 2.5) == pytest.approx((2.0, 8.0), rel=1e-15)
@@ -89,8 +89,8 @@ def test_linear_regression_matches_analytic_b_simple():
     E[x x^T (x.delta)^2] = |delta|^2 I + 2 delta delta^T, Sigma = E[g g^T] - G G^T
     = (|delta|^2 + s2) I + delta delta^T: tr(Sigma) = d (|delta|^2 + s2) + |delta|^2 and
     B_simple = tr(Sigma) / |G|^2 (samples; one loss token per sample here)."""
-    from megatron_lite.training.noise_scale import NoiseScaleEstimator
-    from megatron_lite.training.trainer import TrainState, train_step
+    from megatron_lite.training.callbacks.noise_scale import NoiseScaleEstimator
+    from megatron_lite.training.step import TrainState, train_step
 
     # d = 64 keeps the per-step relative error of tr(Sigma) small (~sqrt(2/d) for Gaussian
     # noise); seeds 0-4 all land within 5 % of the analytic value with these settings.
@@ -120,8 +120,8 @@ def test_linear_regression_matches_analytic_b_simple():
 def test_off_means_no_extra_all_reduce(monkeypatch):
     """Count torch.distributed.all_reduce calls per step in a one-process gloo group."""
     from megatron_lite import parallel as ps
-    from megatron_lite.training import noise_scale as ns
-    from megatron_lite.training.trainer import TrainState, train_step
+    from megatron_lite.training.callbacks import noise_scale as ns
+    from megatron_lite.training.step import TrainState, train_step
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
                             world_size=1)
@@ -167,7 +167,7 @@ def _cfg(*extra):
 
 
 def test_refused_where_the_micro_batch_gradient_is_not_whole():
-    from megatron_lite.training.noise_scale import check_config
+    from megatron_lite.training.callbacks.noise_scale import check_config
 
     check_config(_cfg("--zero-stage", "1"))                 # A = 2 at D = 2: fine
     for extra, msg in ((["--zero-stage", "2"], "--zero-stage 0 or 1"),
@@ -186,7 +186,7 @@ def test_offline_fit_and_suggestion():
     sizes = [64, 256, 1024]
     g2, trace = tool.fit_noise_scale(sizes, [2.0 + 8.0 / b for b in sizes])
     assert g2 == pytest.approx(2.0, rel=1e-12) and trace == pytest.approx(8.0, rel=1e-12)
-    from megatron_lite.training.noise_scale import unbiased_estimates
+    from megatron_lite.training.callbacks.noise_scale import unbiased_estimates
 
     two = tool.fit_noise_scale([64, 256], [5.0, 3.0])
     assert two == pytest.approx(unbiased_estimates(64, 5.0, 256, 3.0), rel=1e-12)

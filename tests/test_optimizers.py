@@ -66,7 +66,7 @@ def runs_spec(root: str) -> dict:
 
 
 def _driver(root: str) -> None:
-    from megatron_lite.training.pretrain import pretrain
+    from megatron_lite.training.loop import pretrain
 
     results = {}
     for name, argv in runs_spec(root).items():
@@ -265,7 +265,7 @@ def _cfg(*extra, world_size=1):
 def test_build_picks_class_and_hyperparameters():
     from lion_pytorch import Lion
 
-    from megatron_lite.model.config import ModelConfig
+    from megatron_lite.model.model_config import ModelConfig
     from megatron_lite.model.llama import LlamaModel
 
     model = LlamaModel(ModelConfig(model_size="tiny", vocab_size=256, seq_length=64))
@@ -284,7 +284,7 @@ def test_build_picks_class_and_hyperparameters():
 
 
 def test_matrix_refusals():
-    from megatron_lite.training.validate import check_runtime
+    from megatron_lite.config.derive import check_runtime
 
     with pytest.raises(ConfigError, match="cpu_adam .* needs --offload-optimizer"):
         _cfg("--optimizer", "cpu_adam", "--zero-stage", "1")

@@ -275,7 +275,7 @@ def test_tp2_dp2_groups_mappings_layers_rng():
 def _deepspeed_worker(rank, world, stage, ref_norm, ref_loss):
     import deepspeed
 
-    from megatron_lite.model.config import ModelConfig
+    from megatron_lite.model.model_config import ModelConfig
     from megatron_lite.model.llama import LlamaModel
 
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))  # DeepSpeed reads these
@@ -308,7 +308,7 @@ def test_deepspeed_grad_norm_counts_replicated_params_once(stage, world):
     """DeepSpeed given ``mpu`` reports the TP=1 loss and grad norm for a TP=2 LlamaModel: ZeRO-1 at
     DP=1, ZeRO-3 at DP=2 (both DP ranks see the same batch, so the DP average is the single-rank grad)."""
     pytest.importorskip("deepspeed")
-    from megatron_lite.model.config import ModelConfig
+    from megatron_lite.model.model_config import ModelConfig
     from megatron_lite.model.llama import LlamaModel
 
     torch.manual_seed(0)

@@ -297,7 +297,7 @@ def test_plan_run_cpu_memory_matches_bench_estimate(capsys):
 
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import bench_memory
-    from megatron_lite.model.config import ModelConfig
+    from megatron_lite.model.model_config import ModelConfig
 
     p = plan_run.plan_from_argv(["--model-size", "tiny", "--vocab-size", "4096", "--gpu", "cpu",
                                  "--gpus", "1", "--tokens-per-sec", "20000", "--device", "cpu",

@@ -15,7 +15,7 @@ import os
 import pytest
 
 from megatron_lite.config import ConfigError, parse_args
-from megatron_lite.training.rampup import BatchRamp, make_ramp
+from megatron_lite.config.batch_ramp import BatchRamp, make_ramp
 from megatron_lite.training.schedules import LRScheduler, lr_at, lr_at_samples
 from tests.test_optimizers import RAMP_ARGS, dyn, read_metrics  # noqa: F401  (shared fixture)
 

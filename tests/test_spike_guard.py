@@ -50,7 +50,7 @@ def runs_spec(root: str) -> dict:
 
 def _driver(root: str) -> None:
     from megatron_lite.config import parse_args
-    from megatron_lite.training.pretrain import pretrain
+    from megatron_lite.training.loop import pretrain
 
     results = {}
     for name, spec in runs_spec(root).items():
@@ -200,7 +200,7 @@ def test_offline_noise_scale_tool_on_the_clean_checkpoint(spike_e2e, tmp_path):
 
 # ----------------------------------------------------------------------------- units
 def test_rolling_window_statistics_and_warmup():
-    from megatron_lite.training.spike_guard import RollingWindow
+    from megatron_lite.training.callbacks.spike_guard import RollingWindow
 
     w = RollingWindow(4)
     for x in (1.0, 2.0, 4.0):
@@ -264,11 +264,11 @@ def _cfg(**over):
 
 def test_grad_norm_gate_skips_before_the_update(tmp_path):
     """The grad-norm criterion acts inside engine.step, before our optimizer's update."""
-    from megatron_lite.model.config import ModelConfig
+    from megatron_lite.model.model_config import ModelConfig
     from megatron_lite.model.llama import LlamaModel
     from megatron_lite.training.optimizer import GuardedAdamW
-    from megatron_lite.training.spike_guard import SpikeGuard
-    from megatron_lite.training.trainer import TrainState, train_step
+    from megatron_lite.training.callbacks.spike_guard import SpikeGuard
+    from megatron_lite.training.step import TrainState, train_step
 
     torch.manual_seed(0)
     model = LlamaModel(ModelConfig(model_size="tiny", vocab_size=128, seq_length=16))
@@ -306,7 +306,7 @@ def test_grad_norm_gate_skips_before_the_update(tmp_path):
 
 def test_capture_decodes_worst_samples(tmp_path, tiny_corpus_and_tokenizer):  # noqa: F811
     from megatron_lite.data.tokenizer import build_tokenizer
-    from megatron_lite.training.spike_guard import SpikeGuard
+    from megatron_lite.training.callbacks.spike_guard import SpikeGuard
 
     _, model_path = tiny_corpus_and_tokenizer
     cfg = _cfg(tokenizer_model=model_path, spike_capture_samples=1, vocab_size=512)
@@ -327,7 +327,7 @@ def test_capture_decodes_worst_samples(tmp_path, tiny_corpus_and_tokenizer):  # 
 
 
 def test_state_round_trip_and_config_checks():
-    from megatron_lite.training.spike_guard import SpikeGuard, check_config
+    from megatron_lite.training.callbacks.spike_guard import SpikeGuard, check_config
 
     g = SpikeGuard(_cfg(), None)
     for x in (3.0, 2.0, 1.0):
@@ -344,8 +344,8 @@ def test_state_round_trip_and_config_checks():
 
 def test_extras_state_round_trip(tmp_path):
     """setup_extras restores the window and the noise-scale EMAs from TrainState.extras."""
-    from megatron_lite.training.noise_scale import NoiseScaleEstimator
-    from megatron_lite.training.spike_guard import SpikeGuard
+    from megatron_lite.training.callbacks.noise_scale import NoiseScaleEstimator
+    from megatron_lite.training.callbacks.spike_guard import SpikeGuard
     from megatron_lite.training.step_extras import extras_state, setup_extras
 
     cfg = _cfg(noise_scale_interval=5, global_batch_size=2)   # A = 2: the estimator needs >= 2

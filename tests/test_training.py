@@ -71,7 +71,7 @@ def runs_spec(root: str) -> dict:
 def _driver(root: str) -> None:
     """Body of the torchrun launch: every run of :func:`runs_spec` in one process group."""
     from megatron_lite.config import parse_args
-    from megatron_lite.training.pretrain import pretrain
+    from megatron_lite.training.loop import pretrain
 
     results = {}
     for name, spec in runs_spec(root).items():
@@ -85,7 +85,7 @@ def _driver(root: str) -> None:
             results[name] = {"error": f"{type(e).__name__}: {e}"}
         if name == "tp2":   # TP groups of this run still exist: load each shard for inference
             from megatron_lite.parallel import get_tensor_model_parallel_rank
-            from megatron_lite.training.checkpointing import load_model_for_inference
+            from megatron_lite.checkpoint.engine_state import load_model_for_inference
 
             model, _ = load_model_for_inference(os.path.join(root, "ck_tp2"),
                                                 get_tensor_model_parallel_rank(), 2)
@@ -162,7 +162,7 @@ def _batch(tokens, n_loss):
 
 
 def _tiny_model():
-    from megatron_lite.model.config import ModelConfig
+    from megatron_lite.model.model_config import ModelConfig
     from megatron_lite.model.llama import LlamaModel
 
     torch.manual_seed(0)
@@ -172,7 +172,7 @@ def _tiny_model():
 def test_token_mean_over_global_batch_equals_concatenated_batch():
     from megatron_lite.training.optimizer import GuardedAdamW
     from megatron_lite.training.schedules import LRScheduler
-    from megatron_lite.training.trainer import TrainState, train_step
+    from megatron_lite.training.step import TrainState, train_step
 
     model = _tiny_model()
     g = torch.Generator().manual_seed(1)
@@ -201,7 +201,7 @@ def test_token_mean_over_global_batch_equals_concatenated_batch():
 def test_nonfinite_loss_skips_update_and_schedule(monkeypatch):
     from megatron_lite.training.optimizer import GuardedAdamW
     from megatron_lite.training.schedules import LRScheduler
-    from megatron_lite.training.trainer import TooManySkippedSteps, TrainState, train_step
+    from megatron_lite.training.step import TooManySkippedSteps, TrainState, train_step
 
     model = _tiny_model()
     before = [p.detach().clone() for p in model.parameters()]
@@ -263,7 +263,7 @@ def test_grad_norm_and_clipping_by_hand():
 
 def test_seed_and_deterministic_flags():
     from megatron_lite.config import parse_args
-    from megatron_lite.training.pretrain import set_seeds
+    from megatron_lite.training.loop import set_seeds
 
     cfg = parse_args(COMMON + ["--deterministic"])
     try:
@@ -320,7 +320,7 @@ def test_tp2_matches_tp1(e2e):
 
 @pytest.mark.slow
 def test_tp2_checkpoint_loads_for_inference_like_tp1(e2e):
-    from megatron_lite.training.checkpointing import load_model_for_inference
+    from megatron_lite.checkpoint.engine_state import load_model_for_inference
 
     root, results, _ = e2e
     model, cfg = load_model_for_inference(os.path.join(root, "ck_z1"), 0, 1)

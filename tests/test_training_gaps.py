@@ -66,7 +66,7 @@ def runs_spec(root: str) -> dict:
 
 
 def _driver(root: str) -> None:
-    from megatron_lite.training.pretrain import pretrain
+    from megatron_lite.training.loop import pretrain
 
     results = {}
     for name, argv in runs_spec(root).items():
@@ -213,7 +213,7 @@ def test_attention_backend_checked_against_device():
         cfg = parse_args(TINY + ["--attention-backend", "flash"])
         with pytest.raises(ConfigError, match="no CUDA device is visible"):
             parse_args(TINY + ["--attention-backend", "flash", "--dry-run"])
-        from megatron_lite.training.validate import check_runtime
+        from megatron_lite.config.derive import check_runtime
 
         with pytest.raises(ConfigError, match="--attention-backend flash"):
             check_runtime(cfg)
@@ -230,7 +230,7 @@ def test_dry_run_cli_reports_backend_error():
 
 
 def test_ntk_rope_head_dim_2_is_a_config_error():
-    from megatron_lite.model.config import ModelConfig
+    from megatron_lite.model.model_config import ModelConfig
     from megatron_lite.model.rope import inv_freq_dynamic, inv_freq_ntk
 
     for kind in ("ntk", "dynamic"):
@@ -269,7 +269,7 @@ if __name__ == "__main__":
 
 def _empty_valid_warnings(rank, world, prefix, out_dir):
     from megatron_lite.data.builder import build_train_valid_test_datasets
-    from megatron_lite.data.config import DataConfig
+    from megatron_lite.data.data_config import DataConfig
 
     cfg = DataConfig(data_path=[prefix], split="100,0,0")
     with warnings.catch_warnings(record=True) as caught:

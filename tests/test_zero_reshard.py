@@ -36,7 +36,7 @@ import pytest
 import torch
 
 from megatron_lite.config import parse_args
-from megatron_lite.training import checkpointing as ckpt
+from megatron_lite.checkpoint import engine_state as ckpt
 from tests.dist_utils import read_metrics, run_torchrun
 from tests.test_training import COMMON, make_dataset
 
@@ -81,8 +81,8 @@ def _freeze(model, cfg) -> None:
 
 def _driver(root: str, phase: str) -> None:
     """Body of a torchrun launch: the runs of :func:`_runs` in one process group."""
-    from megatron_lite.training.pretrain import pretrain
-    from megatron_lite.training.zero_reshard import dump_full_state
+    from megatron_lite.training.loop import pretrain
+    from megatron_lite.checkpoint.zero_reshard import dump_full_state
 
     results = {}
     save = ckpt.save_checkpoint
@@ -236,7 +236,7 @@ def _toy_engine(stage: int, seed: int, bf16: bool = False, offload: str = ""):
 def _toy_job(rank: int, world: int, root: str, load_from: int | None, save: bool) -> None:
     """Per stage: optionally reshard the toy checkpoint saved at D=``load_from`` into this D and
     dump its state; optionally train 2 steps and save at this D (dumping the reference)."""
-    from megatron_lite.training.zero_reshard import (dump_full_state, read_full_state,
+    from megatron_lite.checkpoint.zero_reshard import (dump_full_state, read_full_state,
                                                      write_full_state)
 
     for stage, bf16, offload in TOY_CASES:
@@ -300,7 +300,7 @@ def _fake(tmp_path, stage: int, dp: int = 2) -> str:
         json.dump({"config": saved.to_dict()}, f)
     with open(os.path.join(d, "trainer_state.json"), "w") as f:
         json.dump({"zero_stage": stage, "data_parallel_size": dp, "world_size": dp}, f)
-    ckpt._write_manifest(d)
+    ckpt.write_manifest(d)
     return d
 
 
@@ -313,7 +313,7 @@ def _fake(tmp_path, stage: int, dp: int = 2) -> str:
                                     r"--no-load-optim"),
 ])
 def test_unsupported_reshard_is_refused_in_one_line(tmp_path, flags, match):
-    from megatron_lite.training.trainer import TrainState
+    from megatron_lite.training.step import TrainState
 
     _fake(tmp_path, 1)
     fp16 = "fp16" in flags       # --fp16 is refused on CPU by parse_args: set it afterwards
@@ -339,7 +339,7 @@ def test_changed_frozen_set_is_refused_before_loading_optimizer_state():
 
 def test_missing_saved_partition_is_named(tmp_path):
     """read_full_state names the saved DP rank file that is missing."""
-    from megatron_lite.training.zero_reshard import read_full_state
+    from megatron_lite.checkpoint.zero_reshard import read_full_state
 
     d = _fake(tmp_path, 1)
     shapes = [{"a": torch.Size([3, 2]), "b": torch.Size([5])}]
@@ -353,7 +353,7 @@ def test_stage12_and_stage3_layouts_hand_built(tmp_path):
     """Partitions laid out by hand as DeepSpeed documents them (stage 1/2: one flat group with
     per-parameter alignment padding and tail padding, split in equal slices; stage 3: each
     parameter split in ceil(numel/D) chunks) are cut back into the original tensors."""
-    from megatron_lite.training.zero_reshard import read_full_state
+    from megatron_lite.checkpoint.zero_reshard import read_full_state
 
     a = torch.arange(6, dtype=torch.float32).view(3, 2)
     b = torch.arange(100, 105, dtype=torch.float32)

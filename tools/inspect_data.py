@@ -26,7 +26,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_lite.data.builder import SPLITS, build_split_dataset  # noqa: E402
-from megatron_lite.data.config import DataConfig, parse_data_path  # noqa: E402
+from megatron_lite.data.data_config import DataConfig, parse_data_path  # noqa: E402
 
 KEYS = ("tokens", "labels", "loss_mask", "position_ids", "cu_seqlens", "dataset", "document_ids", "text")
 

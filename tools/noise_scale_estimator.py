@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
     import numpy as np
     import torch
 
-    from megatron_lite.training.checkpointing import load_model_for_inference
-    from megatron_lite.training.noise_scale import unbiased_estimates
+    from megatron_lite.checkpoint.engine_state import load_model_for_inference
+    from megatron_lite.training.callbacks.noise_scale import unbiased_estimates
 
     try:
         sizes = sorted({int(x) for x in args.batch_sizes.split(",") if x.strip()})
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.num_batches < 1:
         raise ValueError(f"--num-batches must be >= 1 (got {args.num_batches})")
     if args.output:
-        from megatron_lite.training.validate import check_output_path
+        from megatron_lite.config.derive import check_output_path
 
         check_output_path("--output", args.output, "file")  # before the measurement, not after
     model, cfg = load_model_for_inference(args.load, 0, 1)

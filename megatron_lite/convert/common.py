@@ -31,7 +31,7 @@ class Checkpoint:
     """A model checkpoint in memory, independent of its on-disk format.
 
     Attributes:
-        model_config: ``megatron_lite.model.config.ModelConfig`` of the architecture.
+        model_config: ``megatron_lite.model.model_config.ModelConfig`` of the architecture.
         state: HF name -> full tensor (vocab rows ``[V, h]``, unpadded); when tied,
             ``lm_head.weight`` is absent or the very tensor of ``model.embed_tokens.weight``.
         run_config: the source's ``RunConfig.to_dict()`` (our formats) or None (HF).

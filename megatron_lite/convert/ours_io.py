@@ -1,4 +1,4 @@
-"""megatron_lite checkpoint folders (layout: ``megatron_lite/training/checkpointing.py``): read
+"""megatron_lite checkpoint folders (layout: ``megatron_lite/checkpoint/engine_state.py``): read
 any TP degree into a :class:`Checkpoint`, and write a weights-only ("inference") checkpoint at any
 TP degree that ``load_model_for_inference``, ``tools/eval_ppl.py --load`` and
 ``pretrain_llama.py --load DIR --finetune`` accept.
@@ -32,7 +32,7 @@ def resolve_checkpoint_folder(load: str, iteration: int | None) -> str:
         ConversionError: no such folder / no complete checkpoint (manifest missing or a listed file
             missing or of another size).
     """
-    from megatron_lite.training.checkpointing import find_checkpoint, is_complete, tag_for
+    from megatron_lite.checkpoint.engine_state import find_checkpoint, is_complete, tag_for
 
     if not os.path.isdir(load):
         raise ConversionError(f"--load {load}: no such folder")
@@ -168,7 +168,7 @@ def write_ours(ckpt: Checkpoint, out_dir: str, final_dir: str, tp: int) -> str:
     """
     from megatron_lite.config import RunConfig
     from megatron_lite.model import hf_adapter
-    from megatron_lite.training.checkpointing import _versions, _write_manifest, tag_for
+    from megatron_lite.checkpoint.layout import library_versions, tag_for, write_manifest
 
     mc = copy.deepcopy(ckpt.model_config)
     try:
@@ -200,8 +200,8 @@ def write_ours(ckpt: Checkpoint, out_dir: str, final_dir: str, tp: int) -> str:
     with open(os.path.join(ck, "trainer_state.json"), "w") as f:
         json.dump(trainer_state, f, indent=1)
     with open(os.path.join(ck, "run_config.json"), "w") as f:
-        json.dump({"config": cfg.to_dict(), "versions": _versions()}, f, indent=1, default=str)
-    _write_manifest(ck)
+        json.dump({"config": cfg.to_dict(), "versions": library_versions()}, f, indent=1, default=str)
+    write_manifest(ck)
     with open(os.path.join(out_dir, "latest"), "w") as f:
         f.write(tag + "\n")
     return tag

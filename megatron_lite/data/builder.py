@@ -14,7 +14,7 @@ import torch
 
 from megatron_lite.data.blended import BlendedDataset, load_stages, normalize_weights, temperature_weights
 from megatron_lite.data.collate import collate_samples
-from megatron_lite.data.config import DataConfig, parse_data_path, split_weights
+from megatron_lite.data.data_config import DataConfig, parse_data_path, split_weights
 from megatron_lite.data.gpt_dataset import GPTDataset, split_document_ranges
 from megatron_lite.data.indexed import IndexedDataset
 from megatron_lite.data.sampler import MegatronPretrainingRandomSampler, MegatronPretrainingSampler

@@ -1,7 +1,7 @@
 """Evaluation: validation loss / perplexity during training and stream perplexity of a checkpoint."""
 
-from megatron_lite.eval.config import EvalConfig
-from megatron_lite.eval.evaluate import evaluate
+from megatron_lite.config.sections import EvalConfig
+from megatron_lite.training.evaluation import evaluate
 from megatron_lite.eval.perplexity import (build_stream, plan_windows, stream_perplexity,
                                            window_batches)
 

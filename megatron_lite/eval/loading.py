@@ -2,7 +2,7 @@
 
 Two sources:
   * ``megatron_lite``: a ``--save`` folder (or one checkpoint folder), loaded TP-sharded by
-    ``megatron_lite.training.checkpointing.load_model_for_inference``;
+    ``megatron_lite.checkpoint.engine_state.load_model_for_inference``;
   * ``hf``: a HuggingFace ``LlamaForCausalLM`` folder (config.json + safetensors), converted into
     our TP-sharded ``LlamaModel`` by ``megatron_lite.model.hf_adapter`` (any TP degree).
 
@@ -153,7 +153,7 @@ def inference_session(tp: int, device_name: str | None) -> Iterator[torch.device
 
 
 def _load_ours(load: str, device: torch.device, flag: str = "--load") -> LoadedModel:
-    from megatron_lite.training.checkpointing import load_model_for_inference
+    from megatron_lite.checkpoint.engine_state import load_model_for_inference
 
     if not os.path.exists(load):
         raise FileNotFoundError(f"{flag} {load}: no such file or folder")
@@ -191,7 +191,7 @@ def _load_hf(folder: str, device: torch.device, flag: str = "--load") -> LoadedM
     from megatron_lite.convert.hf_io import read_hf_config
     from megatron_lite.model.hf_adapter import config_from_hf, hf_to_megatron_lite
     from megatron_lite.model.llama import LlamaModel
-    from megatron_lite.training.checkpoint_files import find_checkpoint
+    from megatron_lite.checkpoint.layout import find_checkpoint
 
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.isfile(cfg_path) and find_checkpoint(folder) is not None:

@@ -1,6 +1,6 @@
 """How the command-line tools in ``tools/`` end on bad input: one line, exit status 2.
 
-The training entrypoints do this in ``megatron_lite.training.entrypoint.run_entrypoint``; the
+The training entrypoints do this in ``megatron_lite.entrypoints.run_entrypoint``; the
 tools follow the same convention through :func:`run_tool`, so a wrong path or flag value prints
 
     <tool>: error: <what is wrong and how to fix it>

@@ -1,12 +1,12 @@
 """LLaMA model: config and presets, TP decoder, RoPE, attention backends, counting, HF adapter.
 
-Names are imported lazily so ``import megatron_lite.model.config`` stays light.
+Names are imported lazily so ``import megatron_lite.model.model_config`` stays light.
 """
 
 import importlib
 
 _EXPORTS = {
-    "ModelConfig": "config", "model_preset": "presets", "padded_vocab_size": "config",
+    "ModelConfig": "model_config", "model_preset": "presets", "padded_vocab_size": "model_config",
     "LlamaModel": "llama", "num_parameters": "counting", "flops_per_token": "counting",
     "config_from_hf": "hf_adapter", "config_to_hf": "hf_adapter", "hf_to_megatron_lite": "hf_adapter",
     "megatron_lite_to_hf": "hf_adapter",

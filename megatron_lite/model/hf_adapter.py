@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_lite.model.config import ModelConfig
+from megatron_lite.model.model_config import ModelConfig
 
 
 

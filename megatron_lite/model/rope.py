@@ -5,7 +5,7 @@ attention factor (a multiplier on cos/sin, only YaRN uses it). Each is checked i
 ``tests/test_rope.py`` to equal HuggingFace ``transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS``
 for the same parameters.
 
-Config fields read (duck-typed, see ``megatron_lite.model.config.ModelConfig``): ``hidden_size``,
+Config fields read (duck-typed, see ``megatron_lite.model.model_config.ModelConfig``): ``hidden_size``,
 ``num_attention_heads``, ``kv_channels``, ``max_position_embeddings``, ``rotary_base``,
 ``rope_scaling_type``, ``rope_scaling_factor``, ``rope_original_max_position_embeddings``,
 ``yarn_beta_fast``, ``yarn_beta_slow``, ``yarn_attention_factor``, ``yarn_truncate``,

@@ -29,39 +29,14 @@ import math
 import os
 import resource
 import sys
-import tempfile
 import time
 from typing import Any, Callable, Iterator
 
 import torch
 
-from megatron_lite.config_field import arg
+from megatron_lite.config.sections import LoggingConfig
+from megatron_lite.utils import atomic_write_text
 from megatron_lite.training.timers import DATA_WAIT, FORWARD_BACKWARD, OPTIMIZER, Timers
-
-
-@dataclasses.dataclass
-class LoggingConfig:
-    """Logging settings (section ``logging`` of the run config)."""
-
-    log_interval: int = arg(100, "print one log line, and write TensorBoard scalars and a "
-                            "metrics.jsonl record, every this many steps (1 = every step)")
-    tensorboard_dir: str | None = arg(None, "write TensorBoard event files to this folder "
-                                      "(rank 0); off when unset")
-    metrics_file: str | None = arg(None, "JSON-lines metrics file, one object per logged step "
-                                   "or evaluation (default: <save or run dir>/metrics.jsonl)")
-    peak_tflops: float | None = arg(None, "peak dense TFLOP/s of one device at the training "
-                                    "precision, for MFU (default: table of known GPUs; on CPU "
-                                    "a measured matmul peak, printed at start)")
-    timing_log_level: int = arg(1, "step-time detail in the log line: 0 = time per step only, "
-                                "1 = plus data wait / forward+backward / optimizer, 2 = plus "
-                                "every other timer the loop recorded", choices=[0, 1, 2])
-
-    def __post_init__(self):
-        if self.log_interval is None or int(self.log_interval) < 1:
-            raise ValueError(f"--log-interval must be >= 1 (got {self.log_interval})")
-        if self.peak_tflops is not None and not float(self.peak_tflops) > 0:
-            raise ValueError(f"--peak-tflops must be > 0 (got {self.peak_tflops}); "
-                             "omit it to use the device table")
 
 
 # Dense (no sparsity) peak TFLOP/s per device, from the vendors' data sheets. Keys are matched
@@ -277,7 +252,7 @@ class TrainingLogger:
                         continue
                     if rec.get("step", 0) <= resume_step:
                         kept.append(ln if ln.endswith("\n") else ln + "\n")
-            _atomic_write(path, "".join(kept))
+            atomic_write_text(path, "".join(kept))
         elif resume_step is None and os.path.exists(path) and os.path.getsize(path) > 0:
             # A fresh start over an old file (an attempt that died before its first save, or
             # another run): keep the old records beside it rather than mixing two runs' steps.
@@ -428,7 +403,7 @@ class TrainingLogger:
         Args:
             step: training step after which the evaluation ran.
             val_loss: token-mean loss (nats per token), or the dict returned by
-                ``megatron_lite.eval.evaluate`` (its ``val_loss`` and ``tokens`` are used).
+                ``megatron_lite.training.evaluation`` (its ``val_loss`` and ``tokens`` are used).
             tokens: number of loss tokens evaluated.
             extra: more numeric entries for the record (e.g. consumed_tokens).
             split: ``"valid"`` (periodic validation: record type ``eval``, keys ``val_loss``,
@@ -466,24 +441,3 @@ class TrainingLogger:
                         f"{ppl:.6E} | tokens: {tokens} |\n{bar}")
             self._write(record, p)
         return record
-
-
-def _atomic_write(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and os.replace."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_" + os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-# Kept importable from here (pretrain.py and older callers import it from metrics).
-from megatron_lite.training.run_info import write_run_info  # noqa: E402,F401

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from megatron_lite.training.metrics import _atomic_write
+from megatron_lite.utils import atomic_write_text
 
 
 def _plain(obj: Any) -> Any:
@@ -103,6 +103,6 @@ def write_run_info(run_dir: str, config_dict: Any) -> dict[str, Any]:
         "argv": list(sys.argv),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    _atomic_write(os.path.join(run_dir, "config.yaml"), yaml.safe_dump(config, sort_keys=False))
-    _atomic_write(os.path.join(run_dir, "run_info.json"), json.dumps(info, indent=2) + "\n")
+    atomic_write_text(os.path.join(run_dir, "config.yaml"), yaml.safe_dump(config, sort_keys=False))
+    atomic_write_text(os.path.join(run_dir, "run_info.json"), json.dumps(info, indent=2) + "\n")
     return info

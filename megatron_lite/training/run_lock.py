@@ -3,7 +3,7 @@
 Two runs writing into one ``--save`` folder corrupt each other's checkpoints (one deletes the
 other's ``.tmp_iter_*`` folder mid-save) and interleave their metrics. Global rank 0 takes the lock
 (non-blocking) when the run starts, before anything is written, and holds it to the end of
-:func:`megatron_lite.training.pretrain.pretrain`; every rank of a refused run raises
+:func:`megatron_lite.training.loop.pretrain`; every rank of a refused run raises
 :class:`RunLockedError` (exit 2 through ``run_entrypoint``).
 
 Why flock: the kernel drops the lock when its file description is closed, which includes any
@@ -29,13 +29,13 @@ import time
 import warnings
 from typing import Optional
 
+from megatron_lite.errors import RunLockedError  # noqa: F401 - raised here, re-exported
+
 LOCK_NAME = ".run_lock"
 # flock unsupported by the filesystem (Linux flock(2): ENOLCK; NFS/FUSE variants; Lustre -ENOSYS).
 _UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, getattr(errno, "ENOTSUP", -1)}
 
 
-class RunLockedError(ValueError):
-    """Another live run holds the ``--save`` folder's lock (a ValueError: exit status 2)."""
 
 
 def _holder_text(fd: int) -> str:

@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from megatron_lite.training.config import LR_DECAY_STYLES, WSD_DECAY_STYLES
+from megatron_lite.config.sections import LR_DECAY_STYLES, WSD_DECAY_STYLES
 
 
 def warmup_steps_from(iters: Optional[int], tokens: Optional[int], fraction: Optional[float],
@@ -153,7 +153,7 @@ class LRScheduler:
         optimizer: a torch optimizer (its param groups' ``lr`` is overwritten).
         max_lr, min_lr, warmup_iters, decay_iters, decay_style, warmup_init, wsd_decay_iters,
         wsd_decay_style: as in :func:`lr_at` (lengths in steps).
-        ramp: optional :class:`megatron_lite.training.rampup.BatchRamp`; converts the step lengths
+        ramp: optional :class:`megatron_lite.config.batch_ramp.BatchRamp`; converts the step lengths
             to samples (``ramp.consumed_after``) and switches to the sample-counted schedule.
     """
 
@@ -186,7 +186,7 @@ class LRScheduler:
     @classmethod
     def from_config(cls, optimizer, cfg) -> "LRScheduler":
         """Build from a finalized RunConfig (sample-counted when it has a batch ramp)."""
-        from megatron_lite.training.rampup import ramp_from_config
+        from megatron_lite.config.batch_ramp import ramp_from_config
 
         d, s, o = cfg.derived, cfg.schedule, cfg.optimizer
         return cls(optimizer, max_lr=o.lr, min_lr=o.min_lr, warmup_iters=d.lr_warmup_iters,

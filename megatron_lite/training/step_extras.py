@@ -1,6 +1,6 @@
 """Wiring of the optional step companions into the training loop: the loss-spike guard
-(:mod:`megatron_lite.training.spike_guard`) and the gradient noise scale
-(:mod:`megatron_lite.training.noise_scale`) — flag checks, construction and state restore, the
+(:mod:`megatron_lite.training.callbacks.spike_guard`) and the gradient noise scale
+(:mod:`megatron_lite.training.callbacks.noise_scale`) — flag checks, construction and state restore, the
 state saved in ``TrainState.extras``, their log scalars, and what happens after a flagged step
 (capture, skip or rollback). Kept out of ``pretrain.py`` so the loop stays short.
 """
@@ -12,11 +12,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_lite.training.spike_guard import SpikeGuard, check_config
+from megatron_lite.training.callbacks.spike_guard import SpikeGuard, check_config
 
 def check_extras_config(cfg) -> None:
     """Validate the spike-guard and noise-scale flags (before any process-group work)."""
-    from megatron_lite.training import noise_scale
+    from megatron_lite.training.callbacks import noise_scale
 
     check_config(cfg)
     noise_scale.check_config(cfg)
@@ -33,7 +33,7 @@ def setup_extras(cfg, optimizer, engine, extras: Optional[dict], resumed: bool,
     Returns:
         ``(SpikeGuard | None, NoiseScaleEstimator | None)``.
     """
-    from megatron_lite.training.noise_scale import NoiseScaleEstimator
+    from megatron_lite.training.callbacks.noise_scale import NoiseScaleEstimator
 
     t = cfg.training
     guard = SpikeGuard(cfg, out_dir) if t.spike_detection else None
@@ -87,7 +87,7 @@ def handle_spike(cfg, res, state, engine, scheduler, guard,
     import copy
     import dataclasses
 
-    from megatron_lite.training import checkpointing
+    from megatron_lite.checkpoint import engine_state as checkpointing
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     ok = torch.tensor([1.0 if rank == 0 and guard.can_rollback(cfg.checkpoint.save) else 0.0])

@@ -19,7 +19,7 @@ def main(spec_path: str, out_path: str) -> None:
     import torch.distributed as dist
 
     from megatron_lite.config import parse_args
-    from megatron_lite.training.pretrain import pretrain
+    from megatron_lite.training.loop import pretrain
 
     with open(spec_path) as f:
         runs = json.load(f)

@@ -45,7 +45,7 @@ def write_status(path: str, status: dict) -> None:
 
 def main(mode: str, which: str, out: str) -> int:
     from megatron_lite.data.builder import build_data_loader, iter_loader
-    from megatron_lite.training.pretrain import EXIT_SIGNALS
+    from megatron_lite.training.loop import EXIT_SIGNALS
 
     got = []
     for s in EXIT_SIGNALS:   # as _ExitSignal: record, stop at the next "step" boundary

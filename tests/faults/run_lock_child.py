@@ -40,8 +40,8 @@ def argv(root: str, iters: int, data: str = "data", extra: tuple = ()) -> list[s
 
 def main(root: str, out: str) -> None:
     from megatron_lite.config import parse_args
-    from megatron_lite.training.entrypoint import run_entrypoint
-    from megatron_lite.training.pretrain import pretrain
+    from megatron_lite.entrypoints import run_entrypoint
+    from megatron_lite.training.loop import pretrain
     from megatron_lite.training.run_lock import RunLock
 
     ck, res = os.path.join(root, "ck"), {}

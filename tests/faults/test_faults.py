@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-from megatron_lite.training import checkpointing as ckpt
+from megatron_lite.checkpoint import engine_state as ckpt
 from tests.faults import harness as h
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]

@@ -26,7 +26,7 @@ import time
 
 import pytest
 
-from megatron_lite.training import checkpointing as ckpt
+from megatron_lite.checkpoint import engine_state as ckpt
 from tests.faults import harness as h
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "loader_child.py")

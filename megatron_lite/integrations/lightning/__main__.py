@@ -48,7 +48,7 @@ def main(argv=None) -> int:
         trainer.fit(module, datamodule=MegatronDataModule(run.cfg), ckpt_path=args.ckpt_path)
     except (ValueError, FileNotFoundError) as e:
         # Bad input found at start (dataset files, token ids beyond --vocab-size): one line,
-        # as pretrain_llama.py does (megatron_lite/training/entrypoint.py).
+        # as pretrain_llama.py does (megatron_lite/entrypoints.py).
         if os.environ.get("MEGATRON_LITE_TRACEBACK") == "1":
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -3,7 +3,7 @@
 Objective. ``training_step`` returns the token mean of one micro-batch,
 ``sum_t m_t * l_t / sum_t m_t`` (``m`` = ``loss_mask``, ``l`` = our vocab-parallel per-token
 cross entropy); Lightning divides it by the accumulation count A and DDP/DeepSpeed average over
-the D ranks. That equals our trainer's global token mean (megatron_lite/training/trainer.py) when
+the D ranks. That equals our trainer's global token mean (megatron_lite/training/step.py) when
 every micro-batch holds the same number of loss tokens, which is the case for packed samples
 unless ``--eod-mask-loss`` masks end-of-document tokens; with masking the two weigh micro-batches
 slightly differently. The logged ``loss`` is always the global token mean of the step (sums and

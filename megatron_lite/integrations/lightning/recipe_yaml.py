@@ -20,7 +20,7 @@ import dataclasses
 import os
 from typing import Any, Mapping, Sequence
 
-from megatron_lite.config import (ConfigError, RunConfig, _apply_tree, _yaml_with_lines,
+from megatron_lite.config import (ConfigError, RunConfig, apply_tree, yaml_with_lines,
                                   build_parser, finalize, section_classes)
 
 # HuggingFace LlamaConfig names (the recipe's architecture block) -> ModelConfig fields.
@@ -281,7 +281,7 @@ def load_lightning_config(path: str, flags: Sequence[str] = (),
     """
     if not os.path.exists(path):
         raise ConfigError(f"--config {path}: file not found")
-    raw, lines = _yaml_with_lines(path)
+    raw, lines = yaml_with_lines(path)
     tree: dict = {}
     origin: dict = {}
     ours = set(section_classes())
@@ -323,7 +323,7 @@ def load_lightning_config(path: str, flags: Sequence[str] = (),
         tree.setdefault("parallel", {})["zero_stage"] = 0
     cfg = RunConfig()
     cfg.config_file = path
-    _apply_tree(cfg, tree, path, {})
+    apply_tree(cfg, tree, path, {})
     if flags:
         ns, unknown = build_parser().parse_known_args(list(flags))
         if unknown:

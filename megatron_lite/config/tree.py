@@ -21,41 +21,21 @@ import sys
 import typing
 from typing import Any, Mapping, Sequence
 
-from megatron_lite.training.config import (CheckpointConfig, OptimizerConfig, ParallelConfig,
-                                           ScheduleConfig, TrainingConfig)
-
-
-class ConfigError(ValueError):
-    """A bad flag, YAML key or value, or an inconsistent combination; the message says the fix."""
-
-
-def _optional_section(module: str, name: str):
-    # The logging and eval sections come from other subsystems; a checkout without them still
-    # parses (the section is simply empty) so this module never blocks on them.
-    try:
-        mod = __import__(module, fromlist=[name])
-        return getattr(mod, name)
-    except (ImportError, AttributeError):
-        return None
-
-
-@dataclasses.dataclass
-class _Empty:
-    """Placeholder for a section whose subsystem is not installed (no fields)."""
+from megatron_lite.config.sections import (CheckpointConfig, CPTConfig, EvalConfig, LoggingConfig,
+                                           OptimizerConfig, ParallelConfig, ScheduleConfig,
+                                           TrainingConfig)
+from megatron_lite.data.data_config import DataConfig
+from megatron_lite.errors import ConfigError
+from megatron_lite.model.model_config import ModelConfig
 
 
 def section_classes() -> dict[str, type]:
     """The dataclass of each section, in tree order."""
-    from megatron_lite.data.config import DataConfig
-    from megatron_lite.model.config import ModelConfig
-
     return {
         "model": ModelConfig, "data": DataConfig, "parallel": ParallelConfig,
         "optimizer": OptimizerConfig, "schedule": ScheduleConfig, "training": TrainingConfig,
         "checkpoint": CheckpointConfig,
-        "logging": _optional_section("megatron_lite.training.metrics", "LoggingConfig") or _Empty,
-        "eval": _optional_section("megatron_lite.eval", "EvalConfig") or _Empty,
-        "cpt": _optional_section("megatron_lite.training.cpt_config", "CPTConfig") or _Empty,
+        "logging": LoggingConfig, "eval": EvalConfig, "cpt": CPTConfig,
     }
 
 
@@ -96,25 +76,20 @@ class Derived:
 class RunConfig:
     """The whole run's configuration (one attribute per section) plus derived values."""
 
-    model: Any = None
-    data: Any = None
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
     training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
-    logging: Any = None
-    eval: Any = None
-    cpt: Any = None
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    cpt: CPTConfig = dataclasses.field(default_factory=CPTConfig)
     derived: Derived = dataclasses.field(default_factory=Derived)
     # Not part of the tree (never saved): how this process was asked to run.
     dry_run: bool = False
     config_file: str | None = None
-
-    def __post_init__(self):
-        for name, cls in section_classes().items():
-            if getattr(self, name) is None:
-                setattr(self, name, cls())
 
     def to_dict(self) -> dict:
         """Plain nested dict ``{section: {field: value}}`` including ``derived`` (YAML/JSON-safe)."""
@@ -128,7 +103,7 @@ class RunConfig:
         d = dict(d)
         derived = d.pop("derived", None)
         cfg = cls()
-        _apply_tree(cfg, d, source, lines={})
+        apply_tree(cfg, d, source, lines={})
         if derived is not None:
             cfg.derived = Derived(**derived)
         return cfg
@@ -204,7 +179,7 @@ def _coerce(value: Any, tp: type, where: str) -> Any:
 
 
 # ----------------------------------------------------------------------------- YAML / dicts
-def _yaml_with_lines(path: str) -> tuple[dict, dict]:
+def yaml_with_lines(path: str) -> tuple[dict, dict]:
     """Load YAML and remember the line of every ``section.key`` (for error messages)."""
     import yaml
 
@@ -227,14 +202,14 @@ def _yaml_with_lines(path: str) -> tuple[dict, dict]:
     return data, lines
 
 
-def _apply_tree(cfg: RunConfig, tree: Mapping[str, Any], source: str, lines: dict) -> None:
+def apply_tree(cfg: RunConfig, tree: Mapping[str, Any], source: str, lines: dict) -> None:
     classes = section_classes()
     for sec, body in tree.items():
         where = f"{source}:{lines[sec]}" if sec in lines else source
         if sec == "derived":  # a saved config.yaml: derived values are recomputed by finalize
             continue
         if sec not in classes:
-            raise ConfigError(f"{where}: unknown section {sec!r}{_did_you_mean(sec, classes)}; "
+            raise ConfigError(f"{where}: unknown section {sec!r}{did_you_mean(sec, classes)}; "
                               f"sections are {', '.join(classes)}")
         if body is None:
             continue
@@ -245,7 +220,7 @@ def _apply_tree(cfg: RunConfig, tree: Mapping[str, Any], source: str, lines: dic
         for key, value in body.items():
             kw = f"{source}:{lines[f'{sec}.{key}']}" if f"{sec}.{key}" in lines else source
             if key not in fields:
-                raise ConfigError(f"{kw}: unknown key {sec}.{key}{_did_you_mean(key, fields)}")
+                raise ConfigError(f"{kw}: unknown key {sec}.{key}{did_you_mean(key, fields)}")
             _, tp, meta = fields[key]
             value = _coerce(value, tp, f"{kw}: {sec}.{key}")
             if meta.get("choices") and value is not None and value not in meta["choices"]:
@@ -253,12 +228,12 @@ def _apply_tree(cfg: RunConfig, tree: Mapping[str, Any], source: str, lines: dic
             setattr(obj, key, value)
 
 
-def _did_you_mean(word: str, options) -> str:
+def did_you_mean(word: str, options) -> str:
     close = difflib.get_close_matches(word, list(options), n=3, cutoff=0.6)
     return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
 
 
-def _flat_overrides(overrides: Mapping[str, Any]) -> dict:
+def flat_overrides(overrides: Mapping[str, Any]) -> dict:
     """Turn ``{"lr": 1e-3}`` / ``{"optimizer.lr": ...}`` / nested dicts into a section tree."""
     owner = {}
     for sec, cls in section_classes().items():
@@ -275,7 +250,7 @@ def _flat_overrides(overrides: Mapping[str, Any]) -> dict:
             k = key.replace("-", "_")
             tree.setdefault(owner[k], {})[k] = value
         else:
-            raise ConfigError(f"override {key!r}: unknown key{_did_you_mean(key, owner)}")
+            raise ConfigError(f"override {key!r}: unknown key{did_you_mean(key, owner)}")
     return tree
 
 
@@ -373,13 +348,13 @@ def parse_args(argv: Sequence[str] | None = None, world_size: int | None = None)
         known = [o for a in parser._actions for o in a.option_strings]
         bad = [u for u in unknown if u.startswith("-")] or unknown
         name = bad[0].split("=")[0]
-        raise ConfigError(f"unknown argument {bad[0]!r}{_did_you_mean(name, known)}")
+        raise ConfigError(f"unknown argument {bad[0]!r}{did_you_mean(name, known)}")
     cfg = RunConfig()
     if ns.config:
         if not os.path.exists(ns.config):
             raise ConfigError(f"--config {ns.config}: file not found")
-        tree, lines = _yaml_with_lines(ns.config)
-        _apply_tree(cfg, tree, ns.config, lines)
+        tree, lines = yaml_with_lines(ns.config)
+        apply_tree(cfg, tree, ns.config, lines)
         cfg.config_file = ns.config
     for dest, value in vars(ns).items():
         if "." in dest:
@@ -412,11 +387,11 @@ def load_config(yaml_path: str | None, overrides: Mapping[str, Any] | Sequence[s
         if yaml_path:
             if not os.path.exists(yaml_path):
                 raise ConfigError(f"{yaml_path}: file not found")
-            tree, lines = _yaml_with_lines(yaml_path)
-            _apply_tree(cfg, tree, yaml_path, lines)
+            tree, lines = yaml_with_lines(yaml_path)
+            apply_tree(cfg, tree, yaml_path, lines)
             cfg.config_file = yaml_path
         if overrides:
-            _apply_tree(cfg, _flat_overrides(overrides), "overrides", {})
+            apply_tree(cfg, flat_overrides(overrides), "overrides", {})
         return finalize(cfg, world_size)
     argv = (["--config", yaml_path] if yaml_path else []) + list(overrides)
     return parse_args(argv, world_size)
@@ -433,7 +408,7 @@ def finalize(cfg: RunConfig, world_size: int | None = None) -> RunConfig:
     Raises:
         ConfigError: with the offending flag(s) and the fix.
     """
-    from megatron_lite.training.validate import derive_and_check
+    from megatron_lite.config.derive import derive_and_check
 
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -443,7 +418,7 @@ def finalize(cfg: RunConfig, world_size: int | None = None) -> RunConfig:
 
 def format_plan(cfg: RunConfig) -> str:
     """The resolved plan printed by rank 0 at start and by ``--dry-run`` (one item per line)."""
-    from megatron_lite.training.validate import plan_lines
+    from megatron_lite.config.derive import plan_lines
 
     return "\n".join(plan_lines(cfg))
 

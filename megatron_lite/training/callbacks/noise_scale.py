@@ -17,7 +17,7 @@ The two batch sizes training already has:
 * B_small: one micro-batch on one DP rank, before accumulation and reduction. Its gradient of the
   token-mean loss is read from ``p.grad`` (or DeepSpeed's ``p.grad_accum``) right after the first
   micro-batch's backward (rescaled
-  from the trainer's ``D / N`` loss normalisation, see :mod:`megatron_lite.training.trainer`), its
+  from the trainer's ``D / N`` loss normalisation, see :mod:`megatron_lite.training.step`), its
   squared norm TP-aware (sharded parameters summed over TP, replicated ones once) and averaged over
   the DP ranks; B_small is the harmonic mean of the ranks' loss tokens (E|G_B|^2 is linear in 1/B).
   One all-reduce of two numbers over the world group, on measurement steps only.

@@ -1,6 +1,6 @@
 """Checkpoint folders on disk: names, the manifest, completeness, fsync, pruning.
 
-The layout and the atomic-save protocol are described in :mod:`megatron_lite.training.checkpointing`
+The layout and the atomic-save protocol are described in :mod:`megatron_lite.checkpoint.engine_state`
 (which re-exports everything here). This module holds what does not need a DeepSpeed engine: which
 folder ``--load`` picks (:func:`find_checkpoint`: ``latest`` if complete, else the newest complete
 one), what makes a folder complete (:func:`is_complete`: a manifest whose every file exists with its
@@ -19,8 +19,11 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from megatron_lite.errors import CheckpointSaveError
+from megatron_lite.utils import atomic_write_text, barrier, fsync_path, get_rank
+
 MANIFEST = "manifest.json"
-_ITER_RE = re.compile(r"^iter_(\d{7,})$")
+ITER_RE = re.compile(r"^iter_(\d{7,})$")
 
 
 def tag_for(iteration: int) -> str:
@@ -28,22 +31,10 @@ def tag_for(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def is_complete(path: str) -> bool:
@@ -79,11 +70,11 @@ def find_checkpoint(load_dir: str) -> str | None:
             return cand
         # Fall back within the lineage `latest` belongs to: later iterations in the folder are
         # from a run that was rolled back past them.
-        limit = _iter_of(tag) if _ITER_RE.match(tag) else None
+        limit = iter_of(tag) if ITER_RE.match(tag) else None
         warnings.warn(f"{latest} names {tag}, which is incomplete or missing; using the newest "
                       f"complete checkpoint before it instead")
-    tags = sorted((d for d in os.listdir(load_dir) if _ITER_RE.match(d)
-                   and (limit is None or _iter_of(d) <= limit)), key=_iter_of, reverse=True)
+    tags = sorted((d for d in os.listdir(load_dir) if ITER_RE.match(d)
+                   and (limit is None or iter_of(d) <= limit)), key=iter_of, reverse=True)
     for tag in tags:
         cand = os.path.join(load_dir, tag)
         if is_complete(cand):
@@ -91,12 +82,12 @@ def find_checkpoint(load_dir: str) -> str | None:
     return None
 
 
-def _write_manifest(path: str) -> None:
-    _atomic_write_text(os.path.join(path, MANIFEST),
-                       json.dumps({"files": _list_files(path)}, indent=1))
+def write_manifest(path: str) -> None:
+    atomic_write_text(os.path.join(path, MANIFEST),
+                       json.dumps({"files": list_files(path)}, indent=1))
 
 
-def _versions() -> dict:
+def library_versions() -> dict:
     import deepspeed
 
     import megatron_lite
@@ -105,26 +96,11 @@ def _versions() -> dict:
             "deepspeed": deepspeed.__version__}
 
 
-class CheckpointSaveError(RuntimeError):
-    """A save failed (full disk, file-size limit, I/O error, files invisible to rank 0).
-
-    Nothing was marked complete: ``latest`` still names the previous checkpoint. Training stops
-    (``pretrain()`` does not catch it; ``pretrain_llama.py``/``cpt_llama.py`` print it as one line
-    and exit 1), because every later save would most likely fail the same way and the steps
-    trained meanwhile would be lost on the next fault anyway.
-    """
 
 
-def _fsync_path(path: str) -> None:
-    """fsync a file or a directory (a directory's fsync makes renames inside it durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
-def _list_files(path: str) -> dict[str, int]:
+def list_files(path: str) -> dict[str, int]:
     """``{relative path: size in bytes}`` of every file under ``path`` except the manifest."""
     files = {}
     for root, _, names in os.walk(path):
@@ -140,7 +116,7 @@ def check_coverage(seen_by_rank: list[dict[str, int]], mine: dict[str, int], whe
     """Raise unless rank 0's view ``mine`` holds every file any rank sees, with the same size.
 
     Args:
-        seen_by_rank: each rank's :func:`_list_files` of the temporary folder after its writes.
+        seen_by_rank: each rank's :func:`list_files` of the temporary folder after its writes.
         mine: rank 0's listing (what the manifest will record).
         where: the checkpoint folder (for the message).
 
@@ -156,11 +132,11 @@ def check_coverage(seen_by_rank: list[dict[str, int]], mine: dict[str, int], whe
                     f"{mine.get(rel)!r} bytes: --save must be a filesystem shared by every node")
 
 
-def _iter_of(tag: str) -> int:
-    return int(_ITER_RE.match(tag).group(1))
+def iter_of(tag: str) -> int:
+    return int(ITER_RE.match(tag).group(1))
 
 
-def _prune(save_dir: str, keep_last: int | None) -> None:
+def prune(save_dir: str, keep_last: int | None) -> None:
     """Keep the ``keep_last`` newest checkpoints of the lineage ``latest`` names.
 
     Only checkpoints at or before the ``latest`` one are candidates, and the ``latest`` one is
@@ -169,23 +145,23 @@ def _prune(save_dir: str, keep_last: int | None) -> None:
     """
     if not keep_last:
         return
-    tags = [d for d in os.listdir(save_dir) if _ITER_RE.match(d)]
+    tags = [d for d in os.listdir(save_dir) if ITER_RE.match(d)]
     if not tags:
         return
     latest = os.path.join(save_dir, "latest")
-    current = max(tags, key=_iter_of)
+    current = max(tags, key=iter_of)
     if os.path.isfile(latest):
         with open(latest) as f:
             named = f.read().strip()
-        if _ITER_RE.match(named):
+        if ITER_RE.match(named):
             current = named
-    later = sorted(t for t in tags if _iter_of(t) > _iter_of(current))
+    later = sorted(t for t in tags if iter_of(t) > iter_of(current))
     if later:
         warnings.warn(f"{save_dir}: {', '.join(later)} are later than the checkpoint just saved "
                       f"({current}) and belong to an abandoned run; --keep-last leaves them alone, "
                       f"delete them by hand if they are not needed")
-    older = sorted((t for t in tags if _iter_of(t) <= _iter_of(current) and t != current),
-                   key=_iter_of)
+    older = sorted((t for t in tags if iter_of(t) <= iter_of(current) and t != current),
+                   key=iter_of)
     for tag in older[:max(0, len(older) - (keep_last - 1))]:
         shutil.rmtree(os.path.join(save_dir, tag), ignore_errors=True)
 
@@ -199,4 +175,4 @@ def read_saved_config(path: str) -> dict:
 def list_checkpoints(save_dir: str) -> list[str]:
     """Complete checkpoint folders in ``save_dir``, oldest first."""
     out = [p for p in glob.glob(os.path.join(save_dir, "iter_*")) if is_complete(p)]
-    return sorted(out, key=lambda p: int(_ITER_RE.match(os.path.basename(p)).group(1)))
+    return sorted(out, key=lambda p: int(ITER_RE.match(os.path.basename(p)).group(1)))

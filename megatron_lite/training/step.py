@@ -18,9 +18,9 @@ optimizer state and the LR schedule untouched, but its data is consumed (the nex
 next batch). ``max_skipped_steps`` consecutive skips raise :class:`TooManySkippedSteps`.
 
 Optional per-step extras, each absent (no extra work, no extra collective) unless given:
-``spike_guard`` (:mod:`megatron_lite.training.spike_guard`: the loss criterion is decided here
+``spike_guard`` (:mod:`megatron_lite.training.callbacks.spike_guard`: the loss criterion is decided here
 before the update, the grad-norm criterion inside ``engine.step`` through the guard's gate; a spike
-is skipped like a NaN step) and ``noise_scale`` (:mod:`megatron_lite.training.noise_scale`: on its
+is skipped like a NaN step) and ``noise_scale`` (:mod:`megatron_lite.training.callbacks.noise_scale`: on its
 measurement steps the first micro-batch's gradient norm is read before the second backward).
 """
 
@@ -136,11 +136,11 @@ def train_step(engine, optimizer, scheduler, micro_batches: Sequence[dict[str, A
         device: compute device.
         timers: optional ``Timers`` (megatron_lite.training.timers); the forward/backward and the
             optimizer phases are timed separately when given.
-        spike_guard: optional :class:`~megatron_lite.training.spike_guard.SpikeGuard` whose gate
+        spike_guard: optional :class:`~megatron_lite.training.callbacks.spike_guard.SpikeGuard` whose gate
             is installed on ``optimizer``; a flagged step is skipped and returned with ``spike``
             (criterion, value, window stats) and ``spike_samples`` (this rank's records).
         noise_scale: optional
-            :class:`~megatron_lite.training.noise_scale.NoiseScaleEstimator`; on its
+            :class:`~megatron_lite.training.callbacks.noise_scale.NoiseScaleEstimator`; on its
             measurement steps ``noise`` holds the scalars to log.
 
     Returns:
@@ -236,7 +236,7 @@ def train_step(engine, optimizer, scheduler, micro_batches: Sequence[dict[str, A
         noise = noise_scale.measure_big(step_number, None if skipped else grad_norm, n_tokens)
     spike_samples = None
     if spike is not None:
-        from megatron_lite.training.spike_guard import per_sample_records
+        from megatron_lite.training.callbacks.spike_guard import per_sample_records
 
         spike_guard.spikes += 1
         spike = dict(spike, step=step_number)

@@ -328,8 +328,8 @@ def load_resharded(engine, cfg, path: str, saved: dict) -> None:
     full = read_full_state(path, stage, saved["data_parallel_size"], tp)
     parent, tag = os.path.split(os.path.abspath(path))
     if stage == 3:
-        from megatron_lite.training.checkpointing import _module_state
-        from megatron_lite.training.cpt_weights import load_into
+        from megatron_lite.checkpoint.engine_state import _module_state
+        from megatron_lite.cpt.weights import load_into
 
         load_into(engine.module, _module_state(path, tp))
     else:

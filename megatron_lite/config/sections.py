@@ -1,5 +1,5 @@
-"""Config sections owned by the training engine: parallelism, optimizer, LR schedule, the training
-loop and checkpoints.
+"""The run config's sections above the model and data layers: parallelism, optimizer, LR schedule,
+the training loop, checkpoints, logging, evaluation and continued pretraining (CPT).
 
 Each section is a dataclass whose fields are declared with :func:`megatron_lite.config_field.arg`;
 :mod:`megatron_lite.config` composes them (with the model, data, logging and eval sections) into the
@@ -146,7 +146,7 @@ class TrainingConfig:
               "global batch starts at START samples and grows by INCREMENT every "
               "RAMPUP_SAMPLES / ((GB - START) / INCREMENT) consumed samples until it is GB; A "
               "follows the batch and the LR schedule is counted in samples "
-              "(megatron_lite/training/rampup.py).", nargs=3)
+              "(megatron_lite/config/batch_ramp.py).", nargs=3)
     rampup_batch_tokens: Optional[list[int]] = arg(
         None, "Batch-size ramp-up in tokens START_TOK INCREMENT_TOK RAMPUP_TOKENS (each a "
               "multiple of --seq-length); same as --rampup-batch-size in samples.", nargs=3)
@@ -170,8 +170,8 @@ class TrainingConfig:
         True, "On SIGTERM/SIGUSR1, save at the next step boundary and exit with status 0.")
     device: str = arg("auto", "Compute device: auto (cuda when available), cuda or cpu.",
                       choices=["auto", "cuda", "cpu"])
-    # Loss-spike guard (megatron_lite/training/spike_guard.py) and gradient noise scale
-    # (megatron_lite/training/noise_scale.py).
+    # Loss-spike guard (megatron_lite/training/callbacks/spike_guard.py) and gradient noise scale
+    # (megatron_lite/training/callbacks/noise_scale.py).
     spike_detection: bool = arg(
         False, "Loss-spike guard: flag a step whose loss or pre-clip grad norm exceeds the rolling "
                "mean of the last --spike-window accepted steps by more than --spike-threshold "
@@ -208,7 +208,7 @@ class TrainingConfig:
 
 @dataclasses.dataclass
 class CheckpointConfig:
-    """Checkpoint saving and loading (see :mod:`megatron_lite.training.checkpointing`)."""
+    """Checkpoint saving and loading (see :mod:`megatron_lite.checkpoint.engine_state`)."""
 
     save: Optional[str] = arg(None, "Directory to save checkpoints (iter_NNNNNNN folders + latest).")
     load: Optional[str] = arg(
@@ -222,3 +222,118 @@ class CheckpointConfig:
         False, "Load only the model weights and start at step 0 with fresh optimizer, schedule, "
                "RNG and data position.")
     save_on_exit: bool = arg(True, "Save a final checkpoint at the end of training (needs --save).")
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+    """Logging settings (section ``logging`` of the run config)."""
+
+    log_interval: int = arg(100, "print one log line, and write TensorBoard scalars and a "
+                            "metrics.jsonl record, every this many steps (1 = every step)")
+    tensorboard_dir: str | None = arg(None, "write TensorBoard event files to this folder "
+                                      "(rank 0); off when unset")
+    metrics_file: str | None = arg(None, "JSON-lines metrics file, one object per logged step "
+                                   "or evaluation (default: <save or run dir>/metrics.jsonl)")
+    peak_tflops: float | None = arg(None, "peak dense TFLOP/s of one device at the training "
+                                    "precision, for MFU (default: table of known GPUs; on CPU "
+                                    "a measured matmul peak, printed at start)")
+    timing_log_level: int = arg(1, "step-time detail in the log line: 0 = time per step only, "
+                                "1 = plus data wait / forward+backward / optimizer, 2 = plus "
+                                "every other timer the loop recorded", choices=[0, 1, 2])
+
+    def __post_init__(self):
+        if self.log_interval is None or int(self.log_interval) < 1:
+            raise ValueError(f"--log-interval must be >= 1 (got {self.log_interval})")
+        if self.peak_tflops is not None and not float(self.peak_tflops) > 0:
+            raise ValueError(f"--peak-tflops must be > 0 (got {self.peak_tflops}); "
+                             "omit it to use the device table")
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """When and how much to evaluate on the validation split during training."""
+
+    eval_interval: int = arg(1000, "evaluate on the validation split every this many steps "
+                             "(also after the last step); 0 disables periodic evaluation")
+    eval_iters: int = arg(100, "micro-batches per data-parallel rank in one evaluation; the "
+                          "loss is the token mean over all of them and all DP ranks. The test "
+                          "split (--test-data-path or the third --split part) is evaluated once "
+                          "on this many micro-batches after the last step (logged as "
+                          "test_loss/test_ppl); a split that is empty is skipped with a warning")
+
+    eval_at_start: bool = arg(False, "also evaluate once before the first training step of a fresh "
+                              "(not resumed) run, so the untrained validation loss is on record")
+
+    def __post_init__(self):
+        if self.eval_interval is None or int(self.eval_interval) < 0:
+            raise ValueError(f"--eval-interval must be >= 0 (got {self.eval_interval})")
+        if self.eval_iters is None or int(self.eval_iters) < 1:
+            raise ValueError(f"--eval-iters must be >= 1 (got {self.eval_iters}); to turn "
+                             "evaluation off use --eval-interval 0")
+
+
+VOCAB_INIT_CHOICES = ("piece-mean", "mean")
+
+
+@dataclasses.dataclass
+class CPTConfig:
+    """Continued pretraining: base checkpoint, freezing and vocabulary extension (cpt_llama.py)."""
+
+    pretrained_checkpoint: Optional[str] = arg(
+        None, "Base model to continue from: a megatron_lite --save folder / checkpoint folder or "
+              "a HuggingFace LlamaForCausalLM folder (config.json + safetensors), detected. "
+              "Loads weights only and only on a fresh start; model flags not given are taken "
+              "from its config, a contradicting one is an error.")
+    pretrained_checkpoint_format: str = arg(
+        "auto", "Format of --pretrained-checkpoint (auto: HF when DIR has config.json, else ours).",
+        choices=["auto", "megatron_lite", "hf"])
+    pretrained_tokenizer_model: Optional[str] = arg(
+        None, "Tokenizer the base model was trained with (needed to initialise new rows of an "
+              "extended --tokenizer-model with --extended-vocab-init piece-mean; default: the "
+              "base checkpoint's --tokenizer-model, or tokenizer.model in the HF folder).")
+    extended_vocab_init: str = arg(
+        "piece-mean", "Rows for ids >= the base vocab size: piece-mean = mean of the base "
+                      "rows of the base tokenizer's encoding of the new piece's text (embedding "
+                      "and output layer alike); mean = mean of all base rows.",
+        choices=list(VOCAB_INIT_CHOICES))
+    freeze_embeddings: bool = arg(
+        False, "Do not train the input embedding (with --tie-word-embeddings also the LM head).")
+    freeze_layers: Optional[str] = arg(
+        None, "Do not train these transformer blocks: 0-based inclusive ranges, e.g. '0-3' or "
+              "'0-3,10-11'.")
+    load_optimizer_state: bool = arg(
+        False, "On a fresh start also load the base checkpoint's AdamW moments (megatron_lite "
+               "base only, with the same TP, ZeRO stage, data-parallel size and vocabulary, no "
+               "freezing; needs --load). Iteration, LR schedule, data position and RNG still "
+               "start fresh.")
+    # Filled by cpt.resolve_config (saved with checkpoints, never a flag).
+    base_vocab_size: Optional[int] = arg(None, "vocabulary size of the base checkpoint", cli=False)
+    base_format: Optional[str] = arg(None, "detected format of the base checkpoint", cli=False)
+
+
+def parse_layer_ranges(spec: str | None, num_layers: int) -> list[int]:
+    """Block indices named by ``--freeze-layers`` (sorted, unique).
+
+    Args:
+        spec: ``"a-b"``, ``"a"`` or a comma-separated list of those (0-based, inclusive).
+        num_layers: L; every index must be in ``[0, L)``.
+
+    Raises:
+        ValueError: malformed spec, a reversed range or an index outside ``[0, L)``.
+    """
+    if not spec:
+        return []
+    out: set[int] = set()
+    for part in str(spec).split(","):
+        part = part.strip()
+        try:
+            lo, _, hi = part.partition("-")
+            a, b = int(lo), int(hi) if hi else int(lo)
+        except ValueError:
+            raise ValueError(f"--freeze-layers {spec!r}: {part!r} is not 'a-b' or 'a' "
+                             "(0-based block indices)") from None
+        if a > b or a < 0 or b >= num_layers:
+            raise ValueError(f"--freeze-layers {spec!r}: range {part!r} must satisfy "
+                             f"0 <= a <= b < num_layers = {num_layers}")
+        out.update(range(a, b + 1))
+    return sorted(out)

@@ -64,6 +64,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_lite.utils import atomic_write_text
+
 MIN_REL_STD = 0.01  # floor of the window's spread, relative to its mean (see the module doc)
 
 
@@ -252,7 +254,7 @@ class SpikeGuard:
 
     def can_rollback(self, save_dir: Optional[str]) -> bool:
         """Whether the rollback policy applies now (a checkpoint exists, budget left)."""
-        from megatron_lite.training.checkpointing import find_checkpoint
+        from megatron_lite.checkpoint.engine_state import find_checkpoint
 
         return (self.policy == "rollback" and self.rollbacks < self.max_rollbacks
                 and save_dir is not None and find_checkpoint(save_dir) is not None)
@@ -339,7 +341,7 @@ class SpikeGuard:
             path = os.path.join(self.out_dir, "spikes", f"step_{step}.{k}.jsonl")
             k += 1
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        _atomic_write(path, "\n".join(lines) + "\n")
+        atomic_write_text(path, "\n".join(lines) + "\n")
         return path
 
     def _get_tokenizer(self):
@@ -391,10 +393,3 @@ def _jsonable(x):
     if torch.is_tensor(x):
         return x.tolist()
     return str(x)
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_lite.training.trainer import TrainState, train_step
+from megatron_lite.training.step import TrainState, train_step
 
 
 def _free_port() -> int:
@@ -110,7 +110,7 @@ def _worker_signals(cfg) -> tuple:
 
 def _spike_headroom(cfg) -> int:
     """Train samples beyond the run's own that --spike-policy rollback may skip."""
-    from megatron_lite.training.spike_guard import rollback_headroom_samples
+    from megatron_lite.training.callbacks.spike_guard import rollback_headroom_samples
 
     return rollback_headroom_samples(cfg)
 
@@ -178,7 +178,7 @@ def _write_run_folder(run_dir: str, cfg) -> None:
     import json
 
     from megatron_lite.training.deepspeed_engine import build_ds_config
-    from megatron_lite.training.metrics import write_run_info
+    from megatron_lite.training.run_info import write_run_info
 
     os.makedirs(run_dir, exist_ok=True)
     write_run_info(run_dir, cfg.to_dict())
@@ -247,12 +247,12 @@ def pretrain(cfg, data_iterators=None, model_setup=None) -> TrainState:
 def _pretrain(cfg, data_iterators, model_setup, lock) -> TrainState:
     """The body of :func:`pretrain`; ``lock`` is taken right after the process group exists."""
     from megatron_lite.config import format_plan
-    from megatron_lite.training import checkpointing
+    from megatron_lite.checkpoint import engine_state as checkpointing
     from megatron_lite.training.deepspeed_engine import clip_in_optimizer, init_engine
     from megatron_lite.training.optimizer import build_optimizer
     from megatron_lite.training.schedules import LRScheduler
 
-    from megatron_lite.training.validate import check_runtime
+    from megatron_lite.config.derive import check_runtime
 
     check_runtime(cfg)
     from megatron_lite.training import step_extras as _spikes
@@ -323,7 +323,7 @@ def _pretrain(cfg, data_iterators, model_setup, lock) -> TrainState:
     logger = _make_logger(cfg, rank, device, resumed is not None and state.iteration or None)
     stop = _ExitSignal(cfg.training.exit_signal_handler)
     d, A = cfg.derived, cfg.derived.num_micro_batches
-    from megatron_lite.training.rampup import ramp_from_config
+    from megatron_lite.config.batch_ramp import ramp_from_config
 
     ramp, gb = ramp_from_config(cfg), cfg.derived.global_batch_size   # batch-size ramp-up
     engine.train()
@@ -441,7 +441,7 @@ def _maybe_eval(cfg, engine, valid_loader, state, logger, device) -> None:
         return
     if state.iteration % interval and state.iteration != cfg.derived.train_iters:
         return
-    from megatron_lite.eval import evaluate
+    from megatron_lite.training.evaluation import evaluate
 
     ctx = logger.exclude_time() if logger is not None else _null()
     with ctx:
@@ -460,7 +460,7 @@ def _test_eval(cfg, engine, test_loader, state, logger, device) -> None:
     ``test/``, metrics.jsonl record of type ``test``). Nothing when the test split is empty."""
     if test_loader is None:
         return
-    from megatron_lite.eval import evaluate
+    from megatron_lite.training.evaluation import evaluate
 
     ctx = logger.exclude_time() if logger is not None else _null()
     with ctx:

@@ -17,7 +17,7 @@ manifest, renames the folder to ``iter_0000100`` and only then replaces ``latest
 moment leaves the previous complete checkpoint: ``--load`` only accepts a folder whose manifest
 exists and whose files all exist with the recorded sizes, falling back to the newest complete one.
 Folder names, the manifest, completeness, fsync and pruning live in
-:mod:`megatron_lite.training.checkpoint_files` (re-exported here).
+:mod:`megatron_lite.checkpoint.layout` (re-exported here).
 """
 
 from __future__ import annotations
@@ -33,10 +33,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_lite.training.checkpoint_files import (  # noqa: F401 - re-exported (tools, tests)
-    _ITER_RE, MANIFEST, CheckpointSaveError, _atomic_write_text, _barrier, _fsync_path, _iter_of,
-    _list_files, _prune, _rank, _versions, _write_manifest, check_coverage, find_checkpoint,
-    is_complete, list_checkpoints, read_saved_config, tag_for)
+from megatron_lite.checkpoint.layout import (  # noqa: F401 - re-exported (tools, tests)
+    ITER_RE, MANIFEST, check_coverage, find_checkpoint, is_complete, iter_of, library_versions,
+    list_checkpoints, list_files, prune, read_saved_config, tag_for, write_manifest)
+from megatron_lite.errors import CheckpointSaveError
+from megatron_lite.utils import atomic_write_text, barrier, fsync_path, get_rank
 
 # Model fields that may change between save and resume without changing the weights' meaning.
 _MODEL_FIELDS_ALLOWED_TO_CHANGE = {
@@ -80,7 +81,7 @@ def _fault_hook(iteration: int, point: str) -> None:
     spec = os.environ.get("MEGATRON_LITE_INJECT_SAVE_KILL", "")
     for item in filter(None, spec.split(",")):
         it, rank, where = item.split(":")
-        if int(it) == iteration and int(rank) == _rank() and where == point:
+        if int(it) == iteration and int(rank) == get_rank() and where == point:
             import signal
 
             os.kill(os.getpid(), signal.SIGKILL)
@@ -107,38 +108,38 @@ def save_checkpoint(engine, cfg, state, scheduler, save_dir: str) -> str:
     tmp_tag = f".tmp_{tag}"
     tmp = os.path.join(save_dir, tmp_tag)
     final = os.path.join(save_dir, tag)
-    if _rank() == 0:
+    if get_rank() == 0:
         os.makedirs(save_dir, exist_ok=True)
         for d in os.listdir(save_dir):  # leftovers of killed or failed saves
             if d.startswith(".tmp_iter_"):
                 shutil.rmtree(os.path.join(save_dir, d), ignore_errors=True)
-    _barrier()
+    barrier()
     try:
         written = _write_rank_files(engine, cfg, tmp, tmp_tag, save_dir)
         _fault_hook(state.iteration, "engine")
         os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
-        rng_file = os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt")
+        rng_file = os.path.join(tmp, "rng", f"rank_{get_rank():05d}.pt")
         torch.save(rng_state(), rng_file)
         # Each rank flushes what it wrote to stable storage (an fsync by a process that did not
         # write the data does not flush the writer's cache on a shared filesystem).
-        for p in ([os.path.join(tmp, f) for f in _list_files(tmp)] if written is None
+        for p in ([os.path.join(tmp, f) for f in list_files(tmp)] if written is None
                   else written + [rng_file]):
-            _fsync_path(p)
+            fsync_path(p)
     except Exception as e:
         _abandon(tmp, tag, e)
-    _barrier()
-    seen = _list_files(tmp)
+    barrier()
+    seen = list_files(tmp)
     views = [seen]
     if dist.is_initialized() and dist.get_world_size() > 1:
         views = [None] * dist.get_world_size()
         dist.all_gather_object(views, seen)
-    if _rank() == 0:
+    if get_rank() == 0:
         try:
             check_coverage(views, seen, tmp)
             _finalize(cfg, state, scheduler, save_dir, tmp, final, tag)
         except Exception as e:
             _abandon(tmp, tag, e)
-    _barrier()
+    barrier()
     return final
 
 
@@ -200,13 +201,13 @@ def _finalize(cfg, state, scheduler, save_dir: str, tmp: str, final: str, tag: s
                      "data_parallel_size": cfg.derived.data_parallel_size,
                      "tensor_model_parallel_size": cfg.parallel.tensor_model_parallel_size,
                      "zero_stage": cfg.parallel.zero_stage}
-    _atomic_write_text(os.path.join(tmp, "trainer_state.json"), json.dumps(trainer_state, indent=1))
-    _atomic_write_text(os.path.join(tmp, "run_config.json"),
-                       json.dumps({"config": cfg.to_dict(), "versions": _versions()},
+    atomic_write_text(os.path.join(tmp, "trainer_state.json"), json.dumps(trainer_state, indent=1))
+    atomic_write_text(os.path.join(tmp, "run_config.json"),
+                       json.dumps({"config": cfg.to_dict(), "versions": library_versions()},
                                   indent=1, default=str))
-    _write_manifest(tmp)
-    _fsync_path(os.path.join(tmp, "rng"))
-    _fsync_path(tmp)
+    write_manifest(tmp)
+    fsync_path(os.path.join(tmp, "rng"))
+    fsync_path(tmp)
     _fault_hook(state.iteration, "manifest")
     # Re-saving the same step (e.g. after a resume): move the old complete folder aside, put the
     # new one in place and name it in `latest` before deleting the old one, so a kill in between
@@ -218,13 +219,13 @@ def _finalize(cfg, state, scheduler, save_dir: str, tmp: str, final: str, tag: s
     if replaced:
         os.rename(final, old)
     os.rename(tmp, final)
-    _fsync_path(save_dir)  # the rename is durable before `latest` can name it
+    fsync_path(save_dir)  # the rename is durable before `latest` can name it
     _fault_hook(state.iteration, "rename")
-    _atomic_write_text(os.path.join(save_dir, "latest"), tag + "\n")
-    _fsync_path(save_dir)
+    atomic_write_text(os.path.join(save_dir, "latest"), tag + "\n")
+    fsync_path(save_dir)
     if replaced:
         shutil.rmtree(old, ignore_errors=True)
-    _prune(save_dir, cfg.checkpoint.keep_last)
+    prune(save_dir, cfg.checkpoint.keep_last)
 
 
 def _abandon(tmp: str, tag: str, err: Exception):
@@ -234,7 +235,7 @@ def _abandon(tmp: str, tag: str, err: Exception):
     latest = os.path.join(save_dir, "latest")
     prev = open(latest).read().strip() if os.path.isfile(latest) else "none"
     raise CheckpointSaveError(
-        f"saving {tag} to {save_dir} failed on rank {_rank()}: {type(err).__name__}: {err}. "
+        f"saving {tag} to {save_dir} failed on rank {get_rank()}: {type(err).__name__}: {err}. "
         f"Nothing was marked complete ('latest' still names {prev}); training stops. Free disk "
         f"space (or lower --keep-last) and restart with --load {save_dir}") from err
 
@@ -326,7 +327,7 @@ def load_checkpoint(engine, cfg, state, scheduler) -> str | None:
     ck = cfg.checkpoint
     path = find_checkpoint(ck.load)
     if path is None:
-        if _rank() == 0:
+        if get_rank() == 0:
             warnings.warn(f"--load {ck.load}: no complete checkpoint found; starting from scratch")
         return None
     check_compatible(read_saved_config(path), cfg, where=path)
@@ -338,7 +339,7 @@ def load_checkpoint(engine, cfg, state, scheduler) -> str | None:
     reshard = load_optim and ts["zero_stage"] >= 1 and ts["data_parallel_size"] != \
         cfg.derived.data_parallel_size
     if reshard:
-        from megatron_lite.training import zero_reshard
+        from megatron_lite.checkpoint import zero_reshard
 
         zero_reshard.check_supported(path, ts, cfg)
     if load_optim and ts["zero_stage"] != cfg.parallel.zero_stage:
@@ -356,7 +357,7 @@ def load_checkpoint(engine, cfg, state, scheduler) -> str | None:
         # tools/convert_checkpoint.py), and across stages it asserts on the file list. Copy this
         # TP rank's full shard (model_tp_XX.pt or the DeepSpeed module file) into the parameters.
         from megatron_lite.parallel import get_tensor_model_parallel_rank
-        from megatron_lite.training.cpt_weights import load_into
+        from megatron_lite.cpt.weights import load_into
 
         load_into(engine.module, _module_state(path, get_tensor_model_parallel_rank()))
         opt = getattr(engine, "optimizer", None)
@@ -371,7 +372,7 @@ def load_checkpoint(engine, cfg, state, scheduler) -> str | None:
         return path
     dump = os.environ.get("MEGATRON_LITE_DUMP_OPTIM_STATE")   # test hook (docs/interfaces.md)
     if dump and load_optim and cfg.parallel.zero_stage >= 1:
-        from megatron_lite.training.zero_reshard import dump_full_state
+        from megatron_lite.checkpoint.zero_reshard import dump_full_state
 
         dump_full_state(engine, dump, tag)
     state.iteration = ts["iteration"]
@@ -381,11 +382,11 @@ def load_checkpoint(engine, cfg, state, scheduler) -> str | None:
     state.data_state = ts.get("data_state")
     state.extras = ts.get("extras")
     scheduler.load_state_dict(ts["scheduler"], override=cfg.schedule.override_opt_param_scheduler)
-    rng_file = os.path.join(path, "rng", f"rank_{_rank():05d}.pt")
+    rng_file = os.path.join(path, "rng", f"rank_{get_rank():05d}.pt")
     if not ck.no_load_rng:
         if ts["world_size"] == cfg.derived.world_size and os.path.isfile(rng_file):
             set_rng_state(torch.load(rng_file, weights_only=False))
-        elif _rank() == 0:
+        elif get_rank() == 0:
             warnings.warn("world size changed since the checkpoint: RNG states not restored "
                           "(dropout masks differ from the uninterrupted run)")
     return path

@@ -1,5 +1,5 @@
 """CPT model setup: base weights into this rank's (ZeRO-3: partitioned) model, vocabulary growth,
-freezing. Called by :func:`megatron_lite.training.cpt.run` through ``pretrain(model_setup=...)``.
+freezing. Called by :func:`megatron_lite.cpt.resolve.run` through ``pretrain(model_setup=...)``.
 
 Loading goes through the HuggingFace layout (``model.hf_adapter``), whatever the base format and
 TP degree: an HF folder is read tensor by tensor (safetensors, lazily: a rank keeps only its own TP
@@ -182,7 +182,7 @@ def base_hf_state_dict(base) -> Mapping:
 
         return _read_hf_state_dict(base.path)
     from megatron_lite.model import hf_adapter
-    from megatron_lite.training.checkpointing import _module_state
+    from megatron_lite.checkpoint.engine_state import _module_state
 
     model = copy.deepcopy(base.model)
     model.validate(base.tp)
@@ -200,7 +200,7 @@ def shard_for_this_run(cfg, tp_rank: int, tp_size: int) -> tuple[dict, str]:
         ValueError: base weights that do not match the config (shape, missing key).
     """
     from megatron_lite.model.hf_adapter import hf_to_megatron_lite
-    from megatron_lite.training.cpt import detect_base
+    from megatron_lite.cpt.resolve import detect_base
 
     base = detect_base(cfg.cpt.pretrained_checkpoint, cfg.cpt.pretrained_checkpoint_format)
     sd = base_hf_state_dict(base)
@@ -261,7 +261,7 @@ def freeze(model: torch.nn.Module, cfg) -> list[str]:
     Returns:
         Names of the frozen parameters.
     """
-    from megatron_lite.training.cpt_config import parse_layer_ranges
+    from megatron_lite.config.sections import parse_layer_ranges
 
     layers = set(parse_layer_ranges(cfg.cpt.freeze_layers, cfg.model.num_layers))
     frozen = []

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import os
 
+from megatron_lite.errors import ConfigError
 
-def _err(msg: str):
-    from megatron_lite.config import ConfigError
 
+def _err(msg: str) -> ConfigError:
     return ConfigError(msg)
 
 
@@ -41,7 +41,6 @@ def derive_and_check(cfg, world_size: int) -> None:
     """
     from megatron_lite.training.schedules import warmup_steps_from
 
-    from megatron_lite.config import ConfigError
     from megatron_lite.training.deepspeed_engine import reconcile_user_json
 
     # Sections validate their own fields in __post_init__; rerun it on the merged values.
@@ -98,8 +97,7 @@ def derive_and_check(cfg, world_size: int) -> None:
         try:
             validate(tp)
         except ValueError as e:
-            from megatron_lite.config import ConfigError
-
+        
             if isinstance(e, ConfigError):
                 raise
             raise _err(str(e)) from None
@@ -136,9 +134,9 @@ def derive_and_check(cfg, world_size: int) -> None:
     d.global_batch_size = gb
     d.global_batch_tokens = gb * seq
     d.num_micro_batches = gb // (tr.micro_batch_size * D)
-    # Batch-size ramp-up (megatron_lite/training/rampup.py): d.global_batch_size / A stay the
+    # Batch-size ramp-up (megatron_lite/config/batch_ramp.py): d.global_batch_size / A stay the
     # final values; the ramp's sizes are re-derived from the training section where needed.
-    from megatron_lite.training.rampup import make_ramp
+    from megatron_lite.config.batch_ramp import make_ramp
 
     try:
         ramp = make_ramp(getattr(tr, "rampup_batch_size", None),
@@ -207,7 +205,7 @@ def derive_and_check(cfg, world_size: int) -> None:
             raise _err(f"--lr-wsd-decay-iters {sch.lr_wsd_decay_iters} must be in "
                        f"(0, lr_decay_iters - warmup = {d.lr_decay_iters - d.lr_warmup_iters}]")
         d.lr_wsd_decay_iters = sch.lr_wsd_decay_iters
-    from megatron_lite.training.lr_scaling import resolve_peak_lr
+    from megatron_lite.config.lr_scaling import resolve_peak_lr
     from megatron_lite.training.optimizer import check_optimizer
 
     try:
@@ -434,9 +432,9 @@ def check_runtime(cfg) -> None:
 
 def _training_dynamics_lines(cfg) -> list[str]:
     """Plan lines for the batch ramp-up, the LR-scaling derivation and the optimizer."""
-    from megatron_lite.training.lr_scaling import derivation_line, parse_reference
+    from megatron_lite.config.lr_scaling import derivation_line, parse_reference
     from megatron_lite.training.optimizer import describe_optimizer
-    from megatron_lite.training.rampup import ramp_from_config
+    from megatron_lite.config.batch_ramp import ramp_from_config
 
     d, o, out = cfg.derived, cfg.optimizer, []
     ramp = ramp_from_config(cfg)

@@ -53,8 +53,8 @@ def run_entrypoint(name: str, resolve: Callable[[], object], train: Callable[[ob
             if dry_run_note is not None:
                 print(dry_run_note(cfg))
         return 0
-    from megatron_lite.training.checkpoint_files import CheckpointSaveError
-    from megatron_lite.training.trainer import TooManySkippedSteps
+    from megatron_lite.checkpoint.layout import CheckpointSaveError
+    from megatron_lite.training.step import TooManySkippedSteps
 
     try:
         train(cfg)

@@ -12,7 +12,7 @@ are taken from the base when not given and may be overridden, e.g. a long-contex
 
 Vocabulary: ``V = --vocab-size`` if given, else ``max(V_base, V_tokenizer)`` of
 ``--tokenizer-model``; ``V < V_base`` is an error (rows cannot be dropped). ``V > V_base`` grows
-the embedding/output rows (:mod:`megatron_lite.training.cpt_weights`).
+the embedding/output rows (:mod:`megatron_lite.cpt.weights`).
 
 Optimizer and schedule: the LR schedule is never taken from the base (warmup/decay from this run's
 flags, counted from step 0: the recipe's "re-warm"); AdamW moments start fresh unless
@@ -75,7 +75,7 @@ def detect_base(path: str, fmt: str = "auto") -> BaseCheckpoint:
     Raises:
         ConfigError: path missing, no complete checkpoint, unreadable or unsupported config.
     """
-    from megatron_lite.training.checkpointing import find_checkpoint, read_saved_config
+    from megatron_lite.checkpoint.engine_state import find_checkpoint, read_saved_config
 
     where = f"--pretrained-checkpoint {path}"
     if not path or not os.path.isdir(path):
@@ -119,7 +119,7 @@ def resolve_config(argv: Sequence[str] | None = None, world_size: int | None = N
         ConfigError: no ``--pretrained-checkpoint``, an unusable one, a model flag contradicting
             it, a vocabulary smaller than the base's, or any error of :func:`finalize`.
     """
-    from megatron_lite.config import _apply_tree, _did_you_mean, _yaml_with_lines
+    from megatron_lite.config import apply_tree, did_you_mean, yaml_with_lines
 
     parser = build_parser(prog="cpt_llama.py")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -128,15 +128,15 @@ def resolve_config(argv: Sequence[str] | None = None, world_size: int | None = N
         known = [o for a in parser._actions for o in a.option_strings]
         bad = [u for u in unknown if u.startswith("-")] or unknown
         raise ConfigError(f"unknown argument {bad[0]!r}"
-                          f"{_did_you_mean(bad[0].split('=')[0], known)}")
+                          f"{did_you_mean(bad[0].split('=')[0], known)}")
     cfg = RunConfig()
-    _apply_tree(cfg, CPT_DEFAULTS, "cpt_llama.py defaults", {})
+    apply_tree(cfg, CPT_DEFAULTS, "cpt_llama.py defaults", {})
     given: dict[str, tuple[Any, str]] = {}  # model field -> (value, where it was given)
     yaml_tree: dict = {}
     if ns.config:
         if not os.path.exists(ns.config):
             raise ConfigError(f"--config {ns.config}: file not found")
-        yaml_tree, lines = _yaml_with_lines(ns.config)
+        yaml_tree, lines = yaml_with_lines(ns.config)
         cfg.config_file = ns.config
         for key, value in (yaml_tree.get("model") or {}).items():
             line = lines.get(f"model.{key}")
@@ -151,7 +151,7 @@ def resolve_config(argv: Sequence[str] | None = None, world_size: int | None = N
     # The base's values go in before YAML and flags, so those still win (and are then checked).
     probe = RunConfig()
     if ns.config:
-        _apply_tree(probe, {k: v for k, v in yaml_tree.items() if k == "cpt"}, ns.config, {})
+        apply_tree(probe, {k: v for k, v in yaml_tree.items() if k == "cpt"}, ns.config, {})
     for dest, value in cli.items():
         if dest.startswith("cpt."):
             setattr(probe.cpt, dest.split(".", 1)[1], value)
@@ -161,7 +161,7 @@ def resolve_config(argv: Sequence[str] | None = None, world_size: int | None = N
     base = detect_base(probe.cpt.pretrained_checkpoint, probe.cpt.pretrained_checkpoint_format)
     _fill_model_from_base(cfg.model, base.model)
     if ns.config:
-        _apply_tree(cfg, yaml_tree, ns.config, lines)
+        apply_tree(cfg, yaml_tree, ns.config, lines)
     for dest, value in cli.items():
         sec, key = dest.split(".", 1)
         setattr(getattr(cfg, sec), key, value)
@@ -171,7 +171,7 @@ def resolve_config(argv: Sequence[str] | None = None, world_size: int | None = N
     cfg.cpt.base_vocab_size = base.model.vocab_size
     cfg.cpt.base_format = base.format
     if cfg.model.vocab_size > base.model.vocab_size:
-        from megatron_lite.training.cpt_weights import check_extended_tokenizer
+        from megatron_lite.cpt.weights import check_extended_tokenizer
 
         try:
             check_extended_tokenizer(cfg, base)
@@ -180,7 +180,7 @@ def resolve_config(argv: Sequence[str] | None = None, world_size: int | None = N
     finalize(cfg, world_size)
     if cfg.cpt.load_optimizer_state:
         _check_optimizer_state_loadable(cfg, base)
-    from megatron_lite.training.cpt_config import parse_layer_ranges
+    from megatron_lite.config.sections import parse_layer_ranges
 
     try:
         parse_layer_ranges(cfg.cpt.freeze_layers, cfg.model.num_layers)
@@ -275,7 +275,7 @@ def _with_base_optimizer_state(cfg):
     ``checkpointing.load_checkpoint`` is wrapped for the duration of the call."""
     import contextlib
 
-    from megatron_lite.training import checkpointing
+    from megatron_lite.checkpoint import engine_state as checkpointing
 
     @contextlib.contextmanager
     def ctx():
@@ -311,7 +311,7 @@ def _rank() -> int:
 
 def resuming(cfg) -> str | None:
     """This run's own checkpoint to resume (``--load`` has a complete one, not ``--finetune``)."""
-    from megatron_lite.training.checkpointing import find_checkpoint
+    from megatron_lite.checkpoint.engine_state import find_checkpoint
 
     ck = cfg.checkpoint
     if not ck.load or ck.finetune:
@@ -324,15 +324,15 @@ def run(cfg, data_iterators=None, after_setup=None):
 
     Args:
         cfg: from :func:`resolve_config`.
-        data_iterators: as :func:`megatron_lite.training.pretrain.pretrain` (tests).
+        data_iterators: as :func:`megatron_lite.training.loop.pretrain` (tests).
         after_setup: optional ``fn(model, cfg)`` called right after the CPT setup (tests use it
             to snapshot the loaded weights before any step).
 
     Returns:
         The final ``TrainState``.
     """
-    from megatron_lite.training.cpt_weights import setup_model
-    from megatron_lite.training.pretrain import pretrain
+    from megatron_lite.cpt.weights import setup_model
+    from megatron_lite.training.loop import pretrain
 
     def model_setup(model, cfg_):
         setup_model(model, cfg_, load_weights=resuming(cfg_) is None)

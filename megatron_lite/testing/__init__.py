@@ -1,0 +1,1 @@
+"""Test support that production code never imports (fault injection for tests/faults)."""

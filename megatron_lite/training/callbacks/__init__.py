@@ -1,0 +1,1 @@
+"""Optional behaviour attached to the Trainer through the callback protocol."""

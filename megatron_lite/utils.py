@@ -1,0 +1,86 @@
+"""Small helpers shared by every layer, one copy each: atomic file writes, fsync, rank queries.
+
+Imports only the standard library and torch.distributed (for the rank helpers), so any module may
+use it.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+
+def get_rank() -> int:
+    """This process's global rank (0 when torch.distributed is not initialised)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_rank_0() -> bool:
+    """Whether this process is global rank 0 (True without torch.distributed)."""
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    """``torch.distributed.barrier()`` when a process group exists, else nothing."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def print_rank_0(*args, **kwargs) -> None:
+    """``print(..., flush=True)`` on global rank 0 only."""
+    if is_rank_0():
+        print(*args, flush=True, **kwargs)
+
+
+def fsync_path(path: str) -> None:
+    """fsync a file or a directory (a directory's fsync makes renames inside it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str, data: bytes, *, fsync: bool = True) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``.
+
+    A reader sees the old file or the whole new one, never a part. The file's mode follows the
+    process umask like any ``open(path, "w")`` (0o666 & ~umask), so outputs others must read
+    (checkpoints, caches, metrics) stay group/world readable under the usual 022.
+
+    Args:
+        path: destination; its folder is created when missing.
+        data: the whole content.
+        fsync: flush the file to stable storage before the rename (the default).
+
+    Raises:
+        OSError: the folder cannot be written (the temporary file is removed).
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str, text: str, *, fsync: bool = True) -> None:
+    """:func:`atomic_write_bytes` of ``text`` encoded as UTF-8."""
+    atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
+
+
+__all__ = ["atomic_write_bytes", "atomic_write_text", "barrier", "fsync_path", "get_rank",
+           "is_rank_0", "print_rank_0"]
