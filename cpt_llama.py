@@ -25,7 +25,8 @@ def _dry_run_note(cfg) -> str:
 def main(argv=None) -> int:
     """Resolve against the base checkpoint, then dry-run or train; the exit status is documented
     in :mod:`megatron_lite.entrypoints`."""
-    from megatron_lite.cpt.resolve import resolve_config, run
+    from megatron_lite.cpt.resolve import resolve_config
+    from megatron_lite.cpt.run import run
     from megatron_lite.entrypoints import run_entrypoint
 
     return run_entrypoint("cpt_llama.py", lambda: resolve_config(argv), run, _dry_run_note)
