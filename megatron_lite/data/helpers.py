@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 try:  # the compiled builder is optional: the NumPy reference gives identical results, slower
-    from megatron_lite import _data_helpers as _ext
+    import megatron_lite._data_helpers as _ext
 except ImportError as _e:  # pragma: no cover - depends on the build
     _ext = None
     _IMPORT_ERROR = _e

@@ -23,7 +23,7 @@ import warnings
 import torch
 
 try:
-    from megatron_lite import _rope_ops  # noqa: F401  (loading it registers the ops)
+    import megatron_lite._rope_ops as _rope_ops  # noqa: F401  (loading it registers the ops)
     _EXT_ERROR: Exception | None = None
 except Exception as exc:  # ImportError, or an ABI mismatch surfacing as OSError
     _rope_ops = None
