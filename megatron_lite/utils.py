@@ -45,6 +45,30 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
+def umask_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file in this process: ``0o666 & ~umask``.
+
+    Read from ``/proc/self/status`` where it exists (Linux), else by setting and restoring the
+    umask (a moment in which another thread creating a file would get mode 0o666 & ~0o077).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def follow_umask(path: str) -> None:
+    """chmod ``path`` to :func:`umask_file_mode`: for files another library or ``tempfile.mkstemp``
+    created owner-only (0o600) that others must read (exported models, shared data caches)."""
+    os.chmod(path, umask_file_mode())
+
+
 def atomic_write_bytes(path: str, data: bytes, *, fsync: bool = True) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``.
 
@@ -82,5 +106,5 @@ def atomic_write_text(path: str, text: str, *, fsync: bool = True) -> None:
     atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
 
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "barrier", "fsync_path", "get_rank",
-           "is_rank_0", "print_rank_0"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "barrier", "follow_umask", "fsync_path",
+           "get_rank", "is_rank_0", "print_rank_0", "umask_file_mode"]

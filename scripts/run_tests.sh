@@ -5,4 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-python -m pytest -q -ra tests "$@"
+# Progress visible in a redirected log (`> tests.log 2>&1`) while it runs: pytest's default
+# verbosity names each module as its first test starts (with -q the log stays empty during a
+# minute of collection and the first slow tests), and prints from tests are not held in a buffer.
+export PYTHONUNBUFFERED=1
+python -m pytest -ra tests "$@"

@@ -33,3 +33,101 @@ def test_shipped_deepspeed_json_warns_nothing(path, monkeypatch):
         reconcile_user_json(cfg)
         build_ds_config(cfg)
     assert [str(w.message) for w in caught] == []
+
+
+# ---- #3: outputs others read follow the umask ------------------------------------------------
+
+@pytest.fixture(params=[0o022, 0o027], ids=["umask022", "umask027"])
+def umask(request):
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+def _modes(folder):
+    """relative path -> permission bits of every file under ``folder``."""
+    out = {}
+    for d, _, files in os.walk(folder):
+        for f in files:
+            p = os.path.join(d, f)
+            out[os.path.relpath(p, folder)] = oct(os.stat(p).st_mode & 0o777)
+    return out
+
+
+def test_index_cache_follows_umask(tmp_path, umask):
+    import numpy as np
+
+    from megatron_lite.data.gpt_dataset import GPTDataset
+    from megatron_lite.data.indexed import IndexedDatasetBuilder
+
+    b = IndexedDatasetBuilder(str(tmp_path / "c.bin"), np.uint16)
+    for d in ([1, 2, 3, 0], [4, 5, 0], [6, 7, 8, 9, 10, 0]):
+        b.add_document(np.array(d, dtype=np.int64))
+    b.finalize(str(tmp_path / "c.idx"))
+    GPTDataset(str(tmp_path / "c"), (0, 3), 4, 5, seed=1, cache_dir=str(tmp_path / "cache"))
+    modes = _modes(tmp_path / "cache")
+    assert len(modes) == 4 and set(modes.values()) == {oct(0o666 & ~umask)}, modes
+
+
+def test_hf_export_follows_umask(tmp_path, umask):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.fixtures_data import load_tool
+
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    LlamaForCausalLM(cfg).save_pretrained(str(tmp_path / "src"))
+    load_tool("convert_checkpoint").main(["--load-format", "hf", "--save-format", "hf",
+                                          "--load", str(tmp_path / "src"),
+                                          "--save", str(tmp_path / "out")])
+    modes = _modes(tmp_path / "out")
+    assert "model.safetensors" in modes and set(modes.values()) == {oct(0o666 & ~umask)}, modes
+    assert oct(os.stat(tmp_path / "out").st_mode & 0o777) == oct(0o777 & ~umask)
+
+
+def test_run_info_and_config_yaml_follow_umask(tmp_path, umask):
+    # run_info.json holds only launcher/threading/comms variables, never a name with TOKEN, KEY,
+    # SECRET, PASSWORD or CREDENTIAL in it: readable by the team like config.yaml (README).
+    from megatron_lite.training.run_info import write_run_info
+
+    os.environ["HF_TOKEN_FIRST_USE_TEST"] = "x"  # not recorded whatever its prefix
+    try:
+        info = write_run_info(str(tmp_path), {"a": 1})
+    finally:
+        del os.environ["HF_TOKEN_FIRST_USE_TEST"]
+    assert "HF_TOKEN_FIRST_USE_TEST" not in info["environment"]
+    assert _modes(tmp_path) == {"config.yaml": oct(0o666 & ~umask),
+                                "run_info.json": oct(0o666 & ~umask)}
+
+
+def test_umask_file_mode_reads_without_changing(umask):
+    from megatron_lite.utils import umask_file_mode
+
+    assert umask_file_mode() == 0o666 & ~umask
+    assert os.umask(umask) == umask
+
+
+# ---- #14: the test suite's progress reaches a redirected log while it runs -------------------
+
+def test_run_tests_progress_reaches_a_redirected_log(tmp_path):
+    # Run pytest with scripts/run_tests.sh's exported variables and options, stdout to a file: the
+    # module's name must be in the log while its first test runs (with -q nothing but dots is
+    # printed, after a collection that takes a minute for the whole suite, so the log stays empty).
+    lines = open(os.path.join(ROOT, "scripts", "run_tests.sh")).read().splitlines()
+    exports = [ln for ln in lines if ln.startswith("export ")]
+    run = [ln for ln in lines if ln.startswith("python -m pytest ")]
+    assert len(run) == 1 and run[0].endswith(' tests "$@"'), run
+    opts = run[0][len("python -m pytest "):-len(' tests "$@"')]
+    (tmp_path / "test_gate.py").write_text(
+        "import os, time\n"
+        "def test_waits_for_its_module_in_the_log():\n"
+        "    t = time.time()\n"
+        "    while 'test_gate.py' not in open(os.environ['GATE_LOG']).read():\n"
+        "        assert time.time() - t < 15, 'nothing about this module reached the log'\n"
+        "        time.sleep(0.1)\n")
+    log = tmp_path / "log"
+    script = "\n".join(exports) + (f"\n{sys.executable} -m pytest {opts} -p no:cacheprovider "
+                                   f"--rootdir {tmp_path} {tmp_path}/test_gate.py > {log} 2>&1")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    r = subprocess.run(["bash", "-c", script], env={**env, "GATE_LOG": str(log)}, timeout=120)
+    assert r.returncode == 0, log.read_text()

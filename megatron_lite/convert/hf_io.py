@@ -19,6 +19,7 @@ import warnings
 import torch
 
 from megatron_lite.convert.common import Checkpoint, ConversionError, state_dtype
+from megatron_lite.utils import follow_umask
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SUPPORTED_MODEL_TYPES = ("llama",)
@@ -218,16 +219,20 @@ def write_hf(ckpt: Checkpoint, out_dir: str, max_shard_bytes: int) -> list[str]:
         hf_cfg.pad_token_id = tok["pad"] if tok["pad"] >= 0 else None
     hf_cfg.save_pretrained(out_dir)
 
+    def save_shard(tensors: dict, path: str) -> None:
+        # safetensors creates the file 0600 whatever the umask; an exported model is for others
+        save_file(tensors, path, metadata={"format": "pt"})
+        follow_umask(path)
+
     groups = _shards(state, max_shard_bytes)
     if len(groups) == 1:
-        save_file(state, os.path.join(out_dir, SINGLE), metadata={"format": "pt"})
+        save_shard(state, os.path.join(out_dir, SINGLE))
     else:
         n = len(groups)
         weight_map = {}
         for i, keys in enumerate(groups, 1):
             fname = f"model-{i:05d}-of-{n:05d}.safetensors"
-            save_file({k: state[k] for k in keys}, os.path.join(out_dir, fname),
-                      metadata={"format": "pt"})
+            save_shard({k: state[k] for k in keys}, os.path.join(out_dir, fname))
             weight_map.update({k: fname for k in keys})
         total = sum(t.numel() * t.element_size() for t in state.values())
         with open(os.path.join(out_dir, INDEX), "w") as f:

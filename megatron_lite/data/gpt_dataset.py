@@ -32,6 +32,7 @@ import torch
 
 from megatron_lite.data.helpers import build_sample_idx
 from megatron_lite.data.indexed import IndexedDataset
+from megatron_lite.utils import atomic_write_text, follow_umask
 
 _INDEX_VERSION = "gpt-index-v1"
 
@@ -92,10 +93,18 @@ def get_ltor_position_ids_and_masks(tokens: np.ndarray, eod_id: Optional[int], r
 
 
 def _atomic_save(path: str, arr: np.ndarray) -> None:
+    # Streamed to a temporary file (an index can be GBs); mkstemp makes it 0600, but the cache is
+    # shared by every rank and teammate of a run, so it follows the umask like the .json beside it.
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npy.tmp")
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, arr, allow_pickle=False)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, arr, allow_pickle=False)
+        follow_umask(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _dist_rank() -> Tuple[int, bool]:
@@ -204,10 +213,8 @@ class GPTDataset(torch.utils.data.Dataset):
             os.makedirs(self.cache_dir, exist_ok=True)
             for k, arr in (("doc_idx", doc_idx), ("sample_idx", sample_idx), ("shuffle_idx", shuffle_idx)):
                 _atomic_save(paths[k], arr)
-            fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".json.tmp")
-            with os.fdopen(fd, "w") as f:  # written last: its presence marks a complete cache entry
-                json.dump(self._desc, f, indent=1)
-            os.replace(tmp, paths["desc"])
+            # written last: its presence marks a complete cache entry
+            atomic_write_text(paths["desc"], json.dumps(self._desc, indent=1), fsync=False)
         except OSError as e:
             warnings.warn(f"cannot write the index cache in {self.cache_dir} ({e}); keeping the index "
                           f"in memory (set --data-cache-path to a writable directory to reuse it)")
