@@ -131,3 +131,37 @@ def test_run_tests_progress_reaches_a_redirected_log(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     r = subprocess.run(["bash", "-c", script], env={**env, "GATE_LOG": str(log)}, timeout=120)
     assert r.returncode == 0, log.read_text()
+
+
+# ---- #8: tools/plan_run.py's FLOPs lines and the currency in --help --------------------------
+
+def _plan_run():
+    from tests.fixtures_data import load_tool
+
+    return load_tool("plan_run")
+
+
+def test_plan_run_flops_lines_in_one_order(capsys):
+    plan_run = _plan_run()
+    flags = ["--model-size", "7b", "--vocab-size", "32000", "--gpus", "64", "--tp", "8",
+             "--micro-batch-size", "4", "--global-batch-tokens", "4194304",
+             "--train-tokens", "1000000000000", "--bf16"]
+    assert plan_run.main(flags) == 0
+    out = capsys.readouterr().out
+    per_token = next(ln for ln in out.splitlines() if ln.startswith("FLOPs/token"))
+    train = next(ln for ln in out.splitlines() if ln.startswith("FLOPs_train"))
+    assert "exact (6N)" in per_token and "exact (6·N·T)" in train, (per_token, train)
+
+    def figures(line):
+        a, b = line.split()[-2:]
+        return float(a), float(b.strip("()"))
+
+    # exact first on both lines: the exact/6N ratio is the same per token and per run
+    (e1, s1), (e2, s2) = figures(per_token), figures(train)
+    assert e1 > s1 and e2 > s2 and abs(e1 / s1 - e2 / s2) < 1e-3
+
+
+def test_plan_run_help_names_the_currency(capsys):
+    assert _plan_run().main(["--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "price of one GPU-hour in ¥ (yuan" in text and "price of one kWh in ¥ (yuan)" in text

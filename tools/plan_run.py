@@ -46,8 +46,10 @@ def planner_parser() -> argparse.ArgumentParser:
                    help="measured cluster throughput, tokens/s (overrides --mfu)")
     g.add_argument("--mfu", type=float, default=0.45,
                    help="model FLOPs utilisation assumed when --tokens-per-sec is not given")
-    g.add_argument("--price-gpu-hour", type=float, default=0.0, help="¥ per GPU-hour")
-    g.add_argument("--price-kwh", type=float, default=0.0, help="¥ per kWh")
+    g.add_argument("--price-gpu-hour", type=float, default=0.0,
+                   help="price of one GPU-hour in ¥ (yuan; give another currency's price and "
+                        "read the report's ¥ figures in it)")
+    g.add_argument("--price-kwh", type=float, default=0.0, help="price of one kWh in ¥ (yuan)")
     g.add_argument("--pue", type=float, default=1.3, help="data-centre PUE (>= 1)")
     g.add_argument("--gpu-power-kw", type=float, default=None,
                    help="average power per GPU incl. server share, kW (default by --gpu, H100 0.7)")
@@ -196,7 +198,7 @@ def format_table(p: dict) -> str:
         ("FLOPs/token exact (6N)", f"{p['flops_per_token']:.4g} ({p['flops_per_token_6n']:.4g})"),
         ("T_tokens", f"{p['tokens_train']:.4g} ({p['tokens_per_param']:.0f} tokens/param; "
                      f"Chinchilla L(N, T) = {p['chinchilla_predicted_loss']:.3f})"),
-        ("FLOPs_train 6·N·T (exact)", f"{p['flops_train']:.4g} ({p['flops_train_exact']:.4g})"),
+        ("FLOPs_train exact (6·N·T)", f"{p['flops_train_exact']:.4g} ({p['flops_train']:.4g})"),
         ("GPUs = D x TP x PP", f"{p['num_gpus']} = {p['dp']} x {p['tp']} x {p['pp']}"),
         ("μ_batch / μ_tok", f"{p['micro_batch_size']} samples / {p['micro_batch_tokens']:,} tokens"),
         ("A = GB_tok/(μ_tok·D)", f"{p['grad_accum_steps']}"),
