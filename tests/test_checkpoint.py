@@ -15,48 +15,51 @@ import pytest
 import torch
 
 from megatron_lite.config import parse_args
+from megatron_lite.checkpoint import compat, layout
 from megatron_lite.checkpoint import engine_state as ckpt
+from megatron_lite.checkpoint import weights as ckpt_weights
+from megatron_lite.errors import CheckpointSaveError
 from tests.test_training import COMMON, e2e, read_metrics  # noqa: F401 (session fixture)
 
 
 def _fake_ckpt(root, it, files=("mp_rank_00_model_states.pt", "trainer_state.json")):
-    d = os.path.join(root, ckpt.tag_for(it))
+    d = os.path.join(root, layout.tag_for(it))
     os.makedirs(d)
     for f in files:
         with open(os.path.join(d, f), "w") as fh:
             fh.write("x" * (10 + it))
-    ckpt.write_manifest(d)
+    layout.write_manifest(d)
     return d
 
 
 def test_only_complete_checkpoints_are_chosen(tmp_path):
     root = str(tmp_path)
-    assert ckpt.find_checkpoint(root) is None
+    assert layout.find_checkpoint(root) is None
     c2 = _fake_ckpt(root, 2)
     c4 = _fake_ckpt(root, 4)
     with open(os.path.join(root, "latest"), "w") as f:
         f.write("iter_0000004\n")
-    assert ckpt.find_checkpoint(root) == c4
+    assert layout.find_checkpoint(root) == c4
     os.remove(os.path.join(c4, "trainer_state.json"))          # a file went missing
     with pytest.warns(UserWarning, match="incomplete"):
-        assert ckpt.find_checkpoint(root) == c2
+        assert layout.find_checkpoint(root) == c2
     with open(os.path.join(c2, "trainer_state.json"), "a") as f:
         f.write("truncated-or-grown")                           # size no longer matches
     with pytest.warns(UserWarning):
-        assert ckpt.find_checkpoint(root) is None
+        assert layout.find_checkpoint(root) is None
     # A half-written save (temporary folder, no manifest) is never picked either.
     c6 = _fake_ckpt(root, 6)
     os.rename(c6, os.path.join(root, ".tmp_iter_0000008"))
     with pytest.warns(UserWarning):
-        assert ckpt.find_checkpoint(root) is None
-    assert ckpt.find_checkpoint(c4) is None and not ckpt.is_complete(c4)
+        assert layout.find_checkpoint(root) is None
+    assert layout.find_checkpoint(c4) is None and not layout.is_complete(c4)
 
 
 def test_keep_last(tmp_path):
     for it in (1, 2, 3, 4):
         _fake_ckpt(str(tmp_path), it)
-    ckpt.prune(str(tmp_path), 2)
-    assert [os.path.basename(p) for p in ckpt.list_checkpoints(str(tmp_path))] == \
+    layout.prune(str(tmp_path), 2)
+    assert [os.path.basename(p) for p in layout.list_checkpoints(str(tmp_path))] == \
         ["iter_0000003", "iter_0000004"]
 
 
@@ -70,13 +73,13 @@ def test_rollback_save_is_not_pruned_and_later_tags_are_not_resumed(tmp_path):
     with open(os.path.join(root, "latest"), "w") as f:
         f.write("iter_0000011\n")
     with pytest.warns(UserWarning, match="abandoned"):
-        ckpt.prune(root, 2)
-    assert [os.path.basename(p) for p in ckpt.list_checkpoints(root)] == \
+        layout.prune(root, 2)
+    assert [os.path.basename(p) for p in layout.list_checkpoints(root)] == \
         ["iter_0000010", "iter_0000011", "iter_0000015", "iter_0000020"]
-    assert ckpt.find_checkpoint(root) == c11
+    assert layout.find_checkpoint(root) == c11
     os.remove(os.path.join(c11, "trainer_state.json"))  # latest broken: fall back before it
     with pytest.warns(UserWarning, match="incomplete"):
-        assert ckpt.find_checkpoint(root) == os.path.join(root, "iter_0000010")
+        assert layout.find_checkpoint(root) == os.path.join(root, "iter_0000010")
 
 
 def _cfg(*extra):
@@ -85,13 +88,13 @@ def _cfg(*extra):
 
 def test_mismatch_that_changes_the_model_is_an_error():
     saved = _cfg().to_dict()
-    ckpt.check_compatible(saved, _cfg("--seq-length", "32", "--global-batch-size", "4"))
+    compat.check_compatible(saved, _cfg("--seq-length", "32", "--global-batch-size", "4"))
     with pytest.raises(ValueError, match="--hidden-size: checkpoint 128, this run 256"):
-        ckpt.check_compatible(saved, _cfg("--hidden-size", "256"))
+        compat.check_compatible(saved, _cfg("--hidden-size", "256"))
     with pytest.raises(ValueError, match="--tensor-model-parallel-size: checkpoint 1, this run 2"):
-        ckpt.check_compatible(saved, _cfg("--tp", "2"))
+        compat.check_compatible(saved, _cfg("--tp", "2"))
     with pytest.raises(ValueError, match="padded vocab"):
-        ckpt.check_compatible(saved, _cfg("--make-vocab-size-divisible-by", "512"))
+        compat.check_compatible(saved, _cfg("--make-vocab-size-divisible-by", "512"))
 
 
 def test_load_with_no_checkpoint_warns_and_starts_fresh(tmp_path):
@@ -118,7 +121,7 @@ def test_zero1_resume_with_other_dp_size_reshards_the_optimizer_state(tmp_path):
         json.dump({"zero_stage": 1, "data_parallel_size": 2, "world_size": 2}, f)
     torch.save({"param_shapes": [{"w": torch.Size([2])}], "ds_config": {}},
                os.path.join(d, "mp_rank_00_model_states.pt"))
-    ckpt.write_manifest(d)
+    layout.write_manifest(d)
     now = parse_args(COMMON + ["--data-path", "x", "--zero-stage", "1", "--load", str(tmp_path)],
                      world_size=1)
     with pytest.raises(FileNotFoundError, match="zero_pp_rank_0_mp_rank_00_optim_states.pt"):
@@ -132,8 +135,8 @@ def test_zero1_resume_with_other_dp_size_reshards_the_optimizer_state(tmp_path):
 @pytest.mark.slow
 def test_inference_loading_zero0_and_zero3(e2e):  # noqa: F811
     root, _, _ = e2e
-    m0, cfg0 = ckpt.load_model_for_inference(os.path.join(root, "ck_z0"), 0, 1)
-    m3, cfg3 = ckpt.load_model_for_inference(os.path.join(root, "ck_z3"), 0, 1)
+    m0, cfg0 = ckpt_weights.load_model_for_inference(os.path.join(root, "ck_z0"), 0, 1)
+    m3, cfg3 = ckpt_weights.load_model_for_inference(os.path.join(root, "ck_z3"), 0, 1)
     assert cfg0.parallel.zero_stage == 0 and cfg3.parallel.zero_stage == 3
     assert cfg0.derived.data_parallel_size == 2 and not m0.training
     s0, s3 = m0.state_dict(), m3.state_dict()
@@ -149,7 +152,7 @@ def test_inference_loading_zero0_and_zero3(e2e):  # noqa: F811
     init = LlamaModel(cfg0.model).state_dict()
     assert any(not torch.equal(init[k], s0[k]) for k in s0)
     with pytest.raises(ValueError, match="num-attention-heads 4 is not divisible"):
-        ckpt.load_model_for_inference(os.path.join(root, "ck_z0"), 0, 8)
+        ckpt_weights.load_model_for_inference(os.path.join(root, "ck_z0"), 0, 8)
     for f in ("config.yaml", "run_info.json", "deepspeed_config.json"):   # run folder = --save
         assert os.path.isfile(os.path.join(root, "ck_z0", f)), f
     ds = json.load(open(os.path.join(root, "ck_z0", "deepspeed_config.json")))
@@ -207,7 +210,7 @@ def test_sigterm_saves_at_step_boundary_and_exits_zero(e2e, tmp_path):  # noqa: 
     out, _ = p.communicate(timeout=120)
     assert p.returncode == 0, out[-3000:]
     assert "signal received" in out
-    saved = ckpt.find_checkpoint(save)
+    saved = layout.find_checkpoint(save)
     st = json.load(open(os.path.join(saved, "trainer_state.json")))
     assert 2 <= st["iteration"] < 400
     assert st["consumed_samples"] == 4 * st["iteration"]
@@ -257,14 +260,14 @@ def test_manifest_coverage_of_all_ranks(tmp_path):
     """Rank 0 refuses to mark a checkpoint complete when it cannot see a file another rank wrote
     (--save on node-local disks), or sees it with another size (a write still in flight)."""
     mine = {"mp_rank_00_model_states.pt": 10, "rng/rank_00000.pt": 5}
-    ckpt.check_coverage([mine, dict(mine)], mine, "D/.tmp_iter_0000002")   # shared FS: fine
+    layout.check_coverage([mine, dict(mine)], mine, "D/.tmp_iter_0000002")   # shared FS: fine
     other = {"zero_pp_rank_1_mp_rank_00_optim_states.pt": 7, "rng/rank_00001.pt": 5}
-    with pytest.raises(ckpt.CheckpointSaveError,
+    with pytest.raises(CheckpointSaveError,
                        match=r"rank 1 sees zero_pp_rank_1_mp_rank_00_optim_states.pt \(7 bytes\) "
                              r"but rank 0 sees None bytes: --save must be a filesystem shared"):
-        ckpt.check_coverage([mine, other], mine, "D/.tmp_iter_0000002")
-    with pytest.raises(ckpt.CheckpointSaveError, match=r"sees rng/rank_00000.pt \(6 bytes\)"):
-        ckpt.check_coverage([mine, {"rng/rank_00000.pt": 6}], mine, "D")
+        layout.check_coverage([mine, other], mine, "D/.tmp_iter_0000002")
+    with pytest.raises(CheckpointSaveError, match=r"sees rng/rank_00000.pt \(6 bytes\)"):
+        layout.check_coverage([mine, {"rng/rank_00000.pt": 6}], mine, "D")
 
 
 class _FilesEngine:
@@ -290,13 +293,13 @@ def _sched():
 
 def test_save_is_complete_fsynced_and_a_failed_save_changes_nothing(tmp_path, monkeypatch):
     synced = []
-    real = ckpt._fsync_path
-    monkeypatch.setattr(ckpt, "_fsync_path", lambda p: (synced.append(p), real(p)))
+    real = ckpt.fsync_path
+    monkeypatch.setattr(ckpt, "fsync_path", lambda p: (synced.append(p), real(p)))
     from megatron_lite.training.step import TrainState
 
     d2 = ckpt.save_checkpoint(_FilesEngine(100), _cfg(), TrainState(iteration=2), _sched(),
                               str(tmp_path))
-    assert ckpt.find_checkpoint(str(tmp_path)) == d2 and ckpt.is_complete(d2)
+    assert layout.find_checkpoint(str(tmp_path)) == d2 and layout.is_complete(d2)
     man = json.load(open(os.path.join(d2, "manifest.json")))["files"]
     assert man["mp_rank_00_model_states.pt"] == 100 and "rng/rank_00000.pt" in man
     tmp = os.path.join(str(tmp_path), ".tmp_iter_0000002")
@@ -312,14 +315,14 @@ def test_save_is_complete_fsynced_and_a_failed_save_changes_nothing(tmp_path, mo
 
     engine = _FilesEngine(100)
     engine.save_checkpoint = full
-    with pytest.raises(ckpt.CheckpointSaveError) as e:
+    with pytest.raises(CheckpointSaveError) as e:
         ckpt.save_checkpoint(engine, _cfg(), TrainState(iteration=4), _sched(), str(tmp_path))
     assert str(e.value) == (
         f"saving iter_0000004 to {tmp_path} failed on rank 0: OSError: [Errno 28] No space left "
         f"on device. Nothing was marked complete ('latest' still names iter_0000002); training "
         f"stops. Free disk space (or lower --keep-last) and restart with --load {tmp_path}")
     assert sorted(d for d in os.listdir(tmp_path) if "iter_" in d) == ["iter_0000002"]
-    assert ckpt.find_checkpoint(str(tmp_path)) == d2
+    assert layout.find_checkpoint(str(tmp_path)) == d2
 
 
 def test_each_rank_fsyncs_the_files_it_wrote(tmp_path, monkeypatch):
@@ -344,7 +347,7 @@ def test_each_rank_fsyncs_the_files_it_wrote(tmp_path, monkeypatch):
                 f.write(b"o")
 
     synced = []
-    monkeypatch.setattr(ckpt, "_fsync_path", synced.append)
+    monkeypatch.setattr(ckpt, "fsync_path", synced.append)
     eng = _Engine()
     d = ckpt.save_checkpoint(eng, _cfg(), TrainState(iteration=1), _sched(), str(tmp_path))
     tmp = os.path.join(str(tmp_path), ".tmp_iter_0000001")
@@ -353,5 +356,5 @@ def test_each_rank_fsyncs_the_files_it_wrote(tmp_path, monkeypatch):
     assert sorted(os.path.relpath(p, tmp) for p in files) == ["mine.pt", "mine2.pt",
                                                              "rng/rank_00000.pt"]
     assert "save" not in vars(eng.checkpoint_engine)          # the recording wrapper is removed
-    assert ckpt.is_complete(d) and "other_rank.pt" in json.load(
+    assert layout.is_complete(d) and "other_rank.pt" in json.load(
         open(os.path.join(d, "manifest.json")))["files"]

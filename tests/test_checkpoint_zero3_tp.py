@@ -52,6 +52,7 @@ def _driver(root: str) -> None:
     from megatron_lite.config import parse_args
     from megatron_lite.parallel import get_tensor_model_parallel_rank
     from megatron_lite.checkpoint import engine_state as checkpointing
+    from megatron_lite.checkpoint import weights as ckpt_weights
     from megatron_lite.training.loop import pretrain
 
     results: dict = {"mem": {}, "tp2": {}}
@@ -67,7 +68,7 @@ def _driver(root: str) -> None:
     results["iteration"] = st.iteration
     tp_rank = get_tensor_model_parallel_rank()
     for tag in results["mem"]:
-        model, cfg = checkpointing.load_model_for_inference(os.path.join(root, "ck", tag), tp_rank, 2)
+        model, cfg = ckpt_weights.load_model_for_inference(os.path.join(root, "ck", tag), tp_rank, 2)
         assert cfg.parallel.tensor_model_parallel_size == 2
         results["tp2"][tag] = probe_loss(model)
     with open(os.path.join(root, f"results_{torch.distributed.get_rank()}.json"), "w") as f:
@@ -76,7 +77,7 @@ def _driver(root: str) -> None:
 
 @pytest.mark.slow
 def test_zero3_tp2_checkpoint_loads_at_tp2_and_tp1(tmp_path):
-    from megatron_lite.checkpoint.engine_state import load_model_for_inference
+    from megatron_lite.checkpoint.weights import load_model_for_inference
 
     root = str(tmp_path)
     make_dataset(os.path.join(root, "data"))

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from megatron_lite.config import ConfigError, parse_args
 from megatron_lite.checkpoint import engine_state as ckpt
+from megatron_lite.checkpoint import layout
 
 BASE = ["--model-size", "tiny", "--vocab-size", "256", "--seq-length", "64",
         "--micro-batch-size", "1", "--train-iters", "10", "--device", "cpu"]
@@ -192,7 +193,7 @@ def _saved(tmp_path, **flags):
         json.dump({"config": saved.to_dict()}, f)
     with open(os.path.join(d, "trainer_state.json"), "w") as f:
         json.dump({"zero_stage": 1, "data_parallel_size": 1, "world_size": 1}, f)
-    ckpt.write_manifest(d)
+    layout.write_manifest(d)
 
 
 def test_resume_with_different_model_shape_names_both_shapes_and_flag(tmp_path):

@@ -55,7 +55,7 @@ def _tokens(vocab=V_ODD, b=2, s=24, seed=5):
 
 @torch.no_grad()
 def _ours_logits(folder, tokens, vocab=V_ODD):
-    from megatron_lite.checkpoint.engine_state import load_model_for_inference
+    from megatron_lite.checkpoint.weights import load_model_for_inference
 
     model, cfg = load_model_for_inference(str(folder), 0, 1)
     return model(tokens)[..., :vocab].float(), cfg

@@ -276,7 +276,7 @@ def _driver(root: str) -> None:
 
     from megatron_lite import parallel
     from megatron_lite.model.hf_adapter import hf_to_megatron_lite
-    from megatron_lite.checkpoint.engine_state import load_model_for_inference
+    from megatron_lite.checkpoint.weights import load_model_for_inference
     from megatron_lite.cpt.resolve import resolve_config
     from megatron_lite.cpt.run import run
 

@@ -227,7 +227,7 @@ def _run_cli(*args):
 
 
 def test_eval_ppl_cli_our_checkpoint(tmp_path):
-    from megatron_lite.checkpoint.engine_state import load_model_for_inference
+    from megatron_lite.checkpoint.weights import load_model_for_inference
 
     _save_tiny_checkpoint(str(tmp_path / "ckpt"), 1)
     docs = _tiny_docs(50)
@@ -416,7 +416,7 @@ def test_generate_tool_on_checkpoint(tmp_path, capsys):
     from tests.fixtures_data import TINY_VOCAB_SIZE, load_tool, make_tiny_corpus_and_tokenizer
 
     from megatron_lite.data.tokenizer import build_tokenizer
-    from megatron_lite.checkpoint.engine_state import load_model_for_inference
+    from megatron_lite.checkpoint.weights import load_model_for_inference
 
     _, spm = make_tiny_corpus_and_tokenizer(tmp_path)
     save = str(tmp_path / "ckpt")

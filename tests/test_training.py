@@ -85,7 +85,7 @@ def _driver(root: str) -> None:
             results[name] = {"error": f"{type(e).__name__}: {e}"}
         if name == "tp2":   # TP groups of this run still exist: load each shard for inference
             from megatron_lite.parallel import get_tensor_model_parallel_rank
-            from megatron_lite.checkpoint.engine_state import load_model_for_inference
+            from megatron_lite.checkpoint.weights import load_model_for_inference
 
             model, _ = load_model_for_inference(os.path.join(root, "ck_tp2"),
                                                 get_tensor_model_parallel_rank(), 2)
@@ -320,7 +320,7 @@ def test_tp2_matches_tp1(e2e):
 
 @pytest.mark.slow
 def test_tp2_checkpoint_loads_for_inference_like_tp1(e2e):
-    from megatron_lite.checkpoint.engine_state import load_model_for_inference
+    from megatron_lite.checkpoint.weights import load_model_for_inference
 
     root, results, _ = e2e
     model, cfg = load_model_for_inference(os.path.join(root, "ck_z1"), 0, 1)

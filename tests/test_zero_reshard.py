@@ -36,6 +36,7 @@ import pytest
 import torch
 
 from megatron_lite.config import parse_args
+from megatron_lite.checkpoint import compat, layout
 from megatron_lite.checkpoint import engine_state as ckpt
 from tests.dist_utils import read_metrics, run_torchrun
 from tests.test_training import COMMON, make_dataset
@@ -293,14 +294,14 @@ def test_odd_sized_parameters_reshard_exactly(scratch):
 
 
 def _fake(tmp_path, stage: int, dp: int = 2) -> str:
-    d = os.path.join(str(tmp_path), ckpt.tag_for(3))
+    d = os.path.join(str(tmp_path), layout.tag_for(3))
     os.makedirs(d)
     saved = parse_args(COMMON + ["--data-path", "x", "--zero-stage", str(stage)], world_size=dp)
     with open(os.path.join(d, "run_config.json"), "w") as f:
         json.dump({"config": saved.to_dict()}, f)
     with open(os.path.join(d, "trainer_state.json"), "w") as f:
         json.dump({"zero_stage": stage, "data_parallel_size": dp, "world_size": dp}, f)
-    ckpt.write_manifest(d)
+    layout.write_manifest(d)
     return d
 
 
@@ -330,11 +331,11 @@ def test_changed_frozen_set_is_refused_before_loading_optimizer_state():
     from types import SimpleNamespace
 
     now = SimpleNamespace(cpt=SimpleNamespace(freeze_layers="0-1", freeze_embeddings=False))
-    ckpt._check_same_frozen_set({"cpt": {"freeze_layers": "0-1"}}, now, "ck")   # same: fine
+    compat.check_same_frozen_set({"cpt": {"freeze_layers": "0-1"}}, now, "ck")   # same: fine
     with pytest.raises(ValueError, match=r"^ck: the frozen parameters differ from the "
                        r"checkpoint's \(--freeze-layers: checkpoint '0-0', this run '0-1'\), .*"
                        r"pass --no-load-optim$"):
-        ckpt._check_same_frozen_set({"cpt": {"freeze_layers": "0-0"}}, now, "ck")
+        compat.check_same_frozen_set({"cpt": {"freeze_layers": "0-0"}}, now, "ck")
 
 
 def test_missing_saved_partition_is_named(tmp_path):

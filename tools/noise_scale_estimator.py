@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     import numpy as np
     import torch
 
-    from megatron_lite.checkpoint.engine_state import load_model_for_inference
+    from megatron_lite.checkpoint.weights import load_model_for_inference
     from megatron_lite.training.callbacks.noise_scale import unbiased_estimates
 
     try:

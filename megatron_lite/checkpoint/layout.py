@@ -1,7 +1,7 @@
 """Checkpoint folders on disk: names, the manifest, completeness, fsync, pruning.
 
-The layout and the atomic-save protocol are described in :mod:`megatron_lite.checkpoint.engine_state`
-(which re-exports everything here). This module holds what does not need a DeepSpeed engine: which
+The layout and the atomic-save protocol are described in
+:mod:`megatron_lite.checkpoint.engine_state`. This module holds what does not need a DeepSpeed engine: which
 folder ``--load`` picks (:func:`find_checkpoint`: ``latest`` if complete, else the newest complete
 one), what makes a folder complete (:func:`is_complete`: a manifest whose every file exists with its
 recorded size), the manifest and fsync helpers used while saving, and ``--keep-last`` pruning.
@@ -17,10 +17,10 @@ import shutil
 import warnings
 
 import torch
-import torch.distributed as dist
 
+import megatron_lite
 from megatron_lite.errors import CheckpointSaveError
-from megatron_lite.utils import atomic_write_text, barrier, fsync_path, get_rank
+from megatron_lite.utils import atomic_write_text
 
 MANIFEST = "manifest.json"
 ITER_RE = re.compile(r"^iter_(\d{7,})$")
@@ -29,12 +29,6 @@ ITER_RE = re.compile(r"^iter_(\d{7,})$")
 def tag_for(iteration: int) -> str:
     """Folder name of the checkpoint after ``iteration`` steps."""
     return f"iter_{iteration:07d}"
-
-
-
-
-
-
 
 
 def is_complete(path: str) -> bool:
@@ -83,21 +77,18 @@ def find_checkpoint(load_dir: str) -> str | None:
 
 
 def write_manifest(path: str) -> None:
+    """Write ``path/manifest.json`` (atomically): ``{"files": {relative path: size}}`` of every
+    file under ``path`` (:func:`list_files`). A folder is complete once it holds its manifest."""
     atomic_write_text(os.path.join(path, MANIFEST),
                        json.dumps({"files": list_files(path)}, indent=1))
 
 
 def library_versions() -> dict:
-    import deepspeed
-
-    import megatron_lite
+    """Versions of megatron_lite, torch and DeepSpeed (saved in ``run_config.json``)."""
+    import deepspeed  # why: heavy optional dependency, imported only when a checkpoint is saved
 
     return {"megatron_lite": megatron_lite.__version__, "torch": torch.__version__,
             "deepspeed": deepspeed.__version__}
-
-
-
-
 
 
 def list_files(path: str) -> dict[str, int]:
@@ -133,6 +124,7 @@ def check_coverage(seen_by_rank: list[dict[str, int]], mine: dict[str, int], whe
 
 
 def iter_of(tag: str) -> int:
+    """The iteration of a folder name ``iter_XXXXXXX``."""
     return int(ITER_RE.match(tag).group(1))
 
 
@@ -176,3 +168,8 @@ def list_checkpoints(save_dir: str) -> list[str]:
     """Complete checkpoint folders in ``save_dir``, oldest first."""
     out = [p for p in glob.glob(os.path.join(save_dir, "iter_*")) if is_complete(p)]
     return sorted(out, key=lambda p: int(ITER_RE.match(os.path.basename(p)).group(1)))
+
+
+__all__ = ["ITER_RE", "MANIFEST", "check_coverage", "find_checkpoint", "is_complete", "iter_of",
+           "library_versions", "list_checkpoints", "list_files", "prune", "read_saved_config",
+           "tag_for", "write_manifest"]

@@ -35,6 +35,7 @@ sub-groups are concatenated), i.e. ~12 x (1 + 2/D) bytes/param of the shard at p
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import math
 import os
@@ -42,6 +43,9 @@ from collections import OrderedDict
 
 import torch
 import torch.distributed as dist
+
+from megatron_lite.checkpoint.weights import load_into, module_state
+from megatron_lite.parallel import get_data_parallel_rank, get_tensor_model_parallel_rank
 
 # Optimizers whose ZeRO state is elementwise over the flat fp32 partition (so a partition can be
 # cut per parameter and re-partitioned). Adafactor's RMS is taken over the partition itself.
@@ -112,6 +116,119 @@ def _split_state(state: dict, part_numel: int, where: str) -> tuple[dict, dict]:
     return parts, scalars
 
 
+@dataclasses.dataclass
+class _Layout:
+    """Where each parameter of a TP shard lies in the saved flat vectors.
+
+    ``groups``: per param group, ``{name: shape}`` in flat order; ``shapes``: name -> shape;
+    ``names``: all names in flat order. Stage 3 only: ``chunk`` (elements per rank of each
+    parameter), ``offs`` (offset of its chunk in a rank's concatenated vector), ``total3``.
+    """
+
+    groups: list
+    shapes: dict
+    names: list
+    chunk: dict = dataclasses.field(default_factory=dict)
+    offs: dict = dataclasses.field(default_factory=dict)
+    total3: int = 0
+
+
+def _layout(groups: list, stage: int, saved_dp: int) -> _Layout:
+    names = [n for g in groups for n in g]
+    shapes = {n: torch.Size(s) for g in groups for n, s in g.items()}
+    lay = _Layout(groups, shapes, names)
+    if stage == 3:   # offsets of each parameter's chunk in a rank's concatenated flat vector
+        lay.chunk = {n: math.ceil(shapes[n].numel() / saved_dp) for n in names}
+        o = 0
+        for n in names:
+            lay.offs[n], o = o, o + lay.chunk[n]
+        lay.total3 = o
+    return lay
+
+
+def _load_rank(path: str, r: int, tp_rank: int, saved_dp: int) -> tuple[str, dict]:
+    """(file, ``optimizer_state_dict``) of saved DP rank ``r``, its partition count checked."""
+    f = _optim_file(path, r, tp_rank)
+    sd = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    pc = sd.get("partition_count")
+    if any(c != saved_dp for c in (pc if isinstance(pc, list) else [pc])):
+        raise ValueError(f"{f}: partition_count {pc} but trainer_state.json says D={saved_dp}")
+    return f, sd
+
+
+def _sources_stage3(sd: dict, f: str, lay: _Layout, saved_dp: int) -> tuple[dict, list]:
+    """(``srcs[key] = [this rank's one flat vector for all groups]``, per sub-group (tensors,
+    scalars)) of a ZeRO-3 rank file."""
+    base = sd["optimizer_state_dict"]["state"]   # index i = sub-group i's flat tensor
+    if sorted(base) != list(range(len(sd["fp32_flat_groups"]))):
+        raise ValueError(f"{f}: optimizer state for sub-groups {sorted(base)}, but "
+                         f"{len(sd['fp32_flat_groups'])} fp32 flat groups")
+    parts = [_split_state(base[i], t.numel(), f) for i, t in enumerate(sd["fp32_flat_groups"])]
+    srcs = {"fp32": [torch.cat([t.reshape(-1) for t in sd["fp32_flat_groups"]])]}
+    for k in parts[0][0]:
+        srcs[k] = [torch.cat([p[k].reshape(-1) for p, _ in parts])]
+    if srcs["fp32"][0].numel() != lay.total3:
+        raise ValueError(f"{f}: {srcs['fp32'][0].numel()} fp32 elements, the parameter "
+                         f"shapes need {lay.total3} at D={saved_dp}")
+    return srcs, parts
+
+
+def _sources_stage12(sd: dict, f: str, lay: _Layout, r: int) -> tuple[dict, list, list, list]:
+    """(``srcs[key][g]`` = rank ``r``'s flat vector of group ``g`` without tail padding, per
+    group (tensors, scalars), each group's start in the full flat vector, alignment paddings)
+    of a ZeRO-1/2 rank file."""
+    base = sd["base_optimizer_state"]
+    elastic = not (isinstance(base, dict) and "state" in base)   # tail padding cut off
+    base = dict(enumerate(base)) if elastic else base["state"]
+    srcs: dict = {"fp32": []}
+    parts, starts = [], []
+    for g in range(len(lay.groups)):
+        lean = sd["single_partition_of_fp32_groups"][g].reshape(-1)
+        size = lean.numel() + sd["group_paddings"][g]   # the padded partition size P
+        pt, sc = _split_state(base[g], lean.numel() if elastic else size, f)
+        parts.append((pt, sc))
+        srcs["fp32"].append(lean)
+        for k, v in pt.items():
+            srcs.setdefault(k, []).append(v.reshape(-1)[:lean.numel()])
+        starts.append(r * size)
+    pads = sd.get("param_alignment_paddings") or [[0] * len(g) for g in lay.groups]
+    return srcs, parts, starts, pads
+
+
+def _merge_scalars(scalars: dict, parts: list, f: str) -> None:
+    """Add ``parts``' scalar states (``step``) to ``scalars``; they must agree everywhere."""
+    for _, sc in parts:
+        for k, v in sc.items():
+            if k in scalars and float(scalars[k]) != float(v):
+                raise ValueError(f"{f}: optimizer {k!r} {float(v)} differs from another "
+                                 f"partition's {float(scalars[k])}")
+            scalars.setdefault(k, v.clone() if torch.is_tensor(v) else v)
+
+
+def _scatter_stage3(full: dict, srcs: dict, lay: _Layout, r: int) -> None:
+    """Copy rank ``r``'s chunk of every parameter into the full flat tensors."""
+    for n in lay.names:
+        lo = r * lay.chunk[n]
+        cnt = max(0, min(lay.chunk[n], lay.shapes[n].numel() - lo))
+        for k, src in srcs.items():
+            full[n][k][lo:lo + cnt] = src[0][lay.offs[n]:lay.offs[n] + cnt].float()
+
+
+def _scatter_stage12(full: dict, srcs: dict, lay: _Layout, starts: list, pads: list) -> None:
+    """Copy the part of every parameter a ZeRO-1/2 rank holds into the full flat tensors."""
+    for g, group in enumerate(lay.groups):
+        start = starts[g]
+        end = start + srcs["fp32"][g].numel()
+        o = 0
+        for i, n in enumerate(group):
+            numel = lay.shapes[n].numel()
+            lo, hi = max(o, start), min(o + numel, end)
+            if lo < hi:
+                for k, src in srcs.items():
+                    full[n][k][lo - o:hi - o] = src[g][lo - start:hi - start].float()
+            o += numel + pads[g][i]
+
+
 def read_full_state(path: str, stage: int, saved_dp: int, tp_rank: int) -> dict:
     """Reconstruct this TP shard's full optimizer state from the saved ZeRO partitions.
 
@@ -134,86 +251,31 @@ def read_full_state(path: str, stage: int, saved_dp: int, tp_rank: int) -> dict:
     groups = [OrderedDict(g) for g in ms["param_shapes"]]
     engine_counters = {k: ms.get(k) for k in ("global_steps", "global_samples", "skipped_steps")}
     del ms   # (param_shapes lists the flat order itself, round_robin_gradients included)
+    lay = _layout(groups, stage, saved_dp)
     full: dict[str, dict[str, torch.Tensor]] = {}   # name -> key -> flat full tensor
     scalars: dict = {}
     glob_state: dict = {}
-    names = [n for g in groups for n in g]
-    shapes = {n: torch.Size(s) for g in groups for n, s in g.items()}
-    if stage == 3:   # offsets of each parameter's chunk in a rank's concatenated flat vector
-        chunk = {n: math.ceil(shapes[n].numel() / saved_dp) for n in names}
-        offs, o = {}, 0
-        for n in names:
-            offs[n], o = o, o + chunk[n]
-        total3 = o
     for r in range(saved_dp):
-        f = _optim_file(path, r, tp_rank)
-        sd = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
-        pc = sd.get("partition_count")
-        if any(c != saved_dp for c in (pc if isinstance(pc, list) else [pc])):
-            raise ValueError(f"{f}: partition_count {pc} but trainer_state.json says D={saved_dp}")
+        f, sd = _load_rank(path, r, tp_rank, saved_dp)
         if r == 0:
             glob_state = {k: sd.get(k) for k in ("loss_scaler", "dynamic_loss_scale", "overflow")}
-        # srcs[key][g]: this rank's flat vector of group g (stage 3: one vector for all groups)
         if stage == 3:
-            base = sd["optimizer_state_dict"]["state"]   # index i = sub-group i's flat tensor
-            if sorted(base) != list(range(len(sd["fp32_flat_groups"]))):
-                raise ValueError(f"{f}: optimizer state for sub-groups {sorted(base)}, but "
-                                 f"{len(sd['fp32_flat_groups'])} fp32 flat groups")
-            parts = [_split_state(base[i], t.numel(), f)
-                     for i, t in enumerate(sd["fp32_flat_groups"])]
-            srcs = {"fp32": [torch.cat([t.reshape(-1) for t in sd["fp32_flat_groups"]])]}
-            for k in parts[0][0]:
-                srcs[k] = [torch.cat([p[k].reshape(-1) for p, _ in parts])]
-            if srcs["fp32"][0].numel() != total3:
-                raise ValueError(f"{f}: {srcs['fp32'][0].numel()} fp32 elements, the parameter "
-                                 f"shapes need {total3} at D={saved_dp}")
+            srcs, parts = _sources_stage3(sd, f, lay, saved_dp)
         else:
-            base = sd["base_optimizer_state"]
-            elastic = not (isinstance(base, dict) and "state" in base)   # tail padding cut off
-            base = dict(enumerate(base)) if elastic else base["state"]
-            srcs, parts, starts = {"fp32": []}, [], []
-            for g in range(len(groups)):
-                lean = sd["single_partition_of_fp32_groups"][g].reshape(-1)
-                size = lean.numel() + sd["group_paddings"][g]   # the padded partition size P
-                pt, sc = _split_state(base[g], lean.numel() if elastic else size, f)
-                parts.append((pt, sc))
-                srcs["fp32"].append(lean)
-                for k, v in pt.items():
-                    srcs.setdefault(k, []).append(v.reshape(-1)[:lean.numel()])
-                starts.append(r * size)
-            pads = sd.get("param_alignment_paddings") or [[0] * len(g) for g in groups]
-        for _, sc in parts:
-            for k, v in sc.items():
-                if k in scalars and float(scalars[k]) != float(v):
-                    raise ValueError(f"{f}: optimizer {k!r} {float(v)} differs from another "
-                                     f"partition's {float(scalars[k])}")
-                scalars.setdefault(k, v.clone() if torch.is_tensor(v) else v)
+            srcs, parts, starts, pads = _sources_stage12(sd, f, lay, r)
+        _merge_scalars(scalars, parts, f)
         if not full:
-            full = {n: {k: torch.zeros(shapes[n].numel(), dtype=torch.float32) for k in srcs}
-                    for n in names}
-        elif set(srcs) != set(full[names[0]]):
+            full = {n: {k: torch.zeros(lay.shapes[n].numel(), dtype=torch.float32) for k in srcs}
+                    for n in lay.names}
+        elif set(srcs) != set(full[lay.names[0]]):
             raise ValueError(f"{f}: optimizer state keys {sorted(srcs)} differ from saved rank "
-                             f"0's {sorted(full[names[0]])}")
+                             f"0's {sorted(full[lay.names[0]])}")
         if stage == 3:
-            for n in names:
-                lo = r * chunk[n]
-                cnt = max(0, min(chunk[n], shapes[n].numel() - lo))
-                for k, src in srcs.items():
-                    full[n][k][lo:lo + cnt] = src[0][offs[n]:offs[n] + cnt].float()
+            _scatter_stage3(full, srcs, lay, r)
         else:
-            for g, group in enumerate(groups):
-                start = starts[g]
-                end = start + srcs["fp32"][g].numel()
-                o = 0
-                for i, n in enumerate(group):
-                    numel = shapes[n].numel()
-                    lo, hi = max(o, start), min(o + numel, end)
-                    if lo < hi:
-                        for k, src in srcs.items():
-                            full[n][k][lo - o:hi - o] = src[g][lo - start:hi - start].float()
-                    o += numel + pads[g][i]
-        del sd, base, srcs, parts
-    params = {n: {k: v.view(shapes[n]) for k, v in d.items()} for n, d in full.items()}
+            _scatter_stage12(full, srcs, lay, starts, pads)
+        del sd, srcs, parts
+    params = {n: {k: v.view(lay.shapes[n]) for k, v in d.items()} for n, d in full.items()}
     return {"params": params, "scalars": scalars, "global": glob_state, "engine": engine_counters}
 
 
@@ -239,6 +301,7 @@ def write_full_state(engine, full: dict, where: str) -> None:
         ValueError: this run's trainable parameters differ from the saved ones (e.g. another
             ``--freeze-layers``), or a shape differs.
     """
+    # why: heavy optional dependency (DeepSpeed), imported where the engine exists
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     opt = engine.optimizer
@@ -320,18 +383,13 @@ def load_resharded(engine, cfg, path: str, saved: dict) -> None:
     Raises:
         ValueError: see :func:`check_supported`, :func:`read_full_state`, :func:`write_full_state`.
     """
-    from megatron_lite.parallel import get_tensor_model_parallel_rank
-
     check_supported(path, saved, cfg)
     tp = get_tensor_model_parallel_rank()
     stage = saved["zero_stage"]
     full = read_full_state(path, stage, saved["data_parallel_size"], tp)
     parent, tag = os.path.split(os.path.abspath(path))
     if stage == 3:
-        from megatron_lite.checkpoint.engine_state import _module_state
-        from megatron_lite.cpt.weights import load_into
-
-        load_into(engine.module, _module_state(path, tp))
+        load_into(engine.module, module_state(path, tp))
     else:
         engine.load_checkpoint(parent, tag=tag, load_optimizer_states=False,
                                load_lr_scheduler_states=False, load_module_only=True)
@@ -339,13 +397,13 @@ def load_resharded(engine, cfg, path: str, saved: dict) -> None:
 
 
 def dump_full_state(engine, out_dir: str, tag: str) -> None:
-    """Test hook ``MEGATRON_LITE_DUMP_OPTIM_STATE=DIR``: after a load, DP rank 0 of each TP rank
-    saves ``DIR/<tag>_tp<tp>.pt`` = ``{"params": {name: {"fp32", "exp_avg", ...}}, "step": [the
+    """Test support (``megatron_lite.testing.faults`` calls it from its resume hook for
+    ``MEGATRON_LITE_DUMP_OPTIM_STATE=DIR``): after a load, DP rank 0 of each TP rank saves
+    ``DIR/<tag>_tp<tp>.pt`` = ``{"params": {name: {"fp32", "exp_avg", ...}}, "step": [the
     distinct step counts], "model_mismatch": [names whose training-dtype weight is not the fp32
     master's rounding]}``, gathered with DeepSpeed's ``safe_get_full_*`` (collective over DP)."""
+    # why: heavy optional dependency (DeepSpeed), imported where the engine exists
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-    from megatron_lite.parallel import get_data_parallel_rank, get_tensor_model_parallel_rank
 
     opt = engine.optimizer
     base = opt.optimizer
@@ -366,7 +424,7 @@ def dump_full_state(engine, out_dir: str, tag: str) -> None:
             out[n] = d
             # the training-dtype weight must be the rounding of the fp32 master
             if hasattr(p, "ds_id"):
-                import deepspeed
+                import deepspeed  # why: heavy optional dependency, only needed at ZeRO-3
 
                 with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
                     w = p.detach().cpu().clone()

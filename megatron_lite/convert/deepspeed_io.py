@@ -40,7 +40,7 @@ def resolve_tag_folder(load: str, iteration: int | None) -> str:
     Raises:
         ConversionError: none found.
     """
-    from megatron_lite.checkpoint.engine_state import find_checkpoint, tag_for
+    from megatron_lite.checkpoint.layout import find_checkpoint, tag_for
 
     if not os.path.isdir(load):
         raise ConversionError(f"--load {load}: no such folder")

@@ -18,13 +18,13 @@ import warnings
 
 import torch
 
+from megatron_lite.checkpoint import hf_files
+from megatron_lite.checkpoint.hf_files import INDEX, SINGLE
 from megatron_lite.convert.common import Checkpoint, ConversionError, state_dtype
 from megatron_lite.utils import follow_umask
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SUPPORTED_MODEL_TYPES = ("llama",)
-SINGLE = "model.safetensors"
-INDEX = "model.safetensors.index.json"
 
 # Texts on which a converted fast tokenizer must give SentencePiece's ids (no special-token
 # strings: HF tokenizers split those out as specials on purpose, SentencePiece does not).
@@ -61,48 +61,19 @@ def read_hf_config(folder: str) -> dict:
     return cfg
 
 
-def _load_file(path: str) -> dict:
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path, device="cpu")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def read_hf_state_dict(folder: str) -> dict[str, torch.Tensor]:
-    """Every tensor of an HF folder: ``model.safetensors``, a sharded safetensors index, or
-    ``pytorch_model.bin`` (single or sharded with ``pytorch_model.bin.index.json``).
+    """Every tensor of an HF folder: :func:`megatron_lite.checkpoint.hf_files.read_hf_state_dict`
+    (``model.safetensors``, a sharded safetensors index, or ``pytorch_model.bin`` single or
+    sharded), its errors raised as this package's.
 
     Raises:
         ConversionError: no weights file, an index naming a missing shard (both named), or an
             index entry whose tensor is not in its shard.
     """
-    for single, index in ((SINGLE, INDEX), ("pytorch_model.bin", "pytorch_model.bin.index.json")):
-        if os.path.isfile(os.path.join(folder, single)):
-            return _load_file(os.path.join(folder, single))
-        ipath = os.path.join(folder, index)
-        if os.path.isfile(ipath):
-            try:
-                with open(ipath) as f:
-                    weight_map = json.load(f)["weight_map"]
-            except (ValueError, KeyError) as e:
-                raise ConversionError(f"{ipath}: not a valid index (need a 'weight_map'): {e}") from e
-            files = sorted(set(weight_map.values()))
-            missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
-            if missing:
-                raise ConversionError(f"{ipath} names shard(s) that do not exist: "
-                                      f"{[os.path.join(folder, m) for m in missing]}")
-            out: dict[str, torch.Tensor] = {}
-            for fname in files:
-                part = _load_file(os.path.join(folder, fname))
-                lost = [k for k, v in weight_map.items() if v == fname and k not in part]
-                if lost:
-                    raise ConversionError(f"{os.path.join(folder, fname)} lacks {lost[:5]} which "
-                                          f"{ipath} places there")
-                out.update(part)
-            return out
-    raise ConversionError(f"{folder}: no weights (expected {SINGLE}, {INDEX}, pytorch_model.bin or "
-                          "pytorch_model.bin.index.json)")
+    try:
+        return hf_files.read_hf_state_dict(folder)
+    except hf_files.HFWeightsError as e:
+        raise ConversionError(str(e)) from e
 
 
 def read_hf(folder: str) -> Checkpoint:

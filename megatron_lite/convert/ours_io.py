@@ -1,4 +1,4 @@
-"""megatron_lite checkpoint folders (layout: ``megatron_lite/checkpoint/engine_state.py``): read
+"""megatron_lite checkpoint folders (layout: ``megatron_lite/checkpoint/layout.py``): read
 any TP degree into a :class:`Checkpoint`, and write a weights-only ("inference") checkpoint at any
 TP degree that ``load_model_for_inference``, ``tools/eval_ppl.py --load`` and
 ``pretrain_llama.py --load DIR --finetune`` accept.
@@ -32,7 +32,7 @@ def resolve_checkpoint_folder(load: str, iteration: int | None) -> str:
         ConversionError: no such folder / no complete checkpoint (manifest missing or a listed file
             missing or of another size).
     """
-    from megatron_lite.checkpoint.engine_state import find_checkpoint, is_complete, tag_for
+    from megatron_lite.checkpoint.layout import find_checkpoint, is_complete, tag_for
 
     if not os.path.isdir(load):
         raise ConversionError(f"--load {load}: no such folder")

@@ -1,11 +1,11 @@
-"""Continued pretraining (``cpt_llama.py``): config resolution from a base checkpoint and the run.
+"""Continued pretraining (``cpt_llama.py``): the config resolved against a base checkpoint.
 
 Precedence of values (lowest first): dataclass defaults < :data:`CPT_DEFAULTS` < the base
 checkpoint's model config < ``--config`` YAML < command-line flags. Architecture fields (width,
 depth, heads, KV groups, FFN, head dim, norm epsilon, tied embeddings) must agree with
 the base: a YAML key or flag that contradicts it is a :class:`~megatron_lite.config.ConfigError`
 naming the flag and both values. Fields a checkpoint may change on resume
-(``checkpointing._MODEL_FIELDS_ALLOWED_TO_CHANGE``: sequence length, RoPE scaling, backends, ...)
+(:data:`megatron_lite.checkpoint.compat.MODEL_FIELDS_ALLOWED_TO_CHANGE`: sequence length, RoPE scaling, backends, ...)
 are taken from the base when not given and may be overridden, e.g. a long-context CPT with
 ``--seq-length 8192 --rope-scaling-type yarn --rope-scaling-factor 2`` or a larger
 ``--rotary-base``.
@@ -30,7 +30,13 @@ import os
 import sys
 from typing import Any, Sequence
 
-from megatron_lite.config import ConfigError, RunConfig, build_parser, finalize
+from megatron_lite.checkpoint.base import BaseCheckpoint, detect_base
+from megatron_lite.config import (ConfigError, RunConfig, apply_tree, build_parser, did_you_mean,
+                                  finalize, yaml_with_lines)
+from megatron_lite.config.sections import parse_layer_ranges
+from megatron_lite.cpt.weights import check_extended_tokenizer
+from megatron_lite.data.tokenizer import build_tokenizer
+from megatron_lite.model.presets import MODEL_PRESETS
 
 # CPT defaults that differ from pretraining (the recipe's CPT chapter: a smaller peak LR than the
 # base's 3e-4; the short re-warmup and cosine decay to 10 % are already the generic defaults).
@@ -44,64 +50,6 @@ CPT_DEFAULTS: dict[str, dict[str, Any]] = {
 # Long-Context Scaling of Foundation Models", sec. 3.1) is itself a long-context CPT recipe.
 ARCH_FIELDS = ("hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
                "ffn_hidden_size", "kv_channels", "norm_epsilon", "tie_word_embeddings")
-
-
-@dataclasses.dataclass
-class BaseCheckpoint:
-    """A detected base checkpoint.
-
-    Attributes:
-        format: ``"hf"`` or ``"megatron_lite"``.
-        path: the HF folder, or our resolved checkpoint folder (``iter_XXXXXXX``).
-        model: its ``ModelConfig`` (resolved; ``vocab_size`` = the base vocabulary V_base).
-        tokenizer_model: tokenizer file it was trained with, when known (else None).
-        tp: TP degree it was saved with (1 for HF).
-    """
-
-    format: str
-    path: str
-    model: Any
-    tokenizer_model: str | None
-    tp: int
-
-
-def detect_base(path: str, fmt: str = "auto") -> BaseCheckpoint:
-    """Read the config of a base checkpoint (no weights).
-
-    Args:
-        path: HF folder, our ``--save`` folder, or one of our checkpoint folders.
-        fmt: ``auto``, ``hf`` or ``megatron_lite``.
-
-    Raises:
-        ConfigError: path missing, no complete checkpoint, unreadable or unsupported config.
-    """
-    from megatron_lite.checkpoint.engine_state import find_checkpoint, read_saved_config
-
-    where = f"--pretrained-checkpoint {path}"
-    if not path or not os.path.isdir(path):
-        raise ConfigError(f"{where}: folder not found")
-    if fmt == "auto":
-        fmt = "hf" if os.path.isfile(os.path.join(path, "config.json")) else "megatron_lite"
-    if fmt == "hf":
-        from megatron_lite.model.hf_adapter import config_from_hf
-
-        cfg_path = os.path.join(path, "config.json")
-        try:
-            with open(cfg_path) as f:
-                model = config_from_hf(json.load(f))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"{where}: cannot use {cfg_path} as a LLaMA config ({e})") from None
-        tok = os.path.join(path, "tokenizer.model")
-        return BaseCheckpoint("hf", path, model.resolve(), tok if os.path.isfile(tok) else None, 1)
-    ck = find_checkpoint(path)
-    if ck is None:
-        raise ConfigError(f"{where}: neither a HuggingFace folder (config.json) nor a folder with a "
-                          "complete megatron_lite checkpoint (manifest.json)")
-    saved = RunConfig.from_dict(read_saved_config(ck), source=os.path.join(ck, "run_config.json"))
-    tok = saved.data.tokenizer_model
-    return BaseCheckpoint("megatron_lite", ck, saved.model.resolve(),
-                          tok if tok and os.path.isfile(tok) else None,
-                          saved.parallel.tensor_model_parallel_size)
 
 
 def _flag_names(parser) -> dict[str, str]:
@@ -119,46 +67,20 @@ def resolve_config(argv: Sequence[str] | None = None, world_size: int | None = N
         ConfigError: no ``--pretrained-checkpoint``, an unusable one, a model flag contradicting
             it, a vocabulary smaller than the base's, or any error of :func:`finalize`.
     """
-    from megatron_lite.config import apply_tree, did_you_mean, yaml_with_lines
-
     parser = build_parser(prog="cpt_llama.py")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    ns, unknown = parser.parse_known_args(argv)
-    if unknown:
-        known = [o for a in parser._actions for o in a.option_strings]
-        bad = [u for u in unknown if u.startswith("-")] or unknown
-        raise ConfigError(f"unknown argument {bad[0]!r}"
-                          f"{did_you_mean(bad[0].split('=')[0], known)}")
+    ns = _parse_known(parser, list(sys.argv[1:] if argv is None else argv))
     cfg = RunConfig()
     apply_tree(cfg, CPT_DEFAULTS, "cpt_llama.py defaults", {})
-    given: dict[str, tuple[Any, str]] = {}  # model field -> (value, where it was given)
-    yaml_tree: dict = {}
+    yaml_tree, lines = {}, {}
     if ns.config:
         if not os.path.exists(ns.config):
             raise ConfigError(f"--config {ns.config}: file not found")
         yaml_tree, lines = yaml_with_lines(ns.config)
         cfg.config_file = ns.config
-        for key, value in (yaml_tree.get("model") or {}).items():
-            line = lines.get(f"model.{key}")
-            given[key] = (value, f"{ns.config}:{line} model.{key}" if line else
-                          f"{ns.config} model.{key}")
-    flags = _flag_names(parser)
     cli = {dest: value for dest, value in vars(ns).items() if "." in dest}
-    for dest, value in cli.items():
-        sec, key = dest.split(".", 1)
-        if sec == "model":
-            given[key] = (value, flags.get(dest, dest))
+    given = _given_model_values(ns.config, yaml_tree, lines, cli, _flag_names(parser))
+    base = _base_of(ns.config, yaml_tree, cli)
     # The base's values go in before YAML and flags, so those still win (and are then checked).
-    probe = RunConfig()
-    if ns.config:
-        apply_tree(probe, {k: v for k, v in yaml_tree.items() if k == "cpt"}, ns.config, {})
-    for dest, value in cli.items():
-        if dest.startswith("cpt."):
-            setattr(probe.cpt, dest.split(".", 1)[1], value)
-    if not probe.cpt.pretrained_checkpoint:
-        raise ConfigError("cpt_llama.py needs --pretrained-checkpoint DIR (the base model: an HF "
-                          "folder or a megatron_lite checkpoint folder)")
-    base = detect_base(probe.cpt.pretrained_checkpoint, probe.cpt.pretrained_checkpoint_format)
     _fill_model_from_base(cfg.model, base.model)
     if ns.config:
         apply_tree(cfg, yaml_tree, ns.config, lines)
@@ -167,26 +89,68 @@ def resolve_config(argv: Sequence[str] | None = None, world_size: int | None = N
         setattr(getattr(cfg, sec), key, value)
     cfg.dry_run = ns.dry_run
     _check_against_base(cfg.model, base, given)
-    cfg.model.vocab_size = _resolve_vocab(cfg, base, given)
-    cfg.cpt.base_vocab_size = base.model.vocab_size
-    cfg.cpt.base_format = base.format
-    if cfg.model.vocab_size > base.model.vocab_size:
-        from megatron_lite.cpt.weights import check_extended_tokenizer
-
-        try:
-            check_extended_tokenizer(cfg, base)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+    _apply_vocab(cfg, base, given)
     finalize(cfg, world_size)
     if cfg.cpt.load_optimizer_state:
         _check_optimizer_state_loadable(cfg, base)
-    from megatron_lite.config.sections import parse_layer_ranges
-
     try:
         parse_layer_ranges(cfg.cpt.freeze_layers, cfg.model.num_layers)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return cfg
+
+
+def _parse_known(parser, argv: list[str]):
+    """``parser.parse_known_args(argv)``'s namespace; an unknown argument is a ConfigError with
+    the closest known flag."""
+    ns, unknown = parser.parse_known_args(argv)
+    if unknown:
+        known = [o for a in parser._actions for o in a.option_strings]
+        bad = [u for u in unknown if u.startswith("-")] or unknown
+        raise ConfigError(f"unknown argument {bad[0]!r}"
+                          f"{did_you_mean(bad[0].split('=')[0], known)}")
+    return ns
+
+
+def _given_model_values(config: str | None, yaml_tree: dict, lines: dict, cli: dict,
+                        flags: dict[str, str]) -> dict[str, tuple[Any, str]]:
+    """Model fields set by the YAML or a flag: ``{field: (value, where it was given)}`` (a flag
+    over a YAML key)."""
+    given: dict[str, tuple[Any, str]] = {}
+    for key, value in (yaml_tree.get("model") or {}).items():
+        line = lines.get(f"model.{key}")
+        given[key] = (value, f"{config}:{line} model.{key}" if line else f"{config} model.{key}")
+    for dest, value in cli.items():
+        sec, key = dest.split(".", 1)
+        if sec == "model":
+            given[key] = (value, flags.get(dest, dest))
+    return given
+
+
+def _base_of(config: str | None, yaml_tree: dict, cli: dict) -> BaseCheckpoint:
+    """The base checkpoint named by the YAML's ``cpt`` section or the ``--pretrained-*`` flags."""
+    probe = RunConfig()
+    if config:
+        apply_tree(probe, {k: v for k, v in yaml_tree.items() if k == "cpt"}, config, {})
+    for dest, value in cli.items():
+        if dest.startswith("cpt."):
+            setattr(probe.cpt, dest.split(".", 1)[1], value)
+    if not probe.cpt.pretrained_checkpoint:
+        raise ConfigError("cpt_llama.py needs --pretrained-checkpoint DIR (the base model: an HF "
+                          "folder or a megatron_lite checkpoint folder)")
+    return detect_base(probe.cpt.pretrained_checkpoint, probe.cpt.pretrained_checkpoint_format)
+
+
+def _apply_vocab(cfg, base: BaseCheckpoint, given: dict) -> None:
+    """This run's vocabulary (module docstring) and the base's, checking a grown tokenizer."""
+    cfg.model.vocab_size = _resolve_vocab(cfg, base, given)
+    cfg.cpt.base_vocab_size = base.model.vocab_size
+    cfg.cpt.base_format = base.format
+    if cfg.model.vocab_size > base.model.vocab_size:
+        try:
+            check_extended_tokenizer(cfg, base)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def _fill_model_from_base(model, base_model) -> None:
@@ -200,8 +164,8 @@ def _fill_model_from_base(model, base_model) -> None:
 
 
 def _check_against_base(model, base: BaseCheckpoint, given: dict) -> None:
-    from megatron_lite.model.presets import MODEL_PRESETS
-
+    """A YAML key, flag or ``--model-size`` preset contradicting the base's architecture is an
+    error (all of them in one message)."""
     b = base.model
     src = f"the pretrained checkpoint {base.path}"
     errors = []
@@ -227,6 +191,7 @@ def _check_against_base(model, base: BaseCheckpoint, given: dict) -> None:
 
 
 def _resolve_vocab(cfg, base: BaseCheckpoint, given: dict) -> int:
+    """``--vocab-size`` if given (not below the base's), else max(base, tokenizer)."""
     v0 = int(base.model.vocab_size)
     if "vocab_size" in given and cfg.model.vocab_size is not None:
         v, where = cfg.model.vocab_size, given["vocab_size"][1]
@@ -237,8 +202,6 @@ def _resolve_vocab(cfg, base: BaseCheckpoint, given: dict) -> int:
     tok_path = cfg.data.tokenizer_model
     if not tok_path:
         return v0
-    from megatron_lite.data.tokenizer import build_tokenizer
-
     try:
         tok = build_tokenizer(cfg.data.tokenizer_type or "SentencePieceTokenizer", tok_path)
     except (OSError, ValueError, RuntimeError) as e:
@@ -247,6 +210,7 @@ def _resolve_vocab(cfg, base: BaseCheckpoint, given: dict) -> int:
 
 
 def _check_optimizer_state_loadable(cfg, base: BaseCheckpoint) -> None:
+    """``--load-optimizer-state`` needs our base with this run's layout, nothing frozen, --load."""
     flag = "--load-optimizer-state"
     if base.format != "megatron_lite":
         raise ConfigError(f"{flag}: the base {base.path} is a HuggingFace folder (no optimizer "
@@ -268,4 +232,4 @@ def _check_optimizer_state_loadable(cfg, base: BaseCheckpoint) -> None:
                           "the same as --save): the base's state is read on a fresh start only")
 
 
-__all__ = ["ARCH_FIELDS", "BaseCheckpoint", "CPT_DEFAULTS", "detect_base", "resolve_config"]
+__all__ = ["ARCH_FIELDS", "CPT_DEFAULTS", "resolve_config"]

@@ -1,5 +1,5 @@
 """CPT model setup: base weights into this rank's (ZeRO-3: partitioned) model, vocabulary growth,
-freezing. Called by :func:`megatron_lite.cpt.resolve.run` through ``pretrain(model_setup=...)``.
+freezing. Called by :func:`megatron_lite.cpt.run.run` through ``pretrain(model_setup=...)``.
 
 Loading goes through the HuggingFace layout (``model.hf_adapter``), whatever the base format and
 TP degree: an HF folder is read tensor by tensor (safetensors, lazily: a rank keeps only its own TP
@@ -23,23 +23,23 @@ Means are taken in float64 and rounded once to the weights' dtype.
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Mapping
-from typing import Iterator
 
 import torch
-import torch.distributed as dist
+
+from megatron_lite import parallel
+from megatron_lite.checkpoint.base import detect_base
+from megatron_lite.checkpoint.hf_files import LazyHFStateDict, has_safetensors, read_hf_weights
+from megatron_lite.checkpoint.weights import load_into, module_state
+from megatron_lite.config.sections import parse_layer_ranges
+from megatron_lite.data.tokenizer import build_tokenizer
+from megatron_lite.model import hf_adapter
+from megatron_lite.utils import is_rank_0
 
 SPIECE_SPACE = "\u2581"  # SentencePiece's whitespace meta symbol
 
 
-def _rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 def _tokenizer(path: str, kind: str | None):
-    from megatron_lite.data.tokenizer import build_tokenizer
-
     return build_tokenizer(kind or "SentencePieceTokenizer", path)
 
 
@@ -118,38 +118,6 @@ def grow_rows(weight: torch.Tensor, v_new: int, piece_ids: list[list[int]] | Non
     return torch.cat([weight, torch.stack(rows).to(weight.dtype)], dim=0)
 
 
-class _LazyHF(Mapping):
-    """HF state dict of a safetensors folder, each tensor read when asked for (``safe_open``)."""
-
-    def __init__(self, folder: str):
-        import json
-
-        from safetensors import safe_open
-
-        single = os.path.join(folder, "model.safetensors")
-        index = os.path.join(folder, "model.safetensors.index.json")
-        if os.path.isfile(single):
-            files = {single}
-        else:
-            with open(index) as f:
-                files = {os.path.join(folder, v) for v in json.load(f)["weight_map"].values()}
-        self._where = {}
-        self._handles = {}
-        for path in sorted(files):
-            h = self._handles[path] = safe_open(path, framework="pt", device="cpu")
-            for k in h.keys():
-                self._where[k] = path
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self._handles[self._where[key]].get_tensor(key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
-
-    def __len__(self) -> int:
-        return len(self._where)
-
-
 class _Grown(Mapping):
     """A state dict with the vocabulary matrices replaced by their grown versions."""
 
@@ -175,18 +143,12 @@ def base_hf_state_dict(base) -> Mapping:
     (less in bf16); convert it to HF first when that is too much.
     """
     if base.format == "hf":
-        if os.path.isfile(os.path.join(base.path, "model.safetensors")) or os.path.isfile(
-                os.path.join(base.path, "model.safetensors.index.json")):
-            return _LazyHF(base.path)
-        from megatron_lite.eval.loading import _read_hf_state_dict
-
-        return _read_hf_state_dict(base.path)
-    from megatron_lite.model import hf_adapter
-    from megatron_lite.checkpoint.engine_state import _module_state
-
+        if has_safetensors(base.path):
+            return LazyHFStateDict(base.path)
+        return read_hf_weights(base.path)
     model = copy.deepcopy(base.model)
     model.validate(base.tp)
-    return hf_adapter.megatron_lite_to_hf([_module_state(base.path, r) for r in range(base.tp)],
+    return hf_adapter.megatron_lite_to_hf([module_state(base.path, r) for r in range(base.tp)],
                                           model)
 
 
@@ -199,9 +161,6 @@ def shard_for_this_run(cfg, tp_rank: int, tp_size: int) -> tuple[dict, str]:
     Raises:
         ValueError: base weights that do not match the config (shape, missing key).
     """
-    from megatron_lite.model.hf_adapter import hf_to_megatron_lite
-    from megatron_lite.cpt.resolve import detect_base
-
     base = detect_base(cfg.cpt.pretrained_checkpoint, cfg.cpt.pretrained_checkpoint_format)
     sd = base_hf_state_dict(base)
     v0, v1 = int(base.model.vocab_size), int(cfg.model.vocab_size)
@@ -222,37 +181,7 @@ def shard_for_this_run(cfg, tp_rank: int, tp_size: int) -> tuple[dict, str]:
         note = (f"vocab {v0} -> {v1}: {v1 - v0} new rows ({cfg.cpt.extended_vocab_init}; "
                 f"{fallback} by the plain mean)")
     target = copy.deepcopy(cfg.model)
-    return hf_to_megatron_lite(sd, target, tp_rank, tp_size), note
-
-
-@torch.no_grad()
-def load_into(model: torch.nn.Module, shard: dict) -> None:
-    """Copy ``shard`` (full TP-shard tensors, our names) into ``model``; at ZeRO-3 the partitioned
-    parameters are gathered, written on every rank and re-partitioned (DP rank 0's copy kept).
-
-    Raises:
-        KeyError: the shard and the model do not have the same parameter names.
-    """
-    params = dict(model.named_parameters())
-    if set(params) != set(shard):
-        raise KeyError(f"base weights do not match the model: missing "
-                       f"{sorted(set(params) - set(shard))[:5]}, unexpected "
-                       f"{sorted(set(shard) - set(params))[:5]}")
-    zero3 = any(hasattr(p, "ds_id") for p in params.values())
-    if zero3:
-        import deepspeed
-
-        ctx = deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0)
-    else:
-        import contextlib
-
-        ctx = contextlib.nullcontext()
-    with ctx:
-        for name, p in params.items():
-            if tuple(p.shape) != tuple(shard[name].shape):
-                raise ValueError(f"{name}: base shard {tuple(shard[name].shape)} vs model "
-                                 f"{tuple(p.shape)}")
-            p.data.copy_(shard[name].to(p.dtype))
+    return hf_adapter.hf_to_megatron_lite(sd, target, tp_rank, tp_size), note
 
 
 def freeze(model: torch.nn.Module, cfg) -> list[str]:
@@ -261,8 +190,6 @@ def freeze(model: torch.nn.Module, cfg) -> list[str]:
     Returns:
         Names of the frozen parameters.
     """
-    from megatron_lite.config.sections import parse_layer_ranges
-
     layers = set(parse_layer_ranges(cfg.cpt.freeze_layers, cfg.model.num_layers))
     frozen = []
     for name, p in model.named_parameters():
@@ -283,8 +210,6 @@ def setup_model(model: torch.nn.Module, cfg, load_weights: bool = True) -> None:
         load_weights: False when resuming this CPT run's own checkpoint (it overwrites the
             weights anyway; the base is not read).
     """
-    from megatron_lite import parallel
-
     if load_weights:
         shard, note = shard_for_this_run(cfg, parallel.get_tensor_model_parallel_rank(),
                                          parallel.get_tensor_model_parallel_world_size())
@@ -294,7 +219,7 @@ def setup_model(model: torch.nn.Module, cfg, load_weights: bool = True) -> None:
     else:
         msg = "[cpt] resuming this run's checkpoint: base weights not read"
     frozen = freeze(model, cfg)
-    if _rank0():
+    if is_rank_0():
         n_frozen = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()
                        if not p.requires_grad)
         n_all = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
@@ -302,5 +227,5 @@ def setup_model(model: torch.nn.Module, cfg, load_weights: bool = True) -> None:
               f"(this TP shard)", flush=True)
 
 
-__all__ = ["base_hf_state_dict", "check_extended_tokenizer", "freeze", "grow_rows", "load_into",
-           "new_piece_base_ids", "setup_model", "shard_for_this_run"]
+__all__ = ["base_hf_state_dict", "base_tokenizer_path", "check_extended_tokenizer", "freeze",
+           "grow_rows", "new_piece_base_ids", "setup_model", "shard_for_this_run"]

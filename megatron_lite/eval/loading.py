@@ -2,7 +2,7 @@
 
 Two sources:
   * ``megatron_lite``: a ``--save`` folder (or one checkpoint folder), loaded TP-sharded by
-    ``megatron_lite.checkpoint.engine_state.load_model_for_inference``;
+    ``megatron_lite.checkpoint.weights.load_model_for_inference``;
   * ``hf``: a HuggingFace ``LlamaForCausalLM`` folder (config.json + safetensors), converted into
     our TP-sharded ``LlamaModel`` by ``megatron_lite.model.hf_adapter`` (any TP degree).
 
@@ -23,6 +23,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron_lite import parallel
+from megatron_lite.checkpoint.hf_files import read_hf_weights
+from megatron_lite.checkpoint.layout import find_checkpoint
+from megatron_lite.checkpoint.weights import load_model_for_inference
+from megatron_lite.convert.hf_io import read_hf_config
+from megatron_lite.model.hf_adapter import config_from_hf, hf_to_megatron_lite
+from megatron_lite.model.llama import LlamaModel
 
 LOAD_FORMATS = ("megatron_lite", "hf")
 
@@ -153,8 +159,7 @@ def inference_session(tp: int, device_name: str | None) -> Iterator[torch.device
 
 
 def _load_ours(load: str, device: torch.device, flag: str = "--load") -> LoadedModel:
-    from megatron_lite.checkpoint.engine_state import load_model_for_inference
-
+    """Our checkpoint at ``load`` as this rank's TP shard (any TP degree)."""
     if not os.path.exists(load):
         raise FileNotFoundError(f"{flag} {load}: no such file or folder")
     try:
@@ -170,29 +175,8 @@ def _load_ours(load: str, device: torch.device, flag: str = "--load") -> LoadedM
                        cfg.model.seq_length, run_config=cfg)
 
 
-def _read_hf_state_dict(folder: str) -> dict[str, torch.Tensor]:
-    """Full HF state dict from ``model.safetensors`` (single or sharded with an index) or
-    ``pytorch_model.bin`` (single or sharded): ``megatron_lite.convert.hf_io.read_hf_state_dict``.
-
-    Raises:
-        FileNotFoundError: no weights file in ``folder``.
-        ValueError: an index naming a missing shard or a tensor its shard lacks (file named).
-    """
-    from megatron_lite.convert.hf_io import INDEX, SINGLE, read_hf_state_dict
-
-    names = (SINGLE, INDEX, "pytorch_model.bin", "pytorch_model.bin.index.json")
-    if not any(os.path.isfile(os.path.join(folder, n)) for n in names):
-        raise FileNotFoundError(f"{folder}: no model.safetensors(.index.json) or pytorch_model.bin")
-    return read_hf_state_dict(folder)
-
-
 def _load_hf(folder: str, device: torch.device, flag: str = "--load") -> LoadedModel:
     """An HF LlamaForCausalLM folder converted into this rank's LlamaModel TP shard."""
-    from megatron_lite.convert.hf_io import read_hf_config
-    from megatron_lite.model.hf_adapter import config_from_hf, hf_to_megatron_lite
-    from megatron_lite.model.llama import LlamaModel
-    from megatron_lite.checkpoint.layout import find_checkpoint
-
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.isfile(cfg_path) and find_checkpoint(folder) is not None:
         raise FileNotFoundError(f"{flag} {folder} {flag}-format hf: that is a megatron_lite "
@@ -204,7 +188,7 @@ def _load_hf(folder: str, device: torch.device, flag: str = "--load") -> LoadedM
     tp, rank = parallel.get_tensor_model_parallel_world_size(), \
         parallel.get_tensor_model_parallel_rank()
     model_cfg.validate(tp)
-    shard = hf_to_megatron_lite({k: v.float() for k, v in _read_hf_state_dict(folder).items()},
+    shard = hf_to_megatron_lite({k: v.float() for k, v in read_hf_weights(folder).items()},
                                 model_cfg, rank, tp)
     model = LlamaModel(model_cfg, device="cpu")
     model.load_state_dict(shard)

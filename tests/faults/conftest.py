@@ -51,7 +51,7 @@ def _corrupt_copies(root: str, data: str) -> dict[str, str]:
 
 def _snapshot(ck: str) -> dict:
     """What the checkpoint folder holds right after a faulted launch (before any resume)."""
-    from megatron_lite.checkpoint.engine_state import find_checkpoint, is_complete
+    from megatron_lite.checkpoint.layout import find_checkpoint, is_complete
 
     latest = os.path.join(ck, "latest")
     entries = sorted(os.listdir(ck)) if os.path.isdir(ck) else []

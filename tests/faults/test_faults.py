@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-from megatron_lite.checkpoint import engine_state as ckpt
+from megatron_lite.checkpoint import layout
 from tests.faults import harness as h
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
@@ -57,7 +57,7 @@ def _assert_resumed(f, name, from_iter):
     assert res == {"iteration": N, "skipped": 0, "consumed_samples": 4 * N}, res
     _assert_matches_reference(f, name + ".resume", name + ".resume.samples",
                               range(from_iter + 1, N + 1))
-    assert _latest(f, name) == ckpt.tag_for(N)
+    assert _latest(f, name) == layout.tag_for(N)
     assert not [d for d in os.listdir(_ck(f, name)) if d.startswith(".tmp_")]
 
 
@@ -99,7 +99,7 @@ def test_sigkill_between_rename_and_latest(faults):
     assert snap["latest"] == "iter_0000002" and snap["complete"]["iter_0000004"] is True
     assert snap["found"] == os.path.join(_ck(faults, "kill_rename"), "iter_0000002")
     _assert_resumed(faults, "kill_rename", 2)
-    assert ckpt.is_complete(os.path.join(_ck(faults, "kill_rename"), "iter_0000004"))
+    assert layout.is_complete(os.path.join(_ck(faults, "kill_rename"), "iter_0000004"))
 
 
 @pytest.mark.parametrize("seed", [11, 12])
@@ -138,7 +138,7 @@ def test_preemption_signal_saves_at_step_boundary(faults, name):
     killed = h.read_metrics(os.path.join(faults["root"], name + ".jsonl"))
     snap = faults["ck_" + name]
     assert snap["found"] is not None and _iter(snap["found"]) == max(killed) and 2 <= max(killed) < N
-    assert snap["latest"] == ckpt.tag_for(max(killed))
+    assert snap["latest"] == layout.tag_for(max(killed))
     _assert_matches_reference(faults, name, name + ".samples", range(1, max(killed) + 1))
     _assert_resumed(faults, name, max(killed))
 

@@ -26,7 +26,7 @@ import time
 
 import pytest
 
-from megatron_lite.checkpoint import engine_state as ckpt
+from megatron_lite.checkpoint import layout
 from tests.faults import harness as h
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "loader_child.py")
@@ -222,7 +222,7 @@ def test_preemption_with_workers_saves_and_resumes_bitwise(preempted, name):
     assert len(run["pids"]) == 7 and run["left"] == []   # agent, 2 ranks, 4 loader workers
     killed = h.read_metrics(os.path.join(root, name + ".jsonl"))
     k = max(killed)
-    assert 3 <= k < N and run["latest"] == ckpt.tag_for(k)
+    assert 3 <= k < N and run["latest"] == layout.tag_for(k)
     assert preempted["driver"]["ref"] == {"iteration": N, "skipped": 0, "consumed_samples": 4 * N}
     assert preempted["driver"][name] == {"iteration": N, "skipped": 0,
                                          "consumed_samples": 4 * N}
