@@ -20,10 +20,14 @@
 #   validated for NNODES x GPUS_PER_NODE ranks and the resolved plan printed (no GPU or data needed);
 #   ML_PRINT_CMD=1 with --dry-run prints the world size and arguments instead (for tests).
 
+# shellcheck source=../scripts/project_python.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../scripts/project_python.sh"
+
 launch_pretrain() {
   local root
   root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
   cd "$root"
+  project_python || return 2  # a fresh shell: the checkout's .venv, or one line saying how
   local nnodes="${NNODES:-${SLURM_NNODES:-8}}"
   local node_rank="${NODE_RANK:-${SLURM_NODEID:-0}}"
   local gpus="${GPUS_PER_NODE:-8}"

@@ -8,6 +8,8 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
+source scripts/project_python.sh
+project_python || exit 2  # a fresh shell: the checkout's .venv, or one line saying how
 NPROC="${NPROC:-2}"
 RUN_DIR="${RUN_DIR:-runs/pretrain_tiny_cpu}"
 DRY_RUN=0

@@ -1,4 +1,5 @@
-"""Small helpers shared by every layer, one copy each: atomic file writes, fsync, rank queries.
+"""Small helpers shared by every layer, one copy each: atomic file writes, file modes, fsync, rank
+queries, and the check that runs a tool under the project's .venv.
 
 Imports only the standard library and torch.distributed (for the rank helpers), so any module may
 use it.
@@ -6,7 +7,9 @@ use it.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 import uuid
 
 
@@ -43,6 +46,29 @@ def fsync_path(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def use_project_venv() -> None:
+    """Make a tool started with a Python that lacks torch run under the checkout's ``.venv``.
+
+    Called at the top of each ``tools/*.py``, before anything imports torch. A Python that has
+    torch (an activated ``.venv``, a conda env, ``pip install -e .``) is used as it is; otherwise
+    the process is replaced by ``<checkout>/.venv/bin/python`` with the same arguments (what
+    ``scripts/setup_env.sh`` builds). With neither, one line says how to create the environment and
+    the exit status is 2, instead of ``ModuleNotFoundError: No module named 'torch'``.
+    """
+    if importlib.util.find_spec("torch") is not None:
+        return
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    venv = os.path.join(root, ".venv")
+    python = os.path.join(venv, "bin", "python")
+    if os.access(python, os.X_OK) and os.path.realpath(sys.prefix) != os.path.realpath(venv):
+        os.execv(python, [python] + sys.argv)
+    tool = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "megatron_lite"
+    print(f"{tool}: error: torch is not installed for {sys.executable}: create the project's "
+          f"environment once with `source scripts/setup_env.sh` in {root} (it builds .venv and "
+          f"activates it; in a later shell `source .venv/bin/activate`)", file=sys.stderr)
+    sys.exit(2)
 
 
 def umask_file_mode() -> int:
@@ -107,4 +133,4 @@ def atomic_write_text(path: str, text: str, *, fsync: bool = True) -> None:
 
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "barrier", "follow_umask", "fsync_path",
-           "get_rank", "is_rank_0", "print_rank_0", "umask_file_mode"]
+           "get_rank", "is_rank_0", "print_rank_0", "umask_file_mode", "use_project_venv"]

@@ -165,3 +165,86 @@ def test_plan_run_help_names_the_currency(capsys):
     assert _plan_run().main(["--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "price of one GPU-hour in ¥ (yuan" in text and "price of one kWh in ¥ (yuan)" in text
+
+
+# ---- #2: tools and launch scripts in a fresh shell (no venv activated) -----------------------
+
+BASE_PYTHON = os.path.join(sys.base_prefix, "bin", "python3")  # the venv's interpreter, bare
+
+
+def _fresh_shell_env():
+    """The environment of a new shell: no venv on PATH, no VIRTUAL_ENV."""
+    venv_bin = os.path.dirname(sys.executable)
+    path = [p for p in os.environ.get("PATH", "").split(os.pathsep)
+            if p and os.path.realpath(p) != os.path.realpath(venv_bin)]
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    return {**env, "PATH": os.pathsep.join(path)}
+
+
+def _bare_python_lacks_torch():
+    r = subprocess.run([BASE_PYTHON, "-c", "import torch"], capture_output=True,
+                       env=_fresh_shell_env())
+    return r.returncode != 0
+
+
+needs_bare_python = pytest.mark.skipif(
+    not os.path.exists(BASE_PYTHON) or not _bare_python_lacks_torch()
+    or not os.path.exists(os.path.join(ROOT, ".venv", "bin", "python")),
+    reason="needs a Python without torch and the checkout's .venv")
+
+
+def _fake_checkout(tmp_path, with_tools=("plan_run.py",)):
+    """The few files the venv check needs, in a folder without .venv."""
+    import shutil
+
+    for rel in ["megatron_lite/__init__.py", "megatron_lite/utils.py",
+                "scripts/project_python.sh", "examples/common_launch.sh",
+                "examples/pretrain_7b_4k.sh", "configs/pretrain_7b_4k.yaml"] + \
+            [f"tools/{t}" for t in with_tools]:
+        os.makedirs(tmp_path / os.path.dirname(rel), exist_ok=True)
+        shutil.copy(os.path.join(ROOT, rel), tmp_path / rel)
+    return tmp_path
+
+
+@needs_bare_python
+def test_tool_started_without_venv_reruns_under_it(tmp_path):
+    r = subprocess.run([BASE_PYTHON, os.path.join(ROOT, "tools", "plan_run.py"), "--model-size",
+                        "tiny", "--vocab-size", "512", "--gpus", "1", "--micro-batch-size", "1",
+                        "--global-batch-size", "1", "--seq-length", "64", "--train-iters", "10",
+                        "--json"],
+                       capture_output=True, text=True, cwd=tmp_path, env=_fresh_shell_env())
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert json.loads(r.stdout)["num_gpus"] == 1
+
+
+@needs_bare_python
+def test_tool_without_any_torch_says_how_to_set_up(tmp_path):
+    root = _fake_checkout(tmp_path)
+    r = subprocess.run([BASE_PYTHON, "tools/plan_run.py", "--help"], capture_output=True,
+                       text=True, cwd=root, env=_fresh_shell_env())
+    assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)
+    assert r.stderr.startswith("plan_run.py: error: torch is not installed for ")
+    assert "source scripts/setup_env.sh" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+@needs_bare_python
+def test_launch_script_finds_the_venv_in_a_fresh_shell():
+    env = {**_fresh_shell_env(), "ML_PRINT_CMD": "1"}
+    r = subprocess.run(["bash", "examples/pretrain_7b_4k.sh", "--dry-run"], capture_output=True,
+                       text=True, cwd=ROOT, env=env)
+    assert r.returncode == 0 and r.stdout.startswith("WORLD_SIZE=64\n"), r.stderr
+    r = subprocess.run(["bash", "-c", "source scripts/project_python.sh && project_python && "
+                        "python -c 'import torch, sys; print(sys.prefix)'"],
+                       capture_output=True, text=True, cwd=ROOT, env=_fresh_shell_env())
+    assert r.returncode == 0 and os.path.realpath(r.stdout.strip()) == \
+        os.path.realpath(os.path.join(ROOT, ".venv")), r.stderr
+
+
+@needs_bare_python
+def test_launch_script_without_any_torch_says_how_to_set_up(tmp_path):
+    root = _fake_checkout(tmp_path)
+    r = subprocess.run(["bash", "examples/pretrain_7b_4k.sh", "--dry-run"], capture_output=True,
+                       text=True, cwd=root, env=_fresh_shell_env())
+    assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)
+    assert r.stderr.startswith("pretrain_7b_4k.sh: error: no Python with torch found")
+    assert "source scripts/setup_env.sh" in r.stderr and len(r.stderr.splitlines()) == 1

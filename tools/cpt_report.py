@@ -33,6 +33,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron_lite.utils import use_project_venv  # noqa: E402
+use_project_venv()  # no torch in this Python: rerun under the checkout's .venv, or say how
 
 SCALING = ["none", "linear", "ntk", "dynamic", "yarn", "llama3"]
 

@@ -47,9 +47,11 @@ import threading
 import time
 from typing import Iterator, Sequence
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron_lite.utils import use_project_venv  # noqa: E402
+use_project_venv()  # no torch in this Python: rerun under the checkout's .venv, or say how
+
+import numpy as np  # noqa: E402
 
 from megatron_lite.data.text_readers import (BadRecordError, RawRecord, expand_inputs,  # noqa: E402
                                              iter_raw_records, parse_record)

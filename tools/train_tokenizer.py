@@ -37,6 +37,8 @@ import time
 from typing import Iterable, Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron_lite.utils import use_project_venv  # noqa: E402
+use_project_venv()  # no torch in this Python: rerun under the checkout's .venv, or say how
 
 from megatron_lite.data.text_readers import BadRecordError, expand_inputs, iter_texts  # noqa: E402
 
