@@ -394,3 +394,78 @@ def test_output_feeds_the_gpt_dataset(tiny_corpus_and_tokenizer, tmp_path):
         s = ds[i]
         assert s["tokens"].tolist() == stream[i * L:(i + 1) * L]
         assert s["labels"].tolist() == stream[i * L + 1:(i + 1) * L + 1]
+
+
+# ---- what a new user meets (issue 15 #5, #12) -------------------------------------------------
+
+def _run_cli(tmp_path, inp, model, prefix, *extra):
+    """The tool as a user runs it (progress bar on, stderr not a terminal)."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"),
+                        "--input", str(inp), "--json-keys", "text",
+                        "--tokenizer-type", SP, "--tokenizer-model", model,
+                        "--output-prefix", str(prefix), *extra],
+                       capture_output=True, text=True, cwd=tmp_path)
+    return r
+
+
+def test_error_is_one_line_after_a_closed_bar_and_leaves_no_folder(tiny_corpus_and_tokenizer,
+                                                                   tmp_path):
+    _, model = tiny_corpus_and_tokenizer
+    inp = tmp_path / "bad.jsonl"
+    inp.write_text('{"text": "fine"}\n{"text": nope}\n', encoding="utf-8")
+    for w in ("1", "2"):
+        r = _run_cli(tmp_path, inp, model, tmp_path / "new" / "deeper" / "web", "--workers", w)
+        assert r.returncode == 2
+        lines = r.stderr.split("\n")
+        err = [ln for ln in lines if "error" in ln]
+        # the bar's last state ends with a newline before the error; no bar is drawn after it
+        assert err == [f"preprocess_data: error: {inp}:2: malformed JSON: Expecting value "
+                       f"(column 10); pass --skip-bad-lines to skip and count such records"]
+        assert err[0] in lines and lines[-2:] == [err[0], ""], r.stderr
+        assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]  # no new/, no new/deeper/
+
+
+def test_skip_bad_lines_bar_and_summary_agree(tiny_corpus_and_tokenizer, tmp_path):
+    _, model = tiny_corpus_and_tokenizer
+    inp = tmp_path / "mixed.jsonl"
+    inp.write_text('{"text": "one"}\n{"text": nope}\n{"text": "two"}\n{"text": "   "}\n',
+                   encoding="utf-8")
+    r = _run_cli(tmp_path, inp, model, tmp_path / "o", "--skip-bad-lines")
+    assert r.returncode == 0, r.stderr
+    bar = r.stderr.replace("\r", "\n").strip().splitlines()[-1]
+    assert bar.startswith("2docs ") and "2 skipped" in bar, r.stderr
+    assert ("docs=2 tokens=" in r.stdout and "skipped=2 (bad_lines=1 empty=1, of which "
+            "whitespace-only 1)" in r.stdout), r.stdout
+
+
+def test_lone_surrogate_is_a_file_line_error_or_a_counted_skip(tiny_corpus_and_tokenizer,
+                                                               tmp_path, capsys):
+    _, model = tiny_corpus_and_tokenizer
+    inp = tmp_path / "sur.jsonl"
+    # a valid escaped pair (an emoji) stays text; a lone \ud800 cannot be encoded by any tokenizer
+    inp.write_text('{"text": "ok \\ud83d\\ude00"}\n{"text": "a\\ud800b"}\n', encoding="utf-8")
+    for w in ("1", "2"):
+        out = tmp_path / f"w{w}"
+        assert _run(str(inp), model, out / "s", "--workers", w) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"preprocess_data: error: {inp}:2: key 'text' holds a lone surrogate \\ud800 at "
+            f"character 1 (a \\uD800-\\uDFFF escape without its pair): not valid Unicode text; "
+            f"pass --skip-bad-lines to skip and count such records"]
+        assert not out.exists()
+        assert _run(str(inp), model, out / "s", "--workers", w, "--skip-bad-lines") == 0
+        s = _stats(out / "s")
+        assert (s["docs"], s["bad_lines"], s["records"]) == (1, 1, 1)
+        tok = build_tokenizer(SP, model)
+        assert tok.detokenize(_read(out / "s")[0]) == "ok \U0001F600"
+
+
+def test_whitespace_only_text_is_dropped_and_counted(tiny_corpus_and_tokenizer, tmp_path):
+    # Decision (docstring, README): unlike Megatron-LM's tool, a whitespace-only text is not
+    # written; it is counted in "empty" and, apart, in "whitespace_only".
+    _, model = tiny_corpus_and_tokenizer
+    inp = _write_jsonl(tmp_path / "ws.jsonl", ["text", " \n\t ", "", "more"])
+    assert build_tokenizer(SP, model).tokenize(" \n\t ")  # the tokenizer would give it ids
+    assert _run(inp, model, tmp_path / "w") == 0
+    s = _stats(tmp_path / "w")
+    assert (s["docs"], s["empty"], s["whitespace_only"], s["skipped"]) == (2, 2, 1, 2)
+    assert s["per_key"]["text"]["whitespace_only"] == 1

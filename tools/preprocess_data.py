@@ -19,17 +19,24 @@ Behaviour:
 * ``--workers N`` tokenizes in N processes; documents are written in input order whatever N is, so
   the output is byte-identical for every N. ``--workers 1`` runs in this process.
 * Empty-document policy: a text that is empty or whitespace-only (``str.isspace``), or that
-  tokenizes to no ids, is *skipped and counted* as ``empty``; no zero-length document is written.
+  tokenizes to no ids, is *skipped and counted* as ``empty`` (whitespace-only texts also as
+  ``whitespace_only``); no zero-length document is written. Megatron-LM's tool keeps a
+  whitespace-only text (a lossless tokenizer gives it ids); it carries no content to learn from and
+  would be packed as a few space tokens and an EOD, so it is dropped here on purpose.
   (Datasets written by other tools may still contain zero-length documents; the GPT dataset
   accepts them.)
-* A malformed record stops the run with ``file:line`` and the parser's message;
-  ``--skip-bad-lines`` skips it and counts it as ``bad_lines`` instead.
+* A malformed record (bad JSON or UTF-8, a missing key, a non-string value, a string with a lone
+  surrogate escape such as ``"\\ud800"``) stops the run with ``file:line`` and the parser's
+  message on one line; ``--skip-bad-lines`` skips it and counts it as ``bad_lines`` instead.
+  On any error the progress bar is closed first, and nothing the run created stays behind
+  (temporary files, and the output folder when the run made it).
 * Output is atomic: tokens go to temporary files that are renamed only after every input was read
   (``.bin`` first, ``.idx`` last, an older ``.idx`` removed first), so an interrupted run leaves no
   readable pair under the output name; temporaries are removed on error or Ctrl-C.
 
 Stats (printed and in ``<output-prefix>.stats.json``): ``records`` read, ``docs`` and ``tokens``
-written (EOD included), ``skipped`` (= ``bad_lines`` + ``empty``), ``bytes`` (uncompressed input
+written (EOD included), ``skipped`` (= ``bad_lines`` + ``empty``), ``whitespace_only`` (within
+``empty``), ``bytes`` (uncompressed input
 bytes read: JSONL line bytes with line ending, Parquet UTF-8 bytes of the requested columns, .txt
 file bytes), ``text_bytes`` (UTF-8 bytes of the written documents' text), ``seconds`` (wall),
 rates, and document-length percentiles in tokens (nearest-rank: ``p`` is the
@@ -57,7 +64,7 @@ from megatron_lite.data.text_readers import (BadRecordError, RawRecord, expand_i
                                              iter_raw_records, parse_record)
 from megatron_lite.data.tokenizer import TOKENIZER_TYPES, build_tokenizer  # noqa: E402
 
-_BAD, _EMPTY = -2, -1  # length codes in a chunk result
+_BAD, _EMPTY, _BLANK = -2, -1, -3  # length codes in a chunk result (_BLANK: whitespace-only text)
 # A chunk also ends at this many input bytes, so corpora of long documents (source files, books)
 # still split into enough tasks to keep every worker busy until the end.
 _CHUNK_BYTES = 1 << 18
@@ -113,7 +120,7 @@ def encode_chunk(records: list[RawRecord]) -> dict:
     Returns:
         ``{"bad": [(i, path, line, reason)], "keys": {key: (lengths int64 [n], flat token ids int32 [sum],
         text_bytes)}}`` where ``lengths[i]`` is the token count of record ``i`` (EOD included),
-        -1 for an empty document and -2 for a bad record; ``flat`` holds the written documents'
+        -1 for an empty document, -3 for a whitespace-only one and -2 for a bad record; ``flat`` holds the written documents'
         ids back to back; plus ``"nbytes"``, the chunk's input bytes.
     """
     tok, keys, eod = _STATE["tok"], _STATE["keys"], _STATE["eod"]
@@ -134,7 +141,7 @@ def encode_chunk(records: list[RawRecord]) -> dict:
         for i in todo:
             t = parsed[i][key]
             if not t or t.isspace():
-                lengths[i] = _EMPTY
+                lengths[i] = _BLANK if t else _EMPTY
             else:
                 texts.append((i, t))
         encoded = tok.tokenize_batch([t for _, t in texts]) if texts else []
@@ -200,6 +207,18 @@ def _chunks(files: list[str], keys: Sequence[str], size: int, box: list,
         box.append(e)
 
 
+def _missing_folders(folder: str) -> list[str]:
+    """The folders ``os.makedirs(folder)`` would create, outermost first."""
+    missing = []
+    while not os.path.exists(folder):
+        missing.append(folder)
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    return missing[::-1]
+
+
 def _percentiles(lengths: np.ndarray) -> dict:
     if lengths.size == 0:
         return {"p50": None, "p90": None, "p99": None, "max": None, "mean": None}
@@ -238,19 +257,21 @@ def preprocess(args: argparse.Namespace) -> dict:
         raise ValueError(f"--append-eod: tokenizer {args.tokenizer_model} defines no eos/eod id")
     dtype = best_dtype(tok.vocab_size)
     out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
+    created = _missing_folders(out_dir)  # removed again if the run fails: it leaves nothing behind
     os.makedirs(out_dir, exist_ok=True)
     out_prefix = {k: f"{args.output_prefix}_{k}_document" for k in keys}
     tmp_prefix = {k: f"{p}.tmp-{os.getpid()}" for k, p in out_prefix.items()}
 
     start = time.perf_counter()
     counts = {"records": 0, "bad_lines": 0, "bytes": 0}
-    per_key = {k: {"docs": 0, "tokens": 0, "empty": 0, "text_bytes": 0, "lengths": []}
-               for k in keys}
+    per_key = {k: {"docs": 0, "tokens": 0, "empty": 0, "whitespace_only": 0, "text_bytes": 0,
+                   "lengths": []} for k in keys}
     builders: dict = {}
     pool = None
     throttle: _Throttle | None = None
     box: list = []
     published = False
+    bar = None
     try:
         for k in keys:
             builders[k] = IndexedDatasetBuilder(data_file_path(tmp_prefix[k]), dtype)
@@ -266,12 +287,15 @@ def preprocess(args: argparse.Namespace) -> dict:
                                 _chunks(files, keys, args.chunk_size, box, throttle))
         from tqdm import tqdm
 
+        # Counts written documents (all keys), as the summary's docs= does; skipped records are
+        # in the postfix.
         bar = tqdm(unit="docs", disable=args.no_progress, mininterval=1.0, smoothing=0.1,
                    file=sys.stderr)
         for res in results:
             if throttle is not None:
                 throttle.release()
             n = len(res["keys"][keys[0]][0])
+            docs_before = sum(st["docs"] for st in per_key.values())
             if res["bad"]:
                 if not args.skip_bad_lines:
                     raise BadRecordError(*res["bad"][0][1:])
@@ -282,7 +306,8 @@ def preprocess(args: argparse.Namespace) -> dict:
                 lengths, flat, text_bytes = res["keys"][key]
                 st = per_key[key]
                 written = lengths[lengths > 0]
-                st["empty"] += int((lengths == _EMPTY).sum())
+                st["empty"] += int(((lengths == _EMPTY) | (lengths == _BLANK)).sum())
+                st["whitespace_only"] += int((lengths == _BLANK).sum())
                 st["docs"] += int(written.size)
                 st["tokens"] += int(written.sum())
                 st["text_bytes"] += text_bytes
@@ -293,9 +318,11 @@ def preprocess(args: argparse.Namespace) -> dict:
                 for length in written.tolist():
                     b.add_document(flat[offset:offset + length])
                     offset += length
-            bar.update(n)
+            bar.update(sum(st["docs"] for st in per_key.values()) - docs_before)
             elapsed = max(bar.format_dict["elapsed"], 1e-9)
-            bar.set_postfix_str(f"{counts['bytes'] / elapsed / 1e6:.2f} MB/s", refresh=False)
+            skipped = counts["bad_lines"] + sum(st["empty"] for st in per_key.values())
+            bar.set_postfix_str(f"{counts['bytes'] / elapsed / 1e6:.2f} MB/s"
+                                + (f", {skipped} skipped" if skipped else ""), refresh=False)
         bar.close()
         if box:
             raise box[0]
@@ -307,6 +334,8 @@ def preprocess(args: argparse.Namespace) -> dict:
             finalize_atomic(builders[key], tmp_prefix[key], out_prefix[key])
         published = True
     finally:
+        if bar is not None:
+            bar.close()  # its last line ends before an error is printed (a second close is a no-op)
         if throttle is not None:
             throttle.stop()  # a feeder blocked on a slot would keep terminate() from returning
         if pool is not None:
@@ -322,6 +351,11 @@ def preprocess(args: argparse.Namespace) -> dict:
                 for path in (data_file_path(tmp_prefix[key]), index_file_path(tmp_prefix[key])):
                     if os.path.exists(path):
                         os.unlink(path)
+            for folder in reversed(created):  # deepest first; one holding other files stays
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    break
     seconds = time.perf_counter() - start
 
     key_stats = {}
@@ -343,6 +377,7 @@ def preprocess(args: argparse.Namespace) -> dict:
         "skipped": counts["bad_lines"] + empty,
         "bad_lines": counts["bad_lines"],
         "empty": empty,
+        "whitespace_only": sum(s["whitespace_only"] for s in key_stats.values()),
         "bytes": counts["bytes"],
         "text_bytes": sum(s["text_bytes"] for s in key_stats.values()),
         "seconds": seconds,
@@ -381,15 +416,16 @@ def main(argv: list[str] | None = None) -> int:
         check_output_path("--output-prefix", args.output_prefix, "prefix")  # before the work
         s = preprocess(args)
     except BadRecordError as e:
-        print(f"preprocess_data: error: {e}\n(pass --skip-bad-lines to skip and count such "
-              f"records)", file=sys.stderr)
+        print(f"preprocess_data: error: {e}; pass --skip-bad-lines to skip and count such "
+              f"records", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError) as e:
         print(f"preprocess_data: error: {e}", file=sys.stderr)
         return 2
     lt = s["length_tokens"]
     print(f"docs={s['docs']} tokens={s['tokens']} skipped={s['skipped']} "
-          f"(bad_lines={s['bad_lines']} empty={s['empty']}) bytes={s['bytes']} "
+          f"(bad_lines={s['bad_lines']} empty={s['empty']}, of which whitespace-only "
+          f"{s['whitespace_only']}) bytes={s['bytes']} "
           f"seconds={s['seconds']:.2f} docs/s={s['docs_per_second'] or 0:.1f} "
           f"MB/s={s['mb_per_second'] or 0:.2f} tokens/s={s['tokens_per_second'] or 0:.0f}")
     print(f"doc length (tokens): p50={lt['p50']} p90={lt['p90']} p99={lt['p99']} max={lt['max']}")

@@ -30,9 +30,13 @@ import gzip
 import io
 import json
 import os
+import re
 from typing import Any, Iterator, Sequence
 
 _BOM = b"\xef\xbb\xbf"
+# A JSON \uXXXX escape of a UTF-16 surrogate: only a record holding one can decode to a str that
+# is not valid Unicode (a lone surrogate), so only those records pay for the check.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 # Suffix -> format name. Longest suffixes first so ".jsonl.gz" is not taken for ".gz".
 _SUFFIXES = (
@@ -201,7 +205,8 @@ def parse_record(rec: RawRecord, json_keys: Sequence[str] = ("text",)) -> dict[s
 
     Raises:
         BadRecordError: invalid UTF-8, malformed JSON (message from :mod:`json` with its column),
-            a record that is not a JSON object, a missing key or a non-string value.
+            a record that is not a JSON object, a missing key, a non-string value, or a string
+            with a lone surrogate escape (``"a\\ud800b"``: no tokenizer can encode it).
     """
     if rec.kind == "text":
         data = rec.payload[len(_BOM):] if rec.payload.startswith(_BOM) else rec.payload
@@ -221,8 +226,10 @@ def parse_record(rec: RawRecord, json_keys: Sequence[str] = ("text",)) -> dict[s
         if not isinstance(obj, dict):
             raise BadRecordError(rec.path, rec.line,
                                  f"expected a JSON object, got {type(obj).__name__}")
+        check_unicode = _SURROGATE_ESCAPE.search(rec.payload) is not None
     else:
         obj = rec.payload
+        check_unicode = False
     out = {}
     for key in json_keys:
         if key not in obj:
@@ -231,6 +238,15 @@ def parse_record(rec: RawRecord, json_keys: Sequence[str] = ("text",)) -> dict[s
         if not isinstance(value, str):
             raise BadRecordError(rec.path, rec.line,
                                  f"key {key!r} is {type(value).__name__}, expected a string")
+        if check_unicode:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise BadRecordError(rec.path, rec.line,
+                                     f"key {key!r} holds a lone surrogate "
+                                     f"{value[e.start].encode('unicode_escape').decode()} at "
+                                     f"character {e.start} (a \\uD800-\\uDFFF escape without "
+                                     f"its pair): not valid Unicode text") from None
         out[key] = value
     return out
 
