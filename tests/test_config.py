@@ -174,7 +174,7 @@ def test_deepspeed_json_template_with_autos(tmp_path):
 
 
 def test_machine_dependent_checks_run_at_start_not_in_finalize():
-    from megatron_lite.config.derive import check_runtime
+    from megatron_lite.config.checks import check_runtime
 
     cfg = parse_args(BASE + ["--fp16", "--device", "cpu"])      # plannable anywhere
     with pytest.raises(ConfigError, match="--fp16 is not supported on CPU"):

@@ -151,7 +151,7 @@ def test_output_folder_that_refuses_new_entries(tmp_path, monkeypatch):
     """/proc refuses mkdir even to root (for whom os.access says yes): the probe catches it; a
     folder os.access calls unwritable is refused without a probe; an existing read-only
     --data-cache-path is allowed (a prebuilt index cache is only read)."""
-    from megatron_lite.config import derive as validate
+    from megatron_lite.config import checks as validate
 
     if os.path.isdir("/proc/self"):
         with pytest.raises(ConfigError) as e:

@@ -111,7 +111,7 @@ def test_deepspeed_jsons_valid_and_filled(monkeypatch):
             raw = json.load(f)
         cfg = load_config("configs/pretrain_7b_4k.yaml", {"deepspeed_config": path,
                                                           "zero_stage": stage}, world_size=64)
-        from megatron_lite.training.deepspeed_engine import reconcile_user_json
+        from megatron_lite.config.deepspeed_json import reconcile_user_json
         reconcile_user_json(cfg)
         assert (cfg.parallel.offload_optimizer, cfg.parallel.offload_params) == (offload, offload)
         ds = build_ds_config(cfg)

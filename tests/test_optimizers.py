@@ -21,8 +21,9 @@ import torch
 from tests.dist_utils import read_metrics, run_torchrun
 
 from megatron_lite.config import ConfigError, parse_args
+from megatron_lite.config.checks import check_optimizer
 from megatron_lite.training.optimizer import (GuardedAdafactor, GuardedAdamW, SkipGuard,
-                                              build_optimizer, check_optimizer, param_groups)
+                                              build_optimizer, param_groups)
 
 TINY = ["--model-size", "tiny", "--vocab-size", "256", "--seq-length", "64",
         "--micro-batch-size", "1", "--train-iters", "4", "--device", "cpu"]
@@ -284,7 +285,7 @@ def test_build_picks_class_and_hyperparameters():
 
 
 def test_matrix_refusals():
-    from megatron_lite.config.derive import check_runtime
+    from megatron_lite.config.checks import check_runtime
 
     with pytest.raises(ConfigError, match="cpu_adam .* needs --offload-optimizer"):
         _cfg("--optimizer", "cpu_adam", "--zero-stage", "1")

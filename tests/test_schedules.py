@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from megatron_lite.training.schedules import LRScheduler, lr_at, warmup_steps_from
+from megatron_lite.config.derive import warmup_steps_from
+from megatron_lite.training.schedules import LRScheduler, lr_at
 
 BASE = dict(max_lr=1.0e-3, min_lr=1.0e-4, warmup_iters=4, decay_iters=14)
 

@@ -213,7 +213,7 @@ def test_attention_backend_checked_against_device():
         cfg = parse_args(TINY + ["--attention-backend", "flash"])
         with pytest.raises(ConfigError, match="no CUDA device is visible"):
             parse_args(TINY + ["--attention-backend", "flash", "--dry-run"])
-        from megatron_lite.config.derive import check_runtime
+        from megatron_lite.config.checks import check_runtime
 
         with pytest.raises(ConfigError, match="--attention-backend flash"):
             check_runtime(cfg)

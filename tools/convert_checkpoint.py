@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     """
     args = build_parser().parse_args(argv)
     from megatron_lite.convert import ConversionError, convert
-    from megatron_lite.config.derive import output_path_problem
+    from megatron_lite.config.checks import output_path_problem
 
     try:
         # The output is staged in <save>.tmp_* beside --save: its folder must accept new entries.

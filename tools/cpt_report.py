@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch.distributed as dist
 
     from megatron_lite.eval.loading import inference_session
-    from megatron_lite.config.derive import check_output_path
+    from megatron_lite.config.checks import check_output_path
 
     if args.output:
         check_output_path("--output", args.output, "file")  # before the evaluations, not after

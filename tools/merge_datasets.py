@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     p.add_argument("--input", nargs="+", required=True, help="dataset prefixes or directories, in order")
     p.add_argument("--output-prefix", required=True, help="writes <prefix>.bin/.idx")
     args = p.parse_args(argv)
-    from megatron_lite.config.derive import check_output_path
+    from megatron_lite.config.checks import check_output_path
 
     try:
         check_output_path("--output-prefix", args.output_prefix, "prefix")

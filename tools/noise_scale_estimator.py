@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.num_batches < 1:
         raise ValueError(f"--num-batches must be >= 1 (got {args.num_batches})")
     if args.output:
-        from megatron_lite.config.derive import check_output_path
+        from megatron_lite.config.checks import check_output_path
 
         check_output_path("--output", args.output, "file")  # before the measurement, not after
     model, cfg = load_model_for_inference(args.load, 0, 1)

@@ -69,11 +69,11 @@ def _deepspeed_notes(path: str | None, cfg) -> list[str]:
     """Numeric batch fields of a DeepSpeed JSON that disagree with A = GB_tok/(μ_tok·D).
 
     (Its ZeRO stage and offloads are already adopted into ``cfg.parallel`` by the training
-    engine's validation, ``deepspeed_engine.reconcile_user_json``.)
+    config's validation, ``config.deepspeed_json.reconcile_user_json``.)
     """
     if not path:
         return []
-    from megatron_lite.training.deepspeed_engine import read_json_with_comments
+    from megatron_lite.config.deepspeed_json import read_json_with_comments
 
     ds, d, notes = read_json_with_comments(path), cfg.derived, []
     want = {"train_micro_batch_size_per_gpu": cfg.training.micro_batch_size,

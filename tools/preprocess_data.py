@@ -410,7 +410,7 @@ def _write_json_atomic(path: str, obj: dict, json) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code (2 on bad input)."""
     args = build_parser().parse_args(argv)
-    from megatron_lite.config.derive import check_output_path
+    from megatron_lite.config.checks import check_output_path
 
     try:
         check_output_path("--output-prefix", args.output_prefix, "prefix")  # before the work

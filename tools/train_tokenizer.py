@@ -262,7 +262,7 @@ def train(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = build_parser().parse_args(argv)
-    from megatron_lite.config.derive import check_output_path
+    from megatron_lite.config.checks import check_output_path
 
     try:
         check_output_path("--model-prefix", args.model_prefix, "prefix")  # before the training

@@ -13,74 +13,14 @@ for the final batch and :func:`set_step_batch` moves it to each step's batch.
 from __future__ import annotations
 
 import copy
-import json
-import re
 import warnings
 from typing import Any
+
+from megatron_lite.config.deepspeed_json import read_json_with_comments
 
 # Batch/precision/clipping fields: ours are the source of truth; the JSON may say "auto" or agree.
 _AUTO_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
               "gradient_clipping")
-
-
-def read_json_with_comments(path: str) -> dict:
-    """Read a JSON file that may contain ``//`` line comments (the recipe's template does).
-
-    Raises:
-        ValueError: invalid JSON (message names the file and line).
-    """
-    with open(path) as f:
-        text = f.read()
-    # Drop // comments outside strings: a string literal or a comment, keep the former.
-    text = re.sub(r'("(?:\\.|[^"\\])*")|//[^\n]*', lambda m: m.group(1) or "", text)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--deepspeed-config {path}:{e.lineno}: invalid JSON: {e.msg}") from None
-
-
-def reconcile_user_json(cfg) -> None:
-    """Adopt the ZeRO stage/offload of ``--deepspeed-config`` into ``cfg.parallel`` (before checks).
-
-    The JSON describes *how* to execute (ZeRO stage, offload), so its values replace the flags'
-    defaults (``--zero-stage 1``, no offload), with a note. A flag set to a non-default value that
-    the JSON contradicts is an error rather than silently overridden.
-
-    Raises:
-        ValueError: naming the flag, the JSON field and the fix.
-    """
-    path = cfg.parallel.deepspeed_config
-    if not path:
-        return
-    user = read_json_with_comments(path)
-    zero = user.get("zero_optimization", {}) or {}
-    par = cfg.parallel
-    defaults = type(par)()
-    notes = []
-    if "stage" in zero and zero["stage"] != "auto":
-        stage = int(zero["stage"])
-        if stage != par.zero_stage:
-            if par.zero_stage != defaults.zero_stage:
-                raise ValueError(f"--zero-stage {par.zero_stage} contradicts --deepspeed-config "
-                                 f"{path}: zero_optimization.stage = {stage}; set the JSON's stage "
-                                 f"to \"auto\" or drop one of the two")
-            notes.append(f"ZeRO stage {stage}")
-            par.zero_stage = stage
-    for key, attr, flag in (("offload_optimizer", "offload_optimizer", "--offload-optimizer"),
-                            ("offload_param", "offload_params", "--offload-params")):
-        dev = (zero.get(key) or {}).get("device", "auto" if key not in zero else "none")
-        if dev in ("auto", None):
-            continue
-        want = dev != "none"
-        if want != getattr(par, attr):
-            if getattr(par, attr):     # flag given, JSON says none
-                raise ValueError(f"{flag} contradicts --deepspeed-config {path}: "
-                                 f"zero_optimization.{key}.device = \"none\"; set it to \"auto\" "
-                                 f"or drop the flag")
-            notes.append(f"{key} to {dev}")
-            setattr(par, attr, want)
-    if notes:
-        print(f"[config] --deepspeed-config {path} sets {', '.join(notes)}", flush=True)
 
 
 def _fill(d: dict, key: str, value: Any, where: str) -> None:

@@ -252,7 +252,7 @@ def _pretrain(cfg, data_iterators, model_setup, lock) -> TrainState:
     from megatron_lite.training.optimizer import build_optimizer
     from megatron_lite.training.schedules import LRScheduler
 
-    from megatron_lite.config.derive import check_runtime
+    from megatron_lite.config.checks import check_runtime
 
     check_runtime(cfg)
     from megatron_lite.training import step_extras as _spikes

@@ -17,7 +17,8 @@ ZeRO-0 case, where DeepSpeed's engine neither records the grad norm nor lets us 
 update, ``clip_grad`` makes the guard compute the global norm itself (TP-sharded parameters summed
 over the TP group, replicated ones counted once: DeepSpeed's ``clip_grad_norm_`` rule) and clip.
 
-``--optimizer`` and the ZeRO stages (checked by :func:`check_optimizer` before any process group):
+``--optimizer`` and the ZeRO stages (checked by :func:`megatron_lite.config.checks.check_optimizer`
+before any process group):
 
     ===========  ======  =========  ========  ==========================================
     optimizer    ZeRO-0  ZeRO-1/2   ZeRO-3    offload (--offload-optimizer, ZeRO >= 1)
@@ -49,6 +50,8 @@ from typing import Iterable
 
 import torch
 import torch.distributed as dist
+
+from megatron_lite.config.checks import check_optimizer, check_optimizer_runtime
 
 _EMBED_KEYS = ("embed", "output_layer", "lm_head")
 
@@ -196,83 +199,6 @@ def _lion_class() -> type:
 
 
 _GUARDED_LION = None
-OPTIMIZERS = ("adamw", "lion", "adafactor", "paged_adamw", "cpu_adam")
-
-
-def check_optimizer(cfg) -> None:
-    """Static checks of ``--optimizer`` against ZeRO/offload/precision and its own flags.
-
-    Raises:
-        ValueError: an unsupported combination (see the module's matrix) or a bad
-            hyper-parameter; the message names the flags and the fix.
-    """
-    o, par = cfg.optimizer, cfg.parallel
-    name = o.optimizer
-    if name not in OPTIMIZERS:
-        raise ValueError(f"--optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
-    if name == "cpu_adam" and not (par.offload_optimizer and par.zero_stage >= 1):
-        raise ValueError("--optimizer cpu_adam (DeepSpeedCPUAdam) updates optimizer states held "
-                         "in CPU memory: it needs --offload-optimizer with --zero-stage 1, 2 or 3 "
-                         f"(got --zero-stage {par.zero_stage}"
-                         f"{' with' if par.offload_optimizer else ' without'} offload); use "
-                         "--optimizer adamw otherwise")
-    if name == "paged_adamw" and par.offload_optimizer:
-        raise ValueError("--optimizer paged_adamw pages its states between GPU and CPU itself "
-                         "(bitsandbytes): drop --offload-optimizer, or use --optimizer cpu_adam "
-                         "for ZeRO-Offload")
-    if name == "lion":
-        if not (0 <= o.lion_beta1 <= 1 and 0 <= o.lion_beta2 <= 1):
-            raise ValueError(f"need 0 <= --lion-beta1 ({o.lion_beta1}), --lion-beta2 "
-                             f"({o.lion_beta2}) <= 1")
-        if o.lion_weight_decay is not None and o.lion_weight_decay < 0:
-            raise ValueError(f"--lion-weight-decay must be >= 0 (got {o.lion_weight_decay})")
-    if name == "adafactor":
-        if o.adafactor_beta2_decay > 0:
-            raise ValueError(f"--adafactor-beta2-decay must be <= 0 (got "
-                             f"{o.adafactor_beta2_decay}; -0.8 is the paper's)")
-        if o.adafactor_eps2 < 0 or (o.adafactor_eps1 is not None and o.adafactor_eps1 < 0) \
-                or o.adafactor_d <= 0:
-            raise ValueError("need --adafactor-eps1/--adafactor-eps2 >= 0 and --adafactor-d > 0")
-
-
-def check_optimizer_runtime(cfg, on_cpu: bool) -> None:
-    """Checks that depend on this machine: paged AdamW needs CUDA and bitsandbytes, Lion needs
-    lion-pytorch.
-
-    Raises:
-        ValueError: naming the missing piece and the fix.
-    """
-    name = cfg.optimizer.optimizer
-    if name == "paged_adamw":
-        if on_cpu:
-            raise ValueError("--optimizer paged_adamw (bitsandbytes PagedAdamW) runs on CUDA only; "
-                             "on CPU use --optimizer adamw")
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise ValueError("--optimizer paged_adamw needs bitsandbytes (pip install "
-                             "bitsandbytes; it is not in requirements.txt) or use --optimizer "
-                             "adamw") from None
-    if name == "lion":
-        _lion_class()
-
-
-def describe_optimizer(cfg) -> str:
-    """One plan line: the optimizer and its hyper-parameters."""
-    o, par = cfg.optimizer, cfg.parallel
-    wd = f"wd {o.weight_decay:g} (matrices only)"
-    if o.optimizer == "lion":
-        lw = o.weight_decay if o.lion_weight_decay is None else o.lion_weight_decay
-        return (f"lion (lion-pytorch) betas ({o.lion_beta1:g}, {o.lion_beta2:g}), wd {lw:g} "
-                f"(matrices only)")
-    if o.optimizer == "adafactor":
-        note = "" if par.zero_stage == 0 else "; unfactored on ZeRO's flat partitions"
-        return (f"adafactor (torch) relative step --lr, beta2_decay {o.adafactor_beta2_decay:g}, "
-                f"eps2 {o.adafactor_eps2:g}, d {o.adafactor_d:g}, {wd}{note}")
-    name = {"adamw": "adamw (torch" + (", fused)" if not par.offload_optimizer else ")"),
-            "paged_adamw": "paged_adamw (bitsandbytes PagedAdamW)",
-            "cpu_adam": "cpu_adam (DeepSpeedCPUAdam, ZeRO-Offload)"}[o.optimizer]
-    return f"{name} betas ({o.adam_beta1:g}, {o.adam_beta2:g}), eps {o.adam_eps:g}, {wd}"
 
 
 def build_optimizer(model: torch.nn.Module, cfg, device: torch.device,
@@ -284,17 +210,12 @@ def build_optimizer(model: torch.nn.Module, cfg, device: torch.device,
     Raises:
         ConfigError: the optimizer cannot run here (missing package, no CUDA for paged_adamw).
     """
-    from megatron_lite.config import ConfigError
-
     o = cfg.optimizer
     groups = param_groups(model, o.weight_decay, o.no_decay_embeddings)
     clip = o.clip_grad if clip_in_optimizer else 0.0
     name = o.optimizer
-    try:
-        check_optimizer(cfg)
-        check_optimizer_runtime(cfg, device.type != "cuda")
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    check_optimizer(cfg)
+    check_optimizer_runtime(cfg, device.type != "cuda")
     if name == "adamw":
         # torch's fused AdamW has a CPU kernel too (one pass over each tensor instead of ~10
         # element-wise ops): 9.5 ms of CPU time per step against 33.7 ms for the single-tensor

@@ -39,25 +39,8 @@ which for a constant batch ``b = GB`` (s = u * GB) are the step formulas exactly
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 from megatron_lite.config.sections import LR_DECAY_STYLES, WSD_DECAY_STYLES
-
-
-def warmup_steps_from(iters: Optional[int], tokens: Optional[int], fraction: Optional[float],
-                      global_batch_tokens: int, decay_iters: int) -> int:
-    """Warmup length in steps from whichever of the three flags was given (0 if none).
-
-    ``tokens`` -> ceil(tokens / GB_tok); ``fraction`` -> floor(fraction * decay_iters)
-    (Megatron-LM's ``--lr-warmup-fraction`` rule).
-    """
-    if iters is not None:
-        return int(iters)
-    if tokens is not None:
-        return -(-int(tokens) // int(global_batch_tokens))
-    if fraction is not None:
-        return int(fraction * decay_iters)
-    return 0
 
 
 def _lr(pos, inc, unit, *, max_lr, min_lr, W, N, S, decay_style, warmup_init,

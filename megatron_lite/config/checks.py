@@ -1,0 +1,366 @@
+"""Checks of a :class:`megatron_lite.config.RunConfig` that derive nothing: section fields, loop
+and checkpoint intervals, output paths, the attention kernel and the optimizer against the device,
+the tokenizer's vocabulary, the spike guard's and the noise scale's flags.
+
+:func:`megatron_lite.config.finalize` calls them in a fixed order (so a config with two problems
+always reports the same one first); :func:`check_runtime` holds the checks that depend on this
+machine and runs when training starts. Every check raises :class:`ConfigError` naming the flag and
+the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+
+from megatron_lite.data.tokenizer import build_tokenizer
+from megatron_lite.errors import ConfigError
+from megatron_lite.model.attention import flash_attn_available, flex_attention_available
+
+OPTIMIZERS = ("adamw", "lion", "adafactor", "paged_adamw", "cpu_adam")
+
+
+# ----------------------------------------------------------------------------- sections, intervals
+def check_sections(cfg) -> None:
+    """Rerun the ``__post_init__`` field checks of the model, data, logging and eval sections on
+    the merged values (defaults < YAML < flags).
+
+    Raises:
+        ConfigError: ``"[<section>] <message>"``.
+    """
+    for name in ("model", "data", "logging", "eval"):
+        try:
+            getattr(cfg, name).__post_init__()
+        except ValueError as e:
+            raise ConfigError(f"[{name}] {e}") from None
+
+
+def check_intervals(cfg) -> None:
+    """Loop-control, checkpoint, logging and evaluation intervals.
+
+    Raises:
+        ConfigError: a count below its minimum, or ``--save-interval`` without ``--save``.
+    """
+    tr, ck, log = cfg.training, cfg.checkpoint, cfg.logging
+    if tr.max_skipped_steps < 1:
+        raise ConfigError(f"--max-skipped-steps must be >= 1 (got {tr.max_skipped_steps})")
+    if tr.exit_interval is not None and tr.exit_interval < 1:
+        raise ConfigError(f"--exit-interval must be >= 1 (got {tr.exit_interval})")
+    if ck.save_interval is not None and ck.save_interval < 1:
+        raise ConfigError(f"--save-interval must be >= 1 (got {ck.save_interval})")
+    if ck.save_interval is not None and not ck.save:
+        raise ConfigError("--save-interval needs --save DIR")
+    if ck.keep_last is not None and ck.keep_last < 1:
+        raise ConfigError(f"--keep-last must be >= 1 (got {ck.keep_last})")
+    if log.log_interval is not None and log.log_interval < 1:
+        raise ConfigError(f"--log-interval must be >= 1 (got {log.log_interval})")
+    for name, v in (("eval_interval", cfg.eval.eval_interval), ("eval_iters", cfg.eval.eval_iters)):
+        if v is not None and v < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (got {v})")
+
+
+# ----------------------------------------------------------------------------- output paths
+def check_output_paths(cfg) -> None:
+    """The run's output paths, checked with the config (so ``--dry-run`` and every rank refuse a
+    bad one in seconds, not after the model and the engine are built): ``--save``,
+    ``--tensorboard-dir`` and ``--data-cache-path`` as folders, ``--metrics-file`` as a file.
+
+    Raises:
+        ConfigError: naming the flag, the path and the fix (:func:`output_path_problem`).
+    """
+    for flag, path, kind in (("--save", cfg.checkpoint.save, "dir"),
+                             ("--tensorboard-dir", cfg.logging.tensorboard_dir, "dir"),
+                             ("--metrics-file", cfg.logging.metrics_file, "file"),
+                             ("--data-cache-path", cfg.data.data_cache_path, "cache")):
+        if path is not None and not str(path).strip():
+            # most often an unset shell variable ("--save $RUN_DIR"): a run that would quietly
+            # write no checkpoints (or write into the working folder)
+            raise ConfigError(f"{flag} is an empty string (an unset shell variable?); give a "
+                              f"path, or leave {flag} out")
+        if path:
+            check_output_path(flag, path, kind)
+
+
+def check_output_path(flag: str, path: str, kind: str = "dir") -> None:
+    """Raise ConfigError (a ValueError) ``"<flag> <path>: <problem and fix>"`` when ``path``
+    cannot be written (:func:`output_path_problem`); the tools use it for their outputs too."""
+    problem = output_path_problem(path, kind)
+    if problem:
+        raise ConfigError(f"{flag} {path}: {problem}")
+
+
+def output_path_problem(path: str, kind: str = "dir") -> str | None:
+    """Why ``path`` cannot be an output of this process, or None when it can.
+
+    Nothing is created: the folders missing on the way to ``path`` are not made, and whether the
+    nearest existing folder accepts new entries is asked of the OS (``os.access``). Only for root,
+    to whom ``os.access`` says yes everywhere (``/proc`` included), is that confirmed by making
+    and at once removing one empty probe folder there.
+
+    Args:
+        path: the output path as given.
+        kind: ``"dir"`` (an output folder, e.g. ``--save``), ``"file"`` (a file written through
+            a temporary file in its folder, e.g. ``--metrics-file``), ``"prefix"`` (files named
+            ``<path><suffix>`` in its folder, e.g. ``--output-prefix``) or ``"cache"`` (a folder
+            that may be read-only when it exists already: a prebuilt ``--data-cache-path``).
+
+    Returns:
+        One clause saying what is wrong and the fix, or None.
+    """
+    full = os.path.abspath(path)
+    if os.path.lexists(full):
+        if kind in ("file", "prefix"):
+            if kind == "file" and os.path.isdir(full):
+                return "is a folder, not a file; give a file path (a new name inside it, say)"
+            return _unwritable(os.path.dirname(full))
+        if not os.path.isdir(full):
+            what = "a broken symlink" if os.path.islink(full) else "a file"
+            return f"exists and is {what}, not a folder; remove it or choose another path"
+        return None if kind == "cache" else _unwritable(full)
+    anc = os.path.dirname(full)
+    while not os.path.lexists(anc):  # the nearest existing ancestor ("/" at worst)
+        anc = os.path.dirname(anc)
+    if not os.path.isdir(anc):
+        return (f"{anc} is a file, not a folder, so nothing can be created under it; remove it "
+                "or choose another path")
+    why = _unwritable(anc)
+    return f"cannot be created: {why}" if why else None
+
+
+def _unwritable(folder: str) -> str | None:
+    """None when new entries can be made in ``folder``, else why not (with the fix)."""
+    fix = "choose a folder you can write to, or fix its permissions"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"the folder {folder} is not writable by this user; {fix}"
+    if getattr(os, "geteuid", lambda: -1)() != 0:  # os.geteuid does not exist on Windows
+        return None
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write_probe_", dir=folder))
+    except OSError as e:
+        return f"the folder {folder} does not accept new entries ({e.strerror or e}); {fix}"
+    return None
+
+
+# ----------------------------------------------------------------------------- device and kernels
+def train_device_type(tr) -> str:
+    """``"cuda"`` or ``"cpu"``: the device the training section's ``--device`` resolves to here."""
+    if tr.device in ("cpu", "cuda"):
+        return tr.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def checks_this_machine(cfg) -> bool:
+    """Whether :func:`megatron_lite.config.finalize` checks the config against this machine: for
+    an explicit ``--device`` always, with ``--device auto`` only for ``--dry-run`` (so a GPU config
+    can still be planned on a laptop; :func:`check_runtime` checks it when training starts)."""
+    return cfg.training.device != "auto" or cfg.dry_run
+
+
+def check_attention_backend(cfg) -> None:
+    """``--attention-backend`` against the device and precision the run trains with, so a kernel
+    that cannot train there fails at validation instead of at the first forward.
+
+    Raises:
+        ConfigError: flash on CPU, flash with fp32 or without an importable flash_attn on CUDA,
+            flex on CPU (torch has no FlexAttention backward on CPU), flex on a torch without it.
+    """
+    backend, tr = cfg.model.attention_backend, cfg.training
+    dev = train_device_type(tr)
+    why = ("--device cpu" if tr.device == "cpu" else
+           "--device auto and no CUDA device is visible on this machine; pass --device cuda to "
+           "validate a GPU config here")
+    if dev == "cpu" and backend == "flash":
+        raise ConfigError(f"--attention-backend flash needs a CUDA GPU with flash-attn, but this "
+                          f"run trains on CPU ({why}); use --attention-backend sdpa (or auto)")
+    if dev == "cpu" and backend == "flex":
+        raise ConfigError(f"--attention-backend flex cannot train on CPU: torch "
+                          f"{torch.__version__} has no FlexAttention backward there ({why}); "
+                          "use --attention-backend sdpa (or auto)")
+    if backend == "flex" and not flex_attention_available():
+        raise ConfigError("--attention-backend flex needs torch >= 2.5 "
+                          "(torch.nn.attention.flex_attention); use --attention-backend sdpa "
+                          "(or auto)")
+    if dev == "cuda" and backend == "flash":
+        if cfg.derived.precision == "fp32":
+            raise ConfigError("--attention-backend flash has no fp32 kernel; train with --bf16 "
+                              "(or --fp16), or use --attention-backend sdpa (or auto)")
+        if torch.cuda.is_available() and not flash_attn_available():
+            raise ConfigError("--attention-backend flash: flash_attn does not import here (pip "
+                              "install flash-attn); or use --attention-backend sdpa (or auto)")
+
+
+def tokenizer_vocab_size(dc) -> int:
+    """Vocabulary size of the data section's ``--tokenizer-model``.
+
+    Raises:
+        ConfigError: the tokenizer cannot be loaded.
+    """
+    try:
+        tok = build_tokenizer(dc.tokenizer_type or "SentencePieceTokenizer", dc.tokenizer_model)
+        return int(tok.vocab_size)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"--tokenizer-model {dc.tokenizer_model}: cannot load ({e})") from None
+
+
+def check_tokenizer_vocab(cfg) -> None:
+    """An explicit ``--vocab-size`` smaller than the ``--tokenizer-model``'s vocabulary would let
+    token ids >= vocab_size reach the embedding (the data loader also checks every micro-batch).
+
+    Raises:
+        ConfigError: the tokenizer cannot be loaded, or its vocabulary exceeds ``--vocab-size``.
+    """
+    dc, m = cfg.data, cfg.model
+    if m.vocab_size is None or not dc.tokenizer_model:
+        return
+    n = tokenizer_vocab_size(dc)
+    if n > m.vocab_size:
+        raise ConfigError(f"--vocab-size {m.vocab_size} is smaller than the vocabulary of "
+                          f"--tokenizer-model {dc.tokenizer_model} ({n} ids): its token ids up to "
+                          f"{n - 1} would index past the model's embedding; set --vocab-size {n} "
+                          f"(or omit it to take the tokenizer's)")
+
+
+# ----------------------------------------------------------------------------- optimizer
+def check_optimizer(cfg) -> None:
+    """Static checks of ``--optimizer`` against ZeRO/offload and its own flags (the support
+    matrix is in :mod:`megatron_lite.training.optimizer`).
+
+    Raises:
+        ConfigError: an unsupported combination or a bad hyper-parameter; the message names the
+            flags and the fix.
+    """
+    o, par = cfg.optimizer, cfg.parallel
+    name = o.optimizer
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"--optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
+    if name == "cpu_adam" and not (par.offload_optimizer and par.zero_stage >= 1):
+        raise ConfigError("--optimizer cpu_adam (DeepSpeedCPUAdam) updates optimizer states held "
+                          "in CPU memory: it needs --offload-optimizer with --zero-stage 1, 2 or 3 "
+                          f"(got --zero-stage {par.zero_stage}"
+                          f"{' with' if par.offload_optimizer else ' without'} offload); use "
+                          "--optimizer adamw otherwise")
+    if name == "paged_adamw" and par.offload_optimizer:
+        raise ConfigError("--optimizer paged_adamw pages its states between GPU and CPU itself "
+                          "(bitsandbytes): drop --offload-optimizer, or use --optimizer cpu_adam "
+                          "for ZeRO-Offload")
+    if name == "lion":
+        if not (0 <= o.lion_beta1 <= 1 and 0 <= o.lion_beta2 <= 1):
+            raise ConfigError(f"need 0 <= --lion-beta1 ({o.lion_beta1}), --lion-beta2 "
+                              f"({o.lion_beta2}) <= 1")
+        if o.lion_weight_decay is not None and o.lion_weight_decay < 0:
+            raise ConfigError(f"--lion-weight-decay must be >= 0 (got {o.lion_weight_decay})")
+    if name == "adafactor":
+        if o.adafactor_beta2_decay > 0:
+            raise ConfigError(f"--adafactor-beta2-decay must be <= 0 (got "
+                              f"{o.adafactor_beta2_decay}; -0.8 is the paper's)")
+        if o.adafactor_eps2 < 0 or (o.adafactor_eps1 is not None and o.adafactor_eps1 < 0) \
+                or o.adafactor_d <= 0:
+            raise ConfigError("need --adafactor-eps1/--adafactor-eps2 >= 0 and --adafactor-d > 0")
+
+
+def check_optimizer_runtime(cfg, on_cpu: bool) -> None:
+    """Checks that depend on this machine: paged AdamW needs CUDA and bitsandbytes, Lion needs
+    lion-pytorch.
+
+    Raises:
+        ConfigError: naming the missing piece and the fix.
+    """
+    name = cfg.optimizer.optimizer
+    if name == "paged_adamw":
+        if on_cpu:
+            raise ConfigError("--optimizer paged_adamw (bitsandbytes PagedAdamW) runs on CUDA "
+                              "only; on CPU use --optimizer adamw")
+        try:
+            import bitsandbytes  # noqa: F401  # why: optional dependency, only for paged_adamw
+        except ImportError:
+            raise ConfigError("--optimizer paged_adamw needs bitsandbytes (pip install "
+                              "bitsandbytes; it is not in requirements.txt) or use --optimizer "
+                              "adamw") from None
+    if name == "lion":
+        try:
+            import lion_pytorch  # noqa: F401  # why: optional dependency, only for lion
+        except ImportError:
+            raise ConfigError("--optimizer lion needs the lion-pytorch package (pip install "
+                              "lion-pytorch; it is in requirements.txt)") from None
+
+
+# ----------------------------------------------------------------------------- step companions
+def check_spike_guard(cfg) -> None:
+    """The loss-spike guard's flags (:mod:`megatron_lite.training.callbacks.spike_guard`).
+
+    Raises:
+        ConfigError: naming the flag and the fix.
+    """
+    t = cfg.training
+    if not t.spike_detection:
+        return
+    if t.spike_window < 2:
+        raise ConfigError(f"--spike-window must be >= 2 (a standard deviation needs two values); "
+                          f"got {t.spike_window}")
+    if not t.spike_threshold > 0:
+        raise ConfigError(f"--spike-threshold must be > 0 sigmas; got {t.spike_threshold}")
+    if not t.spike_lr_factor > 0 or t.spike_lr_steps < 0:
+        raise ConfigError(f"--spike-lr-factor must be > 0 and --spike-lr-steps >= 0; got "
+                          f"{t.spike_lr_factor}, {t.spike_lr_steps}")
+    if t.spike_capture_samples < 0 or t.spike_max_rollbacks < 0:
+        raise ConfigError("--spike-capture-samples and --spike-max-rollbacks must be >= 0")
+    if t.spike_policy == "rollback" and not (cfg.checkpoint.save and cfg.checkpoint.save_interval):
+        raise ConfigError("--spike-policy rollback reloads the newest checkpoint: give --save DIR "
+                          "and --save-interval N (or use --spike-policy skip)")
+
+
+def check_noise_scale(cfg) -> None:
+    """The gradient noise scale's flags (:mod:`megatron_lite.training.callbacks.noise_scale`):
+    refuse configurations where the micro-batch gradient cannot be read. Needs ``cfg.derived``.
+
+    Raises:
+        ConfigError: naming the flag and the fix.
+    """
+    n = cfg.training.noise_scale_interval
+    if not n:
+        return
+    if n < 0:
+        raise ConfigError(f"--noise-scale-interval must be >= 0 (0 = off); got {n}")
+    if not 0.0 <= cfg.training.noise_scale_ema < 1.0:
+        raise ConfigError(f"--noise-scale-ema must be in [0, 1); got "
+                          f"{cfg.training.noise_scale_ema}")
+    hint = ("; measure offline with tools/noise_scale_estimator.py --load CKPT --data-path PREFIX "
+            "or turn it off with --noise-scale-interval 0")
+    par = cfg.parallel
+    if par.zero_stage >= 2 or par.offload_optimizer or par.offload_params:
+        raise ConfigError(f"--noise-scale-interval needs --zero-stage 0 or 1 without offload (got "
+                          f"stage {par.zero_stage}, offload optimizer={par.offload_optimizer}, "
+                          f"params={par.offload_params}): DeepSpeed reduces and partitions each "
+                          f"micro-batch's gradient in backward hooks there, so the per-rank "
+                          f"micro-batch gradient is never whole" + hint)
+    if cfg.derived.num_micro_batches < 2:
+        raise ConfigError(f"--noise-scale-interval needs >= 2 micro-batches per rank (A = "
+                          f"{cfg.derived.num_micro_batches}): with A = 1 DeepSpeed reduces the "
+                          f"only micro-batch's gradient inside its backward; raise "
+                          f"--global-batch-size to >= 2 x --micro-batch-size x D" + hint)
+    if not cfg.optimizer.clip_grad > 0:
+        raise ConfigError("--noise-scale-interval needs the global grad norm, which is computed "
+                          "only with clipping on: give --clip-grad > 0" + hint)
+
+
+# ----------------------------------------------------------------------------- at launch
+def check_runtime(cfg) -> None:
+    """Checks that depend on this machine (not done by finalize, so configs for a GPU cluster can
+    be validated and planned on a laptop); called by ``pretrain`` before any process group.
+
+    Raises:
+        ConfigError: --device cuda without a GPU, --fp16 on CPU, an optimizer that cannot run here
+            (:func:`check_optimizer_runtime`) or an attention backend that cannot train on this
+            device (:func:`check_attention_backend`).
+    """
+    tr = cfg.training
+    if tr.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but no CUDA device is visible; use --device cpu")
+    on_cpu = tr.device == "cpu" or (tr.device == "auto" and not torch.cuda.is_available())
+    if on_cpu and tr.fp16:
+        raise ConfigError("--fp16 is not supported on CPU (DeepSpeed has no fp16 CPU path); use "
+                          "fp32 (default, fastest on CPU) or --bf16")
+    check_optimizer_runtime(cfg, on_cpu)
+    check_attention_backend(cfg)

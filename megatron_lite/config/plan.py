@@ -1,0 +1,91 @@
+"""The resolved plan of a finalized :class:`megatron_lite.config.RunConfig`: the lines rank 0
+prints at start and ``--dry-run`` prints before exiting (layout, batch arithmetic, run length,
+LR schedule, batch ramp-up, peak-LR derivation, optimizer, model size and FLOPs).
+"""
+
+from __future__ import annotations
+
+from megatron_lite.config.batch_ramp import ramp_from_config
+from megatron_lite.config.lr_scaling import derivation_line, parse_reference
+from megatron_lite.model.counting import flops_per_token, num_parameters
+
+MAX_RAMP_LINES = 12  # a longer ramp shows its first and last five stretches
+
+
+def format_plan(cfg) -> str:
+    """The resolved plan printed by rank 0 at start and by ``--dry-run`` (one item per line)."""
+    return "\n".join(plan_lines(cfg))
+
+
+def plan_lines(cfg) -> list[str]:
+    """Human-readable resolved plan: layout, batch arithmetic, run length, model size, FLOPs."""
+    d, tr, m = cfg.derived, cfg.training, cfg.model
+    lines = [
+        "---------------- resolved plan ----------------",
+        f"world size              : {d.world_size}  (TP {cfg.parallel.tensor_model_parallel_size}"
+        f" x D {d.data_parallel_size}, PP 1)",
+        f"ZeRO stage              : {cfg.parallel.zero_stage}"
+        + (" +offload-optimizer" if cfg.parallel.offload_optimizer else "")
+        + (" +offload-params" if cfg.parallel.offload_params else ""),
+        f"precision               : {d.precision}" + (
+            "" if tr.bf16 or tr.fp16 or tr.fp32 else
+            "  (default: bf16 on GPU, fp32 on CPU where bf16 is ~30x slower; --bf16/--fp32)"),
+        f"seq length L_ctx        : {m.seq_length} tokens",
+        f"micro batch             : {tr.micro_batch_size} samples = mu_tok {d.micro_batch_tokens} "
+        f"tokens per rank",
+        f"grad accumulation A     : {d.num_micro_batches}  (= GB_tok / (mu_tok x D))",
+        f"global batch            : {d.global_batch_size} samples = GB_tok {d.global_batch_tokens}"
+        f" tokens",
+        f"total steps             : {d.train_iters}  ({d.train_tokens} tokens)",
+        f"lr schedule             : {cfg.schedule.lr_decay_style}, peak {cfg.optimizer.lr:g}, "
+        f"min {cfg.optimizer.min_lr:g}, warmup {d.lr_warmup_iters} steps, decay to step "
+        f"{d.lr_decay_iters}",
+        *training_dynamics_lines(cfg),
+        f"padded vocab / head_dim : {d.padded_vocab_size} / {d.head_dim}",
+    ]
+    non_emb, total = num_parameters(m)
+    fpt = flops_per_token(m, m.seq_length)
+    lines += [f"N_params                : {total:,} total, {non_emb:,} non-embedding",
+              f"FLOPs per token         : {fpt:.4g} (training, fwd+bwd)",
+              f"FLOPs total             : {fpt * d.train_tokens:.4g}",
+              "-----------------------------------------------"]
+    return lines
+
+
+def training_dynamics_lines(cfg) -> list[str]:
+    """Plan lines for the batch ramp-up, the LR-scaling derivation and the optimizer."""
+    d, o, out = cfg.derived, cfg.optimizer, []
+    ramp = ramp_from_config(cfg)
+    if ramp is not None:
+        out.append(f"batch ramp-up           : {ramp.start} -> {ramp.final} samples by "
+                   f"{ramp.increment} over {ramp.rampup_samples} samples "
+                   f"({ramp.steps_for(ramp.rampup_samples)} steps); LR schedule counted in samples")
+        segs = ramp.describe(cfg.model.seq_length, cfg.training.micro_batch_size
+                             * d.data_parallel_size)
+        if len(segs) > MAX_RAMP_LINES:
+            segs = segs[:5] + [f"  ... ({len(segs) - 10} more)"] + segs[-5:]
+        out += segs
+    if o.lr_scaling:
+        ref = parse_reference(o.lr_reference)
+        line = derivation_line(o.lr_scaling, ref, d.global_batch_tokens)
+        out.append(f"peak lr from scaling    : {line}")
+    out.append(f"optimizer               : {describe_optimizer(cfg)}")
+    return out
+
+
+def describe_optimizer(cfg) -> str:
+    """One plan line: the optimizer and its hyper-parameters."""
+    o, par = cfg.optimizer, cfg.parallel
+    wd = f"wd {o.weight_decay:g} (matrices only)"
+    if o.optimizer == "lion":
+        lw = o.weight_decay if o.lion_weight_decay is None else o.lion_weight_decay
+        return (f"lion (lion-pytorch) betas ({o.lion_beta1:g}, {o.lion_beta2:g}), wd {lw:g} "
+                f"(matrices only)")
+    if o.optimizer == "adafactor":
+        note = "" if par.zero_stage == 0 else "; unfactored on ZeRO's flat partitions"
+        return (f"adafactor (torch) relative step --lr, beta2_decay {o.adafactor_beta2_decay:g}, "
+                f"eps2 {o.adafactor_eps2:g}, d {o.adafactor_d:g}, {wd}{note}")
+    name = {"adamw": "adamw (torch" + (", fused)" if not par.offload_optimizer else ")"),
+            "paged_adamw": "paged_adamw (bitsandbytes PagedAdamW)",
+            "cpu_adam": "cpu_adam (DeepSpeedCPUAdam, ZeRO-Offload)"}[o.optimizer]
+    return f"{name} betas ({o.adam_beta1:g}, {o.adam_beta2:g}), eps {o.adam_eps:g}, {wd}"
