@@ -58,8 +58,8 @@ def _driver(root: str) -> None:
     results: dict = {"mem": {}, "tp2": {}}
     save = checkpointing.save_checkpoint
 
-    def save_and_probe(engine, cfg, state, scheduler, save_dir):
-        final = save(engine, cfg, state, scheduler, save_dir)
+    def save_and_probe(engine, cfg, state, scheduler, save_dir, **kw):
+        final = save(engine, cfg, state, scheduler, save_dir, **kw)
         results["mem"][os.path.basename(final)] = _gathered_probe(engine, cfg)
         return final
 

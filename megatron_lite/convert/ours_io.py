@@ -119,7 +119,7 @@ def from_shards(shards: list, cfg, iteration: int, path: str) -> Checkpoint:
         full = hf_adapter.megatron_lite_to_hf(shards, mc)
     except ValueError as e:
         raise ConversionError(f"{path}: {e}") from e
-    tok = cfg.data.tokenizer_model if getattr(cfg.data, "tokenizer_model", None) else None
+    tok = cfg.data.tokenizer_model or None
     notes = []
     if tok and not os.path.isfile(tok):
         notes.append(f"the run's tokenizer {tok} (--tokenizer-model in run_config.json) does not "
