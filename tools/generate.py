@@ -61,10 +61,9 @@ def _tokenizer(args, loaded):
     from megatron_lite.data.tokenizer import build_tokenizer
 
     ttype, tmodel = args.tokenizer_type, args.tokenizer_model
-    data_cfg = getattr(loaded.run_config, "data", None)
-    if tmodel is None and data_cfg is not None:
-        tmodel = getattr(data_cfg, "tokenizer_model", None)
-        ttype = ttype or getattr(data_cfg, "tokenizer_type", None)
+    if tmodel is None and loaded.run_config is not None:  # ours: the run's data section
+        tmodel = loaded.run_config.data.tokenizer_model
+        ttype = ttype or loaded.run_config.data.tokenizer_type
     if tmodel is None and loaded.hf_folder and \
             os.path.isfile(os.path.join(loaded.hf_folder, "tokenizer.json")):
         tmodel, ttype = loaded.hf_folder, ttype or "HuggingFaceTokenizer"

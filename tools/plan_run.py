@@ -88,7 +88,7 @@ def _deepspeed_notes(path: str | None, cfg) -> list[str]:
 
 
 def _recompute(model) -> str:
-    gran = getattr(model, "recompute_granularity", None)
+    gran = model.recompute_granularity
     return {"full": "full", "selective": "selective"}.get(gran or "", "none")
 
 
@@ -103,7 +103,7 @@ def inputs_from_config(cfg, args) -> tuple[PlanInputs, list[str]]:
     non_emb, total = num_parameters(m)
     # counting.py uses the true vocab; memory holds the padded embedding (and LM head) rows
     padded = total + (d.padded_vocab_size - m.vocab_size) * m.hidden_size * (
-        1 if getattr(m, "tie_word_embeddings", False) else 2)
+        1 if m.tie_word_embeddings else 2)
     notes = _deepspeed_notes(cfg.parallel.deepspeed_config, cfg)
     par = cfg.parallel
     gpu = args.gpu
@@ -118,8 +118,8 @@ def inputs_from_config(cfg, args) -> tuple[PlanInputs, list[str]]:
         peak_flops(gpu, d.precision) if gpu != "cpu" else None)
     overhead = args.memory_overhead_gb if args.memory_overhead_gb is not None else (
         0.0 if gpu == "cpu" else 2.0)
-    backend = getattr(m, "attention_backend", "auto") or "auto"
-    groups = getattr(m, "num_query_groups", None) or m.num_attention_heads
+    backend = m.attention_backend or "auto"
+    groups = m.num_query_groups or m.num_attention_heads
     inp = PlanInputs(
         hidden_size=m.hidden_size, num_layers=m.num_layers,
         num_attention_heads=m.num_attention_heads, num_query_groups=groups,
@@ -134,7 +134,7 @@ def inputs_from_config(cfg, args) -> tuple[PlanInputs, list[str]]:
         zero_stage=par.zero_stage, offload_optimizer=par.offload_optimizer,
         offload_params=par.offload_params,
         precision=d.precision, recompute=_recompute(m),
-        recompute_num_layers=getattr(m, "recompute_num_layers", None),
+        recompute_num_layers=m.recompute_num_layers,
         flash_attention=backend != "eager",
         gpu=gpu, device_memory_bytes=mem, peak_flops=peak,
         memory_overhead_bytes=int(overhead * memory.GiB), tokens_per_sec=args.tokens_per_sec,

@@ -182,6 +182,5 @@ def make_ramp(rampup_batch_size, rampup_batch_tokens, final_batch: int, seq_leng
 def ramp_from_config(cfg) -> BatchRamp | None:
     """The :class:`BatchRamp` of a finalized RunConfig (None without a ramp)."""
     tr, d = cfg.training, cfg.derived
-    return make_ramp(getattr(tr, "rampup_batch_size", None),
-                     getattr(tr, "rampup_batch_tokens", None), d.global_batch_size,
+    return make_ramp(tr.rampup_batch_size, tr.rampup_batch_tokens, d.global_batch_size,
                      int(cfg.model.seq_length), tr.micro_batch_size * d.data_parallel_size)

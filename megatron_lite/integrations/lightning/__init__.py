@@ -93,7 +93,7 @@ def trainer_kwargs(run: LightningRun) -> dict:
     kw["use_distributed_sampler"] = False
     kw.setdefault("num_sanity_val_steps", 0)
     ev = cfg.eval
-    if 0 < getattr(ev, "eval_interval", 0) <= d.train_iters:
+    if 0 < ev.eval_interval <= d.train_iters:
         kw["val_check_interval"] = ev.eval_interval * d.num_micro_batches  # in micro-batches
         kw["check_val_every_n_epoch"] = None
         kw["limit_val_batches"] = ev.eval_iters

@@ -61,8 +61,8 @@ class MegatronDataModule(L.LightningDataModule):
         if dc.tokenizer_model:
             eod = build_tokenizer(dc.tokenizer_type or "SentencePieceTokenizer",
                                   dc.tokenizer_model).eod
-        valid = (getattr(ev, "eval_iters", 0) * cfg.training.micro_batch_size
-                 * d.data_parallel_size) if getattr(ev, "eval_interval", 0) else 0
+        valid = (ev.eval_iters * cfg.training.micro_batch_size * d.data_parallel_size) \
+            if ev.eval_interval else 0
         self.train_ds, self.valid_ds, _ = build_train_valid_test_datasets(
             dc, cfg.model.seq_length, (d.train_iters * d.global_batch_size, valid, 0),
             cfg.training.seed, eod)

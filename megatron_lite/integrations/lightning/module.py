@@ -156,7 +156,7 @@ class MegatronLlamaModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         """A fresh run (step 0) starts a new metrics file; a resumed one appends to it."""
-        mf = getattr(self.cfg.logging, "metrics_file", None)
+        mf = self.cfg.logging.metrics_file
         if mf and self.trainer.global_rank == 0 and self.trainer.global_step == 0 \
                 and os.path.exists(mf):
             os.replace(mf, mf + ".old")
@@ -230,8 +230,8 @@ class MegatronLlamaModule(L.LightningModule):
         self.log("lr", rec["lr"], rank_zero_only=True)
         if norm is not None:
             self.log("grad_norm", norm, rank_zero_only=True)
-        mf = getattr(self.cfg.logging, "metrics_file", None)
-        every = int(getattr(self.cfg.logging, "log_interval", 1) or 1)
+        mf = self.cfg.logging.metrics_file
+        every = int(self.cfg.logging.log_interval or 1)
         last = step >= self.cfg.derived.train_iters
         if mf and self.trainer.global_rank == 0 and (step % every == 0 or last):
             # one JSON object per step, the fields pretrain_llama.py's metrics.jsonl uses
