@@ -60,8 +60,14 @@ else
 fi
 
 echo "== 2/6 tokenizer (SentencePiece BPE, byte fallback, lossless)"
-python tools/train_tokenizer.py --input "$CORPUS" --json-keys text --model-prefix "$OUT/tokenizer/spm" \
-  --vocab-size 4096 --model-type bpe --input-sentence-size 200000 --num-threads 2
+# A rerun keeps the tokenizer the data and checkpoint in $OUT were made with (training it again
+# would give the same bytes: train_tokenizer.py is deterministic, but takes a while).
+if [ -f "$OUT/tokenizer/spm.model" ]; then
+  echo "reusing $OUT/tokenizer/spm.model (delete $OUT/tokenizer to train it again)"
+else
+  python tools/train_tokenizer.py --input "$CORPUS" --json-keys text --model-prefix "$OUT/tokenizer/spm" \
+    --vocab-size 4096 --model-type bpe --input-sentence-size 200000 --num-threads 2
+fi
 
 echo "== 3/6 preprocess -> Megatron .bin/.idx"
 python tools/preprocess_data.py --input "$CORPUS" --json-keys text --tokenizer-type SentencePieceTokenizer \

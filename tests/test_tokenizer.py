@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 from megatron_lite.data.tokenizer import (HuggingFaceTokenizer, SentencePieceTokenizer,
                                           build_tokenizer)
-from tests.fixtures_data import (AWKWARD_TEXTS, TINY_VOCAB_SIZE, load_tool,
+from tests.fixtures_data import (AWKWARD_TEXTS, ROOT, TINY_VOCAB_SIZE, load_tool,
                                  make_tiny_corpus_and_tokenizer)
 from tests.fixtures_data import tiny_corpus_and_tokenizer  # noqa: F401  (pytest fixture)
 
@@ -299,3 +301,23 @@ def test_fixture_is_reusable(tmp_path):
     jsonl, model = make_tiny_corpus_and_tokenizer(tmp_path / "again")
     assert os.path.isfile(jsonl) and os.path.isfile(model)
     assert SentencePieceTokenizer(model).vocab_size == TINY_VOCAB_SIZE
+
+
+def test_rerun_writes_the_same_bytes(tiny_corpus_and_tokenizer, tmp_path):
+    """Issue 15 #13: two processes (other pids, other clocks) training on the same input with the
+    same flags write byte-identical files, also when SentencePiece samples the sentences."""
+    jsonl, _ = tiny_corpus_and_tokenizer
+    prefix = tmp_path / "tok" / "spm"
+    runs = []
+    for _ in range(2):
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train_tokenizer.py"),
+                            "--input", jsonl, "--model-prefix", str(prefix), "--vocab-size", "400",
+                            "--num-threads", "2", "--input-sentence-size", "101"],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        runs.append({ext: (tmp_path / "tok" / f"spm{ext}").read_bytes()
+                     for ext in (".model", ".vocab")})
+    with open(f"{prefix}.stats.json") as f:
+        assert json.load(f)["training_sentences"] > 101  # so SentencePiece sampled
+    assert runs[0] == runs[1]
+    assert str(prefix).encode() in runs[0][".model"] and b".tmp-" not in runs[0][".model"]

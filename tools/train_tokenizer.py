@@ -22,6 +22,10 @@ newlines are learned as a piece), each at most ``--max-sentence-length`` bytes. 
 documents) is excluded from training and used for the statistics: tokens per character and the
 fraction of documents that survive ``decode(encode(t))``.
 
+Deterministic: the same input and flags give a byte-identical ``.model`` and ``.vocab``
+(SentencePiece's sampling seed is fixed; the model records ``--model-prefix``, not the temporary
+file it was trained under).
+
 Special ids: ``<unk>`` = 0, ``<s>`` (bos) = 1, ``</s>`` (eos / eod) = 2, no pad id (the wrapper
 reports ``pad`` as None).
 """
@@ -31,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 import tempfile
 import time
@@ -72,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pieces always kept whole and matched in text (e.g. '<|im_start|>')")
     p.add_argument("--input-sentence-size", type=int, default=1_000_000,
                    help="max training sentences (chunks of whole lines, see "
-                        "--max-sentence-length) SentencePiece samples from the input; 0 = use all. "
+                        "--max-sentence-length), a uniform sample of the input with a fixed "
+                        "seed; 0 = use all. "
                         "Trainer memory grows with this times the mean sentence size")
     p.add_argument("--max-sentence-length", type=int, default=4192,
                    help="max bytes of one training sentence; lines are grouped up to this size and "
@@ -129,6 +135,48 @@ def _split_held_out(docs: Iterable[dict[str, str]], fraction: float, max_docs: i
                 held_out.append(text)
             else:
                 yield text
+
+
+_SEED = 1234  # of the sentence sample (_sample)
+
+
+def _sample(stream: Iterable[str], k: int) -> Iterator[str]:
+    """A uniform sample of ``k`` sentences of ``stream`` (all of them when it has no more),
+    drawn with a fixed seed (reservoir sampling, Vitter's algorithm R).
+
+    SentencePiece's own sampling (``shuffle_input_sentence``) draws from a generator seeded by the
+    clock, which ``set_random_generator_seed`` does not reach in this path, so the same corpus
+    gave a different tokenizer on each run. The sample is handed over last-first, each sentence
+    dropped here as SentencePiece takes its copy.
+    """
+    if k <= 0:  # --input-sentence-size 0: every sentence
+        yield from stream
+        return
+    rng = random.Random(_SEED)
+    pool: list[str] = []
+    for i, s in enumerate(stream):
+        if i < k:
+            pool.append(s)
+        else:
+            j = rng.randrange(i + 1)
+            if j < k:
+                pool[j] = s
+    while pool:
+        yield pool.pop()
+
+
+def _record_prefix(model_file: str, model_prefix: str) -> None:
+    """Put ``--model-prefix`` into the model's ``trainer_spec.model_prefix`` in place of the
+    temporary prefix (with its process id) the model was trained under, so that a rerun with the
+    same input and flags writes the same bytes."""
+    from sentencepiece import sentencepiece_model_pb2  # why: needs protobuf, only here
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    with open(model_file, "rb") as f:
+        proto.ParseFromString(f.read())
+    proto.trainer_spec.model_prefix = model_prefix
+    with open(model_file, "wb") as f:
+        f.write(proto.SerializeToString(deterministic=True))
 
 
 def _replace_all(pairs: list[tuple[str, str]]) -> None:
@@ -198,12 +246,13 @@ def train(args: argparse.Namespace) -> dict:
     try:
         try:
             spm.SentencePieceTrainer.train(
-                sentence_iterator=sentences(), model_prefix=tmp_prefix,
+                sentence_iterator=_sample(sentences(), args.input_sentence_size),
+                model_prefix=tmp_prefix,
                 vocab_size=args.vocab_size, model_type=args.model_type,
                 character_coverage=args.character_coverage, byte_fallback=args.byte_fallback,
                 split_digits=args.split_digits,
                 user_defined_symbols=list(args.user_defined_symbols),
-                input_sentence_size=args.input_sentence_size, shuffle_input_sentence=True,
+                input_sentence_size=args.input_sentence_size, shuffle_input_sentence=False,
                 max_sentence_length=args.max_sentence_length, num_threads=args.num_threads,
                 # Lossless settings (see module docstring).
                 normalization_rule_name="identity", remove_extra_whitespaces=False,
@@ -217,6 +266,7 @@ def train(args: argparse.Namespace) -> dict:
         if reader_error:
             raise reader_error[0]
         seconds = time.perf_counter() - start
+        _record_prefix(tmp_prefix + ".model", args.model_prefix)
         # The .model is the file users point at; rename it last so its presence implies the rest.
         _replace_all([(tmp_prefix + ".vocab", args.model_prefix + ".vocab"),
                       (tmp_prefix + ".model", args.model_prefix + ".model")])
