@@ -248,3 +248,20 @@ def test_launch_script_without_any_torch_says_how_to_set_up(tmp_path):
     assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)
     assert r.stderr.startswith("pretrain_7b_4k.sh: error: no Python with torch found")
     assert "source scripts/setup_env.sh" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_tokenizer_and_data_files_follow_umask(tmp_path, umask):
+    from tests.fixtures_data import load_tool
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n"}) + "\n"
+                              for i in range(200)), encoding="utf-8")
+    assert load_tool("train_tokenizer").main(["--input", str(corpus), "--model-prefix",
+                                              str(tmp_path / "tok" / "spm"), "--vocab-size",
+                                              "300", "--num-threads", "1"]) == 0
+    assert load_tool("preprocess_data").main([
+        "--input", str(corpus), "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model",
+        str(tmp_path / "tok" / "spm.model"), "--output-prefix", str(tmp_path / "data" / "c"),
+        "--no-progress", "--append-eod"]) == 0
+    modes = {**_modes(tmp_path / "tok"), **_modes(tmp_path / "data")}
+    assert len(modes) == 6 and set(modes.values()) == {oct(0o666 & ~umask)}, modes

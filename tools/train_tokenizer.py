@@ -37,7 +37,6 @@ import json
 import os
 import random
 import sys
-import tempfile
 import time
 from typing import Iterable, Iterator
 
@@ -46,6 +45,7 @@ from megatron_lite.utils import use_project_venv  # noqa: E402
 use_project_venv()  # no torch in this Python: rerun under the checkout's .venv, or say how
 
 from megatron_lite.data.text_readers import BadRecordError, expand_inputs, iter_texts  # noqa: E402
+from megatron_lite.utils import atomic_write_text  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,17 +185,8 @@ def _replace_all(pairs: list[tuple[str, str]]) -> None:
 
 
 def _write_json_atomic(path: str, obj: dict) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=d)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    # atomic_write_text, not mkstemp: the stats file follows the umask like the model beside it
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def train(args: argparse.Namespace) -> dict:
