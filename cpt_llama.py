@@ -14,6 +14,10 @@ Semantics: megatron_lite/cpt/resolve.py and README "Continued pretraining (CPT)"
 
 import sys
 
+from megatron_lite.cpt.resolve import resolve_config
+from megatron_lite.cpt.run import run
+from megatron_lite.entrypoints import run_entrypoint
+
 
 def _dry_run_note(cfg) -> str:
     c = cfg.cpt
@@ -24,11 +28,8 @@ def _dry_run_note(cfg) -> str:
 
 def main(argv=None) -> int:
     """Resolve against the base checkpoint, then dry-run or train; the exit status is documented
-    in :mod:`megatron_lite.entrypoints`."""
-    from megatron_lite.cpt.resolve import resolve_config
-    from megatron_lite.cpt.run import run
-    from megatron_lite.entrypoints import run_entrypoint
-
+    in :mod:`megatron_lite.entrypoints` (``run(cfg, callbacks=...)`` receives the test fault
+    hooks from there)."""
     return run_entrypoint("cpt_llama.py", lambda: resolve_config(argv), run, _dry_run_note)
 
 

@@ -19,25 +19,30 @@ import os
 import sys
 from typing import Callable, Optional
 
+import torch
 
-def run_entrypoint(name: str, resolve: Callable[[], object], train: Callable[[object], object],
+from megatron_lite.config import ConfigError, format_plan
+from megatron_lite.errors import CheckpointSaveError, TooManySkippedSteps
+from megatron_lite.testing import faults
+
+
+def run_entrypoint(name: str, resolve: Callable[[], object], train: Callable[..., object],
                    dry_run_note: Optional[Callable[[object], str]] = None) -> int:
     """Resolve the config, then print the plan (``--dry-run``) or train; errors -> one line.
 
     Args:
         name: the script's name for messages (``pretrain_llama.py``).
         resolve: returns the finalized RunConfig; raises ``ConfigError`` on bad input.
-        train: runs training on it (collective over all ranks).
+        train: ``train(cfg, callbacks=...)`` runs training (collective over all ranks). This is
+            the one injection point of the tests' fault hooks: ``callbacks`` are
+            :func:`megatron_lite.testing.faults.callbacks_from_env` (none unless a
+            ``MEGATRON_LITE_*`` test variable is set).
         dry_run_note: extra text printed after the plan under ``--dry-run``.
 
     Returns:
         The process exit status (see the module docstring).
     """
-    from megatron_lite.config import ConfigError, format_plan
-
     if "DS_ACCELERATOR" not in os.environ:
-        import torch
-
         if not torch.cuda.is_available():
             # DeepSpeed's auto-detection ends on the CPU anyway but warns on every rank that it
             # "was unable to detect" a GPU, which reads like a fault on a CPU run.
@@ -53,11 +58,8 @@ def run_entrypoint(name: str, resolve: Callable[[], object], train: Callable[[ob
             if dry_run_note is not None:
                 print(dry_run_note(cfg))
         return 0
-    from megatron_lite.checkpoint.layout import CheckpointSaveError
-    from megatron_lite.training.step import TooManySkippedSteps
-
     try:
-        train(cfg)
+        train(cfg, callbacks=faults.callbacks_from_env())
     except ConfigError as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2

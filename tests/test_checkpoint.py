@@ -223,7 +223,7 @@ def test_blend_state_restored_through_build_data(tmp_path):
     import numpy as np
 
     from megatron_lite.config import parse_args
-    from megatron_lite.training.loop import build_data
+    from megatron_lite.training.setup import build_data
     from tests.test_training import make_dataset
 
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
@@ -238,14 +238,10 @@ def test_blend_state_restored_through_build_data(tmp_path):
                            "--data-cache-path", str(tmp_path / "cache"),
                            "--data-path", str(wa), a, str(wb), b], world_size=1)
 
-    h1: dict = {}
-    build_data(cfg_for(0.5, 0.5), 0, None, h1)
-    ds1 = h1["train_ds"]
+    ds1 = build_data(cfg_for(0.5, 0.5), 0, None).train_ds
     state = ds1.state_dict(40)
     assert state["source_consumed"] == [20, 20]
-    h2: dict = {}
-    build_data(cfg_for(0.9, 0.1), 40, state, h2)
-    ds2 = h2["train_ds"]
+    ds2 = build_data(cfg_for(0.9, 0.1), 40, state).train_ds
     # Positions before the resume point are never read again; from it on the new weights apply.
     assert ds2.source_consumed(40).tolist() == [20, 20]
     later = np.bincount(ds2.dataset_index[40:140].astype(np.int64), minlength=2)

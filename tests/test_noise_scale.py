@@ -108,7 +108,7 @@ def test_linear_regression_matches_analytic_b_simple():
             x = torch.randn(b, d, generator=g, dtype=torch.float64)
             y = x @ w_star + s2 ** 0.5 * torch.randn(b, generator=g, dtype=torch.float64)
             micro.append({"tokens": x, "labels": y[:, None], "loss_mask": torch.ones(b, 1)})
-        res = train_step(eng, _Opt(), _Sched(), micro, st, 3, torch.device("cpu"), noise_scale=est)
+        res = train_step(eng, _Opt(), _Sched(), micro, st, 3, torch.device("cpu"), callbacks=[est])
     assert res.noise["noise_scale/b_small"] == b and res.noise["noise_scale/b_big"] == b * A
     v = est.values()
     assert v["noise_scale/g2"] == pytest.approx(1.0, rel=0.1)
@@ -144,7 +144,7 @@ def test_off_means_no_extra_all_reduce(monkeypatch):
             calls.clear()
             st = TrainState(iteration=step - 1)
             train_step(_Engine(model, 2), _Opt(), _Sched(), micro, st, 3, torch.device("cpu"),
-                       noise_scale=noise)
+                       callbacks=[noise])
             return len(calls)
 
         off = count(None, 2)
@@ -167,7 +167,7 @@ def _cfg(*extra):
 
 
 def test_refused_where_the_micro_batch_gradient_is_not_whole():
-    from megatron_lite.training.callbacks.noise_scale import check_config
+    from megatron_lite.config.checks import check_noise_scale as check_config
 
     check_config(_cfg("--zero-stage", "1"))                 # A = 2 at D = 2: fine
     for extra, msg in ((["--zero-stage", "2"], "--zero-stage 0 or 1"),

@@ -67,6 +67,7 @@ def runs_spec(root: str) -> dict:
 
 
 def _driver(root: str) -> None:
+    from megatron_lite.testing import faults
     from megatron_lite.training.loop import pretrain
 
     results = {}
@@ -75,7 +76,7 @@ def _driver(root: str) -> None:
         os.environ["MEGATRON_LITE_LOG_SAMPLES"] = os.path.join(root, "ids") if name == "ramp" \
             else ""
         cfg = parse_args(argv)
-        st = pretrain(cfg)
+        st = pretrain(cfg, callbacks=faults.callbacks_from_env())
         results[name] = {"iteration": st.iteration, "consumed_samples": st.consumed_samples}
     if torch.distributed.get_rank() == 0:
         with open(os.path.join(root, "results.json"), "w") as f:

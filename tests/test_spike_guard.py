@@ -50,13 +50,14 @@ def runs_spec(root: str) -> dict:
 
 def _driver(root: str) -> None:
     from megatron_lite.config import parse_args
+    from megatron_lite.testing import faults
     from megatron_lite.training.loop import pretrain
 
     results = {}
     for name, spec in runs_spec(root).items():
         os.environ["MEGATRON_LITE_INJECT_SPIKE"] = spec["inject"]
         try:
-            st = pretrain(parse_args(spec["argv"]))
+            st = pretrain(parse_args(spec["argv"]), callbacks=faults.callbacks_from_env())
             results[name] = {"iteration": st.iteration, "skipped": st.skipped_steps,
                              "consumed_samples": st.consumed_samples}
         except Exception as e:  # noqa: BLE001 - recorded for the test to assert on
@@ -283,13 +284,13 @@ def test_grad_norm_gate_skips_before_the_update(tmp_path):
     for norm in (1.0, 1.1, 0.9, 1.0):       # fill the window (warm-up)
         eng.optimizer._global_grad_norm = norm
         assert train_step(eng, opt, sched, [mb], st, 3, torch.device("cpu"),
-                          spike_guard=guard).spike is None
+                          callbacks=[guard]).spike is None
     # A larger loss would trip the loss criterion first; keep the same batch, raise only the norm.
     guard.loss_window.values.clear()
     before = [p.detach().clone() for p in model.parameters()]
     adam_state = {k: {n: t.clone() for n, t in v.items()} for k, v in opt.state.items()}
     eng.optimizer._global_grad_norm = 10.0
-    res = train_step(eng, opt, sched, [mb], st, 3, torch.device("cpu"), spike_guard=guard)
+    res = train_step(eng, opt, sched, [mb], st, 3, torch.device("cpu"), callbacks=[guard])
     assert res.skipped and res.spike["criterion"] == "grad_norm" and res.spike["value"] == 10.0
     assert res.spike["window_mean"] == pytest.approx(1.0)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
@@ -299,7 +300,7 @@ def test_grad_norm_gate_skips_before_the_update(tmp_path):
     # The flagged norm did not enter the window; a normal norm applies again.
     assert list(guard.norm_window.values) == [1.0, 1.1, 0.9, 1.0]
     eng.optimizer._global_grad_norm = 1.05
-    res = train_step(eng, opt, sched, [mb], st, 3, torch.device("cpu"), spike_guard=guard)
+    res = train_step(eng, opt, sched, [mb], st, 3, torch.device("cpu"), callbacks=[guard])
     assert not res.skipped and sched.num_updates == 5
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
@@ -327,7 +328,8 @@ def test_capture_decodes_worst_samples(tmp_path, tiny_corpus_and_tokenizer):  # 
 
 
 def test_state_round_trip_and_config_checks():
-    from megatron_lite.training.callbacks.spike_guard import SpikeGuard, check_config
+    from megatron_lite.config.checks import check_spike_guard as check_config
+    from megatron_lite.training.callbacks.spike_guard import SpikeGuard
 
     g = SpikeGuard(_cfg(), None)
     for x in (3.0, 2.0, 1.0):
@@ -346,7 +348,7 @@ def test_extras_state_round_trip(tmp_path):
     """setup_extras restores the window and the noise-scale EMAs from TrainState.extras."""
     from megatron_lite.training.callbacks.noise_scale import NoiseScaleEstimator
     from megatron_lite.training.callbacks.spike_guard import SpikeGuard
-    from megatron_lite.training.step_extras import extras_state, setup_extras
+    from megatron_lite.training.callbacks.extras import extras_state, setup_extras
 
     cfg = _cfg(noise_scale_interval=5, global_batch_size=2)   # A = 2: the estimator needs >= 2
     g, n = SpikeGuard(cfg, None), NoiseScaleEstimator(5, 0.9)

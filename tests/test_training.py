@@ -71,6 +71,7 @@ def runs_spec(root: str) -> dict:
 def _driver(root: str) -> None:
     """Body of the torchrun launch: every run of :func:`runs_spec` in one process group."""
     from megatron_lite.config import parse_args
+    from megatron_lite.testing import faults
     from megatron_lite.training.loop import pretrain
 
     results = {}
@@ -78,7 +79,7 @@ def _driver(root: str) -> None:
         os.environ["MEGATRON_LITE_INJECT_NAN"] = spec["nan"]
         cfg = parse_args(spec["argv"])
         try:
-            st = pretrain(cfg)
+            st = pretrain(cfg, callbacks=faults.callbacks_from_env())
             results[name] = {"iteration": st.iteration, "skipped": st.skipped_steps,
                              "consumed_samples": st.consumed_samples}
         except Exception as e:  # noqa: BLE001 - recorded for the test to assert on
@@ -201,6 +202,7 @@ def test_token_mean_over_global_batch_equals_concatenated_batch():
 def test_nonfinite_loss_skips_update_and_schedule(monkeypatch):
     from megatron_lite.training.optimizer import GuardedAdamW
     from megatron_lite.training.schedules import LRScheduler
+    from megatron_lite.testing import faults
     from megatron_lite.training.step import TooManySkippedSteps, TrainState, train_step
 
     model = _tiny_model()
@@ -213,15 +215,18 @@ def test_nonfinite_loss_skips_update_and_schedule(monkeypatch):
     st = TrainState()
     mb = _batch(torch.randint(0, 128, (1, 16)), 16)
     monkeypatch.setenv("MEGATRON_LITE_INJECT_NAN", "1:0,2:0")
-    res = train_step(eng, opt, sched, [mb], st, 3, torch.device("cpu"))
+    res = train_step(eng, opt, sched, [mb], st, 3, torch.device("cpu"),
+                     callbacks=faults.callbacks_from_env())
     assert res.skipped and math.isnan(res.loss) and st.skipped_steps == 1
     assert sched.num_updates == 0 and len(opt.state) == 0           # no Adam state created
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     with pytest.raises(TooManySkippedSteps, match="--max-skipped-steps 2"):
-        train_step(eng, opt, sched, [mb], st, 2, torch.device("cpu"))
+        train_step(eng, opt, sched, [mb], st, 2, torch.device("cpu"),
+                   callbacks=faults.callbacks_from_env())
     monkeypatch.setenv("MEGATRON_LITE_INJECT_NAN", "")
     st.consecutive_skipped = 0
-    res = train_step(eng, opt, sched, [mb], st, 2, torch.device("cpu"))
+    res = train_step(eng, opt, sched, [mb], st, 2, torch.device("cpu"),
+                     callbacks=faults.callbacks_from_env())
     assert not res.skipped and res.lr == pytest.approx(5e-4)    # u = 0 still: warmup 1/2
     assert st.consecutive_skipped == 0 and sched.num_updates == 1
 
@@ -263,7 +268,7 @@ def test_grad_norm_and_clipping_by_hand():
 
 def test_seed_and_deterministic_flags():
     from megatron_lite.config import parse_args
-    from megatron_lite.training.loop import set_seeds
+    from megatron_lite.training.setup import set_seeds
 
     cfg = parse_args(COMMON + ["--deterministic"])
     try:

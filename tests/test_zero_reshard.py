@@ -84,14 +84,15 @@ def _driver(root: str, phase: str) -> None:
     """Body of a torchrun launch: the runs of :func:`_runs` in one process group."""
     from megatron_lite.training.loop import pretrain
     from megatron_lite.checkpoint.zero_reshard import dump_full_state
+    from megatron_lite.testing import faults
 
     results = {}
     save = ckpt.save_checkpoint
     for name, argv, dump in _runs(root, phase):
         os.environ.pop("MEGATRON_LITE_DUMP_OPTIM_STATE", None)
         if dump and phase == "save":   # the reference: the saving run's state at step 2
-            def save_and_dump(engine, cfg, state, scheduler, save_dir, _dump=dump):
-                final = save(engine, cfg, state, scheduler, save_dir)
+            def save_and_dump(engine, cfg, state, scheduler, save_dir, _dump=dump, **kw):
+                final = save(engine, cfg, state, scheduler, save_dir, **kw)
                 if state.iteration == 2:
                     dump_full_state(engine, _dump, os.path.basename(final))
                 return final
@@ -101,7 +102,8 @@ def _driver(root: str, phase: str) -> None:
             os.environ["MEGATRON_LITE_DUMP_OPTIM_STATE"] = dump
         # ZeRO-2 runs freeze layer 0 and the embedding (as cpt_llama.py --freeze-layers does):
         # frozen parameters have no optimizer partitions.
-        st = pretrain(parse_args(argv), model_setup=_freeze if name in ("u2", "r2") else None)
+        st = pretrain(parse_args(argv), model_setup=_freeze if name in ("u2", "r2") else None,
+                      callbacks=faults.callbacks_from_env())
         ckpt.save_checkpoint = save
         results[name] = {"iteration": st.iteration, "consumed_samples": st.consumed_samples}
     if torch.distributed.get_rank() == 0:

@@ -205,7 +205,7 @@ class TrainingLogger:
             self.peak_tflops, self.peak_source = resolve_peak_tflops(config, self.device, dtype)
             self._print(f"[logging] MFU peak per device: {self.peak_source}")
             if config.tensorboard_dir:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # why: optional, heavy
                 # purge_step hides the killed run's events after the resumed step in TensorBoard.
                 self._writer = SummaryWriter(
                     log_dir=config.tensorboard_dir,

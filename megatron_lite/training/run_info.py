@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import torch
+import yaml
 
 from megatron_lite.utils import atomic_write_text
 
@@ -84,8 +85,6 @@ def write_run_info(run_dir: str, config_dict: Any) -> dict[str, Any]:
     Returns:
         The run-info dict that was written.
     """
-    import yaml
-
     config = _plain(config_dict)
     env = {k: v for k, v in sorted(os.environ.items())
            if (k.startswith(_ENV_PREFIXES) or k in _ENV_NAMES)

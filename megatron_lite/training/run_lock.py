@@ -22,12 +22,15 @@ support it (Linux emulates flock with NFS byte-range locks).
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import socket
 import time
 import warnings
 from typing import Optional
+
+import torch.distributed as dist
 
 from megatron_lite.errors import RunLockedError  # noqa: F401 - raised here, re-exported
 
@@ -65,8 +68,6 @@ class RunLock:
             RunLockedError: another process holds it; the message names ``--save``, the folder
                 and the holder (host, pid, start time) and says what to do.
         """
-        import fcntl
-
         os.makedirs(save_dir, exist_ok=True)
         path = os.path.join(save_dir, LOCK_NAME)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -119,8 +120,6 @@ def acquire_for_run(lock: RunLock, save_dir: Optional[str], rank: int, device) -
         RunLockedError: on every rank when rank 0 found the folder locked (or could not create
             the lock file: the message says which).
     """
-    import torch.distributed as dist
-
     if not save_dir:
         return
     err = None

@@ -13,12 +13,15 @@ import sys
 
 HOOKS = ("MEGATRON_LITE_INJECT_NAN", "MEGATRON_LITE_INJECT_RAISE", "MEGATRON_LITE_LOG_SAMPLES",
          "MEGATRON_LITE_DUMP_PARAMS", "MEGATRON_LITE_INJECT_SAVE_KILL")
+# The fault hooks are Trainer callbacks built from these variables (megatron_lite/testing/faults.py),
+# passed to pretrain as the entrypoints do.
 
 
 def main(spec_path: str, out_path: str) -> None:
     import torch.distributed as dist
 
     from megatron_lite.config import parse_args
+    from megatron_lite.testing import faults
     from megatron_lite.training.loop import pretrain
 
     with open(spec_path) as f:
@@ -29,7 +32,7 @@ def main(spec_path: str, out_path: str) -> None:
             os.environ.pop(k, None)
         os.environ.update(run.get("env", {}))
         try:
-            st = pretrain(parse_args(run["argv"]))
+            st = pretrain(parse_args(run["argv"]), callbacks=faults.callbacks_from_env())
             results[run["name"]] = {"iteration": st.iteration, "skipped": st.skipped_steps,
                                     "consumed_samples": st.consumed_samples}
         except Exception as e:  # noqa: BLE001 - recorded for the tests to assert on

@@ -45,10 +45,10 @@ def write_status(path: str, status: dict) -> None:
 
 def main(mode: str, which: str, out: str) -> int:
     from megatron_lite.data.builder import build_data_loader, iter_loader
-    from megatron_lite.training.loop import EXIT_SIGNALS
+    from megatron_lite.training.callbacks.signals import EXIT_SIGNALS
 
     got = []
-    for s in EXIT_SIGNALS:   # as _ExitSignal: record, stop at the next "step" boundary
+    for s in EXIT_SIGNALS:   # as ExitSignal: record, stop at the next "step" boundary
         signal.signal(s, lambda signum, frame: got.append(signum))
     sigs = EXIT_SIGNALS if which == "guarded" else ()
     loader = build_data_loader(ToyDataset(), 0, 2, 0, 1, num_workers=2, worker_signals=sigs)

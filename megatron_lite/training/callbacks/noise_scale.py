@@ -32,6 +32,9 @@ a message pointing to ``tools/noise_scale_estimator.py`` (offline, any checkpoin
 also needs the global norm, computed only when clipping is on (``--clip-grad`` > 0).
 
 With ``--noise-scale-interval 0`` (default) no estimator exists and training does no extra work.
+The estimator is a :class:`~megatron_lite.training.callbacks.base.Callback`: ``on_after_backward``
+reads B_small after the first micro-batch, ``on_optimizer_step_end`` combines it with the global
+norm into ``StepResult.noise``, ``log_scalars`` adds the latest values to every step's record.
 """
 
 from __future__ import annotations
@@ -42,37 +45,9 @@ from typing import Iterable, Optional
 import torch
 import torch.distributed as dist
 
-
-def check_config(cfg) -> None:
-    """Refuse configurations where the micro-batch gradient cannot be read.
-
-    Raises:
-        ValueError: naming the flag and the fix.
-    """
-    n = cfg.training.noise_scale_interval
-    if not n:
-        return
-    if n < 0:
-        raise ValueError(f"--noise-scale-interval must be >= 0 (0 = off); got {n}")
-    if not 0.0 <= cfg.training.noise_scale_ema < 1.0:
-        raise ValueError(f"--noise-scale-ema must be in [0, 1); got {cfg.training.noise_scale_ema}")
-    hint = ("; measure offline with tools/noise_scale_estimator.py --load CKPT --data-path PREFIX "
-            "or turn it off with --noise-scale-interval 0")
-    par = cfg.parallel
-    if par.zero_stage >= 2 or par.offload_optimizer or par.offload_params:
-        raise ValueError(f"--noise-scale-interval needs --zero-stage 0 or 1 without offload (got "
-                         f"stage {par.zero_stage}, offload optimizer={par.offload_optimizer}, "
-                         f"params={par.offload_params}): DeepSpeed reduces and partitions each "
-                         f"micro-batch's gradient in backward hooks there, so the per-rank "
-                         f"micro-batch gradient is never whole" + hint)
-    if cfg.derived.num_micro_batches < 2:
-        raise ValueError(f"--noise-scale-interval needs >= 2 micro-batches per rank (A = "
-                         f"{cfg.derived.num_micro_batches}): with A = 1 DeepSpeed reduces the "
-                         f"only micro-batch's gradient inside its backward; raise "
-                         f"--global-batch-size to >= 2 x --micro-batch-size x D" + hint)
-    if not cfg.optimizer.clip_grad > 0:
-        raise ValueError("--noise-scale-interval needs the global grad norm, which is computed "
-                         "only with clipping on: give --clip-grad > 0" + hint)
+from megatron_lite.parallel import get_data_parallel_world_size, get_tensor_model_parallel_rank
+from megatron_lite.training.callbacks.base import Callback
+from megatron_lite.training.step import fp16_loss_scale
 
 
 def unbiased_estimates(b_small: float, g2_small: float, b_big: float,
@@ -96,7 +71,7 @@ def unbiased_estimates(b_small: float, g2_small: float, b_big: float,
     return g2, trace
 
 
-class NoiseScaleEstimator:
+class NoiseScaleEstimator(Callback):
     """EMA-smoothed B_simple from (micro-batch, global-batch) squared gradient norms.
 
     Args:
@@ -116,6 +91,31 @@ class NoiseScaleEstimator:
         """Whether ``step`` (1-based) is a measurement step."""
         return step % self.interval == 0
 
+    # ---- hooks ----------------------------------------------------------------------------
+    def wants_per_sample(self, step: int) -> bool:
+        """Measurement steps need the first micro-batch's loss tokens."""
+        return self.wants(step)
+
+    def on_after_backward(self, step: int, j: int, engine, per_sample, n_tokens: int,
+                          dp: int) -> None:
+        """B_small: the first micro-batch's gradient, before the second backward adds to it."""
+        if j != 0 or not self.wants(step):
+            return
+        # p.grad = d(dp/N * S_0): rescale to the token-mean gradient of this micro-batch.
+        n0 = max(int(per_sample[1].sum().item()), 1)
+        self.measure_small(engine.module.parameters(),
+                           n_tokens / (dp * n0) / fp16_loss_scale(engine), n0)
+
+    def on_optimizer_step_end(self, step: int, result) -> None:
+        """B_big: the global batch's norm (dropped when the step was skipped)."""
+        if self.wants(step):
+            result.noise = self.measure_big(step, None if result.skipped else result.grad_norm,
+                                            result.loss_tokens)
+
+    def log_scalars(self) -> dict:
+        """The latest measurement's values (kept between measurement steps)."""
+        return {k: v for k, v in self.last.items() if k != "noise_scale/step"}
+
     @torch.no_grad()
     def measure_small(self, params: Iterable[torch.nn.Parameter], grad_scale: float,
                       loss_tokens: int) -> None:
@@ -130,9 +130,6 @@ class NoiseScaleEstimator:
         Raises:
             RuntimeError: no parameter holds a gradient (the configuration reduces in hooks).
         """
-        from megatron_lite.parallel import (get_data_parallel_world_size,
-                                            get_tensor_model_parallel_rank)
-
         tp_rank = get_tensor_model_parallel_rank()
         sq, seen, device = None, False, torch.device("cpu")
         for p in params:

@@ -49,13 +49,18 @@ State (windows, counters, LR-factor steps left, and the noise-scale EMAs) goes i
 checkpoint's ``trainer_state.json`` (``TrainState.extras``, written with the counters in the same
 atomic save) and is restored on resume.
 
-Test hook: ``MEGATRON_LITE_INJECT_SPIKE="step:scale,..."`` multiplies every rank's loss (hence its
-gradient) at that step number by ``scale``, once per run (not again when a rollback repeats it).
+Hooks. :class:`SpikeGuard` is a :class:`~megatron_lite.training.callbacks.base.Callback`: in the
+step it scales the LR (``on_lr``), keeps the per-sample sums (``on_micro_batch_loss``), decides the
+loss criterion (``on_before_optimizer_step``) and reads the gate's verdict (``on_optimizer_step_end``);
+after the step is logged (``on_step_end``) it captures the batch and rolls back. Tests inject a bad
+batch with ``MEGATRON_LITE_INJECT_SPIKE`` (:mod:`megatron_lite.testing.faults`).
 """
 
 from __future__ import annotations
 
 import collections
+import copy
+import dataclasses
 import json
 import math
 import os
@@ -64,33 +69,14 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_lite.utils import atomic_write_text
+from megatron_lite.checkpoint import engine_state
+from megatron_lite.data.tokenizer import build_tokenizer
+from megatron_lite.parallel import get_data_parallel_rank, get_tensor_model_parallel_rank
+from megatron_lite.training.callbacks.base import Callback
+from megatron_lite.training.optimizer import tp_aware_grad_norm
+from megatron_lite.utils import atomic_write_text, get_rank
 
 MIN_REL_STD = 0.01  # floor of the window's spread, relative to its mean (see the module doc)
-
-
-def check_config(cfg) -> None:
-    """Validate the spike-guard flags of a finalized RunConfig.
-
-    Raises:
-        ValueError: naming the flag and the fix.
-    """
-    t = cfg.training
-    if not t.spike_detection:
-        return
-    if t.spike_window < 2:
-        raise ValueError(f"--spike-window must be >= 2 (a standard deviation needs two values); "
-                         f"got {t.spike_window}")
-    if not t.spike_threshold > 0:
-        raise ValueError(f"--spike-threshold must be > 0 sigmas; got {t.spike_threshold}")
-    if not t.spike_lr_factor > 0 or t.spike_lr_steps < 0:
-        raise ValueError(f"--spike-lr-factor must be > 0 and --spike-lr-steps >= 0; got "
-                         f"{t.spike_lr_factor}, {t.spike_lr_steps}")
-    if t.spike_capture_samples < 0 or t.spike_max_rollbacks < 0:
-        raise ValueError("--spike-capture-samples and --spike-max-rollbacks must be >= 0")
-    if t.spike_policy == "rollback" and not (cfg.checkpoint.save and cfg.checkpoint.save_interval):
-        raise ValueError("--spike-policy rollback reloads the newest checkpoint: give --save DIR "
-                         "and --save-interval N (or use --spike-policy skip)")
 
 
 def rollback_headroom_samples(cfg) -> int:
@@ -108,15 +94,6 @@ def rollback_headroom_samples(cfg) -> int:
         return 0
     return int(t.spike_max_rollbacks) * int(cfg.checkpoint.save_interval or 0) * \
         int(cfg.derived.global_batch_size)
-
-
-def _injections() -> dict[int, float]:
-    spec = os.environ.get("MEGATRON_LITE_INJECT_SPIKE", "")
-    out = {}
-    for item in filter(None, spec.split(",")):
-        step, scale = item.split(":")
-        out[int(step)] = float(scale)
-    return out
 
 
 class RollingWindow:
@@ -151,7 +128,7 @@ class RollingWindow:
             self.values.append(float(x))
 
 
-class SpikeGuard:
+class SpikeGuard(Callback):
     """Per-run spike-guard state and decisions (one object on every rank, same state everywhere).
 
     Args:
@@ -174,21 +151,15 @@ class SpikeGuard:
         self.spikes = 0
         self.rollbacks = 0
         self.lr_steps_left = 0
-        self._injected: set[int] = set()
         self._tokenizer = None
-        # Per-step gate state (see install_gate).
+        # Per-step gate state (see install_gate), the loss criterion's verdict and the step's
+        # per-sample records (kept only until the step's end).
         self._armed = False
         self.gate_fired: Optional[dict] = None
+        self._loss_spike: Optional[dict] = None
+        self._per_sample: list = []
 
     # ---- decisions -------------------------------------------------------------------------
-    def injection_scale(self, step: int) -> float:
-        """Test hook: the loss multiplier for ``step`` (1.0 unless injected; once per run)."""
-        scale = _injections().get(step)
-        if scale is None or step in self._injected:
-            return 1.0
-        self._injected.add(step)
-        return scale
-
     def lr_multiplier(self) -> float:
         """LR factor for the coming step (``--spike-lr-factor`` while steps are left)."""
         return self.lr_factor if self.lr_steps_left > 0 else 1.0
@@ -215,8 +186,6 @@ class SpikeGuard:
         reuse the verdict. A flagged step returns without touching parameters or state and sets
         ``optimizer.skipped`` (what the trainer reads after a NaN skip too).
         """
-        from megatron_lite.training.optimizer import tp_aware_grad_norm
-
         original = optimizer.step
         guard = self
 
@@ -254,15 +223,70 @@ class SpikeGuard:
 
     def can_rollback(self, save_dir: Optional[str]) -> bool:
         """Whether the rollback policy applies now (a checkpoint exists, budget left)."""
-        from megatron_lite.checkpoint.engine_state import find_checkpoint
-
         return (self.policy == "rollback" and self.rollbacks < self.max_rollbacks
-                and save_dir is not None and find_checkpoint(save_dir) is not None)
+                and save_dir is not None and engine_state.find_checkpoint(save_dir) is not None)
 
     def note_rollback(self) -> None:
         """Count a rollback and start the LR-factor period."""
         self.rollbacks += 1
         self.lr_steps_left = self.lr_steps
+
+    # ---- step hooks (train_step) -------------------------------------------------------------
+    def on_lr(self, step: int, optimizer, lr: float) -> float:
+        """``--spike-lr-factor`` after a rollback, on top of the schedule's LR."""
+        mult = self.lr_multiplier()
+        if mult != 1.0:
+            for g in optimizer.param_groups:
+                g["lr"] *= mult
+            lr *= mult
+        return lr
+
+    def wants_per_sample(self, step: int) -> bool:
+        """Always: a spike's capture names every sample of the batch."""
+        return True
+
+    def on_micro_batch_loss(self, step: int, j: int, batch: dict, loss_sum, per_sample):
+        """Keep the micro-batch's per-sample sums for a capture (records built only on a spike)."""
+        self._per_sample.append((batch, per_sample))
+        return loss_sum, per_sample
+
+    def on_before_optimizer_step(self, step: int, loss: float, skip: bool) -> bool:
+        """Loss criterion; arms the grad-norm gate when the step would otherwise be applied."""
+        self._loss_spike = None if skip else self.check_loss(loss)
+        if skip or self._loss_spike is not None:
+            self.disarm()
+        else:
+            self.arm()  # the grad-norm criterion runs inside engine.step
+        return self._loss_spike is not None
+
+    def on_optimizer_step_end(self, step: int, result) -> None:
+        """A flagged step is skipped (``result.spike``, ``result.spike_samples``); an applied,
+        unflagged one enters the windows."""
+        spike, kept = self._loss_spike or self.gate_fired, self._per_sample
+        self.disarm()
+        self._loss_spike, self._per_sample = None, []
+        if spike is None:
+            if not result.skipped:
+                self.accept(result.loss, result.grad_norm)
+            return
+        result.skipped = True
+        if spike["criterion"] == "grad_norm":
+            result.grad_norm = spike["value"]  # the gate's reading (our optimizer never ran its own)
+        self.spikes += 1
+        result.spike = dict(spike, step=step)
+        result.spike_samples = [r for j, (b, (ps, pt)) in enumerate(kept)
+                                for r in per_sample_records(b, ps, pt, j)]
+
+    # ---- loop hooks (Trainer) ----------------------------------------------------------------
+    def log_scalars(self) -> dict:
+        """``spikes`` and ``spike_rollbacks`` of the step's log record."""
+        return {"spikes": self.spikes, "spike_rollbacks": self.rollbacks}
+
+    def on_step_end(self, trainer, step: int, result) -> None:
+        """After a flagged step: capture the batch and skip or roll back (collective)."""
+        if result.spike is not None:
+            handle_spike(trainer.cfg, result, trainer.state, trainer.engine, trainer.scheduler,
+                         self, trainer.step_batch)
 
     # ---- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -294,9 +318,6 @@ class SpikeGuard:
         Returns:
             The file written (rank 0), else None.
         """
-        from megatron_lite.parallel import (get_data_parallel_rank,
-                                            get_tensor_model_parallel_rank)
-
         dp_rank = get_data_parallel_rank()
         mine = []
         if get_tensor_model_parallel_rank() == 0:  # TP ranks hold the same batch
@@ -346,8 +367,6 @@ class SpikeGuard:
 
     def _get_tokenizer(self):
         if self._tokenizer is None and getattr(self.data_cfg, "tokenizer_model", None):
-            from megatron_lite.data.tokenizer import build_tokenizer
-
             try:
                 self._tokenizer = build_tokenizer(
                     self.data_cfg.tokenizer_type or "SentencePieceTokenizer",
@@ -393,3 +412,54 @@ def _jsonable(x):
     if torch.is_tensor(x):
         return x.tolist()
     return str(x)
+
+
+def handle_spike(cfg, res, state, engine, scheduler, guard: SpikeGuard,
+                 step_batch: Optional[int] = None) -> Optional[str]:
+    """After a flagged step (``res.spike``): pick the action, write the capture, roll back.
+
+    Call after ``state.consumed_samples`` counts the spike's batch (``step_batch`` samples;
+    default the global batch size). Collective.
+
+    Returns:
+        The action taken ("skip" or "rollback"), None when the step was no spike.
+    """
+    if guard is None or res.spike is None:
+        return None
+    rank = get_rank()
+    ok = torch.tensor([1.0 if rank == 0 and guard.can_rollback(cfg.checkpoint.save) else 0.0])
+    if dist.is_initialized():
+        dist.broadcast(ok, src=0)  # one filesystem view decides for everyone
+    action = "rollback" if ok.item() > 0 else "skip"
+    gb = int(step_batch or cfg.derived.global_batch_size)
+    info = dict(res.spike, loss=res.loss, grad_norm=res.grad_norm, policy=guard.policy,
+                action=action, threshold_sigma=guard.threshold,
+                window=guard.loss_window.size,
+                batch_samples=[state.consumed_samples - gb, state.consumed_samples])
+    if action == "rollback":
+        _roll_back(cfg, state, engine, scheduler, guard, info)
+    step = int(res.spike["step"])
+    written = guard.capture(step, info, res.spike_samples or [])
+    if rank == 0:
+        msg = (f"[spike] step {step}: {info['criterion']} {info['value']:.6g} > window mean "
+               f"{info['window_mean']:.6g} + {guard.threshold:g} x std {info['window_std']:.6g}"
+               f"; {action}")
+        if action == "rollback":
+            msg += (f" to {info['rollback_to']} (iteration {info['rollback_iteration']}); samples "
+                    f"[{info['skipped_samples'][0]}, {info['skipped_samples'][1]}) skipped")
+        print(msg + (f"; batch written to {written}" if written else ""), flush=True)
+    return action
+
+
+def _roll_back(cfg, state, engine, scheduler, guard: SpikeGuard, info: dict) -> None:
+    """Reload the newest checkpoint in ``--save``; keep the data position after the spike."""
+    spike_end = state.consumed_samples
+    c = copy.copy(cfg)
+    c.checkpoint = dataclasses.replace(cfg.checkpoint, load=cfg.checkpoint.save,
+                                       finetune=False, no_load_optim=False,
+                                       no_load_rng=False)
+    path = engine_state.load_checkpoint(engine, c, state, scheduler)
+    info.update(rollback_to=path, rollback_iteration=state.iteration,
+                skipped_samples=[state.consumed_samples, spike_end])
+    state.consumed_samples = spike_end  # never read the window again
+    guard.note_rollback()

@@ -1,0 +1,49 @@
+"""When the Trainer saves: every ``--save-interval`` steps, on ``--exit-interval`` or a signal,
+and after the last step with ``--save-on-exit``; what it saves beside the engine (the blended
+dataset's position, the callbacks' ``extras``)."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from megatron_lite.checkpoint import engine_state
+
+
+class CheckpointSaver:
+    """Saves through :func:`megatron_lite.checkpoint.engine_state.save_checkpoint` (collective).
+
+    Args:
+        cfg: finalized RunConfig (``checkpoint`` section, ``derived.train_iters``).
+        engine, scheduler: what the checkpoint holds (with the ``TrainState``).
+        logger: the ``TrainingLogger``; save time is excluded from training time.
+        train_ds: the train dataset (its ``state_dict`` is saved when it has one), or None.
+        extras: returns the JSON-safe ``TrainState.extras`` to save (spike guard, noise scale).
+        fault_point: ``fault_point(iteration, point)`` passed to ``save_checkpoint`` (tests).
+    """
+
+    def __init__(self, cfg, engine, scheduler, logger, train_ds, extras: Callable[[], Optional[dict]],
+                 fault_point: Optional[Callable[[int, str], None]] = None):
+        self.cfg, self.engine, self.scheduler, self.logger = cfg, engine, scheduler, logger
+        self.train_ds, self.extras, self.fault_point = train_ds, extras, fault_point
+
+    def wants(self, iteration: int, stopping: bool) -> bool:
+        """Whether to save after step ``iteration`` (``stopping``: exit interval or signal)."""
+        ck = self.cfg.checkpoint
+        last = iteration >= self.cfg.derived.train_iters
+        return bool(ck.save and (
+            (ck.save_interval and iteration % ck.save_interval == 0)
+            or stopping or (last and ck.save_on_exit)))
+
+    def maybe_save(self, state, stopping: bool) -> None:
+        """Save after this step when :meth:`wants` says so."""
+        if not self.wants(state.iteration, stopping):
+            return
+        if self.train_ds is not None and hasattr(self.train_ds, "state_dict"):
+            state.data_state = self.train_ds.state_dict(state.consumed_samples)
+        state.extras = self.extras()
+        with self.logger.exclude_time():
+            engine_state.save_checkpoint(self.engine, self.cfg, state, self.scheduler,
+                                         self.cfg.checkpoint.save, fault_point=self.fault_point)
+
+
+__all__ = ["CheckpointSaver"]

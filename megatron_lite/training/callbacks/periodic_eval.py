@@ -1,0 +1,52 @@
+"""Validation every ``--eval-interval`` steps (and after the last one), the test split once at the
+end of training; results go to the logger (console, TensorBoard, metrics.jsonl)."""
+
+from __future__ import annotations
+
+from megatron_lite.training.evaluation import evaluate
+
+
+class PeriodicEval:
+    """Runs :func:`~megatron_lite.training.evaluation.evaluate` when the schedule says so.
+
+    Args:
+        cfg: finalized RunConfig (``eval`` section, ``derived.train_iters``).
+        engine: the DeepSpeed engine (``engine.module`` is evaluated, then put back in train mode).
+        valid_loader: the validation split's loader (None: no validation).
+        test_loader: the test split's loader (None: no test evaluation).
+        logger: the ``TrainingLogger``; evaluation time is excluded from training time.
+        device: compute device.
+    """
+
+    def __init__(self, cfg, engine, valid_loader, test_loader, logger, device):
+        self.cfg, self.engine, self.logger, self.device = cfg, engine, logger, device
+        self.valid_loader, self.test_loader = valid_loader, test_loader
+
+    def maybe_validate(self, iteration: int) -> None:
+        """Validate after step ``iteration`` if it is an eval step or the last step."""
+        interval = self.cfg.eval.eval_interval
+        if not interval or self.valid_loader is None:
+            return
+        if iteration % interval and iteration != self.cfg.derived.train_iters:
+            return
+        res = self._evaluate(self.valid_loader)
+        self.logger.log_eval(iteration, res["val_loss"], tokens=res.get("tokens"))
+
+    def test(self, iteration: int) -> None:
+        """Evaluate the test split once after the last step (Megatron's ``do_test``):
+        ``--eval-iters`` micro-batches per DP rank; logged as ``test_loss``/``test_ppl``
+        (console, TensorBoard ``test/``, metrics.jsonl record of type ``test``). Nothing when
+        the test split is empty."""
+        if self.test_loader is None:
+            return
+        self.logger.log_eval(iteration, self._evaluate(self.test_loader), split="test")
+
+    def _evaluate(self, loader) -> dict:
+        with self.logger.exclude_time():
+            res = evaluate(self.engine.module, iter(loader), self.cfg.eval.eval_iters,
+                           device=self.device)
+            self.engine.module.train()
+        return res
+
+
+__all__ = ["PeriodicEval"]
