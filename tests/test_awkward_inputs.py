@@ -54,7 +54,7 @@ def test_bad_record_stops_naming_file_and_line_or_is_skipped_and_counted(
     _, model = tiny_corpus_and_tokenizer
     assert _run(name, model, tmp_path / "stop") == 2
     err = capsys.readouterr().err
-    assert err.splitlines() == [f"preprocess_data: error: {os.path.join(DATA, name)}:{line}: {reason}"
+    assert err.splitlines() == [f"preprocess_data.py: error: {os.path.join(DATA, name)}:{line}: {reason}"
                                 "; pass --skip-bad-lines to skip and count such records"]
     assert not dataset_exists(str(tmp_path / "stop_text_document"))     # nothing half-written
     assert _run(name, model, tmp_path / "skip", "--skip-bad-lines") == 0

@@ -277,12 +277,12 @@ def test_unwritable_save_location_is_a_clear_error(tmp_path, capsys):
     common = ["--load-format", "hf", "--save-format", "megatron_lite", "--load", tmp_path / "nope"]
     err = _expect_error(capsys, tmp_path, common + ["--save", tmp_path / "afile" / "sub"])
     assert err.strip().splitlines() == [
-        f"convert_checkpoint: error: --save {tmp_path}/afile/sub: {tmp_path}/afile is a file, not "
+        f"convert_checkpoint.py: error: --save {tmp_path}/afile/sub: {tmp_path}/afile is a file, not "
         "a folder, so nothing can be created under it; remove it or choose another path"]
     if os.path.isdir("/proc/self"):
         err = _expect_error(capsys, tmp_path, common + ["--save", "/proc/h2x"])
         assert len(err.strip().splitlines()) == 1
-        assert err.startswith("convert_checkpoint: error: --save /proc/h2x: cannot be created: "
+        assert err.startswith("convert_checkpoint.py: error: --save /proc/h2x: cannot be created: "
                               "the folder /proc ")
 
 

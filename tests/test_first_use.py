@@ -265,3 +265,54 @@ def test_tokenizer_and_data_files_follow_umask(tmp_path, umask):
         "--no-progress", "--append-eod"]) == 0
     modes = {**_modes(tmp_path / "tok"), **_modes(tmp_path / "data")}
     assert len(modes) == 6 and set(modes.values()) == {oct(0o666 & ~umask)}, modes
+
+
+# ---- #11: one error style: "<script>.py: error: ..." as argparse and the entrypoints print -----
+
+def test_tools_use_the_script_name_as_prefix():
+    import re
+
+    for path in sorted(glob.glob(os.path.join(ROOT, "tools", "*.py"))):
+        stem = os.path.basename(path)[:-3]
+        src = open(path, encoding="utf-8").read()
+        assert not re.search(rf'f?"{stem}: ', src), f"{stem}: a line prefixed without .py"
+        assert f'run_tool("{stem}",' not in src, stem
+
+
+@pytest.mark.parametrize("tool,argv,message", [
+    ("inspect_data", ["--data-path", "x", "--seq-length", "0", "--index", "0"],
+     "--seq-length must be >= 1 (got 0)"),
+    ("inspect_data", ["--data-path", "x", "--seq-length", "8", "--index", "-1"],
+     "--index must be >= 0 (got -1)"),
+    ("plan_run", ["--config", "configs/pretrain_7b_4k.yaml", "--gpus", "0"],
+     "--gpus must be >= 1 (got 0)"),
+    ("eval_ppl", ["--load", "configs", "--data-path", "nope"], None),
+])
+def test_bad_input_and_usage_errors_share_one_prefix(tool, argv, message):
+    def run(args):
+        return subprocess.run([sys.executable, os.path.join("tools", f"{tool}.py"), *args],
+                              capture_output=True, text=True, cwd=ROOT, timeout=120,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    r = run(argv)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{tool}.py: error: "), r.stderr
+    if message:
+        assert lines[0] == f"{tool}.py: error: {message}"
+    usage = run(["--no-such-flag"])  # argparse's own error line
+    assert usage.returncode == 2
+    assert usage.stderr.strip().splitlines()[-1].startswith(f"{tool}.py: error: ")
+
+
+# ---- #10: the README's suggested output folders are not offered to git ------------------------
+
+def test_readme_output_folders_are_ignored():
+    if not os.path.isdir(os.path.join(ROOT, ".git")) and not os.path.isfile(os.path.join(ROOT, ".git")):
+        pytest.skip("not a git checkout")
+    paths = ["hf/7b/model.safetensors", "runs/quickstart/ckpt/latest", "tok/spm.model",
+             "data/web_text_document.bin", "tests.log"]
+    r = subprocess.run(["git", "check-ignore", *paths], capture_output=True, text=True, cwd=ROOT)
+    assert r.stdout.split() == paths
+    tracked = subprocess.run(["git", "check-ignore", "tests/data/README.md"], cwd=ROOT)
+    assert tracked.returncode == 1  # not ignored

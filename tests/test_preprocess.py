@@ -419,7 +419,7 @@ def test_error_is_one_line_after_a_closed_bar_and_leaves_no_folder(tiny_corpus_a
         lines = r.stderr.split("\n")
         err = [ln for ln in lines if "error" in ln]
         # the bar's last state ends with a newline before the error; no bar is drawn after it
-        assert err == [f"preprocess_data: error: {inp}:2: malformed JSON: Expecting value "
+        assert err == [f"preprocess_data.py: error: {inp}:2: malformed JSON: Expecting value "
                        f"(column 10); pass --skip-bad-lines to skip and count such records"]
         assert err[0] in lines and lines[-2:] == [err[0], ""], r.stderr
         assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]  # no new/, no new/deeper/
@@ -448,7 +448,7 @@ def test_lone_surrogate_is_a_file_line_error_or_a_counted_skip(tiny_corpus_and_t
         out = tmp_path / f"w{w}"
         assert _run(str(inp), model, out / "s", "--workers", w) == 2
         assert capsys.readouterr().err.splitlines() == [
-            f"preprocess_data: error: {inp}:2: key 'text' holds a lone surrogate \\ud800 at "
+            f"preprocess_data.py: error: {inp}:2: key 'text' holds a lone surrogate \\ud800 at "
             f"character 1 (a \\uD800-\\uDFFF escape without its pair): not valid Unicode text; "
             f"pass --skip-bad-lines to skip and count such records"]
         assert not out.exists()

@@ -42,7 +42,7 @@ def _subprocess(tool, *args, **env):
 def _in_process(capsys, tool, argv):
     """run_tool on the tool's main: (status, stderr lines)."""
     mod = load_tool(tool)
-    status = run_tool(tool, getattr(mod, "main", None) or mod.run, argv)
+    status = run_tool(f"{tool}.py", getattr(mod, "main", None) or mod.run, argv)
     return status, capsys.readouterr().err.strip().splitlines()
 
 
@@ -71,7 +71,7 @@ def test_eval_ppl_script_hf_folder_without_format_and_traceback_switch(assets):
     r = _subprocess("eval_ppl", "--load", str(assets / "hf"), "--data-path", str(assets / "val"))
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1:] == [
-        f"eval_ppl: error: --load {assets}/hf: no megatron_lite checkpoint there (no "
+        f"eval_ppl.py: error: --load {assets}/hf: no megatron_lite checkpoint there (no "
         "manifest.json) but a config.json: for a HuggingFace folder pass --load-format hf"]
     assert "Traceback" not in r.stderr and r.stdout == ""
     r = _subprocess("eval_ppl", "--load", str(assets / "ckpt"), "--data-path", str(assets / "val"),
@@ -85,7 +85,7 @@ def test_generate_script_empty_prompt(assets):
     r = _subprocess("generate", "--load", str(assets / "ckpt"), "--prompt", "")
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
-        "generate: error: --prompt is empty (no tokens to continue): give some text, or pass "
+        "generate.py: error: --prompt is empty (no tokens to continue): give some text, or pass "
         "--add-bos to generate from the BOS token alone"]
 
 
@@ -117,7 +117,7 @@ def test_eval_ppl_bad_input_is_one_line(assets, capsys, monkeypatch):
          "--tp 2 needs 2 processes: launch with torchrun --nproc_per_node 2 ..."),
     ]
     for argv, message in cases:
-        assert _in_process(capsys, "eval_ppl", argv) == (2, [f"eval_ppl: error: {message}"]), argv
+        assert _in_process(capsys, "eval_ppl", argv) == (2, [f"eval_ppl.py: error: {message}"]), argv
 
 
 def test_eval_ppl_warns_once_beyond_the_trained_length(assets, capsys):
@@ -127,12 +127,12 @@ def test_eval_ppl_warns_once_beyond_the_trained_length(assets, capsys):
     assert "warning" not in capsys.readouterr().err
     at_32 = mod.main(common + ["--seq-length", "32"])
     err = capsys.readouterr().err
-    warning = ("eval_ppl: warning: --seq-length 32 is longer than the 16 positions the model was "
+    warning = ("eval_ppl.py: warning: --seq-length 32 is longer than the 16 positions the model was "
                "trained at (RoPE without scaling): positions 16..31 are extrapolated and the "
                "perplexity is not comparable with --seq-length <= 16; to evaluate a longer "
                "context, extend the model first (continued pretraining at that length with "
                "--rope-scaling-type yarn/linear/llama3 and --rope-scaling-factor)")
-    assert err.count("eval_ppl: warning:") == 1 and warning in err.splitlines()
+    assert err.count("eval_ppl.py: warning:") == 1 and warning in err.splitlines()
     assert at_32["tokens"] == at_16["tokens"] and at_32["nll"] != at_16["nll"]  # still evaluated
 
 
@@ -148,9 +148,9 @@ def test_generate_flags_checked_before_loading(assets, capsys):
              (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1 (got 0)")]
     for extra, message in cases:
         assert _in_process(capsys, "generate", base + extra) == \
-            (2, [f"generate: error: {message}"]), extra
+            (2, [f"generate.py: error: {message}"]), extra
     assert _in_process(capsys, "generate", base) == \
-        (2, [f"generate: error: --load {assets}/gone: no such file or folder"])
+        (2, [f"generate.py: error: --load {assets}/gone: no such file or folder"])
 
 
 def test_generate_temperature_zero_is_greedy_and_empty_prompt_with_bos(
@@ -190,14 +190,14 @@ def test_other_tools_refuse_bad_outputs_before_working(assets, capsys):
             "--base", "b", "--cpt", "c", "--base-data", "d", "--domain-data", "e",
             "--output", "/proc/x.json"])
         assert status == 2 and len(err) == 1
-        assert err[0].startswith(f"cpt_report: error: --output /proc/x.json: {proc}")
+        assert err[0].startswith(f"cpt_report.py: error: --output /proc/x.json: {proc}")
         status, err = _in_process(capsys, "noise_scale_estimator", [
             "--load", "b", "--data-path", "d", "--output", "/proc/x.json"])
         assert status == 2 and len(err) == 1
-        assert err[0].startswith(f"noise_scale_estimator: error: --output /proc/x.json: {proc}")
+        assert err[0].startswith(f"noise_scale_estimator.py: error: --output /proc/x.json: {proc}")
     assert _in_process(capsys, "noise_scale_estimator", [
         "--load", "b", "--data-path", "d", "--batch-sizes", "4,x"]) == (2, [
-            "noise_scale_estimator: error: --batch-sizes 4,x: give at least two distinct sizes "
+            "noise_scale_estimator.py: error: --batch-sizes 4,x: give at least two distinct sizes "
             ">= 1, comma-separated (e.g. 4,8,16,32)"])
     for tool, flag, extra in [
             ("preprocess_data", "--output-prefix", ["--input", "in.jsonl", "--tokenizer-type",
@@ -207,7 +207,7 @@ def test_other_tools_refuse_bad_outputs_before_working(assets, capsys):
             ("train_tokenizer", "--model-prefix", ["--input", "in.jsonl"])]:
         rc = load_tool(tool).main(extra + [flag, f"{assets}/afile/out"])
         err = capsys.readouterr().err.strip().splitlines()
-        assert (rc, err) == (2, [f"{tool}: error: {flag} {assets}/afile/out: {under_file}"])
+        assert (rc, err) == (2, [f"{tool}.py: error: {flag} {assets}/afile/out: {under_file}"])
     assert sorted(os.listdir(assets)) == before  # nothing written
 
 

@@ -96,12 +96,12 @@ def main(argv: list[str] | None = None) -> dict:
                       max_shard_size=args.max_shard_size, tokenizer_model=args.tokenizer_model,
                       iteration=args.iteration, force=args.force)
     except ConversionError as e:
-        print(f"convert_checkpoint: error: {e}", file=sys.stderr, flush=True)
+        print(f"convert_checkpoint.py: error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from e
     for note in res["notes"]:
-        print(f"convert_checkpoint: note: {note}", flush=True)
+        print(f"convert_checkpoint.py: note: {note}", flush=True)
     tp = f" at TP={res['tp']}" if res["tp"] else ""
-    print(f"convert_checkpoint: {res['source']} -> {res['save']} ({args.save_format}{tp})",
+    print(f"convert_checkpoint.py: {res['source']} -> {res['save']} ({args.save_format}{tp})",
           flush=True)
     return res
 
@@ -109,4 +109,4 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     from megatron_lite.eval.tool_cli import run_tool
 
-    sys.exit(run_tool("convert_checkpoint", main))
+    sys.exit(run_tool("convert_checkpoint.py", main))

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
                              "(the checkpoint's --seq-length; pass --seq-length to change it)")
         note = loaded.extrapolation_warning(seq_length)
         if note and rank == 0:
-            print(f"eval_ppl: warning: {note}", file=sys.stderr, flush=True)
+            print(f"eval_ppl.py: warning: {note}", file=sys.stderr, flush=True)
         top = int(stream.max())
         if top >= loaded.vocab_size:
             raise ValueError(f"--data-path {args.data_path} holds token id {top} but the "
@@ -127,4 +127,4 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     from megatron_lite.eval.tool_cli import run_tool
 
-    sys.exit(run_tool("eval_ppl", main))
+    sys.exit(run_tool("eval_ppl.py", main))

@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         check_output_path("--output-prefix", args.output_prefix, "prefix")  # before the work
         s = extend(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"extend_tokenizer: error: {e}", file=sys.stderr)
+        print(f"extend_tokenizer.py: error: {e}", file=sys.stderr)
         return 2
     print(f"vocab {s['base_vocab_size']} -> {s['vocab_size']} (+{s['added_pieces']} pieces, "
           f"{s['skipped_existing']} domain pieces already present); domain tokens per character "
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({s['eval_docs']} docs, {s['eval_chars']} chars)")
     print(f"wrote {args.output_prefix}.model, .vocab, .stats.json")
     if s["added_pieces"] < args.num_new_pieces:
-        print(f"extend_tokenizer: warning: only {s['added_pieces']} of --num-new-pieces "
+        print(f"extend_tokenizer.py: warning: only {s['added_pieces']} of --num-new-pieces "
               f"{args.num_new_pieces} were added: the domain tokenizer's other pieces are already "
               f"in the base; raise --domain-vocab-size (this run: {s['domain_vocab_size']})",
               file=sys.stderr)

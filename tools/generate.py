@@ -146,4 +146,4 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     from megatron_lite.eval.tool_cli import run_tool
 
-    sys.exit(run_tool("generate", main))
+    sys.exit(run_tool("generate.py", main))

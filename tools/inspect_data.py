@@ -62,6 +62,8 @@ def inspect_sample(args: argparse.Namespace) -> dict:
     Raises:
         ValueError / IndexError: bad data path, split without data, index out of range.
     """
+    if args.seq_length < 1:  # before the dataset, whose message would not name the flag
+        raise ValueError(f"--seq-length must be >= 1 (got {args.seq_length})")
     tok = None
     if args.tokenizer_model:
         from megatron_lite.data.tokenizer import build_tokenizer
@@ -74,7 +76,7 @@ def inspect_sample(args: argparse.Namespace) -> dict:
         raise ValueError("--reset-position-ids/--reset-attention-mask/--eod-mask-loss need the EOD id: "
                          "give --tokenizer-model or --eod-id")
     if args.index < 0:
-        raise IndexError(f"--index must be >= 0, got {args.index}")
+        raise IndexError(f"--index must be >= 0 (got {args.index})")
     cfg = DataConfig(data_path=args.data_path, split=args.split, no_shuffle=args.no_shuffle,
                      reset_position_ids=args.reset_position_ids, reset_attention_mask=args.reset_attention_mask,
                      eod_mask_loss=args.eod_mask_loss, data_cache_path=args.data_cache_path)
@@ -95,7 +97,7 @@ def main(argv=None) -> int:
     try:
         out = inspect_sample(args)
     except (ValueError, IndexError, FileNotFoundError) as e:
-        print(f"inspect_data: error: {e}", file=sys.stderr)
+        print(f"inspect_data.py: error: {e}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(out, ensure_ascii=False))

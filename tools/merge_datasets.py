@@ -85,7 +85,7 @@ def main(argv=None) -> int:
         check_output_path("--output-prefix", args.output_prefix, "prefix")
         stats = merge(expand(args.input), args.output_prefix)
     except (ValueError, FileNotFoundError) as e:
-        print(f"merge_datasets: error: {e}", file=sys.stderr)
+        print(f"merge_datasets.py: error: {e}", file=sys.stderr)
         return 2
     print(f"merged {len(args.input)} input(s) into {args.output_prefix}: {stats}")
     return 0

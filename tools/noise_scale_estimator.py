@@ -188,4 +188,4 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     from megatron_lite.eval.tool_cli import run_tool
 
-    sys.exit(run_tool("noise_scale_estimator", main))
+    sys.exit(run_tool("noise_scale_estimator.py", main))

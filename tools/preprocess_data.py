@@ -416,11 +416,11 @@ def main(argv: list[str] | None = None) -> int:
         check_output_path("--output-prefix", args.output_prefix, "prefix")  # before the work
         s = preprocess(args)
     except BadRecordError as e:
-        print(f"preprocess_data: error: {e}; pass --skip-bad-lines to skip and count such "
+        print(f"preprocess_data.py: error: {e}; pass --skip-bad-lines to skip and count such "
               f"records", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError) as e:
-        print(f"preprocess_data: error: {e}", file=sys.stderr)
+        print(f"preprocess_data.py: error: {e}", file=sys.stderr)
         return 2
     lt = s["length_tokens"]
     print(f"docs={s['docs']} tokens={s['tokens']} skipped={s['skipped']} "

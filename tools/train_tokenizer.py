@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         check_output_path("--model-prefix", args.model_prefix, "prefix")  # before the training
         stats = train(args)
     except (BadRecordError, ValueError, FileNotFoundError) as e:
-        print(f"train_tokenizer: error: {e}", file=sys.stderr)
+        print(f"train_tokenizer.py: error: {e}", file=sys.stderr)
         return 2
     h = stats["held_out"]
     tpc = f"{h['tokens_per_char']:.4f}" if h["tokens_per_char"] is not None else "n/a"

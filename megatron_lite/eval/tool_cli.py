@@ -3,7 +3,11 @@
 The training entrypoints do this in ``megatron_lite.entrypoints.run_entrypoint``; the
 tools follow the same convention through :func:`run_tool`, so a wrong path or flag value prints
 
-    <tool>: error: <what is wrong and how to fix it>
+    <tool>.py: error: <what is wrong and how to fix it>
+
+The prefix is the script's file name, as argparse prints it for a usage error and the training
+entrypoints (``pretrain_llama.py: error:``) and shell scripts (``quickstart.sh: error:``) do: one
+style everywhere. Tools that print their own line (warnings, notes) use the same prefix.
 
 on stderr and exits 2 instead of a traceback with status 1. ``MEGATRON_LITE_TRACEBACK=1`` in the
 environment re-raises instead (the traceback is then printed as usual).
@@ -40,7 +44,7 @@ def run_tool(tool: str, main: Callable[[Sequence[str] | None], Any],
     """Run a tool's ``main(argv)`` and turn bad-input errors into one line and status 2.
 
     Args:
-        tool: the tool's name for the message (``eval_ppl``).
+        tool: the script's file name for the message (``eval_ppl.py``).
         main: the tool's entry point; an int it returns is the exit status, anything else
             (a result dict, None) means 0.
         argv: arguments without the program name (None: ``sys.argv[1:]``, as argparse does).
