@@ -251,7 +251,7 @@ def test_entrypoint_prints_bad_input_as_one_line(capsys, monkeypatch):
     cfg = parse_args(BASE)
 
     def fail(exc):
-        def train(_):
+        def train(_, **hooks):  # run_entrypoint also passes the fault-hook callbacks
             raise exc
         return train
 
@@ -260,7 +260,7 @@ def test_entrypoint_prints_bad_input_as_one_line(capsys, monkeypatch):
     assert capsys.readouterr().err == "x.py: error: data/a.idx does not exist\n"
     assert run_entrypoint("x.py", lambda: cfg, fail(CheckpointSaveError("disk full"))) == 1
     assert capsys.readouterr().err == "x.py: checkpoint save failed: disk full\n"
-    assert run_entrypoint("x.py", lambda: cfg, lambda c: None) == 0
+    assert run_entrypoint("x.py", lambda: cfg, lambda c, **hooks: None) == 0
     monkeypatch.setenv("MEGATRON_LITE_TRACEBACK", "1")
     with pytest.raises(ValueError, match="shape"):
         run_entrypoint("x.py", lambda: cfg, fail(ValueError("shape")))

@@ -13,10 +13,12 @@ for the final batch and :func:`set_step_batch` moves it to each step's batch.
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from typing import Any
 
 from megatron_lite.config.deepspeed_json import read_json_with_comments
+from megatron_lite.parallel import mpu
 
 # Batch/precision/clipping fields: ours are the source of truth; the JSON may say "auto" or agree.
 _AUTO_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
@@ -122,11 +124,9 @@ def skip_cpu_shm_comm_op() -> None:
     leaves a lock every later DeepSpeed start waits on forever. Marking the op incompatible makes
     DeepSpeed use torch.distributed directly. ``MEGATRON_LITE_DS_SHM=1`` keeps the op.
     """
-    import os
-
     if os.environ.get("MEGATRON_LITE_DS_SHM") == "1":
         return
-    import deepspeed.ops
+    import deepspeed.ops  # why: heavy optional dependency, imported only when an engine is built
 
     compat = getattr(deepspeed.ops, "__compatible_ops__", None)
     if isinstance(compat, dict):
@@ -148,10 +148,8 @@ def init_engine(model, optimizer, cfg):
     Returns:
         The DeepSpeed engine (the process group must already exist).
     """
-    import deepspeed
-    from deepspeed.utils import logger as ds_logger
-
-    from megatron_lite.parallel import mpu
+    import deepspeed  # why: heavy optional dependency, imported only when an engine is built
+    from deepspeed.utils import logger as ds_logger  # why: as above
 
     if not any(isinstance(f, _UntestedOptimizerFilter) for f in ds_logger.filters):
         ds_logger.addFilter(_UntestedOptimizerFilter())

@@ -52,6 +52,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite.config.checks import check_optimizer, check_optimizer_runtime
+from megatron_lite.parallel import get_tensor_model_parallel_group, get_tensor_model_parallel_rank
 
 _EMBED_KEYS = ("embed", "output_layer", "lm_head")
 
@@ -91,9 +92,6 @@ def tp_aware_grad_norm(params: Iterable[torch.nn.Parameter]) -> float:
     over replicated ones on TP rank 0 only, then all-reduces over the TP group (DeepSpeed
     ``runtime/utils.clip_grad_norm_`` rule; Megatron-LM ``clip_grads.get_grad_norm_fp32``).
     """
-    from megatron_lite.parallel import (get_tensor_model_parallel_group,
-                                        get_tensor_model_parallel_rank)
-
     tp_rank = get_tensor_model_parallel_rank()
     total, device = None, torch.device("cpu")
     for p in params:
@@ -188,7 +186,7 @@ def _guarded(base: type, name: str) -> type:
 
 def _lion_class() -> type:
     try:
-        from lion_pytorch import Lion
+        from lion_pytorch import Lion  # why: optional dependency, only for --optimizer lion
     except ImportError:
         raise ValueError("--optimizer lion needs the lion-pytorch package (pip install "
                          "lion-pytorch; it is in requirements.txt)") from None
@@ -235,14 +233,14 @@ def build_optimizer(model: torch.nn.Module, cfg, device: torch.device,
                                 eps=(o.adafactor_eps1, o.adafactor_eps2), d=o.adafactor_d,
                                 weight_decay=o.weight_decay)
     if name == "paged_adamw":
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # why: optional dependency, only for paged_adamw
 
         cls = _guarded(bnb.optim.PagedAdamW, "GuardedPagedAdamW")
         return cls(groups, clip_grad=clip, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2),
                    eps=o.adam_eps, weight_decay=o.weight_decay)
     # cpu_adam: DeepSpeed JIT-builds its C++ op on first use (~1-2 min, cached in
     # $TORCH_EXTENSIONS_DIR). Not exactly DeepSpeedCPUAdam's type, so ZeRO calls plain step().
-    from deepspeed.ops.adam import DeepSpeedCPUAdam
+    from deepspeed.ops.adam import DeepSpeedCPUAdam  # why: heavy op (JIT C++ build), cpu_adam only
 
     cls = _guarded(DeepSpeedCPUAdam, "GuardedCPUAdam")
     return cls(groups, clip_grad=clip, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2),

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 
+from megatron_lite.config.batch_ramp import ramp_from_config
 from megatron_lite.config.sections import LR_DECAY_STYLES, WSD_DECAY_STYLES
 
 
@@ -169,8 +170,6 @@ class LRScheduler:
     @classmethod
     def from_config(cls, optimizer, cfg) -> "LRScheduler":
         """Build from a finalized RunConfig (sample-counted when it has a batch ramp)."""
-        from megatron_lite.config.batch_ramp import ramp_from_config
-
         d, s, o = cfg.derived, cfg.schedule, cfg.optimizer
         return cls(optimizer, max_lr=o.lr, min_lr=o.min_lr, warmup_iters=d.lr_warmup_iters,
                    decay_iters=d.lr_decay_iters, decay_style=s.lr_decay_style,
