@@ -5,8 +5,9 @@ Extensions (each optional; the pure-Python reference runs when one is missing):
   megatron_lite._rope_ops      csrc/rope.cpp (+ csrc/rope_cuda.cu when CUDA is available)
                                torch custom op: fused RoPE forward/backward (CPU OpenMP kernel)
 
-Install with ``pip install --no-build-isolation -e .`` so the build sees the installed torch
-(an isolated build would fetch a different torch wheel).
+Install with ``pip install --no-build-isolation -e .`` (or ``.``) after ``pip install -r
+requirements.txt``, so the build sees the installed torch (an isolated build would fetch a
+different torch wheel, so pyproject.toml lists only setuptools, wheel and pybind11).
 """
 
 import os
@@ -28,8 +29,19 @@ def _extensions():
                                       extra_compile_args=["-O3"], cxx_std=17))
     rope_src = os.path.join("csrc", "rope.cpp")
     if os.path.exists(os.path.join(HERE, rope_src)):
-        import torch
-        from torch.utils import cpp_extension
+        try:
+            import torch
+            from torch.utils import cpp_extension
+        except ImportError:
+            # pip's isolated build has setuptools and pybind11 (pyproject.toml) but never torch
+            raise SystemExit(
+                "megatron_lite: building the fused RoPE extension needs torch in the build "
+                "environment, and pip's build isolation hides it. Install the requirements first "
+                "and build without isolation, as for flash-attn and apex:\n"
+                "    pip install -r requirements.txt\n"
+                "    pip install --no-build-isolation -e .\n"
+                "(or run `source scripts/setup_env.sh`; MEGATRON_LITE_NO_EXT=1 builds without "
+                "the extensions)") from None
 
         sources = [rope_src]
         use_cuda = torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None and \

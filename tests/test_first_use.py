@@ -316,3 +316,60 @@ def test_readme_output_folders_are_ignored():
     assert r.stdout.split() == paths
     tracked = subprocess.run(["git", "check-ignore", "tests/data/README.md"], cwd=ROOT)
     assert tracked.returncode == 1  # not ignored
+
+
+# ---- #15: pip install in a fresh venv -------------------------------------------------------
+
+@pytest.mark.slow
+def test_pip_install_no_build_isolation_in_a_fresh_venv(tmp_path):
+    """A fresh venv with the build's requirements (torch, pybind11, setuptools): a plain
+    `pip install -e .` stops with the hint (the isolated build has no torch), while
+    `pip install --no-build-isolation -e .` and `... .` build both extensions (about 4 minutes
+    on 2 cores: two C++ builds)."""
+    import shutil
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(ROOT, name), src / name)
+    skip = shutil.ignore_patterns("*.so", "__pycache__", "build")
+    shutil.copytree(os.path.join(ROOT, "csrc"), src / "csrc", ignore=skip)
+    shutil.copytree(os.path.join(ROOT, "megatron_lite"), src / "megatron_lite", ignore=skip)
+    venv = tmp_path / "venv"
+    subprocess.run([BASE_PYTHON, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+    import torch
+
+    env = {**_fresh_shell_env(), "OMP_NUM_THREADS": "1", "MAX_JOBS": "2"}
+    r = subprocess.run(pip + [f"torch=={torch.__version__.split('+')[0]}", "pybind11>=2.12",
+                              "setuptools", "wheel", "ninja", "numpy"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    def install(*args):
+        return subprocess.run(pip + list(args), capture_output=True, text=True, cwd=src, env=env)
+
+    def check_import():
+        code = ("import torch, megatron_lite, megatron_lite._rope_ops as r, "
+                "megatron_lite._data_helpers as d; print(megatron_lite.__file__)")
+        r = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True,
+                           text=True, cwd=tmp_path, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout.strip()
+
+    isolated = install("-e", ".")
+    assert isolated.returncode != 0
+    assert "pip install --no-build-isolation -e ." in isolated.stdout + isolated.stderr
+    assert "No module named" not in isolated.stdout + isolated.stderr  # pybind11 is declared
+
+    r = install("--no-build-isolation", "-e", ".")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert check_import() == str(src / "megatron_lite" / "__init__.py")
+
+    subprocess.run(pip[:-2] + ["uninstall", "-y", "-q", "megatron_lite"], check=True, env=env)
+    for so in (src / "megatron_lite").glob("*.so"):
+        so.unlink()
+    shutil.rmtree(src / "build", ignore_errors=True)
+    r = install("--no-build-isolation", ".")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "site-packages" in check_import()
