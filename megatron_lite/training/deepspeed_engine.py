@@ -79,7 +79,7 @@ def build_ds_config(cfg) -> dict:
             fp16.setdefault("initial_scale_power", tr.initial_loss_scale_power)
     zero = ds.setdefault("zero_optimization", {})
     zero["stage"] = par.zero_stage
-    h = int(getattr(cfg.model, "hidden_size", 0) or 0)
+    h = int(cfg.model.hidden_size or 0)
     autos = {"reduce_bucket_size": h * h, "stage3_prefetch_bucket_size": int(0.9 * h * h),
              "stage3_param_persistence_threshold": 10 * h}
     for k, v in autos.items():
