@@ -20,7 +20,8 @@ DS_JSONS = sorted(glob.glob(os.path.join(ROOT, "configs", "deepspeed_zero*.json"
 @pytest.mark.parametrize("path", DS_JSONS, ids=os.path.basename)
 def test_shipped_deepspeed_json_warns_nothing(path, monkeypatch):
     # The stage is the file's own, so the JSON and the flags agree as a user's run would.
-    from megatron_lite.training.deepspeed_engine import build_ds_config, reconcile_user_json
+    from megatron_lite.config.deepspeed_json import reconcile_user_json
+    from megatron_lite.training.deepspeed_engine import build_ds_config
 
     monkeypatch.chdir(ROOT)
     with open(path) as f:
