@@ -14,7 +14,7 @@ import torch
 
 from megatron_lite.data.blended import BlendedDataset, load_stages, normalize_weights, temperature_weights
 from megatron_lite.data.collate import collate_samples
-from megatron_lite.data.data_config import DataConfig, parse_data_path, split_weights
+from megatron_lite.data.data_config import DataConfig, corpus_names, parse_data_path, split_weights
 from megatron_lite.data.gpt_dataset import GPTDataset, split_document_ranges
 from megatron_lite.data.indexed import IndexedDataset
 from megatron_lite.data.sampler import MegatronPretrainingRandomSampler, MegatronPretrainingSampler
@@ -155,6 +155,45 @@ def build_train_valid_test_datasets(data_config: DataConfig, seq_length: int, nu
         out.append(build_split_dataset(data_config, SPLITS[k], prefixes, weights, slot, seq_length, n, seed,
                                        eod_id, use_stages=(k == 0), _cache=cache))
     return tuple(out)
+
+
+def build_corpus_datasets(data_config: DataConfig, seq_length: int, num_samples: int, seed: int,
+                          eod_id: Optional[int], split: str = "valid") -> List[Tuple[str, GPTDataset]]:
+    """One dataset per corpus of a blended split, for per-corpus evaluation.
+
+    Each is the corpus' own part of ``split`` (its ``--split`` document range, or the whole
+    ``--valid-data-path``/``--test-data-path`` prefix) as the single-corpus :class:`GPTDataset`
+    that ``--data-path PREFIX`` alone would give, holding ``num_samples`` samples: evaluating
+    it on ``--eval-iters`` micro-batches is evaluating that prefix alone.
+
+    Args:
+        data_config: paths, split, packing flags, ``data_names`` (labels).
+        seq_length, num_samples, seed, eod_id: as :func:`build_train_valid_test_datasets`.
+        split: ``"valid"`` or ``"test"``.
+
+    Returns:
+        ``[(name, dataset), ...]`` in prefix order (names from
+        :func:`~megatron_lite.data.data_config.corpus_names`); empty when the split has fewer than
+        two corpora (the blend's value is then the corpus' value) or ``num_samples <= 0``. A corpus
+        whose part holds fewer than ``seq_length + 1`` tokens is left out, with one warning.
+    """
+    k = SPLITS.index(split)
+    prefixes, _, slot = _split_sources(data_config)[k]
+    if len(prefixes) < 2 or num_samples <= 0:
+        return []
+    names = corpus_names(prefixes, data_config.data_names if split == "valid" else None)
+    cache: dict = {}
+    out = []
+    for name, prefix in zip(names, prefixes):
+        tokens = _split_tokens(data_config, [prefix], slot, cache)
+        if tokens < seq_length + 1:
+            if _rank() == 0:
+                warnings.warn(f"{split} part of {prefix} holds {tokens} tokens < seq_length + 1 = "
+                              f"{seq_length + 1}: no per-corpus {split} loss for '{name}'", stacklevel=2)
+            continue
+        out.append((name, build_split_dataset(data_config, split, [prefix], None, slot, seq_length,
+                                              num_samples, seed, eod_id, _cache=cache)))
+    return out
 
 
 def build_data_loader(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,

@@ -6,6 +6,7 @@ the dataset builders take it as a parameter.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -45,6 +46,10 @@ class DataConfig:
         None, "Directory for cached index arrays (default: <prefix dir>/index_cache)")
     num_workers: int = arg(2, "DataLoader worker processes")
     mmap_bin_files: bool = arg(True, "Memory-map .bin files (--no-mmap-bin-files reads them into RAM)")
+    data_names: Optional[List[str]] = arg(
+        None, "Labels of the validation corpora, one per prefix of the validation blend "
+        "(--valid-data-path, else --data-path), in order: per-corpus validation logs val_loss/<label> "
+        "(default: each prefix's basename)", nargs="+")
 
     def __post_init__(self):
         split_weights(self.split)
@@ -52,6 +57,35 @@ class DataConfig:
             raise ValueError(f"--data-temperature must be > 0, got {self.data_temperature}")
         if self.num_workers < 0:
             raise ValueError(f"--num-workers must be >= 0, got {self.num_workers}")
+        if self.data_names is not None:
+            corpus_names(parse_data_path(self.valid_data_path or self.data_path)[0], self.data_names)
+
+
+def corpus_names(prefixes: List[str], labels: Optional[List[str]] = None) -> List[str]:
+    """Names of the corpora ``prefixes`` in per-corpus validation records (``val_loss/<name>``).
+
+    ``labels`` (``--data-names``) are used as given; without them each prefix is named by its
+    basename, or by as many trailing path parts as make the names distinct
+    (``a/text_document``, ``b/text_document``).
+
+    Raises:
+        ValueError: ``labels`` not one per prefix, repeated, empty, or holding a '/' or a space.
+    """
+    if labels is not None:
+        if len(labels) != len(prefixes):
+            raise ValueError(f"--data-names gives {len(labels)} labels for {len(prefixes)} validation "
+                             f"prefixes {list(prefixes)}: give one label per prefix")
+        bad = [x for x in labels if not x or "/" in x or any(c.isspace() for c in x)]
+        if bad or len(set(labels)) != len(labels):
+            raise ValueError(f"--data-names {list(labels)}: labels must be distinct, non-empty, "
+                             "without '/' or spaces")
+        return list(labels)
+    parts = [os.path.normpath(p).split(os.sep) for p in prefixes]
+    for k in range(1, max((len(x) for x in parts), default=1) + 1):
+        names = ["/".join(x[-k:]) for x in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [f"{i}:{n}" for i, n in enumerate(names)]  # the same prefix twice: numbered
 
 
 def split_weights(split: str) -> Tuple[float, float, float]:

@@ -397,7 +397,8 @@ class TrainingLogger:
 
     # ---- evaluation -----------------------------------------------------------------------
     def log_eval(self, step: int, val_loss: float | dict[str, Any], tokens: int | None = None,
-                 extra: dict[str, Any] | None = None, split: str = "valid") -> dict[str, Any]:
+                 extra: dict[str, Any] | None = None, split: str = "valid",
+                 per_corpus: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
         """Print, and write to TensorBoard and metrics.jsonl, an evaluation result.
 
         Args:
@@ -410,6 +411,9 @@ class TrainingLogger:
                 ``val_ppl``, ``val_tokens``, TensorBoard ``val/``) or ``"test"`` (the test split
                 at the end of training: type ``test``, keys ``test_loss``, ``test_ppl``,
                 ``test_tokens``, TensorBoard ``test/``).
+            per_corpus: ``{name: evaluate() result}`` of each corpus of a blend; adds
+                ``<p>_loss/<name>``, ``<p>_ppl/<name>``, ``<p>_tokens/<name>`` to the record (and
+                TensorBoard) and one console line per corpus below the blend's.
 
         Returns:
             The record, with ``<p>_loss`` and ``<p>_ppl`` = exp(loss), ``p`` = val or test.
@@ -432,12 +436,20 @@ class TrainingLogger:
                   f"{p}_loss": val_loss, f"{p}_ppl": ppl}
         if tokens is not None:
             record[f"{p}_tokens"] = int(tokens)
+        lines = ""
+        for name, res in (per_corpus or {}).items():
+            c_loss, c_ppl, c_tokens = float(res["val_loss"]), float(res["val_ppl"]), res.get("tokens")
+            record.update({f"{p}_loss/{name}": c_loss, f"{p}_ppl/{name}": c_ppl})
+            if c_tokens is not None:
+                record[f"{p}_tokens/{name}"] = int(c_tokens)
+            lines += (f"\n   corpus {name} | lm loss value: {c_loss:.6E} | lm loss PPL: "
+                      f"{c_ppl:.6E} | tokens: {c_tokens} |")
         record.update(extra or {})
         if self.is_writer:
             bar = "-" * 100
             what = (f"validation loss at iteration {step}" if split == "valid" else
                     f"test loss at the end of training (iteration {step}), test split")
             self._print(f"{bar}\n {what} | lm loss value: {val_loss:.6E} | lm loss PPL: "
-                        f"{ppl:.6E} | tokens: {tokens} |\n{bar}")
+                        f"{ppl:.6E} | tokens: {tokens} |{lines}\n{bar}")
             self._write(record, p)
         return record

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from megatron_lite.config import format_plan
 from megatron_lite.data import build_data_loader, build_train_valid_test_datasets
-from megatron_lite.data.builder import iter_loader
+from megatron_lite.data.builder import build_corpus_datasets, iter_loader
 from megatron_lite.data.tokenizer import build_tokenizer
 from megatron_lite.model.counting import flops_per_token
 from megatron_lite.model.llama import LlamaModel
@@ -167,6 +167,7 @@ class DataLoaders:
     valid: Any = None
     test: Any = None
     train_ds: Any = None
+    valid_corpora: list = dataclasses.field(default_factory=list)  # [(name, loader)]: a blend's corpora
 
 
 def _split_samples(cfg) -> tuple[int, int, int]:
@@ -207,7 +208,12 @@ def build_data(cfg, consumed_samples: int, data_state: dict | None = None) -> Da
                               seed=seed + 1, vocab_size=vocab) if valid_ds is not None else None
     test = build_data_loader(test_ds, 0, mbs, dp_rank, dp, num_workers=0, seed=seed + 2,
                              vocab_size=vocab) if test_ds is not None else None
-    return DataLoaders(train, valid, test, train_ds)
+    # A blended validation split is also evaluated corpus by corpus, each on its own valid part.
+    corpora = build_corpus_datasets(dc, cfg.model.seq_length, _split_samples(cfg)[1] if valid is not None else 0,
+                                    cfg.training.seed, eod)
+    valid_corpora = [(name, build_data_loader(ds, 0, mbs, dp_rank, dp, num_workers=0, seed=seed + 1,
+                                              vocab_size=vocab)) for name, ds in corpora]
+    return DataLoaders(train, valid, test, train_ds, valid_corpora)
 
 
 def train_batches(loader, signals=()) -> Iterator[dict]:

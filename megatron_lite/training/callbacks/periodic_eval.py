@@ -16,11 +16,16 @@ class PeriodicEval:
         test_loader: the test split's loader (None: no test evaluation).
         logger: the ``TrainingLogger``; evaluation time is excluded from training time.
         device: compute device.
+        valid_corpora: ``[(name, loader), ...]``: each corpus of a blended validation split on its
+            own (``build_corpus_datasets``); each is evaluated on ``--eval-iters`` micro-batches
+            after the blend and logged as ``val_loss/<name>``, ``val_ppl/<name>``. Empty: the
+            blend alone, as before.
     """
 
-    def __init__(self, cfg, engine, valid_loader, test_loader, logger, device):
+    def __init__(self, cfg, engine, valid_loader, test_loader, logger, device, valid_corpora=()):
         self.cfg, self.engine, self.logger, self.device = cfg, engine, logger, device
         self.valid_loader, self.test_loader = valid_loader, test_loader
+        self.valid_corpora = list(valid_corpora)
 
     def maybe_validate(self, iteration: int) -> None:
         """Validate after step ``iteration`` if it is an eval step or the last step."""
@@ -30,7 +35,9 @@ class PeriodicEval:
         if iteration % interval and iteration != self.cfg.derived.train_iters:
             return
         res = self._evaluate(self.valid_loader)
-        self.logger.log_eval(iteration, res["val_loss"], tokens=res.get("tokens"))
+        per_corpus = {name: self._evaluate(loader) for name, loader in self.valid_corpora}
+        self.logger.log_eval(iteration, res["val_loss"], tokens=res.get("tokens"),
+                             per_corpus=per_corpus)
 
     def test(self, iteration: int) -> None:
         """Evaluate the test split once after the last step (Megatron's ``do_test``):
