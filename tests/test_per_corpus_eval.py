@@ -115,6 +115,9 @@ def _driver(root: str) -> None:
                    "--data-names", "W", "C"],
         "validpath": ["--data-path", a, "--split", "100,0,0", "--valid-data-path", a, b],
         "single": ["--data-path", a, "--split", "80,20,0"],
+        # Documents in on-disk order: the validation tokens are eval_ppl's stream's first ones.
+        "noshuffle": ["--data-path", a, "--split", "100,0,0", "--valid-data-path", a, b,
+                      "--no-shuffle"],
     }
     for name, extra in runs.items():
         cfg = parse_args(ARGS + extra + ["--metrics-file", os.path.join(root, name + ".jsonl"),
@@ -182,6 +185,34 @@ def test_data_names_label_the_corpora_and_single_corpus_logs_as_before(e2e):
     assert labels["val_loss"] == blend["val_loss"]
     single = _eval_records(os.path.join(root, "single.jsonl"))[-1]
     assert sorted(single) == ["step", "type", "val_loss", "val_ppl", "val_tokens"]
+
+
+@pytest.mark.slow
+def test_eval_ppl_several_prefixes_equal_alone_and_the_training_values(e2e, capsys):
+    from tests.fixtures_data import load_tool
+
+    root, _, _ = e2e
+    eval_ppl = load_tool("eval_ppl")
+    a, b = os.path.join(root, "web"), os.path.join(root, "code")
+    # The tokens the run's validation scored: 2 eval_iters x 2 micro x 2 ranks windows of 32.
+    common = ["--load", os.path.join(root, "ck_noshuffle"), "--seq-length", "32",
+              "--micro-batch-size", "2", "--max-tokens", str(8 * 32 + 1), "--device", "cpu"]
+    both = eval_ppl.main(common + ["--data-path", a, b, "--json"])
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert lines == both and [r["data_path"] for r in both] == [a, b]
+    last = _eval_records(os.path.join(root, "noshuffle.jsonl"))[-1]
+    for prefix, res in zip((a, b), both):
+        alone = eval_ppl.main(common + ["--data-path", prefix, "--json"])
+        assert {k: res[k] for k in alone} == alone                    # several == one at a time
+        name = os.path.basename(prefix)
+        assert res["tokens"] == last[f"val_tokens/{name}"] == 256
+        # The same tokens, the same weights and batches; only the fp64 summation order differs
+        # (per DP rank, then the all-reduce, against one pass).
+        assert res["nll"] == pytest.approx(last[f"val_loss/{name}"], rel=1e-12, abs=0)
+    capsys.readouterr()
+    eval_ppl.main(common + ["--data-path", a, b])
+    text = capsys.readouterr().out.splitlines()
+    assert len(text) == 2 and text[0].endswith(f"on {a}") and text[1].endswith(f"on {b}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ Examples::
     python tools/eval_ppl.py --load-format hf --load hf_llama/ --data-path data/val_text_document
 
 With ``--json`` rank 0 prints one line ``{"ppl": ..., "nll": ..., "tokens": ...}`` (``nll`` in
-nats per token, ``tokens`` = targets scored). Windows are shared out over the data-parallel ranks
+nats per token, ``tokens`` = targets scored). With several prefixes (``--data-path A B``, e.g.
+the corpora of a blend) it prints one line per prefix, in order, each JSON line with a
+``"data_path"`` entry; each prefix's numbers equal a run on that prefix alone. Windows are shared out over the data-parallel ranks
 (world / TP); the TP ranks of a group evaluate the same windows together.
 """
 
@@ -38,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "HuggingFace folder with --load-format hf")
     p.add_argument("--load-format", default="megatron_lite", choices=["megatron_lite", "hf"],
                    help="checkpoint format (default: megatron_lite)")
-    p.add_argument("--data-path", required=True, help="dataset prefix (without .bin/.idx)")
+    p.add_argument("--data-path", required=True, nargs="+", help="dataset prefix (without "
+                   ".bin/.idx); several prefixes are evaluated one after the other with the model "
+                   "loaded once, one result line (or JSON line) per prefix")
     p.add_argument("--seq-length", type=int, default=None, help="window length in tokens "
                    "(default: the checkpoint's --seq-length)")
     p.add_argument("--stride", type=int, default=None, help="tokens between window starts, in "
@@ -71,8 +75,9 @@ def check_args(args: argparse.Namespace) -> None:
                          "stride above the window length would leave targets unscored")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Evaluate; returns ``{"ppl", "nll", "tokens"}``.
+def main(argv: list[str] | None = None) -> dict | list[dict]:
+    """Evaluate; returns ``{"ppl", "nll", "tokens"}`` for one prefix, a list of such dicts (each
+    with ``"data_path"``) for several.
 
     Raises:
         ValueError, FileNotFoundError: bad flags, a missing checkpoint or dataset, data made
@@ -82,15 +87,14 @@ def main(argv: list[str] | None = None) -> dict:
     check_args(args)
     import torch.distributed as dist
 
-    from megatron_lite import parallel
     from megatron_lite.data.indexed import IndexedDataset
     from megatron_lite.eval.loading import inference_session, load_model
-    from megatron_lite.eval.perplexity import build_stream, stream_perplexity
+    from megatron_lite.eval.perplexity import build_stream
 
     with inference_session(args.tp, args.device) as device:
         rank = dist.get_rank() if dist.is_initialized() else 0
         # The data first: a wrong --data-path fails before the model is read.
-        stream = build_stream(IndexedDataset(args.data_path), args.max_tokens)
+        streams = [build_stream(IndexedDataset(p), args.max_tokens) for p in args.data_path]
         loaded = load_model(args.load, args.load_format, device)
         seq_length = args.seq_length or loaded.seq_length
         if not seq_length:
@@ -101,27 +105,42 @@ def main(argv: list[str] | None = None) -> dict:
         note = loaded.extrapolation_warning(seq_length)
         if note and rank == 0:
             print(f"eval_ppl.py: warning: {note}", file=sys.stderr, flush=True)
-        top = int(stream.max())
-        if top >= loaded.vocab_size:
-            raise ValueError(f"--data-path {args.data_path} holds token id {top} but the "
-                             f"model's vocabulary has {loaded.vocab_size} entries: the data was "
-                             "made with a different tokenizer")
-        result = stream_perplexity(
-            loaded.loss, stream, seq_length, args.stride, micro_batch_size=args.micro_batch_size,
-            dp_rank=parallel.get_data_parallel_rank(),
-            dp_size=parallel.get_data_parallel_world_size(),
-            dp_group=parallel.get_data_parallel_group(), device=device,
-            progress=args.progress)
-        if rank == 0:
-            if args.json:
-                print(json.dumps(result), flush=True)
-            else:
-                stride = args.stride or seq_length
-                print(f"perplexity {result['ppl']:.4f} | nll {result['nll']:.6f} nats/token | "
-                      f"{result['tokens']} tokens scored | seq_length {seq_length} stride "
-                      f"{stride} | {args.load} ({args.load_format}) on {args.data_path}",
-                      flush=True)
-        return result
+        for prefix, stream in zip(args.data_path, streams):
+            top = int(stream.max())
+            if top >= loaded.vocab_size:
+                raise ValueError(f"--data-path {prefix} holds token id {top} but the "
+                                 f"model's vocabulary has {loaded.vocab_size} entries: the data was "
+                                 "made with a different tokenizer")
+        results = [_evaluate_prefix(args, loaded, stream, seq_length, device, prefix, rank,
+                                    several=len(streams) > 1)
+                   for prefix, stream in zip(args.data_path, streams)]
+        return results[0] if len(results) == 1 else results
+
+
+def _evaluate_prefix(args, loaded, stream, seq_length: int, device, prefix: str, rank: int,
+                     several: bool) -> dict:
+    """One prefix's perplexity, printed on rank 0 (``data_path`` in the JSON with ``several``)."""
+    from megatron_lite import parallel
+    from megatron_lite.eval.perplexity import stream_perplexity
+
+    result = stream_perplexity(
+        loaded.loss, stream, seq_length, args.stride, micro_batch_size=args.micro_batch_size,
+        dp_rank=parallel.get_data_parallel_rank(),
+        dp_size=parallel.get_data_parallel_world_size(),
+        dp_group=parallel.get_data_parallel_group(), device=device,
+        progress=args.progress)
+    if several:
+        result = {"data_path": prefix, **result}
+    if rank == 0:
+        if args.json:
+            print(json.dumps(result), flush=True)
+        else:
+            stride = args.stride or seq_length
+            print(f"perplexity {result['ppl']:.4f} | nll {result['nll']:.6f} nats/token | "
+                  f"{result['tokens']} tokens scored | seq_length {seq_length} stride "
+                  f"{stride} | {args.load} ({args.load_format}) on {prefix}",
+                  flush=True)
+    return result
 
 
 if __name__ == "__main__":
