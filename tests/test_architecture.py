@@ -7,7 +7,7 @@ docs/architecture.md states the rules; this file keeps them true:
 * no module imports another module's private (``_name``) attribute;
 * layer order: a module imports only its own layer or lower ones
   (parallel/ops/utils/errors/config_field -> layers/data -> model -> config -> checkpoint ->
-  training -> cpt/eval/convert/planning/integrations/testing -> entrypoints);
+  training -> cpt/eval/convert/planning/integrations/testing/analysis -> entrypoints);
 * no function over 80 lines in config/, checkpoint/, training/, cpt/;
 * production modules read no ``MEGATRON_LITE_*`` variable other than the user-facing ones
   (fault-injection hooks live in ``megatron_lite/testing/``);
@@ -32,7 +32,7 @@ LAYERS = [
     {"config"},
     {"checkpoint"},
     {"training"},
-    {"cpt", "eval", "convert", "planning", "integrations", "testing"},
+    {"cpt", "eval", "convert", "planning", "integrations", "testing", "analysis"},
     {"entrypoints"},
 ]
 TOP_HALF = {"config", "checkpoint", "training", "cpt", "entrypoints"}
