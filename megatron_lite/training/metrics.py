@@ -80,12 +80,21 @@ def lookup_peak_tflops(device_name: str, dtype: torch.dtype) -> float | None:
 
 
 def measure_cpu_matmul_tflops(dtype: torch.dtype = torch.float32, n: int = 1024,
-                              min_seconds: float = 0.3) -> float:
-    """Measured TFLOP/s of an n x n x n ``torch.mm`` on this CPU with the current thread count.
+                              min_seconds: float = 0.3, threads: int | None = None) -> float:
+    """Measured TFLOP/s of an n x n x n ``torch.mm`` on this CPU with ``threads`` threads.
 
     The count is 2 n^3 FLOPs per multiply (one multiply-add = 2 FLOPs). This is the "peak" MFU
-    is relative to on CPU, since no data-sheet number applies to a shared virtual CPU.
+    is relative to on CPU, since no data-sheet number applies to a shared virtual CPU. It is
+    measured with the threads training uses (default ``torch.get_num_threads()``): a one-thread
+    figure would make a multi-thread run's MFU look several times too high.
     """
+    if threads is not None and threads != torch.get_num_threads():
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return measure_cpu_matmul_tflops(dtype, n, min_seconds)
+        finally:
+            torch.set_num_threads(before)
     # A private generator: drawing from the global RNG here would shift the dropout stream of a
     # resumed run (the logger is built after the checkpoint's RNG state is restored).
     g = torch.Generator().manual_seed(0)
@@ -124,6 +133,19 @@ def resolve_peak_tflops(config: LoggingConfig, device: torch.device,
                       f"{peak * 1e3:.1f} GFLOP/s with {torch.get_num_threads()} threads "
                       "(pass --peak-tflops to override)")
     return None, f"no peak known for device type '{device.type}'; pass --peak-tflops"
+
+
+def mfu_label(config: LoggingConfig, device: torch.device, peak: float | None) -> str | None:
+    """What MFU is relative to, for the first train line: ``"vs measured matmul peak 0.0421
+    TFLOP/s (2 threads)"`` on CPU, ``"vs data-sheet peak 989.4 TFLOP/s"`` on a GPU,
+    ``"vs --peak-tflops 2 TFLOP/s"``; None when no peak is known (MFU n/a)."""
+    if peak is None:
+        return None
+    if config.peak_tflops is not None:
+        return f"vs --peak-tflops {peak:g} TFLOP/s"
+    if device.type == "cpu":
+        return f"vs measured matmul peak {peak:.4g} TFLOP/s ({torch.get_num_threads()} threads)"
+    return f"vs data-sheet peak {peak:g} TFLOP/s"
 
 
 def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
@@ -212,6 +234,8 @@ class TrainingLogger:
                     purge_step=None if resume_step is None else resume_step + 1)
             if self.metrics_path:
                 self._open_jsonl(resume_step)
+        # Said once, in the first train line, so the MFU figure is read against its peak.
+        self.mfu_label = mfu_label(config, self.device, self.peak_tflops)
         self._reset_interval()
 
     # ---- interval bookkeeping -------------------------------------------------------------
@@ -391,7 +415,9 @@ class TrainingLogger:
                      f"{r['tokens_per_sec_per_device']:.1f})")
         # 4 significant digits: CPU runs sit at 1e-3 TFLOP/s, GPUs at hundreds.
         parts.append(f"TFLOP/s/device: {r['tflops_per_device']:.4g}")
-        parts.append("MFU: n/a" if r["mfu"] is None else f"MFU: {r['mfu'] * 100:.2f}%")
+        parts.append("MFU: n/a" if r["mfu"] is None else f"MFU: {r['mfu'] * 100:.2f}%"
+                     + (f" ({self.mfu_label})" if self.mfu_label else ""))
+        self.mfu_label = None
         parts.append(f"{mem_kind}: {r['peak_memory_bytes'] / 2**20:.1f} MiB")
         return " | ".join(parts) + " |"
 

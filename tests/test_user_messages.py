@@ -1,0 +1,66 @@
+"""What a user reads (issue 15 #1, #6, #7, #9, #10): MFU's peak named in the first train line,
+one-line warnings, the checkpoint-save and end-of-training lines, choices in ``--help``, input
+paths checked at parse time."""
+
+from __future__ import annotations
+
+import torch
+
+import megatron_lite.training.metrics as M
+from megatron_lite.config.sections import LoggingConfig
+from megatron_lite.training.metrics import TrainingLogger
+
+
+class _Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def _steps(logger, clock, n):
+    out = []
+    for step in range(1, n + 1):
+        logger.start_interval() if step == 1 else None
+        clock.t += 1.0
+        out.append(logger.log_step(step, {"loss": 1.0, "lr": 1e-3, "grad_norm": 0.5,
+                                          "loss_scale": None, "consumed_samples": step,
+                                          "consumed_tokens": step * 1000, "skipped_steps": 0}))
+    return out
+
+
+def test_cpu_mfu_peak_is_measured_with_the_training_threads_and_named_once(monkeypatch):
+    """#9: the CPU peak is a matmul measured with torch.get_num_threads() threads, and the first
+    train line says what MFU is relative to (later lines do not repeat it)."""
+    seen = []
+
+    def fake(dtype):
+        seen.append(torch.get_num_threads())
+        return 0.004
+    monkeypatch.setattr(M, "measure_cpu_matmul_tflops", fake)
+    clock, lines = _Clock(), []
+    logger = TrainingLogger(LoggingConfig(log_interval=1), 0, 1, 1e9, 1000, "cpu",
+                            train_iters=3, clock=clock, print_fn=lines.append)
+    assert seen == [torch.get_num_threads()]
+    _steps(logger, clock, 2)
+    logger.close()
+    n = torch.get_num_threads()
+    assert f"(vs measured matmul peak 0.004 TFLOP/s ({n} threads))" in lines[1], lines[1]
+    assert "vs measured" not in lines[2] and "MFU: " in lines[2]
+
+
+def test_measure_cpu_matmul_uses_the_thread_count_given():
+    before = torch.get_num_threads()
+    calls = []
+    real_mm = torch.mm
+
+    def mm(a, b):
+        calls.append(torch.get_num_threads())
+        return real_mm(a, b)
+    torch.mm = mm
+    try:
+        assert M.measure_cpu_matmul_tflops(n=32, min_seconds=0.001, threads=1) > 0
+    finally:
+        torch.mm = real_mm
+    assert set(calls) == {1} and torch.get_num_threads() == before
