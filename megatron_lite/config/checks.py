@@ -16,6 +16,7 @@ import tempfile
 import torch
 
 from megatron_lite.data.tokenizer import build_tokenizer
+from megatron_lite.config.sections import parse_rank_list
 from megatron_lite.errors import ConfigError
 from megatron_lite.model.attention import flash_attn_available, flex_attention_available
 
@@ -345,6 +346,44 @@ def check_noise_scale(cfg) -> None:
                           "only with clipping on: give --clip-grad > 0" + hint)
 
 
+def check_profiling(cfg) -> None:
+    """``--profile`` steps and ranks, ``--memory-snapshot`` against the device.
+
+    Raises:
+        ConfigError: ``--profile-step-start`` < 1, ``--profile-step-end`` < start, a
+            ``--profile-ranks`` entry outside the world, ``--memory-snapshot`` without
+            ``--profile`` or on CPU.
+    """
+    lg = cfg.logging
+    if lg.memory_snapshot and not lg.profile:
+        raise ConfigError("--memory-snapshot records over the profiled steps: add --profile "
+                          "(and --profile-step-start/--profile-step-end)")
+    if not lg.profile:
+        return
+    if lg.profile_step_start < 1:
+        raise ConfigError(f"--profile-step-start must be >= 1 (got {lg.profile_step_start})")
+    if lg.profile_step_end < lg.profile_step_start:
+        raise ConfigError(f"--profile-step-end {lg.profile_step_end} is before "
+                          f"--profile-step-start {lg.profile_step_start}; give END >= START")
+    try:
+        ranks = parse_rank_list(lg.profile_ranks)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    world = cfg.derived.world_size
+    if max(ranks) >= world:
+        raise ConfigError(f"--profile-ranks {lg.profile_ranks}: rank {max(ranks)} does not exist "
+                          f"(world size {world}); give ranks 0..{world - 1}")
+    if checks_this_machine(cfg):
+        check_memory_snapshot_device(cfg, train_device_type(cfg.training) == "cpu")
+
+
+def check_memory_snapshot_device(cfg, on_cpu: bool) -> None:
+    """Raises ConfigError: ``--memory-snapshot`` on CPU (the CUDA allocator history only)."""
+    if cfg.logging.memory_snapshot and on_cpu:
+        raise ConfigError("--memory-snapshot records the CUDA caching allocator and needs a GPU "
+                          "(this run trains on CPU); drop --memory-snapshot")
+
+
 # ----------------------------------------------------------------------------- at launch
 def check_runtime(cfg) -> None:
     """Checks that depend on this machine (not done by finalize, so configs for a GPU cluster can
@@ -364,3 +403,4 @@ def check_runtime(cfg) -> None:
                           "fp32 (default, fastest on CPU) or --bf16")
     check_optimizer_runtime(cfg, on_cpu)
     check_attention_backend(cfg)
+    check_memory_snapshot_device(cfg, on_cpu)

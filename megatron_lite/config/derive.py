@@ -23,6 +23,7 @@ import torch
 from megatron_lite.config.checks import (check_attention_backend, check_intervals,
                                          check_noise_scale, check_optimizer,
                                          check_optimizer_runtime, check_output_paths,
+                                         check_profiling,
                                          check_sections, check_spike_guard,
                                          check_tokenizer_vocab, checks_this_machine,
                                          tokenizer_vocab_size, train_device_type)
@@ -67,6 +68,7 @@ def finalize(cfg, world_size: int | None = None):
     # The spike guard and the noise scale need the derived A and the checkpoint flags above.
     check_spike_guard(cfg)
     check_noise_scale(cfg)
+    check_profiling(cfg)
     return cfg
 
 

@@ -240,6 +240,17 @@ class LoggingConfig:
     timing_log_level: int = arg(1, "step-time detail in the log line: 0 = time per step only, "
                                 "1 = plus data wait / forward+backward / optimizer, 2 = plus "
                                 "every other timer the loop recorded", choices=[0, 1, 2])
+    # Profiling (training/callbacks/profiler.py).
+    profile: bool = arg(False, "run torch.profiler over steps --profile-step-start.."
+                        "--profile-step-end and write a Chrome/Perfetto trace per rank "
+                        "(RUN/profile/trace_rank<r>.json) and the TensorBoard profiler format "
+                        "(RUN/profile/tensorboard/)")
+    profile_step_start: int = arg(10, "first profiled step (1-based, counted like the log line)")
+    profile_step_end: int = arg(12, "last profiled step (inclusive)")
+    profile_ranks: str = arg("0", "comma-separated global ranks that profile, e.g. 0,1")
+    memory_snapshot: bool = arg(False, "CUDA only: record the allocator history over the "
+                                "profiled steps and write RUN/profile/memory_snapshot_rank<r>."
+                                "pickle (open it at https://pytorch.org/memory_viz)")
 
     def __post_init__(self):
         if self.log_interval is None or int(self.log_interval) < 1:
@@ -309,6 +320,21 @@ class CPTConfig:
     # Filled by cpt.resolve_config (saved with checkpoints, never a flag).
     base_vocab_size: Optional[int] = arg(None, "vocabulary size of the base checkpoint", cli=False)
     base_format: Optional[str] = arg(None, "detected format of the base checkpoint", cli=False)
+
+
+def parse_rank_list(spec: str, flag: str = "--profile-ranks") -> list[int]:
+    """``"0,1"`` -> ``[0, 1]``.
+
+    Raises:
+        ValueError: an entry that is not a non-negative integer (message names ``flag``).
+    """
+    try:
+        ranks = [int(x) for x in str(spec).split(",") if x.strip()]
+    except ValueError:
+        ranks = [-1]
+    if not ranks or min(ranks) < 0:
+        raise ValueError(f"{flag} must be comma-separated ranks >= 0, e.g. 0,1 (got {spec!r})")
+    return sorted(set(ranks))
 
 
 def parse_layer_ranges(spec: str | None, num_layers: int) -> list[int]:

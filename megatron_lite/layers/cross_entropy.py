@@ -10,13 +10,18 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_lite.parallel import comm_timer
 from megatron_lite.parallel.state import (get_tensor_model_parallel_group, get_tensor_model_parallel_rank,
                                           get_tensor_model_parallel_world_size)
 
 
 def _reduce(x: torch.Tensor, op) -> torch.Tensor:
     if get_tensor_model_parallel_world_size() > 1:
-        dist.all_reduce(x, op=op, group=get_tensor_model_parallel_group())
+        t0 = comm_timer.begin()
+        try:
+            dist.all_reduce(x, op=op, group=get_tensor_model_parallel_group())
+        finally:
+            comm_timer.end(comm_timer.TP, t0)
     return x
 
 

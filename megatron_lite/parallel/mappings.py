@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_lite.parallel import comm_timer
 from megatron_lite.parallel.state import (get_tensor_model_parallel_group, get_tensor_model_parallel_rank,
                                           get_tensor_model_parallel_world_size)
 
@@ -31,7 +32,11 @@ def _all_reduce(x: torch.Tensor) -> torch.Tensor:
     if get_tensor_model_parallel_world_size() == 1:
         return x
     x = x.contiguous()
-    dist.all_reduce(x, group=get_tensor_model_parallel_group())
+    t0 = comm_timer.begin()
+    try:
+        dist.all_reduce(x, group=get_tensor_model_parallel_group())
+    finally:
+        comm_timer.end(comm_timer.TP, t0)
     return x
 
 
@@ -50,7 +55,11 @@ def _gather_last(x: torch.Tensor) -> torch.Tensor:
         return x
     x = x.contiguous()
     parts = [torch.empty_like(x) for _ in range(tp)]
-    dist.all_gather(parts, x, group=get_tensor_model_parallel_group())
+    t0 = comm_timer.begin()
+    try:
+        dist.all_gather(parts, x, group=get_tensor_model_parallel_group())
+    finally:
+        comm_timer.end(comm_timer.TP, t0)
     return torch.cat(parts, dim=-1)
 
 

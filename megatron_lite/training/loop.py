@@ -18,7 +18,9 @@ from megatron_lite.training.callbacks.base import Callback, CallbackList
 from megatron_lite.training.callbacks.checkpoint_saver import CheckpointSaver
 from megatron_lite.training.callbacks.extras import extras_state, setup_extras
 from megatron_lite.training.callbacks.periodic_eval import PeriodicEval
+from megatron_lite.training.callbacks.profiler import ProfilerCallback
 from megatron_lite.training.callbacks.signals import ExitCheck, worker_signals
+from megatron_lite.training.comm_timing import install_deepspeed_comm_timing
 from megatron_lite.training.deepspeed_engine import set_step_batch
 from megatron_lite.training.run_lock import RunLock
 from megatron_lite.training.setup import (Components, build_components, build_data, make_logger,
@@ -68,7 +70,8 @@ class Trainer:
         self.guard, self.noise = setup_extras(
             cfg, self.optimizer, self.engine, self.state.extras,
             self.resumed is not None and not cfg.checkpoint.finetune, run_folder(cfg))
-        self.callbacks = CallbackList([*self.callbacks, self.guard, self.noise])
+        profiler = ProfilerCallback.from_config(cfg, self.rank, self.device, run_folder(cfg))
+        self.callbacks = CallbackList([*self.callbacks, self.guard, self.noise, profiler])
 
     def finished(self) -> bool:
         """A requeued job restarting after its final save: nothing left to do (and no data to
@@ -97,6 +100,7 @@ class Trainer:
             valid_corpora = data.valid_corpora
         self.logger = make_logger(cfg, self.rank, self.device,
                                   self.resumed is not None and state.iteration or None)
+        install_deepspeed_comm_timing()   # DP communication in the step-time breakdown
         self.evaluator = PeriodicEval(cfg, self.engine, valid_loader, test_loader, self.logger,
                                       self.device, valid_corpora)
         self.saver = CheckpointSaver(cfg, self.engine, self.scheduler, self.logger, train_ds,

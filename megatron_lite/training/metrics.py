@@ -36,7 +36,18 @@ import torch
 
 from megatron_lite.config.sections import LoggingConfig
 from megatron_lite.utils import atomic_write_text
-from megatron_lite.training.timers import DATA_WAIT, FORWARD_BACKWARD, OPTIMIZER, Timers
+from megatron_lite.parallel import comm_timer
+from megatron_lite.training.timers import (BACKWARD, CHECKPOINT, DATA_WAIT, FORWARD,
+                                           FORWARD_BACKWARD, OPTIMIZER, Timers)
+
+# The step-time breakdown (seconds per step, written to every train record): disjoint parts
+# summing to step_time_s, then checkpoint_s (amortised saves, outside step_time_s).
+BREAKDOWN = (("data_wait_s", "data wait"), ("forward_s", "forward"),
+             ("backward_s", "backward"), ("tp_comm_s", "TP comm"), ("dp_comm_s", "DP comm"),
+             ("optimizer_step_s", "optimizer"), ("other_s", "other"),
+             ("checkpoint_s", "checkpoint"))
+_BASE_TIMES = ("step_time_s", "data_wait_s", "forward_backward_s", "optimizer_s")
+_OWN_TIMERS = (DATA_WAIT, FORWARD_BACKWARD, OPTIMIZER, FORWARD, BACKWARD, CHECKPOINT)
 
 
 # Dense (no sparsity) peak TFLOP/s per device, from the vendors' data sheets. Keys are matched
@@ -157,6 +168,38 @@ def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
     return int(rss if sys.platform == "darwin" else rss * 1024), "peak RSS"
 
 
+def step_breakdown(times: dict[str, float], comm: dict[str, dict[str, float]], elapsed: float,
+                   steps: int) -> dict[str, float]:
+    """The disjoint parts of the mean step time (seconds per step), keys of :data:`BREAKDOWN`.
+
+    ``forward_s`` / ``backward_s`` / ``optimizer_step_s`` are the phases' wall time less the
+    collectives inside them; ``tp_comm_s`` / ``dp_comm_s`` are all TP collectives and all DP
+    ones (DeepSpeed's ZeRO reduce/gather, the loss and token-count all-reduces) of the steps
+    (evaluation and saves left out); ``other_s`` is the rest of the step time (batch moves,
+    callbacks, logging).
+
+    Args:
+        times: seconds per timer name over the interval (``Timers.elapsed_all``).
+        comm: collective seconds per timer name and kind (``Timers.comm_all``), and under the
+            name ``""`` those of the whole interval.
+        elapsed: wall seconds of the interval's steps (evaluation and saves excluded).
+        steps: steps in the interval.
+    """
+    def comm_in(name: str, kind: str | None = None) -> float:
+        c = comm.get(name, {})
+        return c.get(kind, 0.0) if kind else sum(c.values())
+
+    tp, dp = comm_in("", comm_timer.TP), comm_in("", comm_timer.DP)
+    parts = {"data_wait_s": times.get(DATA_WAIT, 0.0),
+             "forward_s": times.get(FORWARD, 0.0) - comm_in(FORWARD),
+             "backward_s": times.get(BACKWARD, 0.0) - comm_in(BACKWARD),
+             "tp_comm_s": tp, "dp_comm_s": dp,
+             "optimizer_step_s": times.get(OPTIMIZER, 0.0) - comm_in(OPTIMIZER)}
+    parts["other_s"] = max(0.0, elapsed - sum(parts.values()))
+    parts["checkpoint_s"] = times.get(CHECKPOINT, 0.0)
+    return {k: v / steps for k, v in parts.items()}
+
+
 def _finite_or_none(x: Any) -> Any:
     # JSON has no NaN/Infinity; strict readers (jq, JavaScript) reject them, so write null.
     if isinstance(x, float) and not math.isfinite(x):
@@ -215,6 +258,8 @@ class TrainingLogger:
         self.train_iters = train_iters
         self.clock = clock
         self.timers = Timers(self.device, clock)
+        # Level 2: exact collective times on CUDA (sync around each; NCCL runs asynchronously).
+        comm_timer.set_synchronize(config.timing_log_level >= 2)
         self._print = print_fn or (lambda s: print(s, flush=True))
         self.is_writer = rank == 0
         self.peak_tflops: float | None = None
@@ -242,6 +287,8 @@ class TrainingLogger:
     def _reset_interval(self) -> None:
         self._interval_start = self.clock()
         self._excluded = 0.0
+        self._comm_start = comm_timer.totals()
+        self._comm_excluded = dict.fromkeys(self._comm_start, 0.0)
         self._steps = 0
         self._tokens = 0
         self._loss_sum = 0.0
@@ -256,11 +303,13 @@ class TrainingLogger:
     @contextlib.contextmanager
     def exclude_time(self) -> Iterator[None]:
         """Time spent inside this block is not counted as training time (eval, checkpoints)."""
-        start = self.clock()
+        start, comm = self.clock(), comm_timer.totals()
         try:
             yield
         finally:
             self._excluded += self.clock() - start
+            for kind, total in comm_timer.totals().items():
+                self._comm_excluded[kind] += total - comm[kind]
 
     # ---- files ----------------------------------------------------------------------------
     def _open_jsonl(self, resume_step: int | None) -> None:
@@ -344,6 +393,9 @@ class TrainingLogger:
             return None
 
         elapsed = self.clock() - self._interval_start - self._excluded
+        comm = self.timers.comm_all(reset=True)
+        comm[""] = {k: v - self._comm_start[k] - self._comm_excluded[k]   # the whole interval
+                    for k, v in comm_timer.totals().items()}
         times = self.timers.elapsed_all(reset=True)
         steps = self._steps
         tokens_per_sec = self._tokens / elapsed if elapsed > 0 else float("nan")
@@ -372,10 +424,11 @@ class TrainingLogger:
             "forward_backward_s": times.get(FORWARD_BACKWARD, 0.0) / steps,
             "optimizer_s": times.get(OPTIMIZER, 0.0) / steps,
             "peak_memory_bytes": mem,
+            **step_breakdown(times, comm, elapsed, steps),
         }
         if self.config.timing_log_level >= 2:
             for name, sec in times.items():
-                if name not in (DATA_WAIT, FORWARD_BACKWARD, OPTIMIZER):
+                if name not in _OWN_TIMERS:
                     record[f"{name.replace('-', '_')}_s"] = sec / steps
         for key, value in scalars.items():
             if key not in record and key != "step_tokens" and isinstance(value, (int, float)):
@@ -398,9 +451,13 @@ class TrainingLogger:
                        f"{r['forward_backward_s'] * 1e3:.1f}, optimizer "
                        f"{r['optimizer_s'] * 1e3:.1f})")
         parts.append(timing)
+        if self.config.timing_log_level >= 2 and "other_s" in r:
+            parts.append("breakdown (ms): " + ", ".join(
+                f"{label} {r[key] * 1e3:.1f}" for key, label in BREAKDOWN))
         if self.config.timing_log_level >= 2:
+            own = {*_BASE_TIMES, *(key for key, _ in BREAKDOWN)}
             extra = [f"{k[:-2]} {v * 1e3:.1f}" for k, v in r.items() if k.endswith("_s") and
-                     k not in ("step_time_s", "data_wait_s", "forward_backward_s", "optimizer_s")]
+                     k not in own]
             if extra:
                 parts.append("other timers (ms): " + ", ".join(extra))
         parts.append(f"learning rate: {r['lr']:.6E}")

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite.errors import TooManySkippedSteps
-from megatron_lite.parallel import get_data_parallel_group
+from megatron_lite.parallel import comm_timer, get_data_parallel_group
 from megatron_lite.training.callbacks.base import Callback, CallbackList
 from megatron_lite.training.state import StepResult, TrainState
 
@@ -78,7 +78,8 @@ def train_step(engine, optimizer, scheduler, micro_batches: Sequence[dict[str, A
         max_skipped_steps: abort threshold for consecutive skips.
         device: compute device.
         timers: optional ``Timers`` (megatron_lite.training.timers); the forward/backward and the
-            optimizer phases are timed separately when given.
+            optimizer phases are timed separately when given (and, inside forward/backward,
+            each micro-batch's forward and backward).
         callbacks: a :class:`Callback` (e.g. a ``CallbackList``) or a list of them whose step
             hooks run inside the step (the spike guard, the noise-scale estimator, test faults).
 
@@ -99,10 +100,14 @@ def train_step(engine, optimizer, scheduler, micro_batches: Sequence[dict[str, A
     local_sum = torch.zeros((), dtype=torch.float64, device=device)
     _timer(timers, "forward-backward", "start")
     for j, b in enumerate(batches):
+        _timer(timers, "forward", "start")
         s, ps_sum, ps_tok = micro_batch_losses(engine, b, want_per_sample)
+        _timer(timers, "forward", "stop")
         s, per_sample = cb.on_micro_batch_loss(step, j, b, s, (ps_sum, ps_tok)
                                                if want_per_sample else None)
+        _timer(timers, "backward", "start")
         engine.backward(s * (dp / n_tokens), scale_wrt_gas=False)
+        _timer(timers, "backward", "stop")
         local_sum += s.detach().double()
         cb.on_after_backward(step, j, engine, per_sample, n_tokens, dp)
         if j < len(batches) - 1:
@@ -133,7 +138,8 @@ def _global_loss_tokens(batches: list[dict], group, step: int) -> int:
     """N: loss tokens of the global batch (all-reduced over DP before the first backward)."""
     n = torch.stack([b["loss_mask"].float().sum() for b in batches]).sum().double()
     if dist.is_initialized():
-        dist.all_reduce(n, group=group)
+        with comm_timer.timed(comm_timer.DP):
+            dist.all_reduce(n, group=group)
     n_tokens = int(n.item())
     if n_tokens == 0:
         raise RuntimeError(f"step {step}: the global batch has no loss tokens "
@@ -145,11 +151,13 @@ def _global_loss(local_sum: torch.Tensor, group, n_tokens: int,
                  device: torch.device) -> tuple[float, bool]:
     """(token-mean loss of the global batch, whether it is non-finite on any rank)."""
     if dist.is_initialized():
-        dist.all_reduce(local_sum, group=group)
+        with comm_timer.timed(comm_timer.DP):
+            dist.all_reduce(local_sum, group=group)
     loss = float(local_sum.item()) / n_tokens
     bad = torch.tensor([0.0 if math.isfinite(loss) else 1.0], device=device)
     if dist.is_initialized():
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # TP ranks agree already; be certain
+        with comm_timer.timed(comm_timer.DP):
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # TP ranks agree already; be certain
     return loss, bool(bad.item() > 0)
 
 

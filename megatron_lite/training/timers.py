@@ -6,6 +6,11 @@ accumulated since its last report with :meth:`Timers.elapsed` and resets it. On 
 ``stop`` synchronise the device first, because kernels run asynchronously and an unsynchronised
 host clock would charge a phase's GPU work to whichever later phase happens to wait for it (the
 same reason Megatron-LM's timers synchronise).
+
+Each timer also keeps the seconds spent in collectives during its intervals, by kind (from
+:mod:`megatron_lite.parallel.comm_timer`), so the logger can split a phase into compute and
+communication; and while ``torch.profiler`` records, each interval is a ``record_function`` range
+of the timer's name (``forward``, ``backward``, ``optimizer``, ...) in the trace.
 """
 
 from __future__ import annotations
@@ -16,10 +21,15 @@ from typing import Callable, Iterator
 
 import torch
 
+from megatron_lite.parallel import comm_timer
+
 # Canonical names for the step-time breakdown printed by TrainingLogger.
 DATA_WAIT = "data-wait"
 FORWARD_BACKWARD = "forward-backward"
 OPTIMIZER = "optimizer"
+FORWARD = "forward"        # inside forward-backward: the micro-batches' forward passes
+BACKWARD = "backward"      # inside forward-backward: their backward passes
+CHECKPOINT = "checkpoint"  # checkpoint saves (not training time: excluded from the step time)
 
 
 def _synchronize(device: torch.device | None) -> None:
@@ -43,6 +53,9 @@ class Timer:
         self._clock = clock
         self._elapsed = 0.0  # seconds accumulated since the last reset
         self._started_at: float | None = None
+        self._comm = dict.fromkeys(comm_timer.totals(), 0.0)  # collective seconds, by kind
+        self._comm_at_start: dict[str, float] = {}
+        self._range = None   # the profiler's record_function range while one records
 
     @property
     def running(self) -> bool:
@@ -59,6 +72,10 @@ class Timer:
             raise RuntimeError(f"timer '{self.name}' started twice without stop(); "
                                "pair every start() with a stop()")
         _synchronize(self._device)
+        if torch.autograd._profiler_enabled():
+            self._range = torch.profiler.record_function(self.name)
+            self._range.__enter__()
+        self._comm_at_start = comm_timer.totals()
         self._started_at = self._clock()
 
     def stop(self) -> None:
@@ -72,6 +89,19 @@ class Timer:
         _synchronize(self._device)
         self._elapsed += self._clock() - self._started_at
         self._started_at = None
+        for kind, total in comm_timer.totals().items():
+            self._comm[kind] += total - self._comm_at_start[kind]
+        if self._range is not None:
+            self._range.__exit__(None, None, None)
+            self._range = None
+
+    def comm_elapsed(self, reset: bool = True) -> dict[str, float]:
+        """Seconds spent in collectives inside this timer's finished intervals, by kind
+        (``"tp"``, ``"dp"``), since the last reset."""
+        out = dict(self._comm)
+        if reset:
+            self._comm = dict.fromkeys(out, 0.0)
+        return out
 
     def elapsed(self, reset: bool = True) -> float:
         """Seconds accumulated since the last reset (a running interval counts up to now).
@@ -134,3 +164,7 @@ class Timers:
     def elapsed_all(self, reset: bool = True) -> dict[str, float]:
         """Seconds accumulated by every timer since its last reset, by name."""
         return {name: t.elapsed(reset=reset) for name, t in self._timers.items()}
+
+    def comm_all(self, reset: bool = True) -> dict[str, dict[str, float]]:
+        """Collective seconds inside every timer's intervals since its last reset, by name."""
+        return {name: t.comm_elapsed(reset=reset) for name, t in self._timers.items()}

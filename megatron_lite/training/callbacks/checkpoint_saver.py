@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from megatron_lite.checkpoint import engine_state
+from megatron_lite.training.timers import CHECKPOINT
 
 
 class CheckpointSaver:
@@ -41,7 +42,7 @@ class CheckpointSaver:
         if self.train_ds is not None and hasattr(self.train_ds, "state_dict"):
             state.data_state = self.train_ds.state_dict(state.consumed_samples)
         state.extras = self.extras()
-        with self.logger.exclude_time():
+        with self.logger.exclude_time(), self.logger.timers.time(CHECKPOINT):
             engine_state.save_checkpoint(self.engine, self.cfg, state, self.scheduler,
                                          self.cfg.checkpoint.save, fault_point=self.fault_point)
 
