@@ -14,9 +14,12 @@ Semantics: megatron_lite/cpt/resolve.py and README "Continued pretraining (CPT)"
 
 import sys
 
-from megatron_lite.cpt.resolve import resolve_config
-from megatron_lite.cpt.run import run
-from megatron_lite.entrypoints import run_entrypoint
+from megatron_lite.utils import use_project_venv
+use_project_venv()  # no torch in this Python: rerun under the checkout's .venv, or say how
+
+from megatron_lite.cpt.resolve import resolve_config  # noqa: E402
+from megatron_lite.cpt.run import run  # noqa: E402
+from megatron_lite.entrypoints import run_entrypoint  # noqa: E402
 
 
 def _dry_run_note(cfg) -> str:

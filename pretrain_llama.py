@@ -8,9 +8,12 @@
 import dataclasses
 import sys
 
-from megatron_lite.config import ConfigError, parse_args
-from megatron_lite.entrypoints import run_entrypoint
-from megatron_lite.training.loop import pretrain
+from megatron_lite.utils import use_project_venv
+use_project_venv()  # no torch in this Python: rerun under the checkout's .venv, or say how
+
+from megatron_lite.config import ConfigError, parse_args  # noqa: E402
+from megatron_lite.entrypoints import run_entrypoint  # noqa: E402
+from megatron_lite.training.loop import pretrain  # noqa: E402
 
 
 def _refuse_cpt_settings(cfg) -> None:

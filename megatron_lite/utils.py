@@ -48,14 +48,20 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def use_project_venv() -> None:
+def use_project_venv(module: str | None = None) -> None:
     """Make a tool started with a Python that lacks torch run under the checkout's ``.venv``.
 
-    Called at the top of each ``tools/*.py``, before anything imports torch. A Python that has
-    torch (an activated ``.venv``, a conda env, ``pip install -e .``) is used as it is; otherwise
-    the process is replaced by ``<checkout>/.venv/bin/python`` with the same arguments (what
-    ``scripts/setup_env.sh`` builds). With neither, one line says how to create the environment and
-    the exit status is 2, instead of ``ModuleNotFoundError: No module named 'torch'``.
+    Called at the top of each ``tools/*.py``, ``pretrain_llama.py``, ``cpt_llama.py`` and the
+    package run by ``python -m megatron_lite.integrations.lightning``, before anything imports
+    torch. A Python that has torch (an activated ``.venv``, a conda env, ``pip install -e .``) is
+    used as it is; otherwise the process is replaced by ``<checkout>/.venv/bin/python`` with the
+    same arguments (what ``scripts/setup_env.sh`` builds). With neither, one line says how to
+    create the environment and the exit status is 2, instead of ``ModuleNotFoundError: No module
+    named 'torch'``.
+
+    Args:
+        module: for a ``python -m MODULE`` run, the module to rerun with ``-m`` (its package is
+            imported while ``sys.argv[0]`` is still ``"-m"``); None for a script.
     """
     if importlib.util.find_spec("torch") is not None:
         return
@@ -63,8 +69,10 @@ def use_project_venv() -> None:
     venv = os.path.join(root, ".venv")
     python = os.path.join(venv, "bin", "python")
     if os.access(python, os.X_OK) and os.path.realpath(sys.prefix) != os.path.realpath(venv):
-        os.execv(python, [python] + sys.argv)
-    tool = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "megatron_lite"
+        head = ["-m", module] if module else sys.argv[:1]
+        os.execv(python, [python, *head, *sys.argv[1:]])
+    tool = (f"python -m {module}" if module else
+            os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "megatron_lite")
     print(f"{tool}: error: torch is not installed for {sys.executable}: create the project's "
           f"environment once with `source scripts/setup_env.sh` in {root} (it builds .venv and "
           f"activates it; in a later shell `source .venv/bin/activate`)", file=sys.stderr)

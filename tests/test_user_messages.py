@@ -4,11 +4,15 @@ paths checked at parse time."""
 
 from __future__ import annotations
 
+import subprocess
+
+import pytest
 import torch
 
 import megatron_lite.training.metrics as M
 from megatron_lite.config.sections import LoggingConfig
 from megatron_lite.training.metrics import TrainingLogger
+from tests.test_first_use import BASE_PYTHON, ROOT, _fresh_shell_env, needs_bare_python
 
 
 class _Clock:
@@ -64,3 +68,14 @@ def test_measure_cpu_matmul_uses_the_thread_count_given():
     finally:
         torch.mm = real_mm
     assert set(calls) == {1} and torch.get_num_threads() == before
+
+
+# ---- #2: the training entrypoints and the Lightning runner in a fresh shell -------------------
+@pytest.mark.parametrize("cmd", [["pretrain_llama.py", "--help"], ["cpt_llama.py", "--help"],
+                                 ["-m", "megatron_lite.integrations.lightning", "--help"]])
+@needs_bare_python
+def test_entrypoints_started_without_venv_rerun_under_it(cmd):
+    r = subprocess.run([BASE_PYTHON, *cmd], capture_output=True, text=True, cwd=ROOT,
+                       env=_fresh_shell_env(), timeout=300)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert r.stdout.startswith("usage: "), r.stdout[:200]

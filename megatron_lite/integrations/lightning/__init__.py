@@ -16,7 +16,13 @@ without it raises ImportError with that hint.
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any
+
+from megatron_lite.utils import use_project_venv
+
+if sys.argv[:1] == ["-m"]:  # `python -m megatron_lite.integrations.lightning` in a fresh shell
+    use_project_venv(module=__name__)
 
 try:
     import lightning  # noqa: F401
