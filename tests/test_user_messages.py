@@ -79,3 +79,15 @@ def test_entrypoints_started_without_venv_rerun_under_it(cmd):
                        env=_fresh_shell_env(), timeout=300)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert r.stdout.startswith("usage: "), r.stdout[:200]
+
+
+# ---- #10: choice flags list their allowed values in --help -----------------------------------
+def test_help_lists_the_choices_of_choice_flags():
+    from megatron_lite.config.cli import build_parser
+
+    text = build_parser().format_help()
+    for flag, values in (("--attention-backend", "auto,flash,sdpa,flex,eager"),
+                         ("--tokenizer-type", "SentencePieceTokenizer,HuggingFaceTokenizer"),
+                         ("--rope-scaling-type", "none,linear,ntk,dynamic,yarn,llama3"),
+                         ("--lr-decay-style", "cosine,linear,constant,inverse-square-root,wsd")):
+        assert f"{flag} {{{values}}}" in text, flag

@@ -143,6 +143,9 @@ def _add_field(group, sec: str, cls: type, f: dataclasses.Field, tp: type, meta:
             kw["nargs"] = meta["nargs"]
     if meta.get("choices"):
         kw["choices"] = meta["choices"]
+        # --help shows the allowed values ("--lr-decay-style {cosine,linear,...}"), as argparse
+        # does for a flag without a metavar.
+        kw["metavar"] = "{" + ",".join(str(c) for c in meta["choices"]) + "}"
     group.add_argument(*flags, **kw)
 
 
