@@ -22,7 +22,10 @@ from typing import Callable, Optional
 import torch
 
 from megatron_lite.config import ConfigError, format_plan
+from megatron_lite.config.checks import check_input_paths
 from megatron_lite.errors import CheckpointSaveError, TooManySkippedSteps
+from megatron_lite.planning.run_config import memory_verdict
+from megatron_lite.planning.time_cost import GPU_SPECS
 from megatron_lite.testing import faults
 
 
@@ -49,6 +52,9 @@ def run_entrypoint(name: str, resolve: Callable[[], object], train: Callable[...
             os.environ["DS_ACCELERATOR"] = "cpu"
     try:
         cfg = resolve()
+        # every input file, before a process group, DeepSpeed or the data loaders
+        check_input_paths(cfg)
+        gpu = dry_run_gpu(cfg.dry_run_gpu) if cfg.dry_run else None
     except ConfigError as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2
@@ -57,6 +63,7 @@ def run_entrypoint(name: str, resolve: Callable[[], object], train: Callable[...
             print(format_plan(cfg))
             if dry_run_note is not None:
                 print(dry_run_note(cfg))
+            print(dry_run_closing_line(cfg, gpu))
         return 0
     try:
         train(cfg, callbacks=faults.callbacks_from_env())
@@ -75,3 +82,35 @@ def run_entrypoint(name: str, resolve: Callable[[], object], train: Callable[...
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def dry_run_gpu(given: str | None) -> tuple[str, float | None]:
+    """``(planner device name, memory in GiB or None)`` for the dry run's memory estimate:
+    ``--gpu`` when given, else the CUDA device present (its name matched to the planner's table,
+    its memory measured), else ``"cpu"`` (host RAM).
+
+    Raises:
+        ConfigError: ``--gpu`` is not a device the planner knows.
+    """
+    known = sorted(GPU_SPECS) + ["cpu"]
+    if given is not None:
+        if given not in known:
+            raise ConfigError(f"--gpu {given}: unknown device; choose one of {', '.join(known)}")
+        return given, None
+    if not torch.cuda.is_available():
+        return "cpu", None
+    name = torch.cuda.get_device_name(0).lower()
+    # longest key first: "h200" before "h20"
+    match = next((k for k in sorted(GPU_SPECS, key=len, reverse=True) if k in name), "h100")
+    return match, torch.cuda.get_device_properties(0).total_memory / 2 ** 30
+
+
+def dry_run_closing_line(cfg, gpu: tuple[str, float | None]) -> str:
+    """The dry run's last line: nothing was launched, and the planner's per-device memory
+    estimate with its FITS verdict (``tools/plan_run.py --gpu GPU`` prints the full plan)."""
+    try:
+        verdict = memory_verdict(cfg, gpu[0], gpu[1])
+    except ValueError as e:
+        return f"dry run: nothing was launched (no memory estimate: {e})"
+    return (f"dry run: nothing was launched; {verdict} (tools/plan_run.py --gpu {gpu[0]} with "
+            "the same flags prints the full plan)")

@@ -91,3 +91,118 @@ def test_help_lists_the_choices_of_choice_flags():
                          ("--rope-scaling-type", "none,linear,ntk,dynamic,yarn,llama3"),
                          ("--lr-decay-style", "cosine,linear,constant,inverse-square-root,wsd")):
         assert f"{flag} {{{values}}}" in text, flag
+
+
+# ---- #1: every input path is checked when the flags are parsed (dry runs too) ----------------
+TINY = ["--model-size", "tiny", "--vocab-size", "512", "--train-iters", "5",
+        "--micro-batch-size", "2", "--global-batch-size", "2", "--seq-length", "64"]
+
+
+def _dataset(prefix, parts=(".bin", ".idx")):
+    for ext in parts:
+        open(str(prefix) + ext, "wb").close()
+    return str(prefix)
+
+
+def _main(argv, capsys, script="pretrain_llama"):
+    """(exit status, stdout, stderr) of the entrypoint's main, in this process."""
+    module = __import__(script)
+    rc = module.main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _refused(argv, capsys, *pieces, script="pretrain_llama"):
+    rc, out, err = _main(argv, capsys, script)
+    assert rc == 2 and out == "", (rc, out, err)
+    assert err.startswith(f"{script}.py: error: ") and err.count("\n") == 1, err
+    for piece in pieces:
+        assert piece in err, (piece, err)
+    return err
+
+
+@pytest.mark.parametrize("flag", ["--data-path", "--train-data-path", "--valid-data-path",
+                                  "--test-data-path"])
+def test_missing_data_prefix_is_refused_at_parse_time(tmp_path, capsys, flag, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    good = _dataset(tmp_path / "good_text_document")
+    missing = str(tmp_path / "nope" / "train_text_document")
+    argv = TINY + ["--data-path", "0.5", good, "0.5", missing] if flag == "--data-path" else \
+        TINY + ["--data-path", good, flag, missing]
+    for extra in ([], ["--dry-run"]):
+        _refused(argv + extra, capsys, f"{flag} {missing}: ", f"{missing}.bin/.idx not found",
+                 "tools/preprocess_data.py")
+
+
+def test_data_prefix_with_extension_half_pair_or_folder(tmp_path, capsys):
+    good = _dataset(tmp_path / "c_text_document")
+    _refused(TINY + ["--data-path", good + ".bin", "--dry-run"], capsys,
+             f"--data-path {good}.bin: give the prefix without .bin: {good}")
+    half = _dataset(tmp_path / "half_text_document", parts=(".bin",))
+    _refused(TINY + ["--data-path", half, "--dry-run"], capsys,
+             f"{half}.idx is missing beside {half}.bin", "rerun tools/preprocess_data.py")
+    _refused(TINY + ["--data-path", str(tmp_path), "--dry-run"], capsys,
+             "is a folder; give the prefix of the .bin/.idx pair inside it")
+    rc, out, err = _main(TINY + ["--data-path", good, "--dry-run"], capsys)
+    assert rc == 0, err
+
+
+def test_data_stages_file_and_its_prefixes(tmp_path, capsys):
+    a, b = _dataset(tmp_path / "a_text_document"), _dataset(tmp_path / "b_text_document")
+    blend = TINY + ["--data-path", a, b, "--dry-run"]
+    _refused(blend + ["--data-stages", str(tmp_path / "stages.yaml")], capsys,
+             f"--data-stages {tmp_path / 'stages.yaml'}: file not found")
+    stages = tmp_path / "s.yaml"
+    stages.write_text("- {until_tokens: 1000, weights: {" + str(tmp_path / "zz") + ": 1.0}}\n")
+    _refused(blend + ["--data-stages", str(stages)], capsys, "--data-stages ", "unknown prefixes")
+    stages.write_text(f"- {{until_tokens: 1000, weights: [1, 0]}}\n- {{until_tokens: 2000, "
+                      f"weights: [0, 1]}}\n")
+    rc, _, err = _main(blend + ["--data-stages", str(stages)], capsys)
+    assert rc == 0, err
+
+
+def test_missing_tokenizer_load_base_and_deepspeed_json(tmp_path, capsys):
+    _refused(TINY + ["--tokenizer-model", str(tmp_path / "spm.model"), "--dry-run"], capsys,
+             f"--tokenizer-model {tmp_path / 'spm.model'}: not found", "tools/train_tokenizer.py")
+    _refused(TINY + ["--tokenizer-model", str(tmp_path / "spm.model")], capsys,
+             "tools/train_tokenizer.py")
+    _refused(TINY + ["--deepspeed-config", str(tmp_path / "ds.json"), "--dry-run"], capsys,
+             f"--deepspeed-config {tmp_path / 'ds.json'}: file not found",
+             "configs/deepspeed_zero1.json")
+    _refused(TINY + ["--deepspeed-config", str(tmp_path), "--dry-run"], capsys, ": is a folder")
+    # --load: a missing folder is a typo unless it is --save (a job's first start)
+    ck = str(tmp_path / "ckpt")
+    _refused(TINY + ["--load", str(tmp_path / "ckpy"), "--save", ck, "--dry-run"], capsys,
+             f"--load {tmp_path / 'ckpy'}: folder not found, and it is not the --save folder",
+             "leave --load out")
+    _refused(TINY + ["--load", str(tmp_path / "ckpy")], capsys, "folder not found")
+    (tmp_path / "file").write_text("x")
+    _refused(TINY + ["--load", str(tmp_path / "file"), "--dry-run"], capsys, ": is a file")
+    for load in (ck, str(tmp_path)):   # --load == --save before the first save; an empty folder
+        rc, _, err = _main(TINY + ["--load", load, "--save", ck, "--dry-run"], capsys)
+        assert rc == 0, err
+    _refused(["--pretrained-checkpoint", str(tmp_path / "base"), "--dry-run", *TINY[2:]], capsys,
+             str(tmp_path / "base"), script="cpt_llama")
+
+
+def test_dry_run_ends_with_nothing_launched_and_the_memory_verdict(capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    rc, out, err = _main(TINY + ["--dry-run"], capsys)
+    assert rc == 0, err
+    last = out.splitlines()[-1]
+    want = "dry run: nothing was launched; planned memory per device on " + \
+        ("cpu" if not torch.cuda.is_available() else "")
+    assert last.startswith(want) and ": FITS (tools/plan_run.py --gpu " in last, last
+    big = ["--model-size", "7b", "--vocab-size", "32000", "--seq-length", "4096", "--bf16",
+           "--train-iters", "5", "--micro-batch-size", "4", "--global-batch-size", "8"]
+    rc, out, err = _main(big + ["--dry-run", "--gpu", "h100"], capsys)
+    last = out.splitlines()[-1]
+    assert rc == 0 and last.startswith("dry run: nothing was launched; planned memory per "
+                                       "device on h100: ") and "of 80.0 GiB device memory: " \
+        "DOES NOT FIT" in last, last
+    # the same figure as tools/plan_run.py
+    from megatron_lite.planning import memory
+    from tests.fixtures_data import load_tool
+    plan = load_tool("plan_run").plan_from_argv(["--gpu", "h100", "--gpus", "1"] + big)
+    assert f"h100: {plan['memory_per_gpu_bytes'] / memory.GiB:.1f} GiB of" in last
+    _refused(TINY + ["--dry-run", "--gpu", "h1000"], capsys, "--gpu h1000: unknown device")

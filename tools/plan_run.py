@@ -26,8 +26,9 @@ from megatron_lite.utils import use_project_venv  # noqa: E402
 use_project_venv()  # no torch in this Python: rerun under the checkout's .venv, or say how
 
 from megatron_lite.planning import memory  # noqa: E402
+from megatron_lite.planning import run_config  # noqa: E402
 from megatron_lite.planning.plan import PlanInputs, make_plan  # noqa: E402
-from megatron_lite.planning.time_cost import GPU_SPECS, peak_flops  # noqa: E402
+from megatron_lite.planning.time_cost import GPU_SPECS  # noqa: E402
 
 DEFAULT_TRAIN_TOKENS = 10 ** 12  # the recipe's T_tokens when the config gives no run length
 
@@ -65,85 +66,9 @@ def planner_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _deepspeed_notes(path: str | None, cfg) -> list[str]:
-    """Numeric batch fields of a DeepSpeed JSON that disagree with A = GB_tok/(μ_tok·D).
-
-    (Its ZeRO stage and offloads are already adopted into ``cfg.parallel`` by the training
-    config's validation, ``config.deepspeed_json.reconcile_user_json``.)
-    """
-    if not path:
-        return []
-    from megatron_lite.config.deepspeed_json import read_json_with_comments
-
-    ds, d, notes = read_json_with_comments(path), cfg.derived, []
-    want = {"train_micro_batch_size_per_gpu": cfg.training.micro_batch_size,
-            "gradient_accumulation_steps": d.num_micro_batches,
-            "train_batch_size": d.global_batch_size}
-    for key, value in want.items():
-        got = ds.get(key)
-        if isinstance(got, (int, float)) and got != value:
-            notes.append(f"{path}: {key} = {got} disagrees with the definition "
-                         f"A = GB_tok/(μ_tok·D) (this plan: {value}); set it to \"auto\"")
-    return notes
-
-
-def _recompute(model) -> str:
-    gran = model.recompute_granularity
-    return {"full": "full", "selective": "selective"}.get(gran or "", "none")
-
-
 def inputs_from_config(cfg, args) -> tuple[PlanInputs, list[str]]:
-    """Build :class:`PlanInputs` from a finalized RunConfig and the planner flags."""
-    from megatron_lite.model.counting import flops_per_token, num_parameters
-
-    m, d = cfg.model, cfg.derived
-    if not d.padded_vocab_size:
-        raise ValueError("the vocabulary size is unknown: pass --vocab-size (e.g. 32000) or set "
-                         "model.vocab_size in the YAML; the planner needs no tokenizer")
-    non_emb, total = num_parameters(m)
-    # counting.py uses the true vocab; memory holds the padded embedding (and LM head) rows
-    padded = total + (d.padded_vocab_size - m.vocab_size) * m.hidden_size * (
-        1 if m.tie_word_embeddings else 2)
-    notes = _deepspeed_notes(cfg.parallel.deepspeed_config, cfg)
-    par = cfg.parallel
-    gpu = args.gpu
-    spec = GPU_SPECS.get(gpu, {})
-    if args.device_memory_gb is not None:
-        mem = int(args.device_memory_gb * memory.GiB)
-    elif gpu == "cpu":
-        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    else:
-        mem = spec["memory_bytes"]
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else (
-        peak_flops(gpu, d.precision) if gpu != "cpu" else None)
-    overhead = args.memory_overhead_gb if args.memory_overhead_gb is not None else (
-        0.0 if gpu == "cpu" else 2.0)
-    backend = m.attention_backend or "auto"
-    groups = m.num_query_groups or m.num_attention_heads
-    inp = PlanInputs(
-        hidden_size=m.hidden_size, num_layers=m.num_layers,
-        num_attention_heads=m.num_attention_heads, num_query_groups=groups,
-        ffn_hidden_size=m.ffn_hidden_size, padded_vocab_size=d.padded_vocab_size,
-        seq_length=m.seq_length, n_params_total=total, n_params_non_embedding=non_emb,
-        n_params_padded=padded,
-        flops_per_token=flops_per_token(m, m.seq_length), num_gpus=d.world_size,
-        micro_batch_size=cfg.training.micro_batch_size,
-        global_batch_tokens=d.global_batch_tokens, train_tokens=d.train_tokens,
-        tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
-        pipeline_model_parallel_size=cfg.parallel.pipeline_model_parallel_size,
-        zero_stage=par.zero_stage, offload_optimizer=par.offload_optimizer,
-        offload_params=par.offload_params,
-        precision=d.precision, recompute=_recompute(m),
-        recompute_num_layers=m.recompute_num_layers,
-        flash_attention=backend != "eager",
-        gpu=gpu, device_memory_bytes=mem, peak_flops=peak,
-        memory_overhead_bytes=int(overhead * memory.GiB), tokens_per_sec=args.tokens_per_sec,
-        mfu=None if args.tokens_per_sec else args.mfu, price_gpu_hour=args.price_gpu_hour,
-        price_kwh=args.price_kwh, pue=args.pue,
-        gpu_power_kw=args.gpu_power_kw if args.gpu_power_kw is not None else
-        spec.get("power_kw", 0.0 if gpu == "cpu" else 0.7),
-        cost_other=args.other_cost)
-    return inp, notes
+    """:func:`megatron_lite.planning.run_config.inputs_from_config` (kept here for importers)."""
+    return run_config.inputs_from_config(cfg, args)
 
 
 def plan_from_argv(argv: list[str]) -> dict:

@@ -14,7 +14,10 @@ import os
 import tempfile
 
 import torch
+import yaml
 
+from megatron_lite.data.blended import load_stages
+from megatron_lite.data.data_config import parse_data_path
 from megatron_lite.data.tokenizer import build_tokenizer
 from megatron_lite.config.sections import parse_rank_list
 from megatron_lite.errors import ConfigError
@@ -198,6 +201,8 @@ def tokenizer_vocab_size(dc) -> int:
     Raises:
         ConfigError: the tokenizer cannot be loaded.
     """
+    if not os.path.exists(dc.tokenizer_model):
+        raise ConfigError(missing_tokenizer(dc.tokenizer_model))
     try:
         tok = build_tokenizer(dc.tokenizer_type or "SentencePieceTokenizer", dc.tokenizer_model)
         return int(tok.vocab_size)
@@ -382,6 +387,122 @@ def check_memory_snapshot_device(cfg, on_cpu: bool) -> None:
     if cfg.logging.memory_snapshot and on_cpu:
         raise ConfigError("--memory-snapshot records the CUDA caching allocator and needs a GPU "
                           "(this run trains on CPU); drop --memory-snapshot")
+
+
+# ----------------------------------------------------------------------------- input paths
+def check_input_paths(cfg) -> None:
+    """Every file the run will read, checked before anything is launched (the entrypoints call it
+    right after parsing, for ``--dry-run`` too, before any process group or DeepSpeed import):
+    the ``.bin``/``.idx`` pair of each prefix of ``--data-path``, ``--train-data-path``,
+    ``--valid-data-path`` and ``--test-data-path``; the ``--data-stages`` file and its stages;
+    ``--tokenizer-model``; ``--load``; ``--pretrained-checkpoint``; ``--deepspeed-config``.
+
+    ``--load`` of a folder that does not exist is accepted only when it is the ``--save`` folder
+    (a job's first start, resuming from where it will save); any other missing ``--load`` folder
+    is almost surely a typo that would quietly train from scratch. An existing folder without a
+    complete checkpoint still starts from scratch with a warning, at run time.
+
+    Not part of :func:`megatron_lite.config.finalize`: a config may be parsed, planned or tested
+    where its data is not (``tools/plan_run.py`` on a laptop for a cluster's paths).
+
+    Raises:
+        ConfigError: one line naming the flag, the path and the fix.
+    """
+    dc = cfg.data
+    for flag, value in (("--data-path", dc.data_path), ("--train-data-path", dc.train_data_path),
+                        ("--valid-data-path", dc.valid_data_path),
+                        ("--test-data-path", dc.test_data_path)):
+        try:
+            prefixes = parse_data_path(value)[0]
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        for prefix in prefixes:
+            problem = data_prefix_problem(prefix)
+            if problem:
+                raise ConfigError(f"{flag} {prefix}: {problem}")
+    if dc.data_stages:
+        check_data_stages(dc)
+    if dc.tokenizer_model and not os.path.exists(dc.tokenizer_model):
+        raise ConfigError(missing_tokenizer(dc.tokenizer_model))
+    check_load_path(cfg.checkpoint.load, cfg.checkpoint.save)
+    base = cfg.cpt.pretrained_checkpoint
+    if base and not os.path.isdir(base):
+        raise ConfigError(f"--pretrained-checkpoint {base}: "
+                          f"{'is a file' if os.path.exists(base) else 'folder not found'}; give "
+                          "the base model's folder (HF: config.json + weights; or a megatron_lite "
+                          "checkpoint folder)")
+    ds = cfg.parallel.deepspeed_config
+    if ds and not os.path.isfile(ds):
+        raise ConfigError(missing_deepspeed_config(ds))
+
+
+def missing_tokenizer(path: str) -> str:
+    """The one-line error for a ``--tokenizer-model`` that does not exist."""
+    return (f"--tokenizer-model {path}: not found; give the tokenizer the data was preprocessed "
+            "with (train one with tools/train_tokenizer.py)")
+
+
+def missing_deepspeed_config(path: str) -> str:
+    """The one-line error for a ``--deepspeed-config`` that is not a file."""
+    what = "is a folder" if os.path.isdir(path) else "file not found"
+    return (f"--deepspeed-config {path}: {what}; give a DeepSpeed JSON (e.g. "
+            "configs/deepspeed_zero1.json), or leave --deepspeed-config out (the flags build one)")
+
+
+def data_prefix_problem(prefix: str) -> str | None:
+    """Why ``prefix`` is not a readable dataset (``PREFIX.bin`` + ``PREFIX.idx``), with the fix;
+    None when both files are there (their contents are checked when the data is opened)."""
+    missing = [ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
+    if not missing:
+        return None
+    stem, ext = os.path.splitext(prefix)
+    if ext in (".bin", ".idx") and not data_prefix_problem(stem):
+        return f"give the prefix without {ext}: {stem}"
+    if len(missing) == 1:
+        return (f"{prefix}{missing[0]} is missing beside {prefix}"
+                f"{'.idx' if missing[0] == '.bin' else '.bin'}; rerun tools/preprocess_data.py "
+                "for this corpus (both files come from one run)")
+    if os.path.isdir(prefix):
+        return ("is a folder; give the prefix of the .bin/.idx pair inside it (e.g. "
+                f"{os.path.join(prefix, 'corpus_text_document')})")
+    return (f"{prefix}.bin/.idx not found; make them with tools/preprocess_data.py "
+            "(--output-prefix P writes P_text_document.bin/.idx; give that prefix, without "
+            ".bin/.idx)")
+
+
+def check_data_stages(dc) -> None:
+    """``--data-stages``: the file exists and its stages fit the train blend's prefixes.
+
+    Raises:
+        ConfigError: naming the file and the stage (:func:`megatron_lite.data.blended.load_stages`).
+    """
+    if not os.path.isfile(dc.data_stages):
+        raise ConfigError(f"--data-stages {dc.data_stages}: file not found; give a YAML list of "
+                          "{until_tokens, weights} stages, or leave --data-stages out")
+    prefixes = parse_data_path(dc.train_data_path or dc.data_path)[0]
+    try:
+        load_stages(dc.data_stages, prefixes)
+    except (ValueError, TypeError, OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"--data-stages {' '.join(str(e).split())}") from None
+
+
+def check_load_path(load: str | None, save: str | None) -> None:
+    """``--load``: an existing folder, or the ``--save`` folder before the first save.
+
+    Raises:
+        ConfigError: ``--load`` is a file, or a missing folder other than ``--save``.
+    """
+    if not load:
+        return
+    if os.path.exists(load) and not os.path.isdir(load):
+        raise ConfigError(f"--load {load}: is a file; give the checkpoint folder (the --save "
+                          "folder of the run to resume, or one iter_* folder in it)")
+    if not os.path.exists(load):
+        if save and os.path.abspath(load) == os.path.abspath(save):
+            return  # a job's first start: it resumes from where it is about to save
+        raise ConfigError(f"--load {load}: folder not found, and it is not the --save folder "
+                          "(which may be missing before the first save); fix the path, or leave "
+                          "--load out to start from scratch")
 
 
 # ----------------------------------------------------------------------------- at launch

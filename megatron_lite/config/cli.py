@@ -100,6 +100,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="Validate the config, print the resolved plan and exit. Plans for "
                    "$WORLD_SIZE processes (set by torchrun; e.g. WORLD_SIZE=64 for 8 x 8 GPUs), "
                    "or TP x PP (D = 1) when it is unset.")
+    p.add_argument("--gpu", default=None, metavar="GPU",
+                   help="With --dry-run: the device type whose memory the closing estimate uses "
+                   "(as tools/plan_run.py --gpu: h100, a100, h20, ..., cpu; default: the device "
+                   "present).")
     seen: dict[str, str] = {}
     for sec, cls in section_classes().items():
         group = p.add_argument_group(sec, (cls.__doc__ or "").strip().splitlines()[0]
@@ -182,7 +186,7 @@ def parse_args(argv: Sequence[str] | None = None, world_size: int | None = None)
         if "." in dest:
             sec, key = dest.split(".", 1)
             setattr(getattr(cfg, sec), key, value)
-    cfg.dry_run = ns.dry_run
+    cfg.dry_run, cfg.dry_run_gpu = ns.dry_run, ns.gpu
     if cfg.dry_run and world_size is None and "WORLD_SIZE" not in os.environ:
         # A plan typed at a login shell has no launcher around it: plan the smallest world the
         # model parallelism needs (D = 1) rather than refuse TP > 1; WORLD_SIZE=N plans for N.

@@ -26,6 +26,7 @@ from megatron_lite.config.checks import (check_attention_backend, check_interval
                                          check_profiling,
                                          check_sections, check_spike_guard,
                                          check_tokenizer_vocab, checks_this_machine,
+                                         missing_deepspeed_config,
                                          tokenizer_vocab_size, train_device_type)
 from megatron_lite.config.batch_ramp import BatchRamp, make_ramp
 from megatron_lite.config.deepspeed_json import reconcile_user_json
@@ -98,7 +99,7 @@ def derive_parallel(cfg, world_size: int) -> None:
     if par.offload_optimizer and par.zero_stage == 0:
         raise ConfigError("--offload-optimizer needs --zero-stage 1, 2 or 3")
     if par.deepspeed_config and not os.path.isfile(par.deepspeed_config):
-        raise ConfigError(f"--deepspeed-config {par.deepspeed_config}: file not found")
+        raise ConfigError(missing_deepspeed_config(par.deepspeed_config))
     cfg.derived.world_size = world_size
     cfg.derived.data_parallel_size = world_size // tp
 

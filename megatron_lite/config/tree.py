@@ -86,6 +86,7 @@ class RunConfig:
     derived: Derived = dataclasses.field(default_factory=Derived)
     # Not part of the tree (never saved): how this process was asked to run.
     dry_run: bool = False
+    dry_run_gpu: str | None = None  # --gpu: the device the dry run's memory estimate is for
     config_file: str | None = None
 
     def to_dict(self) -> dict:

@@ -87,7 +87,7 @@ def resolve_config(argv: Sequence[str] | None = None, world_size: int | None = N
     for dest, value in cli.items():
         sec, key = dest.split(".", 1)
         setattr(getattr(cfg, sec), key, value)
-    cfg.dry_run = ns.dry_run
+    cfg.dry_run, cfg.dry_run_gpu = ns.dry_run, ns.gpu
     _check_against_base(cfg.model, base, given)
     _apply_vocab(cfg, base, given)
     finalize(cfg, world_size)

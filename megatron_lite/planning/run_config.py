@@ -1,0 +1,128 @@
+"""A plan (:func:`megatron_lite.planning.plan.make_plan`) of a finalized training config: what
+``tools/plan_run.py`` prints and the memory verdict ``--dry-run`` ends with.
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+from megatron_lite.config.deepspeed_json import read_json_with_comments
+from megatron_lite.model.counting import flops_per_token, num_parameters
+from megatron_lite.planning import memory
+from megatron_lite.planning.plan import PlanInputs, make_plan
+from megatron_lite.planning.time_cost import GPU_SPECS, peak_flops
+
+# The planner flags' defaults (tools/plan_run.py), for callers that give only some of them.
+PLANNER_DEFAULTS = dict(gpu="h100", device_memory_gb=None, peak_tflops=None, tokens_per_sec=None,
+                        mfu=0.45, price_gpu_hour=0.0, price_kwh=0.0, pue=1.3, gpu_power_kw=None,
+                        other_cost=0.0, memory_overhead_gb=None)
+
+
+def deepspeed_notes(path: str | None, cfg) -> list[str]:
+    """Numeric batch fields of a DeepSpeed JSON that disagree with A = GB_tok/(μ_tok·D).
+
+    (Its ZeRO stage and offloads are already adopted into ``cfg.parallel`` by the training
+    config's validation, ``config.deepspeed_json.reconcile_user_json``.)
+    """
+    if not path:
+        return []
+    ds, d, notes = read_json_with_comments(path), cfg.derived, []
+    want = {"train_micro_batch_size_per_gpu": cfg.training.micro_batch_size,
+            "gradient_accumulation_steps": d.num_micro_batches,
+            "train_batch_size": d.global_batch_size}
+    for key, value in want.items():
+        got = ds.get(key)
+        if isinstance(got, (int, float)) and got != value:
+            notes.append(f"{path}: {key} = {got} disagrees with the definition "
+                         f"A = GB_tok/(μ_tok·D) (this plan: {value}); set it to \"auto\"")
+    return notes
+
+
+def recompute_kind(model) -> str:
+    gran = model.recompute_granularity
+    return {"full": "full", "selective": "selective"}.get(gran or "", "none")
+
+
+def inputs_from_config(cfg, args) -> tuple[PlanInputs, list[str]]:
+    """Build :class:`PlanInputs` from a finalized RunConfig and the planner flags (``args``: the
+    attributes of :data:`PLANNER_DEFAULTS`, e.g. ``tools/plan_run.py``'s parsed flags).
+
+    Raises:
+        ValueError: the vocabulary size is unknown.
+    """
+
+    m, d = cfg.model, cfg.derived
+    if not d.padded_vocab_size:
+        raise ValueError("the vocabulary size is unknown: pass --vocab-size (e.g. 32000) or set "
+                         "model.vocab_size in the YAML; the planner needs no tokenizer")
+    non_emb, total = num_parameters(m)
+    # counting.py uses the true vocab; memory holds the padded embedding (and LM head) rows
+    padded = total + (d.padded_vocab_size - m.vocab_size) * m.hidden_size * (
+        1 if m.tie_word_embeddings else 2)
+    notes = deepspeed_notes(cfg.parallel.deepspeed_config, cfg)
+    par = cfg.parallel
+    gpu = args.gpu
+    spec = GPU_SPECS.get(gpu, {})
+    if args.device_memory_gb is not None:
+        mem = int(args.device_memory_gb * memory.GiB)
+    elif gpu == "cpu":
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    else:
+        mem = spec["memory_bytes"]
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else (
+        peak_flops(gpu, d.precision) if gpu != "cpu" else None)
+    overhead = args.memory_overhead_gb if args.memory_overhead_gb is not None else (
+        0.0 if gpu == "cpu" else 2.0)
+    backend = m.attention_backend or "auto"
+    groups = m.num_query_groups or m.num_attention_heads
+    inp = PlanInputs(
+        hidden_size=m.hidden_size, num_layers=m.num_layers,
+        num_attention_heads=m.num_attention_heads, num_query_groups=groups,
+        ffn_hidden_size=m.ffn_hidden_size, padded_vocab_size=d.padded_vocab_size,
+        seq_length=m.seq_length, n_params_total=total, n_params_non_embedding=non_emb,
+        n_params_padded=padded,
+        flops_per_token=flops_per_token(m, m.seq_length), num_gpus=d.world_size,
+        micro_batch_size=cfg.training.micro_batch_size,
+        global_batch_tokens=d.global_batch_tokens, train_tokens=d.train_tokens,
+        tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=cfg.parallel.pipeline_model_parallel_size,
+        zero_stage=par.zero_stage, offload_optimizer=par.offload_optimizer,
+        offload_params=par.offload_params,
+        precision=d.precision, recompute=recompute_kind(m),
+        recompute_num_layers=m.recompute_num_layers,
+        flash_attention=backend != "eager",
+        gpu=gpu, device_memory_bytes=mem, peak_flops=peak,
+        memory_overhead_bytes=int(overhead * memory.GiB), tokens_per_sec=args.tokens_per_sec,
+        mfu=None if args.tokens_per_sec else args.mfu, price_gpu_hour=args.price_gpu_hour,
+        price_kwh=args.price_kwh, pue=args.pue,
+        gpu_power_kw=args.gpu_power_kw if args.gpu_power_kw is not None else
+        spec.get("power_kw", 0.0 if gpu == "cpu" else 0.7),
+        cost_other=args.other_cost)
+    return inp, notes
+
+
+def memory_verdict(cfg, gpu: str, device_memory_gb: float | None = None) -> str:
+    """One line: the planner's per-device memory estimate of ``cfg`` on ``gpu`` and its verdict,
+    e.g. ``"planned memory per device on h100: 61.3 GiB of 80.0 GiB: FITS"`` (what
+    ``tools/plan_run.py --gpu GPU`` reports for the same flags).
+
+    Raises:
+        ValueError: the plan cannot be made (unknown vocabulary size, bad batch arithmetic).
+    """
+    args = SimpleNamespace(**{**PLANNER_DEFAULTS, "gpu": gpu,
+                              "device_memory_gb": device_memory_gb,
+                              # throughput plays no part in memory; a CPU has no peak to assume
+                              "tokens_per_sec": 1.0 if gpu == "cpu" else None})
+    inp, _ = inputs_from_config(cfg, args)
+    p = make_plan(inp)
+    have = "host RAM" if gpu == "cpu" else "device memory"
+    verdict = "FITS" if p["fits"] else (
+        f"DOES NOT FIT (largest micro-batch that fits: {p['max_micro_batch_size']})"
+        if p["max_micro_batch_size"] else "DOES NOT FIT (not even micro-batch 1)")
+    return (f"planned memory per device on {gpu}: {_size(p['memory_per_gpu_bytes'])} of "
+            f"{_size(p['device_memory_bytes'])} {have}: {verdict}")
+
+
+def _size(n: int) -> str:
+    return f"{n / memory.GiB:.1f} GiB" if n >= memory.GiB else f"{n / 2 ** 20:.0f} MiB"
