@@ -3,6 +3,7 @@
 #   corpus (the Python standard library's sources) -> SentencePiece tokenizer -> .bin/.idx
 #   -> torchrun --nproc_per_node 2 pretrain_llama.py --tp 2 --zero-stage 1 (gloo, fp32)
 #   -> validation perplexity (first vs last) -> tools/eval_ppl.py on held-out files -> a generated sample
+#   -> figures of the run in OUT/plots (tools/plot_run.py) and the run doctor's findings (tools/diagnose_run.py)
 # Usage: bash examples/quickstart.sh [--steps N] [--out DIR] [--corpus FILE.jsonl]
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -108,4 +109,8 @@ print(f"validation perplexity: first {first['val_ppl']:.2f} (step {first['step']
 if not last["val_ppl"] < first["val_ppl"]:
     sys.exit("quickstart: validation perplexity did not fall")
 PY
+echo "== reading the run: figures (tools/plot_run.py) and the run doctor (tools/diagnose_run.py)"
+python tools/plot_run.py "$OUT/ckpt" --out "$OUT/plots"
+# The doctor exits 1 (warnings) or 2 (critical findings): advice to read, not a failed quickstart.
+python tools/diagnose_run.py "$OUT/ckpt" | tee "$OUT/diagnosis.txt" || true
 echo "quickstart done in $(( $(date +%s) - T0 )) s; outputs in $OUT"

@@ -153,3 +153,16 @@ def test_tool_writes_png_and_svg(tmp_path, capsys):
     capsys.readouterr()
     assert run_tool("plot_run.py", tool.main, [str(tmp_path / "nope"), "--out", str(out)]) == 2
     assert capsys.readouterr().err.startswith("plot_run.py: error:")
+
+
+def test_disjoint_breakdown_is_stacked_without_the_coarse_fields(tmp_path):
+    recs = healthy_records()
+    fine = {"forward_s": 0.3, "backward_s": 0.4, "tp_comm_s": 0.1, "dp_comm_s": 0.05,
+            "optimizer_step_s": 0.08, "other_s": 0.06, "checkpoint_s": 0.0, "batch_s": 0.01}
+    for r in recs:
+        if r["type"] == "train":
+            r.update(fine)
+    parts = step_time_parts(load_run(write_run(tmp_path / "f", recs)))
+    assert list(parts) == ["data_wait_s", "forward_s", "backward_s", "tp_comm_s", "dp_comm_s",
+                           "optimizer_step_s", "other_s", "checkpoint_s"]
+    assert set(parts["tp_comm_s"][1]) == {0.1}

@@ -19,9 +19,9 @@ lr                 learning rate
 grad_norm          pre-clip global grad norm with the ``--clip-grad`` threshold (dashed)
 throughput         tokens/s (all devices)
 mfu                model-FLOPs utilisation in %
-step_time          per run: the per-step timing fields (``*_s`` besides ``step_time_s``:
-                   data wait, forward+backward, optimizer, communication ...) stacked, with the
-                   measured step time as a black line
+step_time          per run: the step-time breakdown stacked (data wait, forward, backward, TP
+                   and DP communication, optimizer step, other, checkpoint; older runs: their
+                   ``*_s`` timing fields), with the measured step time as a black line
 batch_size         global batch size in samples (the ramp-up)
 =================  ===========================================================================
 """
@@ -36,6 +36,7 @@ from typing import Callable
 from matplotlib.figure import Figure
 
 from megatron_lite.analysis.run_data import RunData, ema, series, skipped_steps, spike_steps
+from megatron_lite.training.metrics import BREAKDOWN
 from megatron_lite.utils import atomic_write_bytes
 
 TOTAL_TIME_FIELD = "step_time_s"
@@ -180,21 +181,29 @@ def plot_grad_norm(runs: list[RunData], smooth: float = 0.0) -> Figure:
 
 
 def step_time_parts(run: RunData) -> dict[str, tuple[list, list]]:
-    """The per-step timing fields of the run (every numeric ``*_s`` key of the train records
-    besides ``step_time_s``), each as ``(steps, seconds)``, in the order first logged."""
+    """The parts of the step time to stack, each as ``(steps, seconds per step)``.
+
+    Runs that log the disjoint breakdown (``other_s`` present: ``training.metrics.BREAKDOWN``,
+    data wait, forward, backward, TP comm, DP comm, optimizer step, other, summing to
+    ``step_time_s``, then the amortised ``checkpoint_s``) stack exactly those fields: the coarse
+    ``forward_backward_s`` / ``optimizer_s`` and the ``--timing-log-level 2`` timers overlap them.
+    Older runs stack every numeric ``*_s`` field besides ``step_time_s``, in the order logged.
+    """
     keys: list[str] = []
     for r in run.train:
         for k, v in r.items():
             if k.endswith("_s") and k != TOTAL_TIME_FIELD and k not in keys and \
                     isinstance(v, (int, float)) and not isinstance(v, bool):
                 keys.append(k)
+    if "other_s" in keys:
+        keys = [k for k, _ in BREAKDOWN if k in keys]
     steps = [r["step"] for r in run.train]
     return {k: (steps, [float(r.get(k) or 0.0) for r in run.train]) for k in keys}
 
 
 def plot_step_time(runs: list[RunData], smooth: float = 0.0) -> Figure:
     """Per run (one panel each): the timing fields stacked, the measured step time on top."""
-    fig = Figure(figsize=(8, 3.6 * len(runs) + 0.6), dpi=100)
+    fig = Figure(figsize=(9.5, 3.6 * len(runs) + 0.6), dpi=100)
     for i, run in enumerate(runs):
         ax = fig.add_subplot(len(runs), 1, i + 1)
         ax.set_title(f"{run.name}: step time breakdown")
@@ -205,12 +214,12 @@ def plot_step_time(runs: list[RunData], smooth: float = 0.0) -> Figure:
         if parts:
             steps = next(iter(parts.values()))[0]
             ax.stackplot(steps, *[v for _, v in parts.values()],
-                         labels=[k[:-2] for k in parts], alpha=0.8)
+                         labels=[dict(BREAKDOWN).get(k, k[:-2]) for k in parts], alpha=0.8)
         xs, ys = series(run.train, TOTAL_TIME_FIELD)
         if xs:
             ax.plot(xs, ys, color="black", label=f"{run.name} step_time")
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8, loc="upper right")
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return fig
 
