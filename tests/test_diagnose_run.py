@@ -167,7 +167,20 @@ def inject_corpus_lag(recs):
         r["val_loss/b"] = first * (1 - 0.001 * i)
 
 
+def inject_guard_skip_in_tail(recs):
+    """The spike guard skipped step 950 (log interval 1 there): the record's mean loss is null
+    and its step_loss is the spike; the trend checks (plateau) must not see it."""
+    for r in _train(recs):
+        if r["step"] == 950:
+            r.update(loss=None, step_loss=r["loss"] * 20, step_skipped=1, spikes=1,
+                     nan_steps_in_interval=1)
+        if r["step"] >= 950:
+            r["skipped_steps"] = 1
+            r["spikes"] = 1
+
+
 CASES = {
+    "guard_skip_in_tail": (inject_guard_skip_in_tail, {"loss_spike"}, 1),
     "healthy": (None, set(), 0),
     "spike": (inject_spike, {"loss_spike"}, 1),
     "plateau": (inject_plateau, {"plateau"}, 1),

@@ -161,19 +161,41 @@ def warmup_steps(run: RunData, th: Thresholds) -> int:
     return int(xs[ys.index(max(ys))]) if ys else 0
 
 
-def _loss_points(run: RunData) -> tuple[list, list]:
-    """Per train record: the interval's mean loss, or the step's own when the mean is null."""
+def _loss_points(run: RunData, step_loss: bool = False,
+                 leave_out: frozenset = frozenset()) -> tuple[list, list]:
+    """Per train record: the interval's mean loss (with ``step_loss``: the step's own when the
+    mean is null, as for a step the spike guard skipped); steps in ``leave_out`` are left out."""
     xs, ys = [], []
     for r in run.train:
-        v = r.get("loss") if _finite(r.get("loss")) else r.get("step_loss")
-        if _finite(v):
+        v = r.get("loss")
+        if step_loss and not _finite(v):
+            v = r.get("step_loss")
+        if _finite(v) and r["step"] not in leave_out:
             xs.append(r["step"])
             ys.append(v)
     return xs, ys
 
 
+def _sample_line(w: dict) -> str:
+    text = (w.get("text") or "").replace("\n", " ")[:80]
+    shown = repr(text) if text else f"token ids {(w.get('token_ids') or [])[:12]}"
+    return (f"\n    sample {w.get('sample_id')} (dataset {w.get('dataset_id')}) loss "
+            f"{_g(w.get('loss') or math.nan)}: {shown}")
+
+
 def check_spikes(run: RunData, th: Thresholds) -> list[Finding]:
     """``loss_spike``: captures, counter increases and the logged loss (module doc)."""
+    events = spike_events(run, th)
+    if not events:
+        return []
+    sev = CRITICAL if len(events) >= th.max_spikes else WARNING
+    return [_finding("loss_spike", sev, f"{len(events)} loss spike(s) at step(s) "
+                     f"{', '.join(map(str, sorted(events)))}",
+                     [events[s] for s in sorted(events)], events, count=len(events))]
+
+
+def spike_events(run: RunData, th: Thresholds) -> dict[int, str]:
+    """Spike step -> evidence line (captures, counter increases, the logged loss)."""
     events: dict[int, str] = {}
     for s in run.spikes:
         h = s.header
@@ -181,14 +203,10 @@ def check_spikes(run: RunData, th: Thresholds) -> list[Finding]:
                 f"window mean {_g(h.get('window_mean', math.nan))} (std "
                 f"{_g(h.get('window_std', math.nan))}), action {h.get('action', '?')}; "
                 f"capture {s.path}")
-        for w in s.worst[:3]:
-            text = (w.get("text") or "").replace("\n", " ")[:80]
-            line += (f"\n    sample {w.get('sample_id')} (dataset {w.get('dataset_id')}) loss "
-                     f"{_g(w.get('loss') or math.nan)}: {text!r}")
-        events[s.step] = line
+        events[s.step] = line + "".join(_sample_line(w) for w in s.worst[:3])
     for step in spike_steps(run):
         events.setdefault(step, f"step {step}: the spike guard's counter rose")
-    xs, ys = _loss_points(run)
+    xs, ys = _loss_points(run, step_loss=True)
     for i in range(len(ys) - 1):
         prev = ys[max(0, i - th.spike_window):i]
         if len(prev) < 5:
@@ -198,17 +216,17 @@ def check_spikes(run: RunData, th: Thresholds) -> list[Finding]:
         if ys[i] > m + th.spike_sigma * sigma and ys[i + 1] < ys[i] - 0.5 * (ys[i] - m):
             events.setdefault(xs[i], f"step {xs[i]}: loss {_g(ys[i])} vs median {_g(m)} of the "
                                      f"previous {len(prev)} records, back to {_g(ys[i + 1])} next")
-    if not events:
-        return []
-    sev = CRITICAL if len(events) >= th.max_spikes else WARNING
-    return [_finding("loss_spike", sev, f"{len(events)} loss spike(s) at step(s) "
-                     f"{', '.join(map(str, sorted(events)))}",
-                     [events[s] for s in sorted(events)], events, count=len(events))]
+    return events
+
+
+def _trend_points(run: RunData, th: Thresholds) -> tuple[list, list]:
+    """The logged mean losses without the spike steps (a spike is reported once, as a spike)."""
+    return _loss_points(run, leave_out=frozenset(spike_events(run, th)))
 
 
 def _post_warmup(run: RunData, th: Thresholds) -> tuple[list, list]:
     w = warmup_steps(run, th)
-    xs, ys = _loss_points(run)
+    xs, ys = _trend_points(run, th)
     keep = [(x, y) for x, y in zip(xs, ys) if x > w]
     return [k[0] for k in keep], [k[1] for k in keep]
 
@@ -275,7 +293,7 @@ def check_plateau(xs: list, ys: list, run: RunData, th: Thresholds) -> list[Find
 def check_warmup(run: RunData, th: Thresholds) -> list[Finding]:
     """``lr_warmup_rise``: the loss during warmup rose above its first value."""
     w = warmup_steps(run, th)
-    pts = [(x, y) for x, y in zip(*_loss_points(run)) if x <= w]
+    pts = [(x, y) for x, y in zip(*_trend_points(run, th)) if x <= w]
     if len(pts) < 3:
         return []
     med = _med3([p[1] for p in pts])
@@ -296,10 +314,13 @@ def check_skipped(run: RunData, th: Thresholds) -> list[Finding]:
     if last <= 0 or total / last <= th.max_skipped_fraction:
         return []
     steps = skipped_steps(run)
+    evidence = [f"logged at step(s) {', '.join(map(str, steps[:20]))}"]
+    guard = sorted(set(steps) & set(spike_steps(run)))
+    if guard:
+        evidence.append(f"the spike guard skipped step(s) {', '.join(map(str, guard))} "
+                        "(--spike-policy skip): see loss_spike")
     return [_finding("skipped_steps", WARNING, f"{total} of {last} steps skipped "
-                     f"({100 * total / last:.1f} %)",
-                     [f"logged at step(s) {', '.join(map(str, steps[:20]))}"], steps,
-                     skipped=total)]
+                     f"({100 * total / last:.1f} %)", evidence, steps, skipped=total)]
 
 
 def check_clipping(run: RunData, th: Thresholds) -> list[Finding]:
