@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -45,6 +46,7 @@ def run_entrypoint(name: str, resolve: Callable[[], object], train: Callable[...
     Returns:
         The process exit status (see the module docstring).
     """
+    install_warning_format(int(os.environ.get("RANK", "0")))
     if "DS_ACCELERATOR" not in os.environ:
         if not torch.cuda.is_available():
             # DeepSpeed's auto-detection ends on the CPU anyway but warns on every rank that it
@@ -114,3 +116,41 @@ def dry_run_closing_line(cfg, gpu: tuple[str, float | None]) -> str:
         return f"dry run: nothing was launched (no memory estimate: {e})"
     return (f"dry run: nothing was launched; {verdict} (tools/plan_run.py --gpu {gpu[0]} with "
             "the same flags prints the full plan)")
+
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+WARNING_PREFIX = "[megatron_lite] warning: "
+
+
+def is_project_file(filename: str) -> bool:
+    """Whether a warning's source file is megatron_lite's own (the package, the entrypoint
+    scripts beside it, ``tools/``), not a third-party library's."""
+    path = os.path.abspath(filename)
+    root = os.path.dirname(PACKAGE_DIR)
+    return path.startswith(PACKAGE_DIR + os.sep) or \
+        os.path.dirname(path) in (root, os.path.join(root, "tools"))
+
+
+def install_warning_format(rank: int) -> None:
+    """Print megatron_lite's own ``UserWarning``s as one line, ``[megatron_lite] warning: ...``,
+    like the rest of the log, on rank 0 only (every rank reaches the same condition; one line is
+    enough), instead of Python's two lines ``file:line: UserWarning: ...`` plus a source line.
+    Other warnings (third-party libraries, deprecations) keep Python's format and content.
+    Python's default filter still shows a given warning once per location.
+
+    Args:
+        rank: this process's global rank (``$RANK``).
+    """
+    default = warnings.showwarning
+    if getattr(default, "megatron_lite", False):
+        default = default.default   # installed already (a second entrypoint call in-process)
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not (issubclass(category, UserWarning) and is_project_file(filename)):
+            default(message, category, filename, lineno, file, line)
+        elif rank == 0:
+            print(WARNING_PREFIX + " ".join(str(message).split()), file=file or sys.stderr,
+                  flush=True)
+
+    show.megatron_lite, show.default = True, default
+    warnings.showwarning = show

@@ -4,7 +4,9 @@ paths checked at parse time."""
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -206,3 +208,85 @@ def test_dry_run_ends_with_nothing_launched_and_the_memory_verdict(capsys, monke
     plan = load_tool("plan_run").plan_from_argv(["--gpu", "h100", "--gpus", "1"] + big)
     assert f"h100: {plan['memory_per_gpu_bytes'] / memory.GiB:.1f} GiB of" in last
     _refused(TINY + ["--dry-run", "--gpu", "h1000"], capsys, "--gpu h1000: unknown device")
+
+
+# ---- #6, #7: the save line, the closing summary and one-line warnings in a tiny run -----------
+def test_tiny_run_prints_save_line_summary_and_one_line_warnings(tmp_path):
+    import json
+    import re
+
+    from megatron_lite.training.callbacks.checkpoint_saver import folder_bytes
+    from tests.test_training import make_dataset
+
+    make_dataset(str(tmp_path / "data"))
+    ck, tb = tmp_path / "ck", tmp_path / "tb"
+    ck.mkdir()   # an empty --load folder: the run starts from scratch with a warning
+    r = subprocess.run(
+        [sys.executable, "pretrain_llama.py", "--model-size", "tiny", "--vocab-size", "256",
+         "--seq-length", "64", "--micro-batch-size", "1", "--global-batch-size", "2",
+         "--train-iters", "3", "--split", "90,10,0", "--num-workers", "0", "--log-interval", "1",
+         "--eval-interval", "2", "--eval-iters", "1", "--device", "cpu", "--zero-stage", "0",
+         "--data-path", str(tmp_path / "data"), "--save", str(ck), "--load", str(ck),
+         "--save-interval", "3", "--tensorboard-dir", str(tb)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stdout + r.stderr
+    # #7: our warning is one prefixed line, not Python's "file:line: UserWarning:" + source line
+    assert "UserWarning" not in r.stderr, r.stderr
+    assert f"[megatron_lite] warning: --load {ck}: no complete checkpoint found; starting from " \
+           "scratch\n" in r.stderr
+    out = r.stdout
+    # #6: the save line
+    saved = ck / "iter_0000003"
+    m = re.search(rf"^\[checkpoint\] saved iteration 3 to {re.escape(str(saved))} "
+                  r"\(([\d.]+) MB, ([\d.]+) s\)$", out, re.M)
+    assert m, out
+    assert float(m.group(1)) == round(folder_bytes(str(saved)) / 1e6, 1) > 0
+    # the summary, with the logger's numbers
+    recs = [json.loads(ln) for ln in open(ck / "metrics.jsonl")]
+    train = [x for x in recs if x["type"] == "train"]
+    evals = [x for x in recs if x["type"] == "eval"]
+    secs = sum(128 / x["tokens_per_sec"] for x in train)
+    summary = out[out.index("---------------- training summary"):]
+    lines = dict(ln.split(" : ", 1) for ln in summary.splitlines()[1:-1])
+    lines = {k.strip(): v for k, v in lines.items()}
+    assert lines["steps"] == "3 this run (iteration 3 of 3)"
+    assert lines["tokens"] == "384 this run (384 in total)"
+    tps = float(lines["throughput"].split()[0])
+    assert abs(tps - 384 / secs) <= 0.05 + 1e-3 * tps, (tps, 384 / secs)
+    assert re.search(r", MFU \d+\.\d\d%$", lines["throughput"])
+    last, best = evals[-1], min(evals, key=lambda x: x["val_loss"])
+    assert lines["validation loss"] == (f"last {last['val_loss']:.4f} (iteration {last['step']}), "
+                                        f"best {best['val_loss']:.4f} (iteration {best['step']})")
+    assert lines["checkpoint"] == str(saved) and saved.is_dir()
+    assert lines["metrics.jsonl"] == str(ck / "metrics.jsonl")
+    assert lines["TensorBoard"] == str(tb) and any(tb.iterdir())
+    assert lines["view the curves"] == f"tensorboard --logdir {tb}"
+    # #9: the first train line names MFU's peak
+    first = next(ln for ln in out.splitlines() if ln.startswith(" iteration        1/"))
+    assert "(vs measured matmul peak " in first and "(1 threads))" in first
+
+
+def test_warning_format_is_one_line_for_ours_only(capsys):
+    import warnings
+
+    from megatron_lite import entrypoints
+
+    saved, passed_on = warnings.showwarning, []
+    try:
+        # Python's own printer, as a recorder: what is not ours must reach it unchanged
+        warnings.showwarning = lambda m, c, f, n, file=None, line=None: passed_on.append((m, c, f))
+        entrypoints.install_warning_format(rank=0)
+        ours = os.path.join(entrypoints.PACKAGE_DIR, "training", "setup.py")
+        theirs = "/usr/lib/python3/site-packages/x.py"
+        warnings.showwarning("bf16 on CPU is\n slow", UserWarning, ours, 148)
+        warnings.showwarning("theirs", UserWarning, theirs, 3)
+        warnings.showwarning("old", DeprecationWarning, ours, 5)
+        assert capsys.readouterr().err == "[megatron_lite] warning: bf16 on CPU is slow\n"
+        assert passed_on == [("theirs", UserWarning, theirs), ("old", DeprecationWarning, ours)]
+        entrypoints.install_warning_format(rank=1)   # other ranks: ours are not repeated
+        warnings.showwarning("dup", UserWarning, ours, 1)
+        assert capsys.readouterr().err == ""
+    finally:
+        warnings.showwarning = saved

@@ -20,6 +20,7 @@ from megatron_lite.training.callbacks.extras import extras_state, setup_extras
 from megatron_lite.training.callbacks.periodic_eval import PeriodicEval
 from megatron_lite.training.callbacks.profiler import ProfilerCallback
 from megatron_lite.training.callbacks.signals import ExitCheck, worker_signals
+from megatron_lite.training.callbacks.summary import TrainingSummary
 from megatron_lite.training.comm_timing import install_deepspeed_comm_timing
 from megatron_lite.training.deepspeed_engine import set_step_batch
 from megatron_lite.training.run_lock import RunLock
@@ -71,7 +72,8 @@ class Trainer:
             cfg, self.optimizer, self.engine, self.state.extras,
             self.resumed is not None and not cfg.checkpoint.finetune, run_folder(cfg))
         profiler = ProfilerCallback.from_config(cfg, self.rank, self.device, run_folder(cfg))
-        self.callbacks = CallbackList([*self.callbacks, self.guard, self.noise, profiler])
+        self.callbacks = CallbackList([*self.callbacks, self.guard, self.noise, profiler,
+                                       TrainingSummary(self.rank)])
 
     def finished(self) -> bool:
         """A requeued job restarting after its final save: nothing left to do (and no data to

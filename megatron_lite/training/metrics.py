@@ -266,6 +266,11 @@ class TrainingLogger:
         self.peak_source = ""
         self._writer = None
         self._jsonl = None
+        # Over the whole run, for the closing summary: logged tokens and their training seconds
+        # (evaluation and saves excluded, as in each line), last and best (step, val_loss).
+        self.run_tokens, self.run_seconds = 0, 0.0
+        self.last_val: tuple[int, float] | None = None
+        self.best_val: tuple[int, float] | None = None
         self.metrics_path = config.metrics_file or (
             os.path.join(run_dir, "metrics.jsonl") if run_dir else None)
         if self.is_writer:
@@ -398,6 +403,7 @@ class TrainingLogger:
                     for k, v in comm_timer.totals().items()}
         times = self.timers.elapsed_all(reset=True)
         steps = self._steps
+        self.run_tokens, self.run_seconds = self.run_tokens + self._tokens, self.run_seconds + elapsed
         tokens_per_sec = self._tokens / elapsed if elapsed > 0 else float("nan")
         per_device = tokens_per_sec / self.world_size
         tflops = self.flops_per_token * per_device / 1e12
@@ -478,6 +484,15 @@ class TrainingLogger:
         parts.append(f"{mem_kind}: {r['peak_memory_bytes'] / 2**20:.1f} MiB")
         return " | ".join(parts) + " |"
 
+    def run_throughput(self) -> tuple[float | None, float | None]:
+        """``(mean tokens/s, mean MFU)`` over the run's logged intervals (training time only, as
+        in each line; MFU None without a peak, both None before the first logged step)."""
+        if self.run_seconds <= 0:
+            return None, None
+        tps = self.run_tokens / self.run_seconds
+        tflops = self.flops_per_token * tps / self.world_size / 1e12
+        return tps, (tflops / self.peak_tflops if self.peak_tflops else None)
+
     # ---- evaluation -----------------------------------------------------------------------
     def log_eval(self, step: int, val_loss: float | dict[str, Any], tokens: int | None = None,
                  extra: dict[str, Any] | None = None, split: str = "valid",
@@ -515,6 +530,10 @@ class TrainingLogger:
         except OverflowError:
             ppl = float("inf")
         p = "val" if split == "valid" else "test"
+        if split == "valid" and math.isfinite(val_loss):
+            self.last_val = (int(step), val_loss)
+            if self.best_val is None or val_loss < self.best_val[1]:
+                self.best_val = self.last_val
         record = {"type": "eval" if split == "valid" else "test", "step": int(step),
                   f"{p}_loss": val_loss, f"{p}_ppl": ppl}
         if tokens is not None:

@@ -4,10 +4,13 @@ dataset's position, the callbacks' ``extras``)."""
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Callable, Optional
 
 from megatron_lite.checkpoint import engine_state
 from megatron_lite.training.timers import CHECKPOINT
+from megatron_lite.utils import is_rank_0
 
 
 class CheckpointSaver:
@@ -26,6 +29,7 @@ class CheckpointSaver:
                  fault_point: Optional[Callable[[int, str], None]] = None):
         self.cfg, self.engine, self.scheduler, self.logger = cfg, engine, scheduler, logger
         self.train_ds, self.extras, self.fault_point = train_ds, extras, fault_point
+        self.last_saved: Optional[str] = None   # the newest folder this run saved
 
     def wants(self, iteration: int, stopping: bool) -> bool:
         """Whether to save after step ``iteration`` (``stopping``: exit interval or signal)."""
@@ -42,9 +46,21 @@ class CheckpointSaver:
         if self.train_ds is not None and hasattr(self.train_ds, "state_dict"):
             state.data_state = self.train_ds.state_dict(state.consumed_samples)
         state.extras = self.extras()
+        start = time.perf_counter()
         with self.logger.exclude_time(), self.logger.timers.time(CHECKPOINT):
-            engine_state.save_checkpoint(self.engine, self.cfg, state, self.scheduler,
-                                         self.cfg.checkpoint.save, fault_point=self.fault_point)
+            path = engine_state.save_checkpoint(self.engine, self.cfg, state, self.scheduler,
+                                                self.cfg.checkpoint.save,
+                                                fault_point=self.fault_point)
+        self.last_saved = path
+        if is_rank_0() and isinstance(path, str) and os.path.isdir(path):
+            print(f"[checkpoint] saved iteration {state.iteration} to {path} "
+                  f"({folder_bytes(path) / 1e6:.1f} MB, {time.perf_counter() - start:.1f} s)",
+                  flush=True)
 
 
-__all__ = ["CheckpointSaver"]
+def folder_bytes(path: str) -> int:
+    """Total size in bytes of the files under ``path`` (all ranks' shards of a checkpoint)."""
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+__all__ = ["CheckpointSaver", "folder_bytes"]
