@@ -114,3 +114,4 @@ python tools/plot_run.py "$OUT/ckpt" --out "$OUT/plots"
 # The doctor exits 1 (warnings) or 2 (critical findings): advice to read, not a failed quickstart.
 python tools/diagnose_run.py "$OUT/ckpt" | tee "$OUT/diagnosis.txt" || true
 echo "quickstart done in $(( $(date +%s) - T0 )) s; outputs in $OUT"
+echo "curves: tensorboard --logdir $OUT/tensorboard   (metrics: $OUT/ckpt/metrics.jsonl, figures: $OUT/plots)"
