@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
 
 import numpy as np
 import pytest
 
-from megatron_lite.analysis.plots import FIGURES, build_figures, step_time_parts, write_figures
+from megatron_lite.analysis.plots import FIGURES, build_figures, step_time_parts
 from megatron_lite.analysis.run_data import ema, load_run, read_records, series
 from megatron_lite.eval.tool_cli import run_tool
 from tests.test_diagnose_run import (ROOT, healthy_records, inject_skipped, inject_spike,

@@ -258,8 +258,9 @@ def check_trend(run: RunData, th: Thresholds) -> list[Finding]:
     med = _med3(ys)
     i_min = min(range(len(med)), key=med.__getitem__)
     if med[-1] > med[i_min] * (1 + th.divergence_rise) and i_min < len(med) - 1:
-        return [_finding("divergence", CRITICAL, f"the loss rose {100 * (med[-1] / med[i_min] - 1):.0f}"
-                         f" % after its lowest point (step {xs[i_min]})",
+        rise = 100 * (med[-1] / med[i_min] - 1)
+        return [_finding("divergence", CRITICAL, f"the loss rose {rise:.0f} % after its lowest "
+                         f"point (step {xs[i_min]})",
                          [f"loss median {_g(med[i_min])} at step {xs[i_min]} -> {_g(med[-1])} "
                           f"at step {xs[-1]}"] + grow_line, [xs[i_min], xs[-1]])]
     out = []
