@@ -78,17 +78,62 @@ def test_breakdown_sums_to_step_time_and_tp_comm(prof_e2e):
     for name in ("tp2", "tp1"):
         recs = read_metrics(os.path.join(root, name, "metrics.jsonl"))
         assert sorted(recs) == [2, 4, 6]
+        # Over the run's records (a single 2-step interval of a ~0.2 s step on a loaded 2-core
+        # machine can lose a preempted 20 ms to "other").
+        parts = sum(r[k] for r in recs.values() for k in PARTS)
+        total = sum(r["step_time_s"] for r in recs.values())
+        assert abs(parts - total) <= 0.10 * total, (name, parts, total, recs)
         for step, r in recs.items():
-            parts = sum(r[k] for k in PARTS)
             assert all(r[k] >= 0 for k in PARTS), (name, step, r)
-            assert abs(parts - r["step_time_s"]) <= 0.10 * r["step_time_s"], (name, step, r)
-            assert abs(parts + r["other_s"] - r["step_time_s"]) < 1e-9
+            assert abs(sum(r[k] for k in PARTS) + r["other_s"] - r["step_time_s"]) < 1e-9
             if name == "tp2":
                 assert r["tp_comm_s"] > 0, r
             else:
                 assert r["tp_comm_s"] == 0 and r["dp_comm_s"] > 0, r
         # The save after step 4 is outside the step time, in the next record's checkpoint_s.
         assert recs[2]["checkpoint_s"] == 0 and recs[6]["checkpoint_s"] > 0
+
+
+def test_breakdown_from_timers_and_console_levels(tmp_path):
+    """Fake clock: forward 0.25 s of which 0.125 s TP collective, backward 0.375 s, optimizer
+    0.125 s of which 0.0625 s DeepSpeed collective; the level-1 line is the one of before."""
+    from megatron_lite.parallel import comm_timer
+    from megatron_lite.training import timers as T
+    from tests.test_metrics import FakeClock, _make
+
+    def collective(kind, seconds):   # a collective of `seconds` on the fake clock
+        clock.advance(seconds)
+        comm_timer.add(kind, seconds)
+
+    for level in (1, 2):
+        clock, lines = FakeClock(), []
+        logger = _make(tmp_path / str(level), clock, lines, log_interval=1,
+                       timing_log_level=level)
+        t = logger.timers
+        with t.time(T.DATA_WAIT):
+            clock.advance(0.125)
+        with t.time(T.FORWARD_BACKWARD):
+            with t.time(T.FORWARD):
+                clock.advance(0.125)
+                collective(comm_timer.TP, 0.125)
+            with t.time(T.BACKWARD):
+                clock.advance(0.375)
+        with t.time(T.OPTIMIZER):
+            clock.advance(0.0625)
+            collective(comm_timer.DP, 0.0625)
+        clock.advance(0.125)   # outside every timer: "other"
+        r = logger.log_step(1, {"lr": 1e-3, "loss": 2.0, "consumed_samples": 4,
+                                "consumed_tokens": 1000})
+        assert (r["step_time_s"], r["forward_backward_s"], r["optimizer_s"]) == (1.0, 0.625, 0.125)
+        assert (r["data_wait_s"], r["forward_s"], r["backward_s"], r["tp_comm_s"],
+                r["dp_comm_s"], r["optimizer_step_s"], r["other_s"], r["checkpoint_s"]) == \
+            (0.125, 0.125, 0.375, 0.125, 0.0625, 0.0625, 0.125, 0.0)
+        assert ("breakdown (ms): data wait 125.0, forward 125.0, backward 375.0, TP comm 125.0, "
+                "DP comm 62.5, optimizer 62.5, other 125.0, checkpoint 0.0" in lines[-1]) == \
+            (level == 2)
+        assert "other timers" not in lines[-1]
+        logger.close()
+    comm_timer.set_synchronize(False)
 
 
 def _parse(*extra):

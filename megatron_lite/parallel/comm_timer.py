@@ -60,6 +60,11 @@ def end(kind: str, started: float) -> None:
         _totals[kind] += time.perf_counter() - started
 
 
+def add(kind: str, seconds: float) -> None:
+    """Count ``seconds`` measured elsewhere as ``kind`` communication (tests, other clocks)."""
+    _totals[kind] += float(seconds)
+
+
 @contextlib.contextmanager
 def timed(kind: str) -> Iterator[None]:
     """Count the body (one collective) as ``kind`` communication."""
@@ -70,4 +75,4 @@ def timed(kind: str) -> Iterator[None]:
         end(kind, started)
 
 
-__all__ = ["DP", "TP", "begin", "end", "set_synchronize", "timed", "totals"]
+__all__ = ["DP", "TP", "add", "begin", "end", "set_synchronize", "timed", "totals"]

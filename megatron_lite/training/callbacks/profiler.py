@@ -109,8 +109,12 @@ class ProfilerCallback(Callback):
         # (torch.profiler.tensorboard_trace_handler) would give; a trace can be exported once.
         tb_dir = os.path.join(self.out_dir, "tensorboard")
         os.makedirs(tb_dir, exist_ok=True)
-        shutil.copyfile(path, os.path.join(
-            tb_dir, f"rank{self.rank}.{time.time_ns() // 1_000_000}.pt.trace.json"))
+        tb_path = os.path.join(tb_dir, f"rank{self.rank}.{time.time_ns() // 1_000_000}"
+                                       ".pt.trace.json")
+        try:
+            os.link(path, tb_path)   # one file on disk for both names
+        except OSError:              # a file system without hard links
+            shutil.copyfile(path, tb_path)
         self.written.append(tb_dir)
         if self.memory_snapshot:
             snap = os.path.join(self.out_dir, f"memory_snapshot_rank{self.rank}.pickle")
