@@ -6,8 +6,10 @@ Slow: a clone, a handful of tool processes (each imports torch) and a tiny token
 (about a minute on 2 cores). The clone reuses this checkout's ``.venv`` (a symlink) and its built
 extensions (copied) instead of running ``scripts/setup_env.sh`` again, which would take minutes.
 
-Still to add once the new Trainer lands (issue 15 items 1, 6, 7, 9): the quickstart itself, its
-closing summary's paths, one-line warnings, the dry run's missing-path checks.
+A very short training run (tiny model, 3 steps, started with the bare ``python3``) stands in for
+the quickstart (minutes of two-process training, evaluation and sampling on 2 cores): its
+checkpoint line and closing summary name paths that exist, its warnings are one line, and a dry
+run refuses a missing data path in one line and ends with the planner's memory verdict.
 """
 
 from __future__ import annotations
@@ -106,3 +108,51 @@ def test_bad_input_is_one_line_and_leaves_nothing(clone, tmp_path):
                    f"--output-prefix {tmp_path}/new/web", expect=2)
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("preprocess_data.py: error: ")
     assert not (tmp_path / "new").exists()
+
+
+TINY_RUN = ("--model-size tiny --vocab-size 256 --seq-length 64 --micro-batch-size 1 "
+            "--global-batch-size 2 --split 90,10,0 --num-workers 0 --log-interval 1 "
+            "--device cpu --zero-stage 0")
+
+
+def test_entrypoint_help_and_dry_run_in_a_fresh_shell(clone, tmp_path):
+    for cmd in ("python3 pretrain_llama.py --help", "python3 cpt_llama.py --help"):
+        assert run(clone, cmd).stdout.startswith("usage: ")
+    # the README's Lightning dry run, started as `python -m` with the bare python3
+    r = run(clone, "python3 -m megatron_lite.integrations.lightning --config "
+                   "configs/lightning/tiny_cpu.yaml --dry-run")
+    assert "resolved plan" in r.stdout and "lightning.Trainer(" in r.stdout
+    missing = tmp_path / "does_not_exist" / "train_text_document"
+    r = run(clone, f"python3 pretrain_llama.py --dry-run {TINY_RUN} --train-iters 5 "
+                   f"--data-path {missing}", expect=2)
+    assert r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"pretrain_llama.py: error: --data-path {missing}: ")
+    assert "tools/preprocess_data.py" in r.stderr
+    r = run(clone, f"python3 pretrain_llama.py --dry-run {TINY_RUN} --train-iters 5")
+    last = r.stdout.splitlines()[-1]
+    assert last.startswith("dry run: nothing was launched; planned memory per device on ") \
+        and ": FITS (" in last, last
+
+
+def test_short_training_run_summary_paths_exist_and_warnings_are_one_line(clone, tmp_path):
+    import re
+
+    # a tiny learnable corpus (.bin/.idx), written by the tests' own helper with the venv's Python
+    run(clone, ".venv/bin/python -c 'import sys; sys.path.insert(0, \".\"); from "
+               f"tests.test_training import make_dataset; make_dataset(\"{tmp_path}/data\")'")
+    ck, tb = tmp_path / "ck", tmp_path / "tb"
+    ck.mkdir()
+    r = run(clone, f"python3 pretrain_llama.py {TINY_RUN} --train-iters 3 --eval-interval 3 "
+                   f"--eval-iters 1 --data-path {tmp_path}/data --save {ck} --load {ck} "
+                   f"--save-interval 3 --tensorboard-dir {tb}")
+    out, err = r.stdout, r.stderr
+    assert "UserWarning" not in err and "[megatron_lite] warning: --load " in err, err
+    assert re.search(rf"^\[checkpoint\] saved iteration 3 to {re.escape(str(ck))}/iter_0000003 "
+                     r"\([\d.]+ MB, [\d.]+ s\)$", out, re.M), out
+    summary = out[out.index("---------------- training summary"):].splitlines()[1:-1]
+    fields = {k.strip(): v for k, v in (ln.split(" : ", 1) for ln in summary)}
+    for key in ("checkpoint", "metrics.jsonl", "TensorBoard"):
+        assert os.path.exists(fields[key]), (key, fields[key])
+    assert fields["view the curves"] == f"tensorboard --logdir {tb}"
+    modes = _modes(ck)
+    assert modes and set(modes.values()) == {"0o644"}, modes
