@@ -191,7 +191,8 @@ def train_step(engine, optimizer, scheduler, micro_batches: Sequence[dict[str, A
             # p.grad = d(dp/N * S_0): rescale to the token-mean gradient of this micro-batch.
             n0 = max(int(ps_tok.sum().item()), 1)
             noise_scale.measure_small(engine.module.parameters(),
-                                      n_tokens / (dp * n0) / _fp16_scale(engine), n0)
+                                      n_tokens / (dp * n0) / _fp16_scale(engine), n0,
+                                      len(batches))
         if j < len(batches) - 1:
             engine.step()  # not a boundary: DeepSpeed only counts the micro-step
     if dist.is_initialized():

@@ -25,7 +25,9 @@ The two batch sizes training already has:
   optimizer computes anyway (DeepSpeed's, or ours at fp32 ZeRO-0), so it costs nothing.
 
 Supported: ZeRO stage 0 and 1 without optimizer offload, with at least 2 micro-batches per rank
-(A >= 2). At A = 1 DeepSpeed reduces the only micro-batch's gradient at the boundary backward, and
+(A >= 2) on every step; with a batch ramp-up (``--rampup-batch-size``/``--rampup-batch-tokens``)
+A follows the ramp, so its first batch must already give A >= 2 (refused at parse time
+otherwise). B_big is then each step's own global batch. At A = 1 DeepSpeed reduces the only micro-batch's gradient at the boundary backward, and
 at ZeRO-2/3 (or with offload) its backward hooks reduce and partition every micro-batch's gradient,
 so the per-rank micro-batch gradient never exists whole in ``p.grad``; those runs are refused with
 a message pointing to ``tools/noise_scale_estimator.py`` (offline, any checkpoint). The criterion
@@ -70,9 +72,30 @@ def check_config(cfg) -> None:
                          f"{cfg.derived.num_micro_batches}): with A = 1 DeepSpeed reduces the "
                          f"only micro-batch's gradient inside its backward; raise "
                          f"--global-batch-size to >= 2 x --micro-batch-size x D" + hint)
+    ramp = _ramp(cfg)
+    if ramp is not None and ramp.start // (cfg.training.micro_batch_size
+                                           * cfg.derived.data_parallel_size) < 2:
+        flag = ("--rampup-batch-tokens" if getattr(cfg.training, "rampup_batch_tokens", None)
+                else "--rampup-batch-size")
+        mu_d = cfg.training.micro_batch_size * cfg.derived.data_parallel_size
+        raise ValueError(f"--noise-scale-interval with {flag}: the ramp's first batch of "
+                         f"{ramp.start} samples gives A = 1 micro-batch per rank (A = B / "
+                         f"(micro_batch_size x D) = {ramp.start} / {mu_d}), whose gradient "
+                         f"DeepSpeed reduces inside its backward; start the ramp at >= "
+                         f"{2 * mu_d} samples (A >= 2)" + hint)
     if not cfg.optimizer.clip_grad > 0:
         raise ValueError("--noise-scale-interval needs the global grad norm, which is computed "
                          "only with clipping on: give --clip-grad > 0" + hint)
+
+
+def _ramp(cfg):
+    """The run's batch ramp (None without one, or when the config cannot build it)."""
+    from megatron_lite.config.batch_ramp import ramp_from_config
+
+    try:
+        return ramp_from_config(cfg)
+    except (ValueError, AttributeError, TypeError):
+        return None
 
 
 def unbiased_estimates(b_small: float, g2_small: float, b_big: float,
@@ -118,7 +141,7 @@ class NoiseScaleEstimator:
 
     @torch.no_grad()
     def measure_small(self, params: Iterable[torch.nn.Parameter], grad_scale: float,
-                      loss_tokens: int) -> None:
+                      loss_tokens: int, micro_batches: Optional[int] = None) -> None:
         """Read this rank's first micro-batch gradient from ``p.grad`` (collective, world group).
 
         Args:
@@ -126,9 +149,11 @@ class NoiseScaleEstimator:
             grad_scale: factor turning ``p.grad`` into the gradient of that micro-batch's
                 token-mean loss: ``N / (D * n_0)`` divided by the fp16 loss scale, if any.
             loss_tokens: n_0, the micro-batch's loss tokens on this rank.
+            micro_batches: A of this step (for the error message; a ramp changes it per step).
 
         Raises:
-            RuntimeError: no parameter holds a gradient (the configuration reduces in hooks).
+            RuntimeError: no parameter holds a gradient; the message names the cause (A = 1 at
+                this step, or a configuration that reduces in backward hooks).
         """
         from megatron_lite.parallel import (get_data_parallel_world_size,
                                             get_tensor_model_parallel_rank)
@@ -146,9 +171,17 @@ class NoiseScaleEstimator:
                 s = grad.detach().float().pow(2).sum()
                 sq = s if sq is None else sq + s
         if not seen:
+            if micro_batches is not None and micro_batches < 2:
+                raise RuntimeError(
+                    f"noise scale: no parameter holds a gradient after the first micro-batch: "
+                    f"this step has A = {micro_batches} micro-batch per rank (e.g. early in a "
+                    f"--rampup-batch-size/--rampup-batch-tokens ramp), and DeepSpeed reduces the "
+                    f"only micro-batch's gradient inside its backward; give A >= 2 on every step "
+                    f"or --noise-scale-interval 0")
             raise RuntimeError("noise scale: no parameter holds a gradient after the first "
                                "micro-batch (this DeepSpeed configuration reduces gradients in "
-                               "hooks); use --zero-stage 0/1 or --noise-scale-interval 0")
+                               "backward hooks: ZeRO-2/3 or offload); use --zero-stage 0/1 "
+                               "without offload or --noise-scale-interval 0")
         sq = torch.zeros((), device=device) if sq is None else sq
         # Every TP rank adds its shards' part; only TP rank 0 adds the batch's 1/n_0 (once per
         # DP rank), so a world SUM gives sum over DP of |g_r|^2 and of 1/n_r.
