@@ -148,7 +148,9 @@ def derive_and_check(cfg, world_size: int) -> None:
         raise _err("--bf16, --fp16 and --fp32 are exclusive")
     if tr.bf16 or tr.fp16 or tr.fp32:
         d.precision = "bf16" if tr.bf16 else "fp16" if tr.fp16 else "fp32"
-    else:  # recipe default bf16 where it is fast (GPU); fp32 on CPU
+    else:  # recipe default bf16 where it is fast (GPU); fp32 on CPU. For THIS machine with
+        # --device auto: tools/plan_run.py plans its --gpu target's default instead
+        # (target_precision), and the plan line says when it was resolved here.
         import torch
 
         gpu = tr.device == "cuda" or (tr.device == "auto" and torch.cuda.is_available())
@@ -467,7 +469,9 @@ def plan_lines(cfg) -> list[str]:
         + (" +offload-params" if cfg.parallel.offload_params else ""),
         f"precision               : {d.precision}" + (
             "" if tr.bf16 or tr.fp16 or tr.fp32 else
-            "  (default: bf16 on GPU, fp32 on CPU where bf16 is ~30x slower; --bf16/--fp32)"),
+            "  (default: bf16 on GPU, fp32 on CPU where bf16 is ~30x slower; --bf16/--fp32)"
+            + ("" if tr.device != "auto" else
+               f"; resolved for this machine, --device auto = {_train_device_type(tr)}")),
         f"seq length L_ctx        : {m.seq_length} tokens",
         f"micro batch             : {tr.micro_batch_size} samples = mu_tok {d.micro_batch_tokens} "
         f"tokens per rank",
