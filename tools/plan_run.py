@@ -8,7 +8,9 @@ needed) plus the planner's own flags::
     python tools/plan_run.py --config configs/pretrain_7b_4k.yaml --gpus 64 --gpu h100 --mfu 0.45 \\
         --price-gpu-hour 15 --price-kwh 0.8 --pue 1.3 --gpu-power-kw 0.7 [--json]
 
-Prints a table (or one JSON object with ``--json``); exit status 0 whether or not the run fits
+The plan is for the target ``--gpu``, not the machine the tool runs on: precision is
+``--bf16/--fp16/--fp32`` when given, else the target's training default (bf16 on a GPU, fp32 on
+cpu), and a note says which was used. Prints a table (or one JSON object with ``--json``); exit status 0 whether or not the run fits
 (the verdict is in the output: FITS / DOES NOT FIT, and ``"fits"`` in JSON), 2 on a bad config.
 Formulas: ``megatron_lite.planning`` (ZeRO paper for model states, Korthikanti et al. 2022 for
 activations, 6·N·T and the exact per-token count for compute, the recipe's cost formulas).
@@ -39,7 +41,8 @@ def planner_parser() -> argparse.ArgumentParser:
     g.add_argument("--gpus", type=int, default=None,
                    help="number of devices (world size); default $WORLD_SIZE or 1")
     g.add_argument("--gpu", default="h100", choices=sorted(GPU_SPECS) + ["cpu"],
-                   help="device type: memory, peak FLOP/s and power defaults")
+                   help="target device type: memory, peak FLOP/s, power and precision "
+                        "defaults (bf16 on a GPU, fp32 on cpu, unless --bf16/--fp16/--fp32)")
     g.add_argument("--device-memory-gb", type=float, default=None,
                    help="device memory in GiB (overrides --gpu; for --gpu cpu: host RAM)")
     g.add_argument("--peak-tflops", type=float, default=None,
@@ -92,11 +95,37 @@ def _recompute(model) -> str:
     return {"full": "full", "selective": "selective"}.get(gran or "", "none")
 
 
+def target_precision(cfg, gpu: str) -> tuple[str, str]:
+    """The precision a run of ``cfg`` trains with on the target device ``--gpu``, and a note.
+
+    ``--bf16/--fp16/--fp32`` (flag or YAML) win; otherwise the training default for the target,
+    bf16 on a GPU and fp32 on CPU (``config/derive.py``), never the precision
+    ``derive_and_check`` resolved for the machine the planner happens to run on.
+    """
+    tr = cfg.training
+    if tr.bf16 or tr.fp16 or tr.fp32:
+        prec = "bf16" if tr.bf16 else "fp16" if tr.fp16 else "fp32"
+        note = f"precision {prec}: given (--{prec})"
+        if gpu != "cpu" and prec == "fp32":
+            note += ("; memory and peak FLOP/s are planned for fp32 weights/activations and the "
+                     "TF32 peak (GPU runs normally use bf16)")
+        if gpu == "cpu" and prec == "fp16":
+            note += "; training refuses --fp16 on CPU (DeepSpeed has no fp16 CPU path)"
+        return prec, note
+    if gpu == "cpu":
+        return "fp32", ("precision fp32: the training default on CPU (bf16 is ~30x slower "
+                        "there); --bf16 to plan bf16")
+    return "bf16", (f"precision bf16: the training default on a GPU (--gpu {gpu}); --fp32 or "
+                    f"--fp16 to plan another")
+
+
 def inputs_from_config(cfg, args) -> tuple[PlanInputs, list[str]]:
-    """Build :class:`PlanInputs` from a finalized RunConfig and the planner flags."""
+    """Build :class:`PlanInputs` from a finalized RunConfig and the planner flags (precision:
+    :func:`target_precision` for ``--gpu``; its note comes first in the returned notes)."""
     from megatron_lite.model.counting import flops_per_token, num_parameters
 
     m, d = cfg.model, cfg.derived
+    precision, precision_note = target_precision(cfg, args.gpu)
     if not d.padded_vocab_size:
         raise ValueError("the vocabulary size is unknown: pass --vocab-size (e.g. 32000) or set "
                          "model.vocab_size in the YAML; the planner needs no tokenizer")
@@ -104,7 +133,7 @@ def inputs_from_config(cfg, args) -> tuple[PlanInputs, list[str]]:
     # counting.py uses the true vocab; memory holds the padded embedding (and LM head) rows
     padded = total + (d.padded_vocab_size - m.vocab_size) * m.hidden_size * (
         1 if m.tie_word_embeddings else 2)
-    notes = _deepspeed_notes(cfg.parallel.deepspeed_config, cfg)
+    notes = [precision_note] + _deepspeed_notes(cfg.parallel.deepspeed_config, cfg)
     par = cfg.parallel
     gpu = args.gpu
     spec = GPU_SPECS.get(gpu, {})
@@ -112,10 +141,12 @@ def inputs_from_config(cfg, args) -> tuple[PlanInputs, list[str]]:
         mem = int(args.device_memory_gb * memory.GiB)
     elif gpu == "cpu":
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        notes.append(f"device memory: this machine's RAM ({mem / memory.GiB:.1f} GiB); pass "
+                     f"--device-memory-gb to plan another CPU host")
     else:
         mem = spec["memory_bytes"]
     peak = args.peak_tflops * 1e12 if args.peak_tflops else (
-        peak_flops(gpu, d.precision) if gpu != "cpu" else None)
+        peak_flops(gpu, precision) if gpu != "cpu" else None)
     overhead = args.memory_overhead_gb if args.memory_overhead_gb is not None else (
         0.0 if gpu == "cpu" else 2.0)
     backend = m.attention_backend or "auto"
@@ -133,7 +164,7 @@ def inputs_from_config(cfg, args) -> tuple[PlanInputs, list[str]]:
         pipeline_model_parallel_size=cfg.parallel.pipeline_model_parallel_size,
         zero_stage=par.zero_stage, offload_optimizer=par.offload_optimizer,
         offload_params=par.offload_params,
-        precision=d.precision, recompute=_recompute(m),
+        precision=precision, recompute=_recompute(m),
         recompute_num_layers=m.recompute_num_layers,
         flash_attention=backend != "eager",
         gpu=gpu, device_memory_bytes=mem, peak_flops=peak,
@@ -170,9 +201,6 @@ def plan_from_argv(argv: list[str]) -> dict:
                          f"T_tokens = {DEFAULT_TRAIN_TOKENS:.0e}")
     inp, notes = inputs_from_config(cfg, args)
     notes = defaulted + notes
-    if args.gpu != "cpu" and inp.precision == "fp32":
-        notes.append("precision fp32 (no --bf16/--fp16): memory and peak FLOP/s are planned for "
-                     "fp32 weights/activations and the TF32 peak; GPU runs normally pass --bf16")
     out = make_plan(inp)
     out["notes"] = notes + out["notes"]
     out["config"] = cfg.config_file
