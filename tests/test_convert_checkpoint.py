@@ -149,6 +149,90 @@ def test_ours_tp2_to_tp4_to_hf_logits_and_sharding(tmp_path):
     assert json.loads((tmp_path / "hf_bf16" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
+# HF RoPE settings that change the logits (issue 14): (rope dict in config.json, top-level keys).
+# max_position_embeddings is 64; sequences of 48 tokens pass the original lengths below.
+ROPE_IMPORT_CASES = {
+    # DeepSeek-style: attention factor get_mscale(4, 0.707) / get_mscale(4, 1.0) ~ 0.964
+    "yarn_mscale": ({"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                     "original_max_position_embeddings": 16, "mscale": 0.707,
+                     "mscale_all_dim": 1.0}, {}),
+    # equal mscales: attention factor exactly 1 (not 0.1 ln 4 + 1)
+    "yarn_mscale_equal": ({"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                           "original_max_position_embeddings": 16, "mscale": 1.0,
+                           "mscale_all_dim": 1.0}, {}),
+    # mscale alone: HF ignores it (0.1 ln s + 1); it used to be refused
+    "yarn_mscale_alone": ({"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0,
+                           "original_max_position_embeddings": 32, "mscale": 0.707}, {}),
+    # a top-level original length has priority over the rope dict's (and over the fallback)
+    "yarn_top_level_original": ({"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                 "beta_fast": 8.0, "beta_slow": 0.5},
+                                {"original_max_position_embeddings": 16}),
+    "yarn_top_level_over_dict": ({"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                  "original_max_position_embeddings": 64},
+                                 {"original_max_position_embeddings": 16}),
+    "llama3_top_level_original": ({"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 64},
+                                  {"original_max_position_embeddings": 16}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROPE_IMPORT_CASES))
+def test_hf_rope_settings_imported_and_exported_logits_equal_hf(tmp_path, case):
+    """HF -> ours: logits equal HF's own for YaRN mscale settings and a top-level
+    original_max_position_embeddings (yarn and llama3); ours -> HF: config.json carries the keys
+    in transformers 5 form (rope_parameters) and 4.x form (rope_theta + rope_scaling), and both
+    rebuild the same model. The reference is transformers' own LlamaForCausalLM."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from megatron_lite.model.rope import RotaryEmbedding
+
+    rope, top = ROPE_IMPORT_CASES[case]
+    _hf_model(tmp_path / "hf0")
+    cfg_path = tmp_path / "hf0" / "config.json"
+    raw = json.loads(cfg_path.read_text())
+    raw.pop("rope_scaling", None)
+    raw.update(rope_parameters=dict(rope), **top)
+    cfg_path.write_text(json.dumps(raw))
+    tokens = _tokens(s=48)
+    lh, hf_model = _hf_logits(tmp_path / "hf0", tokens)
+    hf_cfg = hf_model.config
+    _, hf_attn = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf_cfg)
+    assert hf_model.model.rotary_emb.attention_scaling == hf_attn
+    _convert("--load-format", "hf", "--save-format", "megatron_lite", "--load", tmp_path / "hf0",
+             "--save", tmp_path / "ours")
+    lo, cfg = _ours_logits(tmp_path / "ours", tokens)
+    m = cfg.model
+    assert RotaryEmbedding(m).attention_factor == pytest.approx(hf_attn, rel=1e-12)
+    want_orig = top.get("original_max_position_embeddings", rope.get(
+        "original_max_position_embeddings"))
+    assert m.rope_original_max_position_embeddings == want_orig
+    assert (lo - lh).abs().max() <= 1e-5, (lo - lh).abs().max()
+    # Back to HF: both forms written, each rebuilds HF's model.
+    _convert("--load-format", "megatron_lite", "--save-format", "hf", "--load", tmp_path / "ours",
+             "--save", tmp_path / "hf1")
+    out = json.loads((tmp_path / "hf1" / "config.json").read_text())
+    rp = out["rope_parameters"]
+    for key in ("mscale", "mscale_all_dim", "low_freq_factor", "high_freq_factor", "beta_fast",
+                "beta_slow"):
+        if key in rope:
+            assert rp[key] == rope[key], key
+    assert rp["original_max_position_embeddings"] == want_orig
+    assert out["rope_theta"] == rope["rope_theta"]
+    assert out["rope_scaling"] == {**{k: v for k, v in rp.items() if k != "rope_theta"},
+                                   "type": rope["rope_type"]}
+    l1, _ = _hf_logits(tmp_path / "hf1", tokens)
+    assert torch.equal(l1, lh) or (l1 - lh).abs().max() <= 1e-6
+    v4 = {k: v for k, v in out.items() if k != "rope_parameters"}   # what a 4.x reader sees
+    (tmp_path / "hf4").mkdir()
+    for f in (tmp_path / "hf1").iterdir():
+        shutil.copy(f, tmp_path / "hf4" / f.name)
+    (tmp_path / "hf4" / "config.json").write_text(json.dumps(v4))
+    l4, m4 = _hf_logits(tmp_path / "hf4", tokens)
+    assert m4.config.rope_parameters["rope_type"] == rope["rope_type"]
+    assert (l4 - lh).abs().max() <= 1e-6
+
+
 def test_pytorch_model_bin_folder_reads_like_safetensors(tmp_path):
     """An HF folder with pytorch_model.bin converts to the same shards as its safetensors twin
     (tied; the .bin also stores an lm_head.weight copy, as some exporters do: accepted since equal,

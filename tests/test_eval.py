@@ -350,7 +350,8 @@ def _make_hf_folder(path):
     hf = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64,
                                       num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, max_position_embeddings=64)).eval()
-    hf.save_pretrained(path)
+    if path is not None:
+        hf.save_pretrained(path)
     return hf
 
 
@@ -372,6 +373,114 @@ def test_eval_ppl_hf_folder(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["tokens"] == len(stream) - 1
     assert out["nll"] == pytest.approx(ref, rel=1e-5)
+
+
+# ------------------------------------------------ window conventions vs the HF guide (issue 14)
+def _hf_guide_loop(model, input_ids, max_length, stride):
+    """The loop of the HuggingFace guide "Perplexity of fixed-length models" (transformers docs),
+    written out as published: windows of max_length tokens, labels -100 before trg_len, the
+    model's own shifted mean loss weighted by (valid labels - batch size)."""
+    seq_len = input_ids.size(1)
+    nll_sum, n_tokens, prev_end_loc = 0.0, 0, 0
+    for begin_loc in range(0, seq_len, stride):
+        end_loc = min(begin_loc + max_length, seq_len)
+        trg_len = end_loc - prev_end_loc
+        ids = input_ids[:, begin_loc:end_loc]
+        target_ids = ids.clone()
+        target_ids[:, :-trg_len] = -100
+        with torch.no_grad():
+            neg_log_likelihood = model(ids, labels=target_ids).loss
+        num_valid_tokens = (target_ids != -100).sum().item()
+        num_loss_tokens = num_valid_tokens - target_ids.size(0)
+        nll_sum += neg_log_likelihood * num_loss_tokens
+        n_tokens += num_loss_tokens
+        prev_end_loc = end_loc
+        if end_loc == seq_len:
+            break
+    return float(nll_sum / n_tokens)
+
+
+def _exact_window_loop(model, input_ids, window_tokens, stride):
+    """The guide's windows, each spanning ``window_tokens`` stream tokens, but every newly
+    scored target counted once with its own NLL (no weighting): our convention when
+    ``window_tokens = L + 1``."""
+    seq_len = input_ids.size(1)
+    total, count, prev_end_loc = 0.0, 0, 0
+    for begin_loc in range(0, seq_len, stride):
+        end_loc = min(begin_loc + window_tokens, seq_len)
+        ids = input_ids[:, begin_loc:end_loc]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+        for j in range(max(prev_end_loc, begin_loc + 1), end_loc):
+            total -= float(logp[j - begin_loc - 1, input_ids[0, j]])
+            count += 1
+        prev_end_loc = end_loc
+        if end_loc == seq_len:
+            break
+    assert count == seq_len - 1
+    return total / count
+
+
+@pytest.mark.parametrize("n,L,S", [(40, 8, 8), (40, 8, 3), (41, 8, 7), (40, 8, 1), (33, 8, 8),
+                                   (17, 32, 4)])
+def test_window_conventions_equal_the_hf_guide_loop(n, L, S):
+    """--window-convention hf == the HF guide's loop (its windows of L tokens and its weighting);
+    ours == the same walk with windows of L + 1 stream tokens and exact per-token counting."""
+    hf = _make_hf_folder(None)
+    stream = np.array(sum(_tiny_docs(50, n_docs=12, seed=3), []), dtype=np.int64)[:n]
+    ids = torch.as_tensor(stream)[None]
+
+    def loss_fn(t, labels):
+        logits = hf(input_ids=t).logits.float()
+        return F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100,
+                               reduction="none")
+
+    got_hf = stream_perplexity(loss_fn, stream, L, S, micro_batch_size=3, convention="hf")
+    want_hf = _hf_guide_loop(hf, ids, L, S)
+    if (n - 1) % S == 0 and S == L:   # a last window of one token: the guide's loop gives 0/0
+        assert math.isnan(want_hf)
+        want_hf = _hf_guide_loop(hf, ids[:, :-1], L, S)   # ... which we leave out
+    assert got_hf["nll"] == pytest.approx(want_hf, rel=1e-6)
+    assert got_hf["ppl"] == pytest.approx(math.exp(want_hf), rel=1e-6)
+    # targets scored: N - 1, less the first token of every window when windows do not overlap
+    assert got_hf["tokens"] == (n - 1 if S < L else n - math.ceil(n / L))
+    got = stream_perplexity(loss_fn, stream, L, S, micro_batch_size=3)
+    assert got["tokens"] == n - 1
+    assert got["nll"] == pytest.approx(_exact_window_loop(hf, ids, L + 1, S), rel=1e-6)
+    if n > L:
+        assert got["nll"] != pytest.approx(got_hf["nll"], rel=1e-6)   # different numbers
+
+
+def test_plan_windows_hf_by_hand():
+    # N = 10, L = 4: the guide's windows [0,4) [4,8) [8,10) score t1-t3, t5-t7, t9
+    assert plan_windows(10, 4, convention="hf") == [(0, 3, 0), (4, 3, 0), (8, 1, 0)]
+    # S = 2: [0,4) t1-t3, [2,6) t4-t5, [4,8) t6-t7, [6,10) t8-t9
+    assert plan_windows(10, 4, 2, convention="hf") == [(0, 3, 0), (2, 3, 1), (4, 3, 1), (6, 3, 1)]
+    # N = 9, L = 4, S = 4: the last window [8, 9) has one token and scores nothing (guide: NaN)
+    assert plan_windows(9, 4, convention="hf") == [(0, 3, 0), (4, 3, 0)]
+    with pytest.raises(ValueError, match="window convention"):
+        plan_windows(10, 4, convention="gpt")
+
+
+def test_eval_ppl_hf_folder_window_convention_hf(tmp_path, capsys):
+    """tools/eval_ppl.py --load-format hf --window-convention hf on an HF folder == the guide's
+    loop run with transformers' own model."""
+    hf = _make_hf_folder(str(tmp_path / "hf"))
+    docs = _tiny_docs(50, seed=2)
+    _write_dataset(str(tmp_path / "val"), docs)
+    stream = np.array(sum(docs, []), dtype=np.int64)
+    want = _hf_guide_loop(hf, torch.as_tensor(stream)[None], 16, 5)
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("eval_ppl", os.path.join(REPO, "tools",
+                                                                           "eval_ppl.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--load-format", "hf", "--load", str(tmp_path / "hf"), "--data-path",
+              str(tmp_path / "val"), "--seq-length", "16", "--stride", "5", "--json",
+              "--window-convention", "hf"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["nll"] == pytest.approx(want, rel=1e-5)
+    assert out["tokens"] == len(stream) - 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -222,10 +222,14 @@ def test_llama3_factor_order_and_hf_unsupported_rope_fields_are_refused():
         cfg.validate(1)
     base = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    for rope, match in (({"rope_type": "yarn", "factor": 2.0, "mscale": 0.707, "rope_theta": 1e4,
-                          "original_max_position_embeddings": 64}, "mscale"),
-                        ({"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5},
-                         "partial_rotary_factor")):
+    # (YaRN mscale/mscale_all_dim used to be refused here; they are honoured since issue 14:
+    # tests/test_rope.py::test_yarn_mscale_equals_hf and tests/test_convert_checkpoint.py.)
+    for rope, match in (({"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5},
+                         "partial_rotary_factor"),
+                        ({"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0,
+                          "low_freq_factor": 1.0}, "high_freq_factor"),
+                        ({"rope_type": "longrope", "rope_theta": 1e4, "factor": 2.0},
+                         "longrope")):
         hf = transformers.LlamaConfig(**base)
         hf.rope_parameters = rope
         with pytest.raises(ValueError, match=match):

@@ -257,6 +257,40 @@ def test_plan_run_json_llama7b_by_hand(capsys):
     assert abs(p["max_micro_batch_size"] - b_max) <= 1 and p["max_micro_batch_size"] >= 4
 
 
+@pytest.mark.parametrize("cuda_here", [False, True])
+def test_plan_precision_is_the_targets_not_this_machines(monkeypatch, cuda_here):
+    """Issue 14: --gpu h100 planned on a CPU host used fp32 (TF32 peak, 33.7 days for 7B/1T at
+    MFU 0.5) because the precision came from torch.cuda.is_available(). The plan uses the
+    target's training default (bf16 on a GPU, fp32 on cpu) unless a precision flag is given, the
+    same on any host, and says which it used."""
+    import torch
+
+    import plan_run
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_here)
+    flags = [f for f in LLAMA7B_FLAGS if f != "--bf16"]
+    p = plan_run.plan_from_argv(flags + ["--gpu", "h100", "--mfu", "0.5"])
+    assert p["precision"] == "bf16"
+    assert any(n.startswith("precision bf16: the training default on a GPU") for n in p["notes"])
+    # days by hand at the H100 dense bf16 peak, 989.4 TFLOP/s: T / (MFU · peak · GPUs / F_tok)
+    T = 238419 * 4194304
+    assert p["days"] == pytest.approx(T * p["flops_per_token"] / (0.5 * 989.4e12 * 64) / 86400,
+                                      rel=1e-12)
+    assert p["days"] == pytest.approx(16.85, abs=0.005)        # issue: 16.9 (bf16) vs 33.7
+    assert p["memory_weights_bytes"] == 2 * p["params_per_gpu"]          # 16-bit weights
+    # an explicit precision wins and is named; fp32 on a GPU plans the TF32 peak
+    p32 = plan_run.plan_from_argv(flags + ["--gpu", "h100", "--mfu", "0.5", "--fp32"])
+    assert p32["precision"] == "fp32" and round(p32["days"], 1) == 33.7   # TF32 peak 494.7
+    assert any(n.startswith("precision fp32: given (--fp32)") and "TF32" in n
+               for n in p32["notes"])
+    # a CPU target plans fp32 even on a GPU host; its memory is this host's RAM, and it says so
+    pc = plan_run.plan_from_argv(["--model-size", "tiny", "--vocab-size", "4096", "--gpu", "cpu",
+                                  "--gpus", "1", "--tokens-per-sec", "20000",
+                                  "--train-iters", "3"])
+    assert pc["precision"] == "fp32"
+    assert any(n.startswith("device memory: this machine's RAM") for n in pc["notes"])
+
+
 def test_plan_run_table_verdict_and_max_micro_batch(capsys):
     import plan_run
 

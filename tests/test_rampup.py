@@ -144,7 +144,9 @@ class _Opt:
 
 def test_scheduler_counts_samples_during_ramp():
     # Ramp 2 -> 8 (schedule 2, 2, 4, 6, 8, 8, 8); warmup 2 steps = 4 samples; decay 7 steps =
-    # 38 samples; linear. Hand values: update k uses s = samples applied before it, b its batch.
+    # 38 samples; linear. Hand values: update k uses F at n = s + b, s = samples applied before
+    # it, b its batch (one convention in both phases: step 2 ends the warmup at the peak, step 7
+    # reaches min_lr).
     ramp = BatchRamp(2, 2, 12, 8)
     sch = LRScheduler(_Opt(), max_lr=1.0, min_lr=0.1, warmup_iters=2, decay_iters=7,
                       decay_style="linear", ramp=ramp)
@@ -155,7 +157,7 @@ def test_scheduler_counts_samples_during_ramp():
         lrs.append(sch.apply())
         sch.advance()
     expected = [1.0 * 2 / 4, 1.0 * 4 / 4]                       # warmup: (s + b) / W_s
-    expected += [0.1 + 0.9 * (1 - (s - 4) / 34) for s in (4, 8, 14, 22, 30)]
+    expected += [0.1 + 0.9 * (1 - (n - 4) / 34) for n in (8, 14, 22, 30, 38)]
     assert lrs == pytest.approx(expected, rel=1e-14)
     st = sch.state_dict()
     assert st["num_samples"] == 38 and st["num_updates"] == 7
@@ -180,8 +182,9 @@ def test_consumed_tokens_per_step_equal_hand_sum(dyn):
     # 38 samples, lr 3e-3 -> min 3e-4).
     for step, b in enumerate(sizes, 1):
         s = sum(sizes[:step - 1])
-        want = (3e-3 * (s + b) / 4 if s < 4 else
-                3e-4 + 2.7e-3 * 0.5 * (1 + math.cos(math.pi * (s - 4) / 34)))
+        n = s + b                  # samples applied after this update (one convention)
+        want = (3e-3 * n / 4 if n <= 4 else
+                3e-4 + 2.7e-3 * 0.5 * (1 + math.cos(math.pi * (n - 4) / 34)))
         assert m[step]["lr"] == pytest.approx(want, rel=1e-12)
     assert all(math.isfinite(m[s]["loss"]) for s in m)
     # The data is the plain sample stream: step k reads exactly the next B_k samples (both DP

@@ -95,6 +95,30 @@ def test_yarn_equals_hf(factor, orig, bf, bs, af, trunc, base, kv):
         assert got[1] == pytest.approx(0.1 * math.log(factor) + 1.0)
 
 
+@pytest.mark.parametrize("factor,mscale,mscale_all_dim,af", [
+    (4.0, 0.707, 1.0, None), (4.0, 1.0, 1.0, None), (40.0, 0.707, 0.707, None),
+    (2.0, 0.707, None, None), (2.0, None, 1.0, None), (8.0, 1.0, 0.5, 1.3), (0.5, 1.0, 0.5, None)])
+def test_yarn_mscale_equals_hf(factor, mscale, mscale_all_dim, af):
+    """HF's attention factor: explicit, else get_mscale(s, m) / get_mscale(s, m_all) when both are
+    set, else 0.1 ln s + 1 (issue 14: the project used the last one always)."""
+    params = {"rope_type": "yarn", "factor": factor, "rope_theta": 10000.0,
+              "original_max_position_embeddings": 64}
+    for k, v in (("mscale", mscale), ("mscale_all_dim", mscale_all_dim), ("attention_factor", af)):
+        if v is not None:
+            params[k] = v
+    cfg = hf(params, max_pos=max(64, int(64 * factor)))
+    c = ours("yarn", max(factor, 1.0), max_pos=max(64, int(64 * factor)), orig=64, attn_factor=af)
+    c.rope_scaling_factor = factor if factor >= 1 else 1.0
+    c.yarn_mscale, c.yarn_mscale_all_dim = mscale, mscale_all_dim
+    if factor < 1:   # we refuse s < 1; HF's get_mscale is 1 there: compare the factor alone
+        from megatron_lite.model.rope import yarn_attention_factor
+
+        assert yarn_attention_factor(factor, af, mscale, mscale_all_dim) == \
+            ROPE_INIT_FUNCTIONS["yarn"](cfg)[1]
+        return
+    assert_same(rope_inv_freq(c), ROPE_INIT_FUNCTIONS["yarn"](cfg))
+
+
 @pytest.mark.parametrize("factor,orig,low,high,base,kv", [(8.0, 8192, 1.0, 4.0, 500000.0, 128),
                                                           (32.0, 8192, 1.0, 4.0, 500000.0, 64),
                                                           (4.0, 256, 2.0, 8.0, 10000.0, None)])

@@ -18,7 +18,9 @@ Rows (each for the base and the CPT model, same token streams, same windows):
 
 Every number is computed exactly as ``tools/eval_ppl.py`` computes it (same loading, stream and
 windows: ``megatron_lite/eval/perplexity.py``), so a row equals ``eval_ppl.py --load X --data-path
-P --seq-length L --stride S --max-tokens N``. ``change`` is ``cpt / base - 1``. Both models must
+P --seq-length L --stride S --max-tokens N`` (its default window convention: each window feeds L
+tokens and scores up to L targets, not the HF guide's, see ``--window-convention`` there).
+``change`` is ``cpt / base - 1``. Both models must
 read the held-out sets with the same token ids (with an extended tokenizer, tokenise the held-out
 sets with the extended one: the base model then cannot score the new ids and the tool says so).
 With ``--json`` rank 0 prints one JSON object; ``--output FILE`` writes it atomically.

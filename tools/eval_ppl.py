@@ -4,8 +4,10 @@
 The stream is the dataset's documents concatenated in on-disk order, EOD tokens included,
 optionally cut to ``--max-tokens``; windows of ``--seq-length`` tokens start every ``--stride``
 tokens (default: the window length, i.e. plain non-overlapping evaluation) and each window scores
-only targets no earlier window scored, so every token after the first is scored exactly once.
-The definition is in ``megatron_lite/eval/perplexity.py``.
+only targets no earlier window scored, so every token after the first is scored exactly once
+(each window feeds L tokens and scores up to L targets). ``--window-convention hf`` computes the
+HuggingFace perplexity guide's number instead (windows of L tokens scoring up to L - 1, with the
+guide's weighting). Both definitions are in ``megatron_lite/eval/perplexity.py``.
 
 Examples::
 
@@ -47,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the checkpoint's --seq-length)")
     p.add_argument("--stride", type=int, default=None, help="tokens between window starts, in "
                    "[1, --seq-length] (default: --seq-length, plain evaluation)")
+    p.add_argument("--window-convention", default="ours", choices=["ours", "hf"],
+                   help="ours (default): each window feeds L tokens and scores up to L targets, "
+                        "every token after the first scored once; hf: the HuggingFace "
+                        "perplexity guide's loop (windows of L tokens scoring up to L - 1, its "
+                        "weighting), to compare with figures computed that way")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first this "
                    "many tokens of the stream")
     p.add_argument("--micro-batch-size", type=int, default=4, help="windows per forward pass")
@@ -128,7 +135,7 @@ def _evaluate_prefix(args, loaded, stream, seq_length: int, device, prefix: str,
         dp_rank=parallel.get_data_parallel_rank(),
         dp_size=parallel.get_data_parallel_world_size(),
         dp_group=parallel.get_data_parallel_group(), device=device,
-        progress=args.progress)
+        progress=args.progress, convention=args.window_convention)
     if several:
         result = {"data_path": prefix, **result}
     if rank == 0:
@@ -138,7 +145,8 @@ def _evaluate_prefix(args, loaded, stream, seq_length: int, device, prefix: str,
             stride = args.stride or seq_length
             print(f"perplexity {result['ppl']:.4f} | nll {result['nll']:.6f} nats/token | "
                   f"{result['tokens']} tokens scored | seq_length {seq_length} stride "
-                  f"{stride} | {args.load} ({args.load_format}) on {prefix}",
+                  f"{stride} ({args.window_convention} windows) | {args.load} "
+                  f"({args.load_format}) on {prefix}",
                   flush=True)
     return result
 

@@ -8,7 +8,9 @@ needed) plus the planner's own flags::
     python tools/plan_run.py --config configs/pretrain_7b_4k.yaml --gpus 64 --gpu h100 --mfu 0.45 \\
         --price-gpu-hour 15 --price-kwh 0.8 --pue 1.3 --gpu-power-kw 0.7 [--json]
 
-Prints a table (or one JSON object with ``--json``); exit status 0 whether or not the run fits
+The plan is for the target ``--gpu``, not the machine the tool runs on: precision is
+``--bf16/--fp16/--fp32`` when given, else the target's training default (bf16 on a GPU, fp32 on
+cpu), and a note says which was used. Prints a table (or one JSON object with ``--json``); exit status 0 whether or not the run fits
 (the verdict is in the output: FITS / DOES NOT FIT, and ``"fits"`` in JSON), 2 on a bad config.
 Formulas: ``megatron_lite.planning`` (ZeRO paper for model states, Korthikanti et al. 2022 for
 activations, 6·N·T and the exact per-token count for compute, the recipe's cost formulas).
@@ -40,7 +42,8 @@ def planner_parser() -> argparse.ArgumentParser:
     g.add_argument("--gpus", type=int, default=None,
                    help="number of devices (world size); default $WORLD_SIZE or 1")
     g.add_argument("--gpu", default="h100", choices=sorted(GPU_SPECS) + ["cpu"],
-                   help="device type: memory, peak FLOP/s and power defaults")
+                   help="target device type: memory, peak FLOP/s, power and precision "
+                        "defaults (bf16 on a GPU, fp32 on cpu, unless --bf16/--fp16/--fp32)")
     g.add_argument("--device-memory-gb", type=float, default=None,
                    help="device memory in GiB (overrides --gpu; for --gpu cpu: host RAM)")
     g.add_argument("--peak-tflops", type=float, default=None,
@@ -95,9 +98,6 @@ def plan_from_argv(argv: list[str]) -> dict:
                          f"T_tokens = {DEFAULT_TRAIN_TOKENS:.0e}")
     inp, notes = inputs_from_config(cfg, args)
     notes = defaulted + notes
-    if args.gpu != "cpu" and inp.precision == "fp32":
-        notes.append("precision fp32 (no --bf16/--fp16): memory and peak FLOP/s are planned for "
-                     "fp32 weights/activations and the TF32 peak; GPU runs normally pass --bf16")
     out = make_plan(inp)
     out["notes"] = notes + out["notes"]
     out["config"] = cfg.config_file

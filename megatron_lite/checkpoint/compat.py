@@ -9,7 +9,8 @@ MODEL_FIELDS_ALLOWED_TO_CHANGE = frozenset({
     "recompute_granularity", "recompute_num_layers", "hidden_dropout", "attention_dropout",
     "params_dtype", "model_size", "rope_scaling_type", "rope_scaling_factor",
     "rope_original_max_position_embeddings", "yarn_beta_fast", "yarn_beta_slow",
-    "yarn_attention_factor", "yarn_truncate", "llama3_low_freq_factor", "llama3_high_freq_factor",
+    "yarn_attention_factor", "yarn_mscale", "yarn_mscale_all_dim", "yarn_truncate",
+    "llama3_low_freq_factor", "llama3_high_freq_factor",
 })
 
 

@@ -16,6 +16,7 @@ import tempfile
 import torch
 import yaml
 
+from megatron_lite.config.batch_ramp import ramp_from_config
 from megatron_lite.data.blended import load_stages
 from megatron_lite.data.data_config import parse_data_path
 from megatron_lite.data.tokenizer import build_tokenizer
@@ -346,9 +347,24 @@ def check_noise_scale(cfg) -> None:
                           f"{cfg.derived.num_micro_batches}): with A = 1 DeepSpeed reduces the "
                           f"only micro-batch's gradient inside its backward; raise "
                           f"--global-batch-size to >= 2 x --micro-batch-size x D" + hint)
+    _check_noise_scale_ramp(cfg, hint)
     if not cfg.optimizer.clip_grad > 0:
         raise ConfigError("--noise-scale-interval needs the global grad norm, which is computed "
                           "only with clipping on: give --clip-grad > 0" + hint)
+
+
+def _check_noise_scale_ramp(cfg, hint: str) -> None:
+    """During a batch ramp-up A follows the ramp: its first batch must already give A >= 2."""
+    ramp = ramp_from_config(cfg)
+    mu_d = cfg.training.micro_batch_size * cfg.derived.data_parallel_size
+    if ramp is None or ramp.start // mu_d >= 2:
+        return
+    flag = "--rampup-batch-tokens" if cfg.training.rampup_batch_tokens else "--rampup-batch-size"
+    raise ConfigError(f"--noise-scale-interval with {flag}: the ramp's first batch of "
+                      f"{ramp.start} samples gives A = 1 micro-batch per rank (A = B / "
+                      f"(micro_batch_size x D) = {ramp.start} / {mu_d}), whose gradient "
+                      f"DeepSpeed reduces inside its backward; start the ramp at >= "
+                      f"{2 * mu_d} samples (A >= 2)" + hint)
 
 
 def check_profiling(cfg) -> None:

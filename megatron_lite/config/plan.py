@@ -6,6 +6,7 @@ LR schedule, batch ramp-up, peak-LR derivation, optimizer, model size and FLOPs)
 from __future__ import annotations
 
 from megatron_lite.config.batch_ramp import ramp_from_config
+from megatron_lite.config.checks import train_device_type
 from megatron_lite.config.lr_scaling import derivation_line, parse_reference
 from megatron_lite.model.counting import flops_per_token, num_parameters
 
@@ -29,7 +30,9 @@ def plan_lines(cfg) -> list[str]:
         + (" +offload-params" if cfg.parallel.offload_params else ""),
         f"precision               : {d.precision}" + (
             "" if tr.bf16 or tr.fp16 or tr.fp32 else
-            "  (default: bf16 on GPU, fp32 on CPU where bf16 is ~30x slower; --bf16/--fp32)"),
+            "  (default: bf16 on GPU, fp32 on CPU where bf16 is ~30x slower; --bf16/--fp32)"
+            + ("" if tr.device != "auto" else
+               f"; resolved for this machine, --device auto = {train_device_type(tr)}")),
         f"seq length L_ctx        : {m.seq_length} tokens",
         f"micro batch             : {tr.micro_batch_size} samples = mu_tok {d.micro_batch_tokens} "
         f"tokens per rank",

@@ -158,6 +158,23 @@ def write_fast_tokenizer(out_dir: str, sp) -> str | None:
     return "the converted fast tokenizer encodes differently from SentencePiece"
 
 
+def _add_transformers4_rope(path: str) -> None:
+    """Add the transformers 4.x RoPE keys (``rope_theta``, ``rope_scaling``) beside the
+    ``rope_parameters`` that transformers 5 writes, so 4.x readers (``requirements.txt`` admits
+    >= 4.45) build the same RoPE instead of defaulting to theta 10000 without scaling."""
+    from megatron_lite.model.hf_adapter import rope_for_transformers4
+
+    with open(path) as f:
+        cfg = json.load(f)
+    rope = cfg.get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" not in rope:
+        return  # written by transformers 4.x itself: already in its form
+    cfg.update(rope_for_transformers4(rope))
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
 def write_hf(ckpt: Checkpoint, out_dir: str, max_shard_bytes: int) -> list[str]:
     """Write ``ckpt`` as an HF ``LlamaForCausalLM`` folder into ``out_dir`` (an empty staging
     folder: see ``common.staged_folder``). Tensors are written in their dtype in ``ckpt.state``.
@@ -189,6 +206,7 @@ def write_hf(ckpt: Checkpoint, out_dir: str, max_shard_bytes: int) -> list[str]:
         hf_cfg.bos_token_id, hf_cfg.eos_token_id = tok["bos"], tok["eos"]
         hf_cfg.pad_token_id = tok["pad"] if tok["pad"] >= 0 else None
     hf_cfg.save_pretrained(out_dir)
+    _add_transformers4_rope(os.path.join(out_dir, "config.json"))
 
     def save_shard(tensors: dict, path: str) -> None:
         # safetensors creates the file 0600 whatever the umask; an exported model is for others

@@ -12,8 +12,27 @@ window at ``p_j = S * max(0, ceil((j - L) / S))`` with context ``t_{p_j} .. t_{j
     nll = (1 / (N - 1)) * sum_j -log P(t_j | t_{p_j} .. t_{j-1}),   ppl = exp(nll).
 
 ``S = L`` gives plain evaluation; smaller S gives every scored token at least ``L - S`` tokens of
-context (except near the start), the sliding-window perplexity of Press et al. (2021), "Train Short,
-Test Long", section 2.2 and of the HuggingFace perplexity guide.
+context (except near the start): the sliding-window perplexity of Press et al. (2021), "Train Short,
+Test Long", section 2.2. This is the default convention, ``"ours"``: each window scores up to L
+targets from L input tokens (it spans L + 1 stream tokens), and every target is scored.
+
+The HuggingFace guide ("Perplexity of fixed-length models", transformers docs) counts differently;
+``convention="hf"`` (``tools/eval_ppl.py --window-convention hf``) reproduces its loop exactly, so
+a number can be compared with figures computed that way:
+
+* windows hold at most L stream tokens, ``t_b .. t_{e-1}`` with ``b = 0, S, 2S, ...`` and
+  ``e = min(b + L, N)``, and score ``t_max(e', b+1) .. t_{e-1}`` (``e'`` the previous window's
+  ``e``, 0 for the first): at most L - 1 targets per window, context at most L - 1 tokens. With
+  ``S = L`` the first token of every window is context only, so ``t_L, t_2L, ...`` are never
+  scored (N - ceil(N / L) targets instead of N - 1);
+* the guide multiplies each window's mean NLL by (its non-masked labels - 1) and divides by the
+  sum of those counts. For a window overlapping the previous one that count is one less than the
+  targets it scored, so overlapping windows are weighted slightly low; this is kept, since it is
+  what the published loop computes. A last window of one token (which scores nothing; the
+  guide's loop returns NaN there, 0/0) is left out.
+
+Both report ``tokens`` = targets actually scored. For the same L and S the two conventions give
+different numbers (each ``ours`` window sees one more token of context); neither is wrong.
 """
 
 from __future__ import annotations
@@ -59,16 +78,24 @@ def build_stream(dataset: Any, max_tokens: int | None = None) -> np.ndarray:
     return stream
 
 
-def plan_windows(num_tokens: int, seq_length: int, stride: int | None = None) -> list[Window]:
-    """Windows covering every target of an ``num_tokens`` stream exactly once (module docstring).
+CONVENTIONS = ("ours", "hf")
+
+
+def plan_windows(num_tokens: int, seq_length: int, stride: int | None = None,
+                 convention: str = "ours") -> list[Window]:
+    """The windows of the stream under ``convention`` (module docstring).
 
     Args:
         num_tokens: stream length N (>= 2).
         seq_length: window length L in tokens (``--seq-length``).
         stride: S, tokens between window starts, ``1 <= S <= L`` (None: S = L, plain).
+        convention: ``"ours"`` (every target once, up to L per window) or ``"hf"`` (the HF
+            guide's windows of L tokens scoring up to L - 1).
 
     Returns:
-        ``[(begin, length, first), ...]``; the ``length - first`` values sum to ``N - 1``.
+        ``[(begin, length, first), ...]``; with ``"ours"`` the ``length - first`` values sum to
+        ``N - 1``. An ``"hf"`` window of L stream tokens is ``(b, e - 1 - b, first)``: its last
+        token predicts nothing, so it is not fed.
 
     Raises:
         ValueError: ``N < 2``, ``L < 1`` or ``S`` outside ``[1, L]`` (a larger stride would
@@ -82,6 +109,10 @@ def plan_windows(num_tokens: int, seq_length: int, stride: int | None = None) ->
     if not 1 <= stride <= seq_length:
         raise ValueError(f"--stride must be in [1, --seq-length={seq_length}] (got {stride}); "
                          "a stride above the window length would skip targets")
+    if convention not in CONVENTIONS:
+        raise ValueError(f"window convention must be one of {CONVENTIONS} (got {convention!r})")
+    if convention == "hf":
+        return _plan_windows_hf(num_tokens, seq_length, stride)
     last = num_tokens - 1  # index of the last target
     windows: list[Window] = []
     scored_to = 0  # highest target index scored so far (0: none; t_0 is never a target)
@@ -92,6 +123,33 @@ def plan_windows(num_tokens: int, seq_length: int, stride: int | None = None) ->
         if end == last:
             break
     return windows
+
+
+def _plan_windows_hf(n: int, L: int, S: int) -> list[Window]:
+    """The HF guide's loop: ``for b in range(0, N, S)``, ``e = min(b + L, N)``, targets from
+    ``max(e_prev, b + 1)`` to ``e - 1``, stop once ``e == N``."""
+    windows: list[Window] = []
+    prev_end = 0
+    for begin in range(0, n, S):
+        end = min(begin + L, n)
+        if end - begin >= 2:     # a one-token window scores nothing (the guide: NaN)
+            windows.append((begin, end - 1 - begin, max(prev_end, begin + 1) - begin - 1))
+        prev_end = end
+        if end == n:
+            break
+    return windows
+
+
+def hf_guide_weights(windows: Sequence[Window]) -> list[int]:
+    """Per ``"hf"`` window, the guide's ``num_loss_tokens``: its non-masked labels minus one,
+    ``e - e_prev - 1`` (``e = begin + length + 1``; ``e_prev`` the previous window's, 0 first).
+    """
+    out, prev_end = [], 0
+    for begin, length, _ in windows:
+        end = begin + length + 1
+        out.append(end - prev_end - 1)
+        prev_end = end
+    return out
 
 
 def window_batches(stream: np.ndarray, windows: Sequence[Window], micro_batch_size: int,
@@ -123,8 +181,9 @@ def stream_perplexity(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tens
                       stream: np.ndarray, seq_length: int, stride: int | None = None, *,
                       micro_batch_size: int = 1, dp_rank: int = 0, dp_size: int = 1,
                       dp_group: Any = None, device: torch.device | str = "cpu",
-                      progress: bool = False) -> dict[str, float | int]:
-    """Perplexity of ``stream`` under a model, every target scored once (module docstring).
+                      progress: bool = False, convention: str = "ours") -> dict[str, float | int]:
+    """Perplexity of ``stream`` under a model (module docstring: with ``convention="ours"``
+    every target is scored once; ``"hf"`` reproduces the HF guide's loop and its weighting).
 
     The windows are dealt round-robin to the ``dp_size`` data-parallel ranks (window k to rank
     ``k % dp_size``); each TP rank of a model-parallel group takes the same windows, so TP
@@ -142,37 +201,52 @@ def stream_perplexity(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tens
         dp_rank, dp_size, dp_group: data-parallel split of the windows.
         device: where the batches go.
         progress: show a tqdm bar on DP rank 0.
+        convention: ``"ours"`` or ``"hf"`` (``--window-convention``).
 
     Returns:
-        ``{"ppl": exp(nll), "nll": mean NLL per target in nats, "tokens": targets scored}``
-        (``tokens == N - 1``).
+        ``{"ppl": exp(nll), "nll": mean NLL per target in nats (``"hf"``: the guide's weighted
+        mean), "tokens": targets scored}`` (``tokens == N - 1`` with ``"ours"``).
     """
-    windows = plan_windows(len(stream), seq_length, stride)
+    windows = plan_windows(len(stream), seq_length, stride, convention)
     mine = windows[dp_rank::dp_size]
+    weights = hf_guide_weights(windows)[dp_rank::dp_size] if convention == "hf" else None
     nll = torch.zeros((), dtype=torch.float64)
-    count = torch.zeros((), dtype=torch.float64)
+    count = torch.zeros((), dtype=torch.float64)     # the mean's denominator
+    scored_all = torch.zeros((), dtype=torch.float64)
     batches = window_batches(stream, mine, micro_batch_size)
     if progress and dp_rank == 0:
         from tqdm import tqdm
         batches = tqdm(batches, total=math.ceil(len(mine) / micro_batch_size), desc="ppl")
+    done = 0
     for tokens, labels in batches:
         tokens, labels = tokens.to(device), labels.to(device)
         losses = loss_fn(tokens, labels)
         scored = labels != -100
-        nll += losses.double()[scored].sum().cpu()
-        count += scored.sum().cpu().double()
-    totals = torch.stack([nll, count])
+        n_scored = scored.sum().cpu().double()
+        scored_all += n_scored
+        if weights is None:
+            nll += losses.double()[scored].sum().cpu()
+            count += n_scored
+        else:   # the guide: mean NLL of each window x (its labels - 1), over the sum of those
+            row_sum = torch.where(scored, losses.double(), 0.0).sum(dim=1).cpu()
+            row_n = scored.sum(dim=1).cpu().double()
+            w = torch.tensor(weights[done:done + len(row_n)], dtype=torch.float64)
+            nll += (row_sum / row_n * w).sum()
+            count += w.sum()
+        done += len(tokens)
+    totals = torch.stack([nll, count, scored_all])
     if dp_size > 1:
         # NCCL reduces device tensors only; gloo reduces CPU tensors.
         comm_device = device if dist.get_backend(dp_group) == "nccl" else "cpu"
         totals = totals.to(comm_device)
         dist.all_reduce(totals, group=dp_group)
         totals = totals.cpu()
-    tokens_scored = int(round(float(totals[1])))
-    if tokens_scored != len(stream) - 1:
-        raise RuntimeError(f"scored {tokens_scored} targets, expected {len(stream) - 1}: the "
+    tokens_scored = int(round(float(totals[2])))
+    expected = sum(length - first for _, length, first in windows)
+    if tokens_scored != expected:
+        raise RuntimeError(f"scored {tokens_scored} targets, expected {expected}: the "
                            "windows were not all evaluated (mismatched DP ranks?)")
-    mean = float(totals[0]) / tokens_scored
+    mean = float(totals[0]) / float(totals[1])
     try:
         ppl = math.exp(mean)
     except OverflowError:

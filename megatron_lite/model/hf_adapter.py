@@ -29,7 +29,15 @@ def config_from_hf(hf_config) -> ModelConfig:
 
     ``seq_length`` is set to ``max_position_embeddings``; ``vocab_size`` to HF's. RoPE: HF
     ``rope_parameters`` (transformers >= 5) or ``rope_theta``/``rope_scaling`` (4.x) of type
-    default/linear/dynamic/yarn/llama3 map to ``--rope-scaling-type`` none/linear/dynamic/yarn/llama3.
+    default/linear/dynamic/yarn/llama3 map to ``--rope-scaling-type`` none/linear/dynamic/yarn/llama3,
+    with every key HF's RoPE initialisation (transformers 5) reads for them: ``rope_theta``,
+    ``factor``; yarn ``beta_fast``, ``beta_slow``, ``truncate``, ``attention_factor``, ``mscale``,
+    ``mscale_all_dim`` (attention factor get_mscale(s, mscale) / get_mscale(s, mscale_all_dim)
+    when both are set), a missing ``factor`` = max_position_embeddings / original; llama3
+    ``low_freq_factor``, ``high_freq_factor``; for yarn and llama3 the original length from a
+    top-level ``original_max_position_embeddings`` first (HF gives it priority), else the rope
+    dict's, else ``max_position_embeddings``. ``partial_rotary_factor`` != 1 and other rope types
+    are refused with one line naming the key.
 
     Raises:
         ValueError: a feature LlamaModel does not have (biases, non-SiLU activation, other RoPE types).
@@ -51,33 +59,44 @@ def config_from_hf(hf_config) -> ModelConfig:
     if prf not in (None, 1, 1.0):
         raise ValueError(f"HF partial_rotary_factor={prf} is unsupported (megatron_lite rotates the "
                          f"whole head dimension)")
-    for key in ("mscale", "mscale_all_dim"):
-        if rope.get(key) not in (None, 0, 1, 1.0):
-            raise ValueError(f"HF rope {key}={rope[key]} is unsupported (YaRN's attention factor "
-                             f"here is 0.1*ln(s)+1 or an explicit attention_factor)")
-    if kind != "default" and rope.get("factor") is None:
+    if kind not in ("default", "linear", "dynamic", "yarn", "llama3"):
+        raise ValueError(f"HF rope type {kind!r} has no megatron_lite equivalent "
+                         "(supported: default, linear, dynamic, yarn, llama3)")
+    # The pre-extension length, as HF's standardize_rope_params resolves it for yarn and llama3: a
+    # top-level original_max_position_embeddings has priority over the rope dict's, which falls
+    # back to max_position_embeddings. HF's dynamic scaling reads max_position_embeddings only.
+    orig = None
+    if kind in ("yarn", "llama3"):
+        orig = g("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
+    elif kind == "dynamic":
+        orig = max_pos
+    factor = rope.get("factor")
+    if kind == "yarn" and factor is None and orig:   # HF: s = max_position_embeddings / original
+        factor = max_pos / int(orig)
+    if kind != "default" and factor is None:
         raise ValueError(f"HF rope type {kind!r} without a 'factor'; set rope 'factor' explicitly")
+    if kind == "llama3":
+        for key in ("low_freq_factor", "high_freq_factor"):
+            if rope.get(key) is None:
+                raise ValueError(f"HF rope type 'llama3' without {key!r}; HF needs it too")
     theta = rope.get("rope_theta", g("rope_theta", 10000.0))
     kw = dict(rotary_base=float(theta))
     if kind == "default":
         kw["rope_scaling_type"] = "none"
-    elif kind in ("linear", "dynamic", "yarn", "llama3"):
-        kw.update(rope_scaling_type=kind, rope_scaling_factor=float(rope["factor"]))
-        if kind == "dynamic":  # HF's dynamic scaling treats max_position_embeddings as the original length
-            kw["rope_original_max_position_embeddings"] = max_pos
-        elif rope.get("original_max_position_embeddings"):
-            kw["rope_original_max_position_embeddings"] = int(rope["original_max_position_embeddings"])
+    else:
+        kw.update(rope_scaling_type=kind, rope_scaling_factor=float(factor))
+        if orig:
+            kw["rope_original_max_position_embeddings"] = int(orig)
         if kind == "yarn":
+            opt = lambda k: None if rope.get(k) is None else float(rope[k])  # noqa: E731
             kw.update(yarn_beta_fast=float(rope.get("beta_fast") or 32.0),
                       yarn_beta_slow=float(rope.get("beta_slow") or 1.0),
-                      yarn_attention_factor=rope.get("attention_factor"),
+                      yarn_attention_factor=opt("attention_factor"),
+                      yarn_mscale=opt("mscale"), yarn_mscale_all_dim=opt("mscale_all_dim"),
                       yarn_truncate=bool(rope.get("truncate", True)))
         if kind == "llama3":
             kw.update(llama3_low_freq_factor=float(rope["low_freq_factor"]),
                       llama3_high_freq_factor=float(rope["high_freq_factor"]))
-    else:
-        raise ValueError(f"HF rope type {kind!r} has no megatron_lite equivalent "
-                         "(supported: default, linear, dynamic, yarn, llama3)")
     return ModelConfig(
         hidden_size=h, num_layers=int(g("num_hidden_layers")), num_attention_heads=nh,
         num_query_groups=int(g("num_key_value_heads") or nh), ffn_hidden_size=int(g("intermediate_size")),
@@ -104,13 +123,33 @@ def _rope_parameters(c: ModelConfig) -> tuple[dict, int]:
     if kind == "yarn":
         p = {"rope_type": "yarn", "rope_theta": base, "factor": s, "original_max_position_embeddings": orig,
              "beta_fast": c.yarn_beta_fast, "beta_slow": c.yarn_beta_slow, "truncate": c.yarn_truncate}
-        if c.yarn_attention_factor is not None:
-            p["attention_factor"] = c.yarn_attention_factor
+        for key, v in (("attention_factor", c.yarn_attention_factor), ("mscale", c.yarn_mscale),
+                       ("mscale_all_dim", c.yarn_mscale_all_dim)):
+            if v is not None:
+                p[key] = v
         return p, max_pos
     if kind == "llama3":
         return {"rope_type": "llama3", "rope_theta": base, "factor": s, "original_max_position_embeddings": orig,
                 "low_freq_factor": c.llama3_low_freq_factor, "high_freq_factor": c.llama3_high_freq_factor}, max_pos
     raise ValueError(f"--rope-scaling-type {kind!r} unknown")
+
+
+def rope_for_transformers4(rope_parameters: dict) -> dict:
+    """The transformers 4.x form of HF ``rope_parameters``: top-level ``rope_theta`` and
+    ``rope_scaling`` (None for plain RoPE), which 4.x readers take from config.json (5.x reads
+    ``rope_parameters`` first; both agree). Written beside ``rope_parameters`` on export.
+
+    Note: some 4.x releases recompute the YaRN factor as ``max_position_embeddings /
+    original_max_position_embeddings``; they agree with ours when max_position_embeddings =
+    factor x original (--max-position-embeddings, or --seq-length, = s x
+    --rope-original-max-position-embeddings).
+    """
+    scaling = {k: v for k, v in rope_parameters.items() if k != "rope_theta"}
+    if scaling.get("rope_type", "default") == "default":
+        scaling = None
+    else:
+        scaling["type"] = scaling["rope_type"]   # the oldest 4.x readers look for "type"
+    return {"rope_theta": rope_parameters["rope_theta"], "rope_scaling": scaling}
 
 
 def config_to_hf(config: ModelConfig):

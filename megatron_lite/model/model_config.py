@@ -85,7 +85,11 @@ class ModelConfig:
                                                             "(None: max_position_embeddings)")
     yarn_beta_fast: float = arg(32.0, "YaRN beta_fast (rotations)")
     yarn_beta_slow: float = arg(1.0, "YaRN beta_slow (rotations)")
-    yarn_attention_factor: float | None = arg(None, "YaRN attention factor (None: 0.1 ln s + 1)")
+    yarn_attention_factor: float | None = arg(None, "YaRN attention factor (None: from --yarn-mscale/"
+                                              "--yarn-mscale-all-dim, else 0.1 ln s + 1)")
+    yarn_mscale: float | None = arg(None, "YaRN mscale (HF 'mscale'; used with --yarn-mscale-all-dim: "
+                                    "attention factor (0.1 m ln s + 1) / (0.1 m_all ln s + 1))")
+    yarn_mscale_all_dim: float | None = arg(None, "YaRN mscale_all_dim (HF 'mscale_all_dim')")
     yarn_truncate: bool = arg(True, "YaRN: floor/ceil the correction range (HF 'truncate')")
     llama3_low_freq_factor: float = arg(1.0, "Llama-3 RoPE low_freq_factor")
     llama3_high_freq_factor: float = arg(4.0, "Llama-3 RoPE high_freq_factor")

@@ -8,7 +8,8 @@ for the same parameters.
 Config fields read (duck-typed, see ``megatron_lite.model.model_config.ModelConfig``): ``hidden_size``,
 ``num_attention_heads``, ``kv_channels``, ``max_position_embeddings``, ``rotary_base``,
 ``rope_scaling_type``, ``rope_scaling_factor``, ``rope_original_max_position_embeddings``,
-``yarn_beta_fast``, ``yarn_beta_slow``, ``yarn_attention_factor``, ``yarn_truncate``,
+``yarn_beta_fast``, ``yarn_beta_slow``, ``yarn_attention_factor``, ``yarn_mscale``,
+``yarn_mscale_all_dim``, ``yarn_truncate``,
 ``llama3_low_freq_factor``, ``llama3_high_freq_factor``, ``no_fused_rope``.
 """
 
@@ -101,16 +102,32 @@ def inv_freq_dynamic(base: float, dim: int, factor: float, original_max: int,
     return _base_inv_freq(new_base, dim), 1.0
 
 
-def yarn_get_mscale(scale: float) -> float:
-    """YaRN attention temperature sqrt(1/t) = 0.1 ln(s) + 1 (Peng et al. 2023, eq. 22)."""
-    return 1.0 if scale <= 1 else 0.1 * math.log(scale) + 1.0
+def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN attention temperature sqrt(1/t) = 0.1 ln(s) + 1 (Peng et al. 2023, eq. 22), with the
+    DeepSeek-V2 multiplier ``mscale`` on the log term: 0.1 * mscale * ln(s) + 1 (1 for s <= 1)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def yarn_attention_factor(factor: float, attention_factor: float | None = None,
+                          mscale: float | None = None, mscale_all_dim: float | None = None) -> float:
+    """The factor on cos/sin, as HF ``_compute_yarn_parameters`` resolves it: an explicit
+    ``attention_factor``; else, when ``mscale`` and ``mscale_all_dim`` are both set and non-zero,
+    ``yarn_get_mscale(s, mscale) / yarn_get_mscale(s, mscale_all_dim)`` (DeepSeek-V2/V3 configs,
+    e.g. 1.0 when they are equal); else eq. 22, ``0.1 ln s + 1``."""
+    if attention_factor is not None:
+        return float(attention_factor)
+    if mscale and mscale_all_dim:
+        return float(yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim))
+    return yarn_get_mscale(factor)
 
 
 def inv_freq_yarn(base: float, dim: int, factor: float, original_max: int, beta_fast: float = 32.0,
                   beta_slow: float = 1.0, attention_factor: float | None = None,
-                  truncate: bool = True) -> tuple[torch.Tensor, float]:
+                  truncate: bool = True, mscale: float | None = None,
+                  mscale_all_dim: float | None = None) -> tuple[torch.Tensor, float]:
     """YaRN "NTK-by-parts" frequencies (Peng et al. 2023, "YaRN: Efficient Context Window Extension
-    of LLMs", eqs. 17-20) and attention factor (eq. 22).
+    of LLMs", eqs. 17-20) and attention factor (eq. 22, or :func:`yarn_attention_factor` with
+    ``mscale``/``mscale_all_dim``).
 
     Dimension i has r(i) = L_orig / lambda_i full rotations over the original context (eq. 17). Dims
     with r > beta_fast keep theta_i (extrapolate), r < beta_slow are interpolated theta_i / s, and a
@@ -134,9 +151,7 @@ def inv_freq_yarn(base: float, dim: int, factor: float, original_max: int, beta_
     ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
     extrapolation_weight = 1 - ramp
     inv_freq = inv_inter * (1 - extrapolation_weight) + inv_extra * extrapolation_weight
-    if attention_factor is None:
-        attention_factor = yarn_get_mscale(factor)
-    return inv_freq, float(attention_factor)
+    return inv_freq, yarn_attention_factor(factor, attention_factor, mscale, mscale_all_dim)
 
 
 def inv_freq_llama3(base: float, dim: int, factor: float, original_max: int, low_freq_factor: float,
@@ -189,7 +204,9 @@ def rope_inv_freq(config, seq_len: int | None = None) -> tuple[torch.Tensor, flo
                              beta_fast=float(getattr(config, "yarn_beta_fast", 32.0) or 32.0),
                              beta_slow=float(getattr(config, "yarn_beta_slow", 1.0) or 1.0),
                              attention_factor=getattr(config, "yarn_attention_factor", None),
-                             truncate=bool(getattr(config, "yarn_truncate", True)))
+                             truncate=bool(getattr(config, "yarn_truncate", True)),
+                             mscale=getattr(config, "yarn_mscale", None),
+                             mscale_all_dim=getattr(config, "yarn_mscale_all_dim", None))
     if kind == "llama3":
         return inv_freq_llama3(base, dim, factor, original_max,
                                float(getattr(config, "llama3_low_freq_factor", 1.0)),

@@ -44,15 +44,41 @@ def recompute_kind(model) -> str:
     return {"full": "full", "selective": "selective"}.get(gran or "", "none")
 
 
+def target_precision(cfg, gpu: str) -> tuple[str, str]:
+    """The precision a run of ``cfg`` trains with on the target device ``gpu``, and a note.
+
+    ``--bf16/--fp16/--fp32`` (flag or YAML) win; otherwise the training default for the target,
+    bf16 on a GPU and fp32 on CPU (``config/derive.py``), never the precision that
+    ``finalize`` resolved for the machine the planner happens to run on.
+    """
+    tr = cfg.training
+    if tr.bf16 or tr.fp16 or tr.fp32:
+        prec = "bf16" if tr.bf16 else "fp16" if tr.fp16 else "fp32"
+        note = f"precision {prec}: given (--{prec})"
+        if gpu != "cpu" and prec == "fp32":
+            note += ("; memory and peak FLOP/s are planned for fp32 weights/activations and the "
+                     "TF32 peak (GPU runs normally use bf16)")
+        if gpu == "cpu" and prec == "fp16":
+            note += "; training refuses --fp16 on CPU (DeepSpeed has no fp16 CPU path)"
+        return prec, note
+    if gpu == "cpu":
+        return "fp32", ("precision fp32: the training default on CPU (bf16 is ~30x slower "
+                        "there); --bf16 to plan bf16")
+    return "bf16", (f"precision bf16: the training default on a GPU (--gpu {gpu}); --fp32 or "
+                    f"--fp16 to plan another")
+
+
 def inputs_from_config(cfg, args) -> tuple[PlanInputs, list[str]]:
     """Build :class:`PlanInputs` from a finalized RunConfig and the planner flags (``args``: the
-    attributes of :data:`PLANNER_DEFAULTS`, e.g. ``tools/plan_run.py``'s parsed flags).
+    attributes of :data:`PLANNER_DEFAULTS`, e.g. ``tools/plan_run.py``'s parsed flags). The
+    precision is :func:`target_precision` for ``args.gpu``; its note comes first in the notes.
 
     Raises:
         ValueError: the vocabulary size is unknown.
     """
 
     m, d = cfg.model, cfg.derived
+    precision, precision_note = target_precision(cfg, args.gpu)
     if not d.padded_vocab_size:
         raise ValueError("the vocabulary size is unknown: pass --vocab-size (e.g. 32000) or set "
                          "model.vocab_size in the YAML; the planner needs no tokenizer")
@@ -60,7 +86,7 @@ def inputs_from_config(cfg, args) -> tuple[PlanInputs, list[str]]:
     # counting.py uses the true vocab; memory holds the padded embedding (and LM head) rows
     padded = total + (d.padded_vocab_size - m.vocab_size) * m.hidden_size * (
         1 if m.tie_word_embeddings else 2)
-    notes = deepspeed_notes(cfg.parallel.deepspeed_config, cfg)
+    notes = [precision_note] + deepspeed_notes(cfg.parallel.deepspeed_config, cfg)
     par = cfg.parallel
     gpu = args.gpu
     spec = GPU_SPECS.get(gpu, {})
@@ -68,10 +94,12 @@ def inputs_from_config(cfg, args) -> tuple[PlanInputs, list[str]]:
         mem = int(args.device_memory_gb * memory.GiB)
     elif gpu == "cpu":
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        notes.append(f"device memory: this machine's RAM ({mem / memory.GiB:.1f} GiB); pass "
+                     f"--device-memory-gb to plan another CPU host")
     else:
         mem = spec["memory_bytes"]
     peak = args.peak_tflops * 1e12 if args.peak_tflops else (
-        peak_flops(gpu, d.precision) if gpu != "cpu" else None)
+        peak_flops(gpu, precision) if gpu != "cpu" else None)
     overhead = args.memory_overhead_gb if args.memory_overhead_gb is not None else (
         0.0 if gpu == "cpu" else 2.0)
     backend = m.attention_backend or "auto"
@@ -89,7 +117,7 @@ def inputs_from_config(cfg, args) -> tuple[PlanInputs, list[str]]:
         pipeline_model_parallel_size=cfg.parallel.pipeline_model_parallel_size,
         zero_stage=par.zero_stage, offload_optimizer=par.offload_optimizer,
         offload_params=par.offload_params,
-        precision=d.precision, recompute=recompute_kind(m),
+        precision=precision, recompute=recompute_kind(m),
         recompute_num_layers=m.recompute_num_layers,
         flash_attention=backend != "eager",
         gpu=gpu, device_memory_bytes=mem, peak_flops=peak,

@@ -1,25 +1,33 @@
 """Learning-rate schedules: the exact LR of every optimizer update, and its resumable state.
 
-Let ``u`` be the number of updates already applied (0 for the first step; skipped steps do not
-count), ``W`` the warmup length, ``N`` ``lr_decay_iters``, ``lr_max = --lr``, ``lr_min = --min-lr``,
-``lr_0 = --lr-warmup-init``. The update with index ``u`` uses
+**Convention (one for every phase and style).** Steps are numbered from 1; step ``n`` is the
+update after which ``n`` updates have been applied (``u = n - 1`` were applied before it; skipped
+steps do not count). Step ``n`` uses ``F(n)``, where ``F`` is Megatron-LM's
+``OptimizerParamScheduler.get_lr`` evaluated at ``num_steps = n``. With ``W`` the warmup length,
+``N`` ``lr_decay_iters``, ``S`` ``lr_wsd_decay_iters``, ``lr_max = --lr``, ``lr_min = --min-lr``,
+``lr_0 = --lr-warmup-init``:
 
-    warmup (u < W):     lr = lr_0 + (lr_max - lr_0) * (u + 1) / W
-    after warmup, with progress t = clamp((u - W) / (N - W), 0, 1)   (t = 1 when N == W):
-      constant:            lr = lr_max
-      linear:              lr = lr_min + (lr_max - lr_min) * (1 - t)
-      cosine:              lr = lr_min + (lr_max - lr_min) * (1 + cos(pi * t)) / 2
-      inverse-square-root: lr = max(lr_min, lr_max * sqrt(max(W, 1) / (u + 1)))
-      wsd (warmup-stable-decay, Hu et al. 2024 "MiniCPM", section 4): lr = lr_max until
-          u <= N - S (S = lr_wsd_decay_iters), then with r = (u - (N - S)) / S clamped to [0, 1]
-          lr = lr_min + (lr_max - lr_min) * c(r), c = 1 - r (linear), (1 + cos(pi r)) / 2
-          (cosine), 2 * 0.5**r - 1 (exponential), 1 - sqrt(r) (minus_sqrt).
+    warmup (W > 0 and n <= W):  F(n) = lr_0 + (lr_max - lr_0) * n / W
+    constant:                   F(n) = lr_max
+    beyond the decay (n > N):   F(n) = lr_min
+    inverse-square-root:        F(n) = max(lr_min, lr_max * sqrt(max(W, 1) / n))
+    with t = (n - W) / (N - W) in [0, 1]:
+      linear:                   F(n) = lr_min + (lr_max - lr_min) * (1 - t)
+      cosine:                   F(n) = lr_min + (lr_max - lr_min) * (1 + cos(pi * t)) / 2
+      wsd (warmup-stable-decay, Hu et al. 2024 "MiniCPM", section 4): lr_max while n <= N - S,
+          then with r = (n - (N - S)) / S, F(n) = lr_min + (lr_max - lr_min) * c(r),
+          c = 1 - r (linear), (1 + cos(pi r)) / 2 (cosine), 2 * 0.5**r - 1 (exponential),
+          1 - sqrt(r) (minus_sqrt).
 
-The warmup reaches ``lr_max`` on its last step (u = W - 1) rather than starting from ``lr_0``
-on the first update as Megatron-LM's ``OptimizerParamScheduler`` does (it evaluates the warmup at
-``u / W``, so its first update uses ``lr_0``, typically 0, and is wasted). Decay formulas otherwise
-follow ``OptimizerParamScheduler.get_lr`` (Megatron-LM) and Loshchilov & Hutter 2017 (SGDR, eq. 5)
-for cosine. Beyond ``N`` the LR stays at ``lr_min`` (``lr_max`` for constant).
+So the warmup reaches ``lr_max`` on step ``W`` (held for that one step: ``t = 0`` there), the decay
+reaches ``lr_min`` on step ``N`` (the last step when ``N = train_iters``), and ``F`` is the same
+function in both phases. ``lr_at_step(n)`` returns ``F(n)``, i.e. Megatron-LM's LR at
+``num_steps = n`` exactly (``F(0) = lr_0``). Megatron-LM applies ``F(u)`` to the update with index
+``u`` (its scheduler is stepped after the optimizer), so its first update uses ``lr_0``
+(typically 0, a wasted step) and its last update of an ``N``-step run stops one step short of
+``lr_min``; this module applies ``F(u + 1)`` (:func:`lr_at`), i.e. Megatron-LM's sequence one
+step earlier. Decay formulas follow ``OptimizerParamScheduler.get_lr`` and Loshchilov & Hutter
+2017 (SGDR, eq. 5) for cosine.
 
 Batch-size ramp-up (``--rampup-batch-size`` / ``--rampup-batch-tokens``): the schedule is counted in
 samples (equivalently tokens, = samples x L_ctx), as Megatron-LM does during a ramp, so a small
@@ -28,44 +36,47 @@ early batch moves the LR by less than a full-size one. Every length given in ste
 (tokens -> ``ceil(tokens / GB_tok)`` with the final GB_tok) and then to the samples the ramp
 consumes in that many steps, ``W_s = consumed_after(W)``, ``N_s = consumed_after(N)``,
 ``S_s = N_s - consumed_after(N - S)``. With ``s`` the samples of the updates already applied
-(skipped steps do not count) and ``b`` the batch of this update, the formulas above hold with
-
-    (u + 1) / W  ->  min(1, (s + b) / W_s),     u - W -> s - W_s,    N - W -> N_s - W_s,
-    inverse-square-root: sqrt(max(W_s, GB) / (s + b)),   wsd: r = (s - (N_s - S_s)) / S_s,
-
-which for a constant batch ``b = GB`` (s = u * GB) are the step formulas exactly.
+(skipped steps do not count) and ``b`` the batch of this update, the update uses ``F`` at the
+samples applied after it, ``n = s + b``, with ``W, N, S -> W_s, N_s, S_s`` and
+inverse-square-root ``max(lr_min, lr_max * sqrt(max(W_s, GB) / max(n, GB)))`` (GB the final
+batch: a constant batch ``b = GB``, ``s = u * GB`` gives the step formulas exactly, and a small
+early batch never lifts the LR above ``lr_max``; Megatron-LM's sample-counted form uses 1 for GB). Step ``W`` then ends the warmup at
+``lr_max`` and step ``N`` reaches ``lr_min`` with or without a ramp.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 from megatron_lite.config.batch_ramp import ramp_from_config
 from megatron_lite.config.sections import LR_DECAY_STYLES, WSD_DECAY_STYLES
 
 
-def _lr(pos, inc, unit, *, max_lr, min_lr, W, N, S, decay_style, warmup_init,
+def _lr(n, unit, *, max_lr, min_lr, W, N, S, decay_style, warmup_init,
         wsd_decay_style) -> float:
-    """Shared formula: position ``pos`` (updates or samples already applied), this update's size
-    ``inc`` (1 step or its batch in samples), ``unit`` (1 or GB) for the inverse-sqrt floor."""
-    if pos < W:
-        return warmup_init + (max_lr - warmup_init) * min(1.0, (pos + inc) / W)
-    delta = max_lr - min_lr
+    """``F(n)`` (module doc): ``n`` updates (or samples) applied after this update, ``unit`` the
+    inverse-square-root floor of the warmup length (1 in steps, GB in samples)."""
+    if W > 0 and n <= W:
+        return warmup_init + (max_lr - warmup_init) * n / W
     if decay_style == "constant":
         return max_lr
+    if n > N:
+        return min_lr
+    delta = max_lr - min_lr
     if decay_style == "inverse-square-root":
-        return max(min_lr, max_lr * math.sqrt(max(W, unit) / (pos + inc)))
+        return max(min_lr, max_lr * max(W, unit) ** 0.5 / max(n, unit) ** 0.5)  # Megatron's order
     if decay_style == "wsd":
         start = N - S
-        if pos <= start:
+        if n <= start:
             return max_lr
-        r = min(1.0, (pos - start) / S)
+        r = (n - start) / S
         coeff = {"linear": lambda: 1.0 - r,
                  "cosine": lambda: 0.5 * (1.0 + math.cos(math.pi * r)),
                  "exponential": lambda: 2.0 * 0.5 ** r - 1.0,
                  "minus_sqrt": lambda: 1.0 - math.sqrt(r)}[wsd_decay_style]()
         return min_lr + delta * coeff
-    t = 1.0 if N == W else min(1.0, max(0.0, (pos - W) / (N - W)))
+    t = (n - W) / (N - W)      # N > W here: n > W and n <= N
     if decay_style == "linear":
         return min_lr + delta * (1.0 - t)
     return min_lr + delta * 0.5 * (1.0 + math.cos(math.pi * t))  # cosine
@@ -74,7 +85,8 @@ def _lr(pos, inc, unit, *, max_lr, min_lr, W, N, S, decay_style, warmup_init,
 def lr_at_samples(s: int, b: int, *, max_lr: float, min_lr: float, warmup_samples: int,
                   decay_samples: int, decay_style: str, unit: int, warmup_init: float = 0.0,
                   wsd_decay_samples: int = 0, wsd_decay_style: str = "linear") -> float:
-    """LR of an update of ``b`` samples after ``s`` samples of applied updates (batch ramp-up).
+    """LR of an update of ``b`` samples after ``s`` samples of applied updates (batch ramp-up):
+    ``F(s + b)`` counted in samples (module doc).
 
     Args:
         s: samples of the updates already applied (skipped steps excluded).
@@ -90,7 +102,7 @@ def lr_at_samples(s: int, b: int, *, max_lr: float, min_lr: float, warmup_sample
         raise ValueError(f"need samples >= 0 and batch > 0 (got {s}, {b})")
     _check(decay_style, int(warmup_samples), int(decay_samples), int(wsd_decay_samples),
            wsd_decay_style, "samples")
-    return _lr(s, b, unit, max_lr=max_lr, min_lr=min_lr, W=int(warmup_samples),
+    return _lr(s + b, int(unit), max_lr=max_lr, min_lr=min_lr, W=int(warmup_samples),
                N=int(decay_samples), S=int(wsd_decay_samples), decay_style=decay_style,
                warmup_init=warmup_init, wsd_decay_style=wsd_decay_style)
 
@@ -108,20 +120,40 @@ def _check(decay_style, W, N, S, wsd_decay_style, what="") -> None:
             raise ValueError(f"wsd decay style {wsd_decay_style!r} not in {WSD_DECAY_STYLES}")
 
 
+def lr_at_step(n: int, *, max_lr: float, min_lr: float, warmup_iters: int, decay_iters: int,
+               decay_style: str, warmup_init: float = 0.0, wsd_decay_iters: int = 0,
+               wsd_decay_style: str = "linear") -> float:
+    """``F(n)``: the LR of step ``n`` (1-based; ``n`` updates applied after it), which is
+    Megatron-LM's ``OptimizerParamScheduler.get_lr`` at ``num_steps = n`` (module doc).
+
+    ``n = 0`` gives ``lr_0`` (Megatron-LM's LR before its first step); the trainer never uses it.
+
+    Raises:
+        ValueError: unknown style, inconsistent lengths or n < 0.
+    """
+    if n < 0:
+        raise ValueError(f"step number must be >= 0 (got {n})")
+    W, N = int(warmup_iters), int(decay_iters)
+    _check(decay_style, W, N, int(wsd_decay_iters), wsd_decay_style)
+    return _lr(n, 1, max_lr=max_lr, min_lr=min_lr, W=W, N=N, S=int(wsd_decay_iters),
+               decay_style=decay_style, warmup_init=warmup_init, wsd_decay_style=wsd_decay_style)
+
+
 def lr_at(u: int, *, max_lr: float, min_lr: float, warmup_iters: int, decay_iters: int,
           decay_style: str, warmup_init: float = 0.0, wsd_decay_iters: int = 0,
           wsd_decay_style: str = "linear") -> float:
-    """Learning rate of the update with index ``u`` (updates already applied); see module doc.
+    """Learning rate of the update with index ``u`` (``u`` updates already applied): step
+    ``u + 1``, i.e. ``lr_at_step(u + 1)`` (module doc). ``lr_at(W - 1) = lr_max`` and
+    ``lr_at(N - 1) = lr_min``.
 
     Raises:
         ValueError: unknown style or inconsistent lengths.
     """
     if u < 0:
         raise ValueError(f"update index must be >= 0 (got {u})")
-    W, N = int(warmup_iters), int(decay_iters)
-    _check(decay_style, W, N, int(wsd_decay_iters), wsd_decay_style)
-    return _lr(u, 1, 1, max_lr=max_lr, min_lr=min_lr, W=W, N=N, S=int(wsd_decay_iters),
-               decay_style=decay_style, warmup_init=warmup_init, wsd_decay_style=wsd_decay_style)
+    return lr_at_step(u + 1, max_lr=max_lr, min_lr=min_lr, warmup_iters=warmup_iters,
+                      decay_iters=decay_iters, decay_style=decay_style, warmup_init=warmup_init,
+                      wsd_decay_iters=wsd_decay_iters, wsd_decay_style=wsd_decay_style)
 
 
 class LRScheduler:

@@ -25,7 +25,9 @@ The two batch sizes training already has:
   optimizer computes anyway (DeepSpeed's, or ours at fp32 ZeRO-0), so it costs nothing.
 
 Supported: ZeRO stage 0 and 1 without optimizer offload, with at least 2 micro-batches per rank
-(A >= 2). At A = 1 DeepSpeed reduces the only micro-batch's gradient at the boundary backward, and
+(A >= 2) on every step; with a batch ramp-up (``--rampup-batch-size``/``--rampup-batch-tokens``)
+A follows the ramp, so its first batch must already give A >= 2 (refused at parse time
+otherwise). B_big is then each step's own global batch. At A = 1 DeepSpeed reduces the only micro-batch's gradient at the boundary backward, and
 at ZeRO-2/3 (or with offload) its backward hooks reduce and partition every micro-batch's gradient,
 so the per-rank micro-batch gradient never exists whole in ``p.grad``; those runs are refused with
 a message pointing to ``tools/noise_scale_estimator.py`` (offline, any checkpoint). The criterion
@@ -118,7 +120,7 @@ class NoiseScaleEstimator(Callback):
 
     @torch.no_grad()
     def measure_small(self, params: Iterable[torch.nn.Parameter], grad_scale: float,
-                      loss_tokens: int) -> None:
+                      loss_tokens: int, micro_batches: Optional[int] = None) -> None:
         """Read this rank's first micro-batch gradient from ``p.grad`` (collective, world group).
 
         Args:
@@ -126,9 +128,11 @@ class NoiseScaleEstimator(Callback):
             grad_scale: factor turning ``p.grad`` into the gradient of that micro-batch's
                 token-mean loss: ``N / (D * n_0)`` divided by the fp16 loss scale, if any.
             loss_tokens: n_0, the micro-batch's loss tokens on this rank.
+            micro_batches: A of this step (for the error message; a ramp changes it per step).
 
         Raises:
-            RuntimeError: no parameter holds a gradient (the configuration reduces in hooks).
+            RuntimeError: no parameter holds a gradient; the message names the cause (A = 1 at
+                this step, or a configuration that reduces in backward hooks).
         """
         tp_rank = get_tensor_model_parallel_rank()
         sq, seen, device = None, False, torch.device("cpu")
@@ -143,9 +147,17 @@ class NoiseScaleEstimator(Callback):
                 s = grad.detach().float().pow(2).sum()
                 sq = s if sq is None else sq + s
         if not seen:
+            if micro_batches is not None and micro_batches < 2:
+                raise RuntimeError(
+                    f"noise scale: no parameter holds a gradient after the first micro-batch: "
+                    f"this step has A = {micro_batches} micro-batch per rank (e.g. early in a "
+                    f"--rampup-batch-size/--rampup-batch-tokens ramp), and DeepSpeed reduces the "
+                    f"only micro-batch's gradient inside its backward; give A >= 2 on every step "
+                    f"or --noise-scale-interval 0")
             raise RuntimeError("noise scale: no parameter holds a gradient after the first "
                                "micro-batch (this DeepSpeed configuration reduces gradients in "
-                               "hooks); use --zero-stage 0/1 or --noise-scale-interval 0")
+                               "backward hooks: ZeRO-2/3 or offload); use --zero-stage 0/1 "
+                               "without offload or --noise-scale-interval 0")
         sq = torch.zeros((), device=device) if sq is None else sq
         # Every TP rank adds its shards' part; only TP rank 0 adds the batch's 1/n_0 (once per
         # DP rank), so a world SUM gives sum over DP of |g_r|^2 and of 1/n_r.
