@@ -41,8 +41,10 @@ def test_parse_values_and_grid_order():
 def test_command_lines_and_reserved_flags():
     cell = ls.expand_grid({"lr": ["3e-4"], "lr_warmup_iters": ["5"]})[0]
     cmd = ls.cell_command(cell, ["--model-size", "tiny"], "/s", 1, "pretrain_llama.py", "py")
-    assert cmd == ["py", "pretrain_llama.py", "--model-size", "tiny", "--lr", "3e-4",
+    assert cmd == ["py", "pretrain_llama.py", "--model-size", "tiny", "--log-interval", "1", "--lr", "3e-4",
                    "--lr-warmup-iters", "5", "--metrics-file", "/s/lr3e-4_lr_warmup_iters5/metrics.jsonl"]
+    cmd = ls.cell_command(cell, ["--log-interval=5"], "/s", 1, "pretrain_llama.py", "py")
+    assert cmd.count("--log-interval=5") == 1 and "--log-interval" not in cmd
     cmd = ls.cell_command(cell, [], "/s", 2, "pretrain_llama.py", "py")
     assert cmd[:6] == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     assert cmd[6] == "pretrain_llama.py"
@@ -148,7 +150,7 @@ def test_tiny_real_sweep_two_cells(tmp_path):
     base = ["--model-size", "tiny", "--vocab-size", "256", "--seq-length", "32", "--micro-batch-size", "2",
             "--global-batch-size", "4", "--train-iters", "4", "--lr-warmup-iters", "1",
             "--data-path", str(tmp_path / "data"), "--split", "90,10,0", "--eval-interval", "4",
-            "--eval-iters", "2", "--num-workers", "0", "--device", "cpu", "--log-interval", "1"]
+            "--eval-iters", "2", "--num-workers", "0", "--device", "cpu"]
     proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "lr_sweep.py"), "--out", str(out),
                            "--lr", "1e-3,3e-3", "--", *base], capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=str(tmp_path))
@@ -161,6 +163,7 @@ def test_tiny_real_sweep_two_cells(tmp_path):
             evals = [json.loads(x) for x in f if '"eval"' in x]
         assert float(r["final_val_loss"]) == evals[-1]["val_loss"] and evals[-1]["step"] == 4
         assert math.isfinite(float(r["final_val_loss"]))
+        assert float(r["first_train_loss"]) > float(r["final_val_loss"])   # logged every step
     assert sum(int(r["best"]) for r in rows) == 1
     assert (out / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
     assert "<- best" in proc.stdout

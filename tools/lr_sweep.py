@@ -8,7 +8,8 @@ Example (CPU, the tiny model, 2 x 2 cells of 30 steps)::
            --eval-interval 30 --eval-iters 4 --device cpu
 
 Everything after ``--`` is passed to every ``pretrain_llama.py`` run (a ``--config`` YAML and
-any flags); each cell adds its grid values and ``--metrics-file OUT/<cell>/metrics.jsonl``. The
+any flags); each cell adds its grid values, ``--metrics-file OUT/<cell>/metrics.jsonl`` and
+``--log-interval 1`` (unless given). The
 runs need a validation split (``--eval-interval`` > 0): the final validation loss of each is
 read from its metrics.jsonl. Axes: ``--lr`` plus at most one of ``--global-batch-tokens``,
 ``--global-batch-size``, ``--lr-warmup-iters``, ``--lr-warmup-tokens``, ``--lr-warmup-fraction``

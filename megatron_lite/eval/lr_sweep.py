@@ -135,11 +135,16 @@ def metrics_path(out_dir: str, cell: Cell) -> str:
 def cell_command(cell: Cell, base_args: Sequence[str], out_dir: str, nproc_per_node: int = 1,
                  script: str = "pretrain_llama.py", python: str = sys.executable) -> list[str]:
     """The argv of one cell's run: ``pretrain_llama.py`` (through torchrun when
-    ``nproc_per_node`` > 1) with the base flags, the cell's flags and its own ``--metrics-file``."""
+    ``nproc_per_node`` > 1) with the base flags, the cell's flags and its own ``--metrics-file``;
+    ``--log-interval 1`` unless the base flags give one (every step's loss in metrics.jsonl:
+    the first loss is the divergence reference, a non-finite one marks the run diverged)."""
     launcher = [python, script] if nproc_per_node <= 1 else \
         [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
          str(nproc_per_node), script]
-    return launcher + list(base_args) + cell.flags() + ["--metrics-file", metrics_path(out_dir, cell)]
+    given = {a.split("=", 1)[0] for a in base_args}
+    logging = [] if "--log-interval" in given else ["--log-interval", "1"]
+    return launcher + list(base_args) + logging + cell.flags() + \
+        ["--metrics-file", metrics_path(out_dir, cell)]
 
 
 @dataclasses.dataclass
