@@ -116,6 +116,7 @@ def _driver(root: str) -> None:
         "validpath": ["--data-path", a, "--split", "100,0,0", "--valid-data-path", a, b],
         "single": ["--data-path", a, "--split", "80,20,0"],
         # Documents in on-disk order: the validation tokens are eval_ppl's stream's first ones.
+        "testsplit": ["--data-path", "0.7", a, "0.3", b, "--split", "70,20,10", "--data-names", "W", "C"],
         "noshuffle": ["--data-path", a, "--split", "100,0,0", "--valid-data-path", a, b,
                       "--no-shuffle"],
     }
@@ -134,6 +135,14 @@ def _driver(root: str) -> None:
             loader = build_data_loader(valid, 0, 2, parallel.get_data_parallel_rank(),
                                        parallel.get_data_parallel_world_size(), seed=6)
             alone[f"{run}:{os.path.basename(prefix)}"] = evaluate(model, iter(loader), 2)
+    model, _ = load_model_for_inference(os.path.join(root, "ck_testsplit"))
+    for prefix in (a, b):
+        n = 2 * 2 * parallel.get_data_parallel_world_size()
+        _, _, test = build_train_valid_test_datasets(DataConfig(data_path=[prefix], split="70,20,10"),
+                                                     32, (0, 0, n), 5, None)
+        loader = build_data_loader(test, 0, 2, parallel.get_data_parallel_rank(),
+                                   parallel.get_data_parallel_world_size(), seed=7)
+        alone[f"test:{os.path.basename(prefix)}"] = evaluate(model, iter(loader), 2)
     if dist.get_rank() == 0:
         with open(os.path.join(root, "alone.json"), "w") as f:
             json.dump(alone, f)
@@ -166,9 +175,9 @@ def test_per_corpus_values_equal_each_prefix_evaluated_alone(e2e):
         assert last[f"val_ppl/{name}"] == ref["val_ppl"]
         assert last[f"val_tokens/{name}"] == ref["tokens"] == 2 * 2 * 2 * 32
     assert last["val_loss/web"] != last["val_loss/code"]
-    # The blend's own value is there as before, between the two corpora's.
-    lo, hi = sorted((last["val_loss/web"], last["val_loss/code"]))
-    assert lo <= last["val_loss"] <= hi
+    # The blend's own value is there as before (its samples come from both corpora, so it is
+    # not a mean of the two values above).
+    assert math.isfinite(last["val_loss"]) and last["val_tokens"] == 2 * 2 * 2 * 32
     assert "corpus web | lm loss value" in stdout and "corpus code | lm loss value" in stdout
     # --valid-data-path with two prefixes: each one whole, evaluated alone.
     last = _eval_records(os.path.join(root, "validpath.jsonl"))[-1]
@@ -185,6 +194,18 @@ def test_data_names_label_the_corpora_and_single_corpus_logs_as_before(e2e):
     assert labels["val_loss"] == blend["val_loss"]
     single = _eval_records(os.path.join(root, "single.jsonl"))[-1]
     assert sorted(single) == ["step", "type", "val_loss", "val_ppl", "val_tokens"]
+
+
+@pytest.mark.slow
+def test_test_split_per_corpus_equals_each_prefix_alone(e2e):
+    root, alone, _ = e2e
+    with open(os.path.join(root, "testsplit.jsonl")) as f:
+        (rec,) = [r for r in map(json.loads, f) if r.get("type") == "test"]
+    for label, name in (("W", "web"), ("C", "code")):
+        assert rec[f"test_loss/{label}"] == alone[f"test:{name}"]["val_loss"]
+        assert rec[f"test_ppl/{label}"] == alone[f"test:{name}"]["val_ppl"]
+        assert rec[f"test_tokens/{label}"] == alone[f"test:{name}"]["tokens"]
+    assert math.isfinite(rec["test_loss"]) and rec["test_tokens"] == 2 * 2 * 2 * 32   # the blend's
 
 
 @pytest.mark.slow

@@ -169,7 +169,8 @@ def build_corpus_datasets(data_config: DataConfig, seq_length: int, num_samples:
     Args:
         data_config: paths, split, packing flags, ``data_names`` (labels).
         seq_length, num_samples, seed, eod_id: as :func:`build_train_valid_test_datasets`.
-        split: ``"valid"`` or ``"test"``.
+        split: ``"valid"`` or ``"test"`` (``--data-names`` labels the validation prefixes, and a
+            test split of the same prefixes).
 
     Returns:
         ``[(name, dataset), ...]`` in prefix order (names from
@@ -181,7 +182,9 @@ def build_corpus_datasets(data_config: DataConfig, seq_length: int, num_samples:
     prefixes, _, slot = _split_sources(data_config)[k]
     if len(prefixes) < 2 or num_samples <= 0:
         return []
-    names = corpus_names(prefixes, data_config.data_names if split == "valid" else None)
+    valid_prefixes = _split_sources(data_config)[1][0]
+    # --data-names labels the validation prefixes; a test split of the same prefixes shares them.
+    names = corpus_names(prefixes, data_config.data_names if prefixes == valid_prefixes else None)
     cache: dict = {}
     out = []
     for name, prefix in zip(names, prefixes):

@@ -94,17 +94,17 @@ class Trainer:
         if data_iterators is not None:
             train_factory, valid_loader = data_iterators
             self.train_iter, test_loader, train_ds = train_factory(state.consumed_samples), None, None
-            valid_corpora = []
+            valid_corpora = test_corpora = []
         else:
             data = build_data(cfg, state.consumed_samples, state.data_state)
             self.train_iter = train_batches(data.train, worker_signals(cfg))
             valid_loader, test_loader, train_ds = data.valid, data.test, data.train_ds
-            valid_corpora = data.valid_corpora
+            valid_corpora, test_corpora = data.valid_corpora, data.test_corpora
         self.logger = make_logger(cfg, self.rank, self.device,
                                   self.resumed is not None and state.iteration or None)
         install_deepspeed_comm_timing()   # DP communication in the step-time breakdown
         self.evaluator = PeriodicEval(cfg, self.engine, valid_loader, test_loader, self.logger,
-                                      self.device, valid_corpora)
+                                      self.device, valid_corpora, test_corpora)
         self.saver = CheckpointSaver(cfg, self.engine, self.scheduler, self.logger, train_ds,
                                      lambda: extras_state(self.guard, self.noise),
                                      self.callbacks.on_save_point)

@@ -168,6 +168,7 @@ class DataLoaders:
     test: Any = None
     train_ds: Any = None
     valid_corpora: list = dataclasses.field(default_factory=list)  # [(name, loader)]: a blend's corpora
+    test_corpora: list = dataclasses.field(default_factory=list)   # the same for the test split
 
 
 def _split_samples(cfg) -> tuple[int, int, int]:
@@ -208,12 +209,14 @@ def build_data(cfg, consumed_samples: int, data_state: dict | None = None) -> Da
                               seed=seed + 1, vocab_size=vocab) if valid_ds is not None else None
     test = build_data_loader(test_ds, 0, mbs, dp_rank, dp, num_workers=0, seed=seed + 2,
                              vocab_size=vocab) if test_ds is not None else None
-    # A blended validation split is also evaluated corpus by corpus, each on its own valid part.
-    corpora = build_corpus_datasets(dc, cfg.model.seq_length, _split_samples(cfg)[1] if valid is not None else 0,
-                                    cfg.training.seed, eod)
-    valid_corpora = [(name, build_data_loader(ds, 0, mbs, dp_rank, dp, num_workers=0, seed=seed + 1,
-                                              vocab_size=vocab)) for name, ds in corpora]
-    return DataLoaders(train, valid, test, train_ds, valid_corpora)
+    # A blended validation (test) split is also evaluated corpus by corpus, each on its own part.
+    corpora = {}
+    for k, (split, loader) in enumerate((("valid", valid), ("test", test)), 1):
+        datasets = build_corpus_datasets(dc, cfg.model.seq_length, _split_samples(cfg)[k], seed, eod,
+                                         split) if loader is not None else []
+        corpora[split] = [(name, build_data_loader(ds, 0, mbs, dp_rank, dp, num_workers=0, seed=seed + k,
+                                                   vocab_size=vocab)) for name, ds in datasets]
+    return DataLoaders(train, valid, test, train_ds, corpora["valid"], corpora["test"])
 
 
 def train_batches(loader, signals=()) -> Iterator[dict]:

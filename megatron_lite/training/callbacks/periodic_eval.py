@@ -20,12 +20,14 @@ class PeriodicEval:
             own (``build_corpus_datasets``); each is evaluated on ``--eval-iters`` micro-batches
             after the blend and logged as ``val_loss/<name>``, ``val_ppl/<name>``. Empty: the
             blend alone, as before.
+        test_corpora: the same for the test split (``test_loss/<name>``, ``test_ppl/<name>``).
     """
 
-    def __init__(self, cfg, engine, valid_loader, test_loader, logger, device, valid_corpora=()):
+    def __init__(self, cfg, engine, valid_loader, test_loader, logger, device, valid_corpora=(),
+                 test_corpora=()):
         self.cfg, self.engine, self.logger, self.device = cfg, engine, logger, device
         self.valid_loader, self.test_loader = valid_loader, test_loader
-        self.valid_corpora = list(valid_corpora)
+        self.valid_corpora, self.test_corpora = list(valid_corpora), list(test_corpora)
 
     def maybe_validate(self, iteration: int) -> None:
         """Validate after step ``iteration`` if it is an eval step or the last step."""
@@ -46,7 +48,9 @@ class PeriodicEval:
         the test split is empty."""
         if self.test_loader is None:
             return
-        self.logger.log_eval(iteration, self._evaluate(self.test_loader), split="test")
+        res = self._evaluate(self.test_loader)
+        per_corpus = {name: self._evaluate(loader) for name, loader in self.test_corpora}
+        self.logger.log_eval(iteration, res, split="test", per_corpus=per_corpus)
 
     def _evaluate(self, loader) -> dict:
         with self.logger.exclude_time():
