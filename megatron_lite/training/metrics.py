@@ -403,7 +403,8 @@ class TrainingLogger:
                     for k, v in comm_timer.totals().items()}
         times = self.timers.elapsed_all(reset=True)
         steps = self._steps
-        self.run_tokens, self.run_seconds = self.run_tokens + self._tokens, self.run_seconds + elapsed
+        self.run_tokens += self._tokens
+        self.run_seconds += elapsed
         tokens_per_sec = self._tokens / elapsed if elapsed > 0 else float("nan")
         per_device = tokens_per_sec / self.world_size
         tflops = self.flops_per_token * per_device / 1e12
