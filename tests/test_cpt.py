@@ -164,7 +164,7 @@ def _expected_rows(old: np.ndarray, ext_tok: str, base_tok: str, v0: int, v1: in
 
 @pytest.mark.parametrize("mode", ["piece-mean", "mean"])
 def test_extended_vocab_rows_initialised_as_documented(assets, mode):
-    from megatron_lite.cpt.weights import shard_for_this_run
+    from megatron_lite.cpt.model_setup import shard_for_this_run
 
     cfg = _resolve(["--pretrained-checkpoint", assets["hf"], "--train-iters", "2",
                     "--tokenizer-model", assets["ext_tok"], "--extended-vocab-init", mode])
@@ -186,7 +186,7 @@ def test_extended_vocab_rows_initialised_as_documented(assets, mode):
 
 def test_freeze_marks_exactly_the_named_parameters(assets):
     from megatron_lite.model.llama import LlamaModel
-    from megatron_lite.cpt.weights import freeze
+    from megatron_lite.cpt.model_setup import freeze
 
     cfg = _resolve(["--pretrained-checkpoint", assets["hf"], "--train-iters", "2",
                     "--freeze-embeddings", "--freeze-layers", "1"])

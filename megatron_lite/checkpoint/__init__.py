@@ -8,7 +8,7 @@
 * :mod:`~megatron_lite.checkpoint.weights` - module weights: one TP shard, the ZeRO-3 gather,
   loading into a (partitioned) model, loading for inference at any TP degree;
 * :mod:`~megatron_lite.checkpoint.hf_files` - the weight files of a HuggingFace folder;
-* :mod:`~megatron_lite.checkpoint.base` - the base checkpoint of a CPT run (HF or ours);
+* :mod:`~megatron_lite.checkpoint.base_checkpoint` - the base checkpoint of a CPT run (HF or ours);
 * :mod:`~megatron_lite.checkpoint.zero_reshard` - resuming ZeRO optimizer state at another D.
 
 Imports nothing from ``training/``, ``cpt/``, ``eval/`` or ``convert/`` (the Trainer, CPT and the

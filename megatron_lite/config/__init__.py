@@ -16,14 +16,14 @@ Where each part lives:
 * :mod:`~megatron_lite.config.deepspeed_json` - a user's ``--deepspeed-config`` JSON;
 * :mod:`~megatron_lite.config.batch_ramp`, :mod:`~megatron_lite.config.lr_scaling` - the batch
   ramp-up and the peak-LR scaling rules;
-* :mod:`~megatron_lite.config.plan` - the resolved plan printed at start and by ``--dry-run``.
+* :mod:`~megatron_lite.config.plan_text` - the resolved plan printed at start and by ``--dry-run``.
 
 Precedence: dataclass default < ``--config run.yaml`` < command-line flag.
 """
 
 from megatron_lite.config.cli import build_parser, load_config, parse_args, yaml_with_lines
 from megatron_lite.config.derive import finalize
-from megatron_lite.config.plan import format_plan
+from megatron_lite.config.plan_text import format_plan
 from megatron_lite.config.tree import Derived, RunConfig, apply_tree, did_you_mean, section_classes
 from megatron_lite.errors import ConfigError
 

@@ -12,7 +12,7 @@ are taken from the base when not given and may be overridden, e.g. a long-contex
 
 Vocabulary: ``V = --vocab-size`` if given, else ``max(V_base, V_tokenizer)`` of
 ``--tokenizer-model``; ``V < V_base`` is an error (rows cannot be dropped). ``V > V_base`` grows
-the embedding/output rows (:mod:`megatron_lite.cpt.weights`).
+the embedding/output rows (:mod:`megatron_lite.cpt.model_setup`).
 
 Optimizer and schedule: the LR schedule is never taken from the base (warmup/decay from this run's
 flags, counted from step 0: the recipe's "re-warm"); AdamW moments start fresh unless
@@ -30,11 +30,11 @@ import os
 import sys
 from typing import Any, Sequence
 
-from megatron_lite.checkpoint.base import BaseCheckpoint, detect_base
+from megatron_lite.checkpoint.base_checkpoint import BaseCheckpoint, detect_base
 from megatron_lite.config import (ConfigError, RunConfig, apply_tree, build_parser, did_you_mean,
                                   finalize, yaml_with_lines)
 from megatron_lite.config.sections import parse_layer_ranges
-from megatron_lite.cpt.weights import check_extended_tokenizer
+from megatron_lite.cpt.model_setup import check_extended_tokenizer
 from megatron_lite.data.tokenizer import build_tokenizer
 from megatron_lite.model.presets import MODEL_PRESETS
 

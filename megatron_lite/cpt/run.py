@@ -8,8 +8,8 @@ import os
 from typing import Iterable
 
 from megatron_lite.checkpoint.layout import find_checkpoint
-from megatron_lite.checkpoint.base import detect_base
-from megatron_lite.cpt.weights import setup_model
+from megatron_lite.checkpoint.base_checkpoint import detect_base
+from megatron_lite.cpt.model_setup import setup_model
 from megatron_lite.training.loop import pretrain
 from megatron_lite.utils import get_rank
 

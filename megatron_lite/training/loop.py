@@ -26,7 +26,7 @@ from megatron_lite.training.deepspeed_engine import set_step_batch
 from megatron_lite.training.run_lock import RunLock
 from megatron_lite.training.setup import (Components, build_components, build_data, make_logger,
                                           run_folder, train_batches, write_run_folder)
-from megatron_lite.training.state import StepResult, TrainState
+from megatron_lite.training.train_state import StepResult, TrainState
 from megatron_lite.training.step import train_step
 
 ResumeFallback = Callable[[Any, Any], None]

@@ -382,18 +382,7 @@ class TrainingLogger:
         Raises:
             KeyError: when a required scalar is missing.
         """
-        missing = [k for k in ("lr", "loss", "consumed_samples", "consumed_tokens")
-                   if k not in scalars]
-        if missing:
-            raise KeyError(f"TrainingLogger.log_step: scalars lack {missing}")
-        loss = _as_float(scalars["loss"])
-        self._steps += 1
-        self._tokens += int(scalars.get("step_tokens", self.tokens_per_step))
-        if math.isfinite(loss):
-            self._loss_sum += loss
-            self._loss_count += 1
-        else:
-            self._nan_steps += 1
+        self._account_step(scalars)
         if step % self.config.log_interval != 0:
             return None
 
@@ -445,6 +434,25 @@ class TrainingLogger:
             self._write(record, "train")
         self._reset_interval()
         return record
+
+    def _account_step(self, scalars: dict[str, Any]) -> None:
+        """Add one step to the interval's counters (tokens, finite-loss mean, NaN steps).
+
+        Raises:
+            KeyError: when a required scalar of :meth:`log_step` is missing.
+        """
+        missing = [k for k in ("lr", "loss", "consumed_samples", "consumed_tokens")
+                   if k not in scalars]
+        if missing:
+            raise KeyError(f"TrainingLogger.log_step: scalars lack {missing}")
+        loss = _as_float(scalars["loss"])
+        self._steps += 1
+        self._tokens += int(scalars.get("step_tokens", self.tokens_per_step))
+        if math.isfinite(loss):
+            self._loss_sum += loss
+            self._loss_count += 1
+        else:
+            self._nan_steps += 1
 
     def format_line(self, r: dict[str, Any], mem_kind: str = "peak memory") -> str:
         """The Megatron-style console line for a train record."""

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from megatron_lite.errors import TooManySkippedSteps
 from megatron_lite.parallel import comm_timer, get_data_parallel_group
 from megatron_lite.training.callbacks.base import Callback, CallbackList
-from megatron_lite.training.state import StepResult, TrainState
+from megatron_lite.training.train_state import StepResult, TrainState
 
 
 def move_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 import torch
 
 from megatron_lite import parallel
-from megatron_lite.checkpoint.base import detect_base
+from megatron_lite.checkpoint.base_checkpoint import detect_base
 from megatron_lite.checkpoint.hf_files import LazyHFStateDict, has_safetensors, read_hf_weights
 from megatron_lite.checkpoint.weights import load_into, module_state
 from megatron_lite.config.sections import parse_layer_ranges
