@@ -32,6 +32,9 @@ esac
 if [ -n "$CORPUS" ] && { [ ! -f "$CORPUS" ] || [ ! -r "$CORPUS" ]; }; then
   usage_error "--corpus $CORPUS: no such readable file (give a JSON-lines file with a \"text\" field)"
 fi
+# Relative paths mean the folder the user typed them in (the script works from the checkout).
+case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac
+if [ -n "$CORPUS" ]; then case "$CORPUS" in /*) ;; *) CORPUS="$PWD/$CORPUS" ;; esac; fi
 if [ -e "$OUT" ] && [ ! -d "$OUT" ]; then
   usage_error "--out $OUT exists and is not a folder; choose another --out DIR"
 fi

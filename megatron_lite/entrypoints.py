@@ -30,6 +30,27 @@ from megatron_lite.planning.time_cost import GPU_SPECS
 from megatron_lite.testing import faults
 
 
+def _print_dry_run(name: str, cfg, gpu, dry_run_note) -> int:
+    """``--dry-run``: the plan, the caller's note and the closing line on rank 0; exit status.
+
+    A plan that cannot be made (the vocabulary size unknown: no ``--vocab-size`` and no
+    ``--tokenizer-model``) is one error line with status 2, as the same run without
+    ``--dry-run`` reports it.
+    """
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    try:
+        text = format_plan(cfg)
+    except ValueError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    print(text)
+    if dry_run_note is not None:
+        print(dry_run_note(cfg))
+    print(dry_run_closing_line(cfg, gpu))
+    return 0
+
+
 def run_entrypoint(name: str, resolve: Callable[[], object], train: Callable[..., object],
                    dry_run_note: Optional[Callable[[object], str]] = None) -> int:
     """Resolve the config, then print the plan (``--dry-run``) or train; errors -> one line.
@@ -61,12 +82,7 @@ def run_entrypoint(name: str, resolve: Callable[[], object], train: Callable[...
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2
     if cfg.dry_run:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(format_plan(cfg))
-            if dry_run_note is not None:
-                print(dry_run_note(cfg))
-            print(dry_run_closing_line(cfg, gpu))
-        return 0
+        return _print_dry_run(name, cfg, gpu, dry_run_note)
     try:
         train(cfg, callbacks=faults.callbacks_from_env())
     except ConfigError as e:

@@ -290,3 +290,46 @@ def test_warning_format_is_one_line_for_ours_only(capsys):
         assert capsys.readouterr().err == ""
     finally:
         warnings.showwarning = saved
+
+
+# ---- a fresh-clone review: empty paths (unset shell variables), a plan that cannot be made ----
+@pytest.mark.parametrize("flag", ["--load", "--tokenizer-model", "--data-stages",
+                                  "--deepspeed-config", "--data-path"])
+def test_empty_input_path_is_refused_not_taken_as_unset(flag, tmp_path, capsys):
+    """``--load ""`` trained from scratch beside a later checkpoint and moved ``latest`` back;
+    ``--tokenizer-model ""`` left the vocabulary unknown. Both are unset shell variables."""
+    argv = TINY + ["--save", str(tmp_path / "ck"), flag, ""]
+    for extra in ([], ["--dry-run"]):
+        _refused(argv + extra, capsys, f"{flag} is an empty string (an unset shell variable?)")
+
+
+def test_dry_run_without_a_vocabulary_is_one_line_not_a_traceback(capsys):
+    argv = ["--model-size", "tiny", "--train-iters", "5", "--micro-batch-size", "2",
+            "--global-batch-size", "2", "--seq-length", "64", "--dry-run"]
+    _refused(argv, capsys, "--vocab-size unset")
+
+
+def test_tool_outputs_refuse_an_empty_path_and_a_file(tmp_path):
+    """plot_run printed raw errno text; convert_checkpoint --save "" --force emptied the working
+    folder. Each is now one line naming the flag, and nothing in the folder changes."""
+    (tmp_path / "precious.txt").write_text("keep")
+    (tmp_path / "afile").write_text("x")
+    metrics = tmp_path / "m.jsonl"
+    metrics.write_text('{"type": "train", "step": 1, "loss": 1.0, "lr": 0.001}\n')
+    cases = [
+        (["tools/plot_run.py", str(metrics), "--out", ""], "plot_run.py: error: --out is an "
+         "empty string"),
+        (["tools/plot_run.py", str(metrics), "--out", str(tmp_path / "afile")],
+         f"plot_run.py: error: --out {tmp_path / 'afile'}: exists and is a file"),
+        (["tools/convert_checkpoint.py", "--load-format", "megatron_lite", "--save-format", "hf",
+          "--load", str(tmp_path), "--save", "", "--force"],
+         "convert_checkpoint.py: error: --save is an empty string"),
+        (["tools/lr_sweep.py", "--out", "", "--lr", "1e-3", "--print-only"],
+         "lr_sweep.py: error: --out is an empty string"),
+    ]
+    for argv, want in cases:
+        r = subprocess.run([sys.executable, os.path.join(ROOT, argv[0]), *argv[1:]], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and r.stderr.strip().startswith(want), (argv, r.stderr)
+        assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "m.jsonl", "precious.txt"]

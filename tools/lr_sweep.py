@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_lite.utils import use_project_venv  # noqa: E402
 use_project_venv()  # no torch in this Python: rerun under the checkout's .venv, or say how
 
+from megatron_lite.config.checks import check_output_path  # noqa: E402
 from megatron_lite.eval import lr_sweep  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,6 +79,7 @@ def parse(argv: list[str] | None):
     if args.print_only and args.collect_only:
         raise ValueError("--print-only and --collect-only exclude each other")
     lr_sweep.check_base_args(base, axes)
+    check_output_path("--out", args.out, "dir")   # before any run is launched
     return args, axes, base
 
 

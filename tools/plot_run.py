@@ -26,6 +26,7 @@ use_project_venv()  # no torch in this Python: rerun under the checkout's .venv,
 
 from megatron_lite.analysis.plots import build_figures, write_figures  # noqa: E402
 from megatron_lite.analysis.run_data import load_run  # noqa: E402
+from megatron_lite.config.checks import check_output_path  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> list:
     args = build_parser().parse_args(argv)
+    check_output_path("--out", args.out, "dir")   # before reading the runs and drawing
     labels = args.labels.split(",") if args.labels else [None] * len(args.runs)
     names = [os.path.basename(os.path.normpath(r)) for r in args.runs]
     if not args.labels and len(set(names)) < len(names):  # runs/a/ckpt, runs/b/ckpt

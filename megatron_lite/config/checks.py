@@ -79,21 +79,28 @@ def check_output_paths(cfg) -> None:
                              ("--tensorboard-dir", cfg.logging.tensorboard_dir, "dir"),
                              ("--metrics-file", cfg.logging.metrics_file, "file"),
                              ("--data-cache-path", cfg.data.data_cache_path, "cache")):
-        if path is not None and not str(path).strip():
-            # most often an unset shell variable ("--save $RUN_DIR"): a run that would quietly
-            # write no checkpoints (or write into the working folder)
-            raise ConfigError(f"{flag} is an empty string (an unset shell variable?); give a "
-                              f"path, or leave {flag} out")
-        if path:
-            check_output_path(flag, path, kind)
+        if path is not None:
+            # "" is most often an unset shell variable ("--save $RUN_DIR"): a run that would
+            # quietly write no checkpoints (or write into the working folder)
+            check_output_path(flag, path, kind, optional=True)
 
 
-def check_output_path(flag: str, path: str, kind: str = "dir") -> None:
+def check_output_path(flag: str, path: str, kind: str = "dir", optional: bool = False) -> None:
     """Raise ConfigError (a ValueError) ``"<flag> <path>: <problem and fix>"`` when ``path``
-    cannot be written (:func:`output_path_problem`); the tools use it for their outputs too."""
+    cannot be written (:func:`output_path_problem`) or is an empty string; the tools use it for
+    their outputs too (``optional``: the flag may be left out, and the message says so)."""
+    if path is not None and not str(path).strip():
+        raise ConfigError(empty_path_message(flag, optional))
     problem = output_path_problem(path, kind)
     if problem:
         raise ConfigError(f"{flag} {path}: {problem}")
+
+
+def empty_path_message(flag: str, optional: bool = True) -> str:
+    """The one line for a path flag given as an empty string (most often an unset shell variable:
+    ``--save $RUN_DIR``), which would otherwise mean the working folder or "not set"."""
+    fix = f"give a path, or leave {flag} out" if optional else "give a path"
+    return f"{flag} is an empty string (an unset shell variable?); {fix}"
 
 
 def output_path_problem(path: str, kind: str = "dir") -> str | None:
@@ -425,6 +432,7 @@ def check_input_paths(cfg) -> None:
         ConfigError: one line naming the flag, the path and the fix.
     """
     dc = cfg.data
+    check_no_empty_paths(cfg)
     for flag, value in (("--data-path", dc.data_path), ("--train-data-path", dc.train_data_path),
                         ("--valid-data-path", dc.valid_data_path),
                         ("--test-data-path", dc.test_data_path)):
@@ -450,6 +458,28 @@ def check_input_paths(cfg) -> None:
     ds = cfg.parallel.deepspeed_config
     if ds and not os.path.isfile(ds):
         raise ConfigError(missing_deepspeed_config(ds))
+
+
+def check_no_empty_paths(cfg) -> None:
+    """An input path given as an empty string (an unset shell variable) is refused instead of
+    meaning "not set": ``--load ""`` would otherwise train from scratch next to a later
+    checkpoint, ``--tokenizer-model ""`` would leave the vocabulary unknown.
+
+    Raises:
+        ConfigError: :func:`empty_path_message` for the first such flag.
+    """
+    dc, ck = cfg.data, cfg.checkpoint
+    single = (("--tokenizer-model", dc.tokenizer_model), ("--load", ck.load),
+              ("--data-stages", dc.data_stages), ("--deepspeed-config", cfg.parallel.deepspeed_config),
+              ("--pretrained-checkpoint", cfg.cpt.pretrained_checkpoint))
+    lists = (("--data-path", dc.data_path), ("--train-data-path", dc.train_data_path),
+             ("--valid-data-path", dc.valid_data_path), ("--test-data-path", dc.test_data_path))
+    for flag, value in single:
+        if value is not None and not str(value).strip():
+            raise ConfigError(empty_path_message(flag))
+    for flag, values in lists:
+        if values is not None and any(not str(v).strip() for v in values):
+            raise ConfigError(empty_path_message(flag))
 
 
 def missing_tokenizer(path: str) -> str:

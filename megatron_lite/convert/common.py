@@ -102,8 +102,12 @@ def check_save_target(save: str, force: bool) -> None:
     """Refuse an existing non-empty ``save`` folder unless ``force``.
 
     Raises:
-        ConversionError: ``save`` is a file, or a non-empty folder without ``--force``.
+        ConversionError: ``save`` is empty (an unset shell variable: with ``--force`` it would
+            replace the working folder), a file, or a non-empty folder without ``--force``.
     """
+    if not str(save).strip():
+        raise ConversionError("--save is an empty string (an unset shell variable?); give the "
+                              "output folder")
     if os.path.isfile(save):
         raise ConversionError(f"--save {save} is a file; give a folder path")
     if os.path.isdir(save) and os.listdir(save) and not force:
@@ -119,6 +123,7 @@ def staged_folder(save: str, force: bool) -> Iterator[str]:
     Raises:
         ConversionError: see :func:`check_save_target`.
     """
+    check_save_target(save, force)   # before abspath: "" must not become the working folder
     save = os.path.abspath(save)
     check_save_target(save, force)
     parent = os.path.dirname(save)
