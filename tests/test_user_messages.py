@@ -333,3 +333,24 @@ def test_tool_outputs_refuse_an_empty_path_and_a_file(tmp_path):
         assert r.returncode == 2 and r.stderr.strip().startswith(want), (argv, r.stderr)
         assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "m.jsonl", "precious.txt"]
+
+
+def test_load_naming_a_file_says_so(tmp_path):
+    """``--load CKPT/latest`` (a file) read 'no such folder' (convert) or 'need manifest.json'
+    (eval_ppl); pretrain_llama.py already said 'is a file'."""
+    from megatron_lite.data.indexed import IndexedDatasetBuilder
+
+    (tmp_path / "latest").write_text("iter_0000001\n")
+    load = str(tmp_path / "latest")
+    builder = IndexedDatasetBuilder(str(tmp_path / "x.bin"))
+    builder.add_item(torch.arange(100))
+    builder.end_document()
+    builder.finalize(str(tmp_path / "x.idx"))
+    for argv in (["tools/convert_checkpoint.py", "--load-format", "megatron_lite", "--save-format",
+                  "hf", "--load", load, "--save", str(tmp_path / "hf")],
+                 ["tools/eval_ppl.py", "--load", load, "--data-path", str(tmp_path / "x"),
+                  "--seq-length", "64"]):
+        r = subprocess.run([sys.executable, os.path.join(ROOT, argv[0]), *argv[1:]],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and f"--load {load}: is a file; give the checkpoint folder" in \
+            r.stderr and r.stderr.strip().count("\n") == 0, r.stderr

@@ -119,6 +119,9 @@ def load_model_for_inference(load_dir: str, tp_rank: int = 0, tp_size: int = 1):
         FileNotFoundError: no complete checkpoint / no shard for a saved TP rank.
         ValueError: ``tp_rank``/``tp_size`` invalid for the model (heads/groups/ffn % TP).
     """
+    if os.path.isfile(load_dir):
+        raise FileNotFoundError(f"{load_dir}: is a file; give the checkpoint folder (the --save "
+                                "folder of the run, or one iter_XXXXXXX folder in it)")
     path = find_checkpoint(load_dir)
     if path is None:
         raise FileNotFoundError(f"{load_dir}: no complete checkpoint (need manifest.json)")

@@ -43,7 +43,9 @@ def resolve_tag_folder(load: str, iteration: int | None) -> str:
     from megatron_lite.checkpoint.layout import find_checkpoint, tag_for
 
     if not os.path.isdir(load):
-        raise ConversionError(f"--load {load}: no such folder")
+        raise ConversionError(f"--load {load}: " + ("is a file; give the checkpoint folder (the "
+                              "--save folder of the run, or one iter_XXXXXXX folder in it)"
+                              if os.path.isfile(load) else "no such folder"))
     if glob.glob(os.path.join(load, "*_model_states.pt")):
         return load
     if iteration is not None:

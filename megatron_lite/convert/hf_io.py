@@ -86,7 +86,9 @@ def read_hf(folder: str) -> Checkpoint:
     from megatron_lite.model.hf_adapter import check_hf_state_dict, config_from_hf
 
     if not os.path.isdir(folder):
-        raise ConversionError(f"--load {folder}: no such folder")
+        raise ConversionError(f"--load {folder}: " + ("is a file; give the HF model folder "
+                              "(config.json + weights)" if os.path.isfile(folder) else
+                              "no such folder"))
     cfg = read_hf_config(folder)
     try:
         mc = config_from_hf(cfg)

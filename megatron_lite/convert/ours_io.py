@@ -35,7 +35,9 @@ def resolve_checkpoint_folder(load: str, iteration: int | None) -> str:
     from megatron_lite.checkpoint.layout import find_checkpoint, is_complete, tag_for
 
     if not os.path.isdir(load):
-        raise ConversionError(f"--load {load}: no such folder")
+        raise ConversionError(f"--load {load}: " + ("is a file; give the checkpoint folder (the "
+                              "--save folder of the run, or one iter_XXXXXXX folder in it)"
+                              if os.path.isfile(load) else "no such folder"))
     if iteration is not None:
         path = os.path.join(load, tag_for(iteration))
         if not os.path.isdir(path):
