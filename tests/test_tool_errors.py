@@ -252,3 +252,12 @@ def test_bench_data_prints_significant_digits_and_unrounded_ratios(capsys):
         assert shown == [bench.fmt_ratio(times["numpy"], times["cpp"]),
                          bench.fmt_ratio(times["loop"], times["cpp"])]
         assert out.count("identical: True") == 2
+
+
+def test_tool_usage_errors_are_one_line_with_a_suggestion():
+    """A mistyped flag printed argparse's 7-line usage block; now one line with 'did you mean'."""
+    r = subprocess.run([sys.executable, f"{ROOT}/tools/eval_ppl.py", "--load", "x", "--data-path",
+                        "y", "--seq-lenght", "256"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        "eval_ppl.py: error: unrecognized arguments: --seq-lenght 256 (did you mean "
+        "--seq-length?); see eval_ppl.py --help"], r.stderr

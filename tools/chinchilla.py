@@ -20,6 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_lite.utils import use_project_venv  # noqa: E402
 use_project_venv()  # no torch in this Python: rerun under the checkout's .venv, or say how
+from megatron_lite.eval.tool_cli import ToolArgumentParser  # noqa: E402
 
 from megatron_lite.planning import chinchilla  # noqa: E402
 from megatron_lite.planning.time_cost import GPU_SPECS, SECONDS_PER_DAY, peak_flops  # noqa: E402
@@ -27,7 +28,7 @@ from megatron_lite.planning.time_cost import GPU_SPECS, SECONDS_PER_DAY, peak_fl
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags of this tool."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ToolArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--flops", type=float, help="compute budget C, FLOPs")
     p.add_argument("--params", type=float, help="N, parameters (with --tokens: evaluate a plan)")
     p.add_argument("--tokens", type=float, help="T, training tokens")

@@ -26,6 +26,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_lite.utils import use_project_venv  # noqa: E402
 use_project_venv()  # no torch in this Python: rerun under the checkout's .venv, or say how
+from megatron_lite.eval.tool_cli import ToolArgumentParser  # noqa: E402
 
 from megatron_lite.data.builder import SPLITS, build_split_dataset  # noqa: E402
 from megatron_lite.data.data_config import DataConfig, parse_data_path  # noqa: E402
@@ -35,7 +36,7 @@ KEYS = ("tokens", "labels", "loss_mask", "position_ids", "cu_seqlens", "dataset"
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags (issue 2 item 7, plus --seed / --tokenizer-type / --eod-id / --data-cache-path)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ToolArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data-path", nargs="+", required=True, help="prefix, or 'W1 P1 W2 P2 ...'")
     p.add_argument("--seq-length", type=int, required=True, help="tokens per sample (L)")

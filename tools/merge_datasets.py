@@ -13,13 +13,13 @@ token dtype. The output pair is written atomically (temporary names, ``.idx`` re
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_lite.utils import use_project_venv  # noqa: E402
 use_project_venv()  # no torch in this Python: rerun under the checkout's .venv, or say how
+from megatron_lite.eval.tool_cli import ToolArgumentParser  # noqa: E402
 
 from megatron_lite.data.indexed import (IndexedDataset, IndexedDatasetBuilder, data_file_path,  # noqa: E402
                                         finalize_atomic)
@@ -75,7 +75,7 @@ def merge(prefixes, output_prefix: str) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ToolArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input", nargs="+", required=True, help="dataset prefixes or directories, in order")
     p.add_argument("--output-prefix", required=True, help="writes <prefix>.bin/.idx")
     args = p.parse_args(argv)

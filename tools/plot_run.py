@@ -23,6 +23,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_lite.utils import use_project_venv  # noqa: E402
 use_project_venv()  # no torch in this Python: rerun under the checkout's .venv, or say how
+from megatron_lite.eval.tool_cli import ToolArgumentParser  # noqa: E402
 
 from megatron_lite.analysis.plots import build_figures, write_figures  # noqa: E402
 from megatron_lite.analysis.run_data import load_run  # noqa: E402
@@ -30,7 +31,7 @@ from megatron_lite.config.checks import check_output_path  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ToolArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folder or metrics.jsonl path")
     p.add_argument("--out", required=True, help="folder for the figures (created)")

@@ -57,6 +57,7 @@ from typing import Iterator, Sequence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_lite.utils import use_project_venv  # noqa: E402
 use_project_venv()  # no torch in this Python: rerun under the checkout's .venv, or say how
+from megatron_lite.eval.tool_cli import ToolArgumentParser  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -72,7 +73,7 @@ _CHUNK_BYTES = 1 << 18
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface (Megatron-LM flag names; every flag documented in ``--help``)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ToolArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", nargs="+", required=True,
                    help="input files, directories or globs (.jsonl, .json, .jsonl.gz, .jsonl.zst, "

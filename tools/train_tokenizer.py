@@ -43,6 +43,7 @@ from typing import Iterable, Iterator
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_lite.utils import use_project_venv  # noqa: E402
 use_project_venv()  # no torch in this Python: rerun under the checkout's .venv, or say how
+from megatron_lite.eval.tool_cli import ToolArgumentParser  # noqa: E402
 
 from megatron_lite.data.text_readers import BadRecordError, expand_inputs, iter_texts  # noqa: E402
 from megatron_lite.utils import atomic_write_text  # noqa: E402
@@ -50,7 +51,7 @@ from megatron_lite.utils import atomic_write_text  # noqa: E402
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface (every flag documented in ``--help``)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ToolArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", nargs="+", required=True,
                    help="input files, directories or globs (.jsonl, .json, .jsonl.gz, .jsonl.zst, "

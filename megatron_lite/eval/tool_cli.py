@@ -18,6 +18,8 @@ process see them; only the ``if __name__ == "__main__"`` line goes through :func
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import os
 import sys
 from typing import Any, Callable, Sequence
@@ -27,6 +29,26 @@ from typing import Any, Callable, Sequence
 # keeps its traceback.
 # OSError covers missing or unwritable paths and full or read-only disks (ENOSPC, EROFS).
 BAD_INPUT_ERRORS = (ValueError, OSError)
+
+
+class ToolArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose usage errors are one line, like every other bad input of
+    the tools: ``<tool>.py: error: unrecognized arguments: --seq-lenght 256 (did you mean
+    --seq-length?); see <tool>.py --help`` and exit status 2, where argparse would print its
+    whole usage block first.
+    """
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        hint = ""
+        if message.startswith("unrecognized arguments:"):
+            words = message.split(":", 1)[1].split()
+            flag = next((w.split("=")[0] for w in words if w.startswith("-")), None)
+            close = difflib.get_close_matches(flag, list(self._option_string_actions), n=1,
+                                              cutoff=0.6) if flag else []
+            hint = f" (did you mean {close[0]}?)" if close else ""
+        if message.startswith(("unrecognized arguments", "the following arguments are required")):
+            hint += f"; see {self.prog} --help"
+        self.exit(2, f"{self.prog}: error: {message}{hint}\n")
 
 
 def error_line(tool: str, exc: BaseException) -> str:
