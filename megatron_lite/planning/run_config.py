@@ -40,6 +40,8 @@ def deepspeed_notes(path: str | None, cfg) -> list[str]:
 
 
 def recompute_kind(model) -> str:
+    """The planner's activation-recomputation kind of a ModelConfig: "full", "selective" or
+    "none" (``--recompute-granularity`` unset)."""
     gran = model.recompute_granularity
     return {"full": "full", "selective": "selective"}.get(gran or "", "none")
 
