@@ -4,7 +4,6 @@ run with an injected loss spike is diagnosed with the spike at the injected step
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -12,6 +11,8 @@ import subprocess
 import sys
 
 import pytest
+
+from tests.fixtures_data import load_tool
 
 from megatron_lite.analysis.doctor import Thresholds, diagnose, exit_status
 from megatron_lite.analysis.run_data import load_run
@@ -248,11 +249,7 @@ def test_thresholds_are_flags(tmp_path):
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("diagnose_run",
-                                                  os.path.join(ROOT, "tools", "diagnose_run.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("diagnose_run")
 
 
 def test_tool_exit_status_and_json(tmp_path, capsys):

@@ -4,12 +4,13 @@ overlaid with a legend, --smooth draws the EMA, --format svg writes SVG."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
+
+from tests.fixtures_data import load_tool
 
 from megatron_lite.analysis.plots import FIGURES, build_figures, step_time_parts
 from megatron_lite.analysis.run_data import ema, load_run, read_records, series
@@ -127,11 +128,7 @@ def test_rollback_records_replace_the_earlier_steps(tmp_path):
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("plot_run",
-                                                  os.path.join(ROOT, "tools", "plot_run.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("plot_run")
 
 
 def test_tool_writes_png_and_svg(tmp_path, capsys):
