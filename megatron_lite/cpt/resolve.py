@@ -157,7 +157,8 @@ def _fill_model_from_base(model, base_model) -> None:
     """Copy every field of the base's ModelConfig except run-local ones (dtype, backends...)."""
     skip = {"model_size", "params_dtype", "attention_backend", "no_fused_rope",
             "recompute_granularity", "recompute_num_layers", "attention_dropout",
-            "hidden_dropout", "make_vocab_size_divisible_by", "init_method_std"}
+            "hidden_dropout", "make_vocab_size_divisible_by", "init_method_std",
+            "cross_entropy_impl", "cross_entropy_chunk_size"}
     for f in dataclasses.fields(base_model):
         if f.name not in skip:
             setattr(model, f.name, copy.deepcopy(getattr(base_model, f.name)))

@@ -15,7 +15,9 @@ from megatron_lite.parallel.state import (get_tensor_model_parallel_group, get_t
                                           get_tensor_model_parallel_world_size)
 
 
-def _reduce(x: torch.Tensor, op) -> torch.Tensor:
+def reduce_over_tp(x: torch.Tensor, op) -> torch.Tensor:
+    """All-reduce ``x`` in place over the TP group with ``op`` (timed as TP communication); the
+    identity at TP = 1. Returns ``x``."""
     if get_tensor_model_parallel_world_size() > 1:
         t0 = comm_timer.begin()
         try:
@@ -25,7 +27,9 @@ def _reduce(x: torch.Tensor, op) -> torch.Tensor:
     return x
 
 
-def _check_labels(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+def check_labels(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Raise ValueError for a label outside ``[0, vocab)`` that is not ``ignore_index`` (one
+    device-to-host sync)."""
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):
         where = bad.nonzero()[0].tolist()
@@ -40,7 +44,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         tp, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
         local_v = logits.shape[-1]
         vocab = local_v * tp if vocab_size is None else vocab_size
-        _check_labels(labels, vocab, ignore_index)
+        check_labels(labels, vocab, ignore_index)
         z = logits.float()
         own = inplace or z is not logits  # z may be modified in place (a copy, or allowed)
         start = rank * local_v
@@ -50,17 +54,17 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
                 z.masked_fill(pad, torch.finfo(torch.float32).min)
             own = True
         zmax = z.amax(dim=-1)  # amax: no argmax computed
-        _reduce(zmax, dist.ReduceOp.MAX)
+        reduce_over_tp(zmax, dist.ReduceOp.MAX)
         # In place when z is ours: a [b, s, V_pad/TP] fp32 temporary less per step (the largest
         # tensor of a small model; on CPU a fresh one also costs page faults every step).
         z = z.sub_(zmax.unsqueeze(-1)) if own else z - zmax.unsqueeze(-1)
         not_here = (labels < start) | (labels >= start + local_v)  # includes ignore_index
         local_labels = (labels - start).masked_fill(not_here, 0)
         target = z.gather(-1, local_labels.unsqueeze(-1)).squeeze(-1).masked_fill(not_here, 0.0)
-        _reduce(target, dist.ReduceOp.SUM)
+        reduce_over_tp(target, dist.ReduceOp.SUM)
         z.exp_()
         sumexp = z.sum(dim=-1)
-        _reduce(sumexp, dist.ReduceOp.SUM)
+        reduce_over_tp(sumexp, dist.ReduceOp.SUM)
         ignored = labels == ignore_index
         loss = (sumexp.log() - target).masked_fill(ignored, 0.0)
         # Kept for backward unnormalised: the 1/sumexp is folded into backward's per-token

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from megatron_lite.layers.cross_entropy import vocab_parallel_cross_entropy
 from megatron_lite.layers.embedding import VocabParallelEmbedding, parallel_lm_logits
 from megatron_lite.layers.init import resolve_device, set_tensor_model_parallel_attributes
 from megatron_lite.layers.linear import ColumnParallelLinear
+from megatron_lite.layers.lm_head_loss import lm_head_cross_entropy
 from megatron_lite.model.transformer import RMSNorm, TransformerLayer
 from megatron_lite.parallel.state import get_tensor_model_parallel_world_size
 
@@ -138,8 +138,9 @@ class LlamaModel(torch.nn.Module):
                 h = layer(h, cos, sin, cu_seqlens, max_seqlen, backend)
         h = self.final_norm(h)
         weight = self.embedding.weight if self.output_layer is None else self.output_layer.weight
-        logits = parallel_lm_logits(h, weight, self.vocab_size)
         if labels is None:
-            return logits
-        # inplace: the logits are this forward's own fp32 LM-head output, read by nothing else.
-        return vocab_parallel_cross_entropy(logits, labels, vocab_size=self.vocab_size, inplace=True)
+            return parallel_lm_logits(h, weight, self.vocab_size)
+        # --cross-entropy-impl: fused (full fp32 logits) or chunked (none of full size)
+        return lm_head_cross_entropy(h, weight, labels, vocab_size=self.vocab_size,
+                                     impl=self.config.cross_entropy_impl,
+                                     chunk_size=self.config.cross_entropy_chunk_size)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_lite.config_field import arg
+from megatron_lite.layers.lm_head_loss import CROSS_ENTROPY_IMPLS, DEFAULT_CHUNK_TOKENS
 from megatron_lite.model.presets import MODEL_PRESETS, model_preset
 
 __all__ = ["ModelConfig", "model_preset", "padded_vocab_size", "MODEL_PRESETS"]
@@ -99,6 +100,12 @@ class ModelConfig:
     attention_dropout: float = arg(0.0, "dropout on attention probabilities (must be 0: the attention "
                                    "kernels take no dropout)")
     hidden_dropout: float = arg(0.0, "dropout on attention/MLP outputs before the residual add")
+    cross_entropy_impl: str = arg("fused", "LM head + loss: fused (one head GEMM, fp32 logits [b*s, V/TP] "
+                                  "then the vocab-parallel cross entropy) or chunked (--cross-entropy-"
+                                  "chunk-size tokens at a time; no full-size logits)",
+                                  choices=list(CROSS_ENTROPY_IMPLS))
+    cross_entropy_chunk_size: int = arg(DEFAULT_CHUNK_TOKENS, "tokens per chunk of --cross-entropy-impl "
+                                        "chunked (largest logits buffer: this x V/TP fp32)")
 
     def __post_init__(self):
         self._tp = 1
@@ -161,7 +168,7 @@ class ModelConfig:
                 (GQA with fewer KV groups than TP ranks is not supported), ffn % TP, odd head dim,
                 seq_length > max_position_embeddings without RoPE scaling, ntk/dynamic RoPE
                 scaling with head dim 2, bad recompute settings,
-                attention dropout, non-positive sizes.
+                attention dropout, non-positive sizes, --cross-entropy-chunk-size < 1.
         """
         self.resolve()
         errors = []
@@ -223,6 +230,8 @@ class ModelConfig:
             elif not 1 <= self.recompute_num_layers <= self.num_layers:
                 errors.append(f"--recompute-num-layers {self.recompute_num_layers} must be in "
                               f"[1, --num-layers {self.num_layers}]")
+        if self.cross_entropy_chunk_size < 1:
+            errors.append(f"--cross-entropy-chunk-size must be >= 1 (got {self.cross_entropy_chunk_size})")
         if self.norm_epsilon <= 0 or self.init_method_std <= 0:
             errors.append("--norm-epsilon and --init-method-std must be > 0")
         if self.vocab_size is not None and self.vocab_size < 1:
