@@ -17,6 +17,30 @@ from setuptools import find_packages, setup
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+# The CUDA half of the RoPE extension. scripts/check_cuda_compile.py compiles the same source with
+# the same macros and nvcc flags (plus torch's own) on machines without a CUDA torch, so keep the
+# build's definition here, in one place.
+ROPE_CUDA_SOURCE = os.path.join("csrc", "rope_cuda.cu")
+ROPE_DEFINE_MACROS_CUDA = [("WITH_CUDA", None)]
+ROPE_NVCC_FLAGS = ["-O3"]
+# Built when no GPU is visible (a build node): sm_80 = A100, sm_90 = H100/H200; override with
+# TORCH_CUDA_ARCH_LIST as usual.
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"
+
+
+def want_cuda_extension(torch_version_cuda, cuda_home, have_source: bool = True) -> bool:
+    """Build the CUDA kernels whenever the toolchain and a CUDA build of torch are present.
+
+    A visible GPU is not required: a build node without one compiles for the arch list.
+
+    Args:
+        torch_version_cuda: ``torch.version.cuda`` (None for a CPU wheel).
+        cuda_home: ``torch.utils.cpp_extension.CUDA_HOME`` (None when nvcc/CUDA is not found).
+        have_source: whether csrc/rope_cuda.cu exists.
+    """
+    return bool(torch_version_cuda) and cuda_home is not None and have_source
+
+
 def _extensions():
     exts, cmdclass = [], {}
     if os.environ.get("MEGATRON_LITE_NO_EXT") == "1":
@@ -44,30 +68,32 @@ def _extensions():
                 "the extensions)") from None
 
         sources = [rope_src]
-        use_cuda = torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None and \
-            os.path.exists(os.path.join(HERE, "csrc", "rope_cuda.cu"))
+        use_cuda = want_cuda_extension(torch.version.cuda, cpp_extension.CUDA_HOME,
+                                       os.path.exists(os.path.join(HERE, ROPE_CUDA_SOURCE)))
         define = []
         if use_cuda:
-            sources.append(os.path.join("csrc", "rope_cuda.cu"))
-            define = [("WITH_CUDA", None)]
+            sources.append(ROPE_CUDA_SOURCE)
+            define = list(ROPE_DEFINE_MACROS_CUDA)
             ext_cls = cpp_extension.CUDAExtension
+            if not torch.cuda.is_available():
+                os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
         else:
             ext_cls = cpp_extension.CppExtension
         exts.append(ext_cls("megatron_lite._rope_ops", sources, define_macros=define,
-                            extra_compile_args={"cxx": ["-O3", "-fopenmp"], "nvcc": ["-O3"]},
+                            extra_compile_args={"cxx": ["-O3", "-fopenmp"], "nvcc": list(ROPE_NVCC_FLAGS)},
                             extra_link_args=["-fopenmp"]))
         cmdclass["build_ext"] = cpp_extension.BuildExtension.with_options(use_ninja=True)
     return exts, cmdclass
 
 
-ext_modules, cmdclass = _extensions()
-
-setup(
-    name="megatron_lite",
-    version="0.1.0",
-    description="Megatron-style pretraining / CPT of LLaMA-style models: TP, packing, DeepSpeed ZeRO",
-    packages=find_packages(include=["megatron_lite", "megatron_lite.*"]),
-    python_requires=">=3.10",
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+if __name__ == "__main__":  # also under pip: setuptools runs this file as __main__
+    ext_modules, cmdclass = _extensions()
+    setup(
+        name="megatron_lite",
+        version="0.1.0",
+        description="Megatron-style pretraining / CPT of LLaMA-style models: TP, packing, DeepSpeed ZeRO",
+        packages=find_packages(include=["megatron_lite", "megatron_lite.*"]),
+        python_requires=">=3.10",
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+    )

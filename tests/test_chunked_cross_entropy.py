@@ -132,3 +132,40 @@ def test_model_training_steps_equal(tie):
     fused, chunked = _train("fused", tie), _train("chunked", tie)
     for a, b in zip(fused, chunked):
         assert abs(a - b) <= 1e-6 * abs(a), (fused, chunked)
+
+
+def test_planner_logits_term_exact():
+    from megatron_lite.planning import memory
+
+    kw = dict(seq_length=256, micro_batch_size=2, hidden_size=128, num_attention_heads=4,
+              num_query_groups=2, ffn_hidden_size=352, num_layers=2, padded_vocab_size=4096,
+              tensor_parallel_size=2)
+    sb, local_v, h = 512, 2048, 128
+    fused = memory.activation_memory(**kw, bytes_per_element=4)
+    assert fused.loss_logits == 4 * sb * local_v  # one fp32 [s*b, V/t] buffer, reused as its grad
+    c32 = memory.activation_memory(**kw, bytes_per_element=4, cross_entropy_chunk_tokens=100)
+    # one chunk's fp32 logits + the hidden-state gradient formed in the forward
+    assert c32.loss_logits == 4 * 100 * local_v + 4 * sb * h
+    assert c32.output_layer - c32.loss_logits == fused.output_layer - fused.loss_logits
+    c16 = memory.activation_memory(**kw, bytes_per_element=2, cross_entropy_chunk_tokens=100)
+    # + the 16-bit GEMM output beside its upcast; fp32 weight-grad accumulator + 16-bit product
+    assert c16.loss_logits == 6 * 100 * local_v + 2 * sb * h + 6 * local_v * h
+    big = memory.activation_memory(**kw, bytes_per_element=4, cross_entropy_chunk_tokens=10 ** 6)
+    assert big.loss_logits == 4 * sb * local_v + 4 * sb * h  # a chunk never exceeds the tokens
+
+
+def test_flags_plan_line_and_one_line_errors():
+    from megatron_lite.config import ConfigError, format_plan, parse_args
+
+    base = ["--model-size", "tiny", "--vocab-size", "256", "--seq-length", "64", "--train-iters", "10",
+            "--device", "cpu"]
+    cfg = parse_args(base)
+    assert (cfg.model.cross_entropy_impl, cfg.model.cross_entropy_chunk_size) == ("fused", 1024)
+    assert "LM head + loss          : fused  (fp32 logits 64 x 256 = 0.1 MiB per rank" in format_plan(cfg)
+    cfg = parse_args(base + ["--cross-entropy-impl", "chunked", "--cross-entropy-chunk-size", "16"])
+    assert ("LM head + loss          : chunked, 16 tokens per chunk  (fp32 logits 16 x 256 = 0.0 MiB "
+            "per rank instead of 0.1 MiB)") in format_plan(cfg)
+    with pytest.raises(ConfigError, match=r"^--cross-entropy-chunk-size must be >= 1 \(got 0\)$"):
+        parse_args(base + ["--cross-entropy-chunk-size", "0"])
+    with pytest.raises(ConfigError, match="--cross-entropy-impl: invalid choice: 'liger'"):
+        parse_args(base + ["--cross-entropy-impl", "liger"])

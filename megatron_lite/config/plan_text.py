@@ -45,6 +45,7 @@ def plan_lines(cfg) -> list[str]:
         f"{d.lr_decay_iters}",
         *training_dynamics_lines(cfg),
         f"padded vocab / head_dim : {d.padded_vocab_size} / {d.head_dim}",
+        cross_entropy_line(cfg),
     ]
     non_emb, total = num_parameters(m)
     fpt = flops_per_token(m, m.seq_length)
@@ -53,6 +54,21 @@ def plan_lines(cfg) -> list[str]:
               f"FLOPs total             : {fpt * d.train_tokens:.4g}",
               "-----------------------------------------------"]
     return lines
+
+
+def cross_entropy_line(cfg) -> str:
+    """The LM head + loss implementation and its largest logits buffer per rank (fp32, one
+    micro-batch): ``fused`` mu_tok x V_pad/TP, ``chunked`` --cross-entropy-chunk-size x V_pad/TP."""
+    m, d = cfg.model, cfg.derived
+    local_vocab = d.padded_vocab_size // cfg.parallel.tensor_model_parallel_size
+    full = d.micro_batch_tokens * local_vocab * 4 / 2 ** 20
+    if m.cross_entropy_impl != "chunked":
+        return (f"LM head + loss          : fused  (fp32 logits {d.micro_batch_tokens} x {local_vocab}"
+                f" = {full:.1f} MiB per rank; --cross-entropy-impl chunked avoids them)")
+    c = min(m.cross_entropy_chunk_size, d.micro_batch_tokens)
+    return (f"LM head + loss          : chunked, {m.cross_entropy_chunk_size} tokens per chunk  "
+            f"(fp32 logits {c} x {local_vocab} = {c * local_vocab * 4 / 2 ** 20:.1f} MiB per rank "
+            f"instead of {full:.1f} MiB)")
 
 
 def training_dynamics_lines(cfg) -> list[str]:

@@ -221,7 +221,8 @@ class ActivationMemory:
         recompute_working: one layer's full activations rebuilt during backward (full recompute).
         output_layer: final-norm input, LM-head input and the fp32 logits/softmax of the loss.
         loss_logits: the part of ``output_layer`` that is logits buffers (all copies alive at
-            the loss's peak).
+            the loss's peak); with the chunked loss, one chunk's plus the gradient buffers that
+            path forms in the forward (see :func:`activation_memory`).
         total: sum of the above.
     """
 
@@ -243,7 +244,8 @@ def activation_memory(seq_length: int, micro_batch_size: int, hidden_size: int,
                       sequence_parallel: bool = False, flash_attention: bool = True,
                       recompute: str = "none", bytes_per_element: int = 2,
                       recompute_num_layers: int | None = None,
-                      fused_norm: bool = False) -> ActivationMemory:
+                      fused_norm: bool = False,
+                      cross_entropy_chunk_tokens: int | None = None) -> ActivationMemory:
     """Activation memory of the whole model for one micro-batch on one TP rank.
 
     Layers as in :func:`activation_bytes_per_layer`. With full recompute the layer being
@@ -256,6 +258,13 @@ def activation_memory(seq_length: int, micro_batch_size: int, hidden_size: int,
     activations the head's 16-bit output beside its fp32 upcast (and the 16-bit gradient beside
     the fp32 one in backward), p·s·b·V/t more.
 
+    With ``--cross-entropy-impl chunked`` (``cross_entropy_chunk_tokens`` = c, megatron_lite/layers/
+    lm_head_loss.py) no full-size logits exist: the logits term is one chunk's,
+    (4 + p_16)·min(c, s·b)·V/t, plus what that path forms in the forward instead of the backward:
+    the hidden-state gradient p·s·b·h and, with 16-bit parameters, the fp32 head-gradient
+    accumulator and one chunk's 16-bit partial product, (4 + p)·V/t·h (with fp32 parameters the
+    accumulator becomes the head's gradient, already counted by the caller's head-gradient term).
+
     With ``recompute="full"`` and ``recompute_num_layers`` = N < L (Megatron's "block" method, the
     first N blocks checkpointed), the other L - N blocks keep their full activations.
 
@@ -263,6 +272,8 @@ def activation_memory(seq_length: int, micro_batch_size: int, hidden_size: int,
         num_layers: L.
         padded_vocab_size: V (padded, whole model).
         recompute_num_layers: blocks recomputed under full recompute (None: all).
+        cross_entropy_chunk_tokens: tokens per chunk of ``--cross-entropy-impl chunked``; None:
+            the default ``fused`` loss over full logits.
         Others: as in :func:`activation_bytes_per_layer`.
 
     Returns:
@@ -286,7 +297,13 @@ def activation_memory(seq_length: int, micro_batch_size: int, hidden_size: int,
     head = 2 * bytes_per_element + (0 if fused_norm else 4)
     head_inputs = head * sb * hidden_size // (t if sequence_parallel else 1)
     upcast_from = bytes_per_element if bytes_per_element < 4 else 0  # fp32: .float() is a no-op
-    logits = (4 + upcast_from) * sb * (-(-padded_vocab_size // t))
+    local_vocab = -(-padded_vocab_size // t)
+    if cross_entropy_chunk_tokens is None:
+        logits = (4 + upcast_from) * sb * local_vocab
+    else:
+        logits = ((4 + upcast_from) * min(cross_entropy_chunk_tokens, sb) * local_vocab
+                  + bytes_per_element * sb * hidden_size
+                  + (4 + bytes_per_element) * local_vocab * hidden_size * (upcast_from > 0))
     return ActivationMemory(per_layer, layers, working, head_inputs + logits, logits)
 
 

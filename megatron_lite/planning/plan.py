@@ -21,7 +21,8 @@ class PlanInputs:
     ``ffn_hidden_size`` f, ``padded_vocab_size`` V, ``seq_length`` L_ctx, parameter counts and
     ``flops_per_token`` (training, fwd + bwd). Run: GPUs, TP, PP, micro batch (samples),
     ``global_batch_tokens`` GB_tok, ``train_tokens`` T, ZeRO stage and offloads, precision,
-    recompute (none|selective|full), flash attention. Device: memory and peak FLOP/s.
+    recompute (none|selective|full), flash attention, ``cross_entropy_chunk_tokens`` (tokens per
+    chunk of ``--cross-entropy-impl chunked``; None: fused). Device: memory and peak FLOP/s.
     Cost: measured tokens/s or MFU, prices (¥), PUE, kW per GPU.
     """
 
@@ -50,6 +51,7 @@ class PlanInputs:
     recompute: str = "none"
     recompute_num_layers: int | None = None
     flash_attention: bool = True
+    cross_entropy_chunk_tokens: int | None = None  # --cross-entropy-impl chunked; None: fused
     gpu: str = "h100"
     device_memory_bytes: int = 80 * memory.GiB
     peak_flops: float | None = None
@@ -113,7 +115,8 @@ def _activations(inp: PlanInputs, micro_batch: int, recompute: str, flash: bool)
         inp.num_query_groups, inp.ffn_hidden_size, inp.num_layers, inp.padded_vocab_size,
         inp.tensor_model_parallel_size, inp.sequence_parallel, flash, recompute,
         2 if inp.precision in ("bf16", "fp16") else 4, inp.recompute_num_layers,
-        fused_norm=True)  # our RMSNorm saves x and rstd only (ops/swiglu_rmsnorm.py)
+        fused_norm=True,  # our RMSNorm saves x and rstd only (ops/swiglu_rmsnorm.py)
+        cross_entropy_chunk_tokens=inp.cross_entropy_chunk_tokens)
 
 
 def make_plan(inp: PlanInputs) -> dict:

@@ -122,6 +122,8 @@ def inputs_from_config(cfg, args) -> tuple[PlanInputs, list[str]]:
         precision=precision, recompute=recompute_kind(m),
         recompute_num_layers=m.recompute_num_layers,
         flash_attention=backend != "eager",
+        cross_entropy_chunk_tokens=(m.cross_entropy_chunk_size if m.cross_entropy_impl == "chunked"
+                                    else None),
         gpu=gpu, device_memory_bytes=mem, peak_flops=peak,
         memory_overhead_bytes=int(overhead * memory.GiB), tokens_per_sec=args.tokens_per_sec,
         mfu=None if args.tokens_per_sec else args.mfu, price_gpu_hour=args.price_gpu_hour,
