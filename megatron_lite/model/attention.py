@@ -251,6 +251,19 @@ def _flash(q, k, v, bounds, cu_seqlens, max_seqlen, scale):
     return out.view(b, s, hq, d)
 
 
+# Backends whose whole call dynamo can put into a compiled block's graph (no cu_seqlens: one
+# causal segment per row, nothing read from the host). Packed documents need the boundaries on the
+# host (the per-document loop, the mask, flash's varlen lengths): traced, every new document layout
+# would be a new graph (a recompile per batch), so that call runs eagerly between two graphs.
+_IN_GRAPH_BACKENDS = ("sdpa", "eager")
+
+
+@torch.compiler.disable
+def _attention_outside_graph(q, k, v, cu_seqlens, max_seqlen, backend, softmax_scale):
+    """:func:`attention_forward` run eagerly from inside a compiled block (one graph break)."""
+    return attention_forward(q, k, v, cu_seqlens, max_seqlen, backend, softmax_scale)
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None,
                       max_seqlen: int | None, backend: str, softmax_scale: float | None = None) -> torch.Tensor:
     """Causal, document-masked attention with GQA.
@@ -271,6 +284,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
         ValueError: bad shapes, malformed cu_seqlens, unknown backend.
         RuntimeError: flex with gradients on CPU.
     """
+    if torch.compiler.is_compiling() and (cu_seqlens is not None or backend not in _IN_GRAPH_BACKENDS):
+        return _attention_outside_graph(q, k, v, cu_seqlens, max_seqlen, backend, softmax_scale)
     bounds = _check_inputs(q, k, v, cu_seqlens)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if backend == "auto":

@@ -278,7 +278,7 @@ class RotaryEmbedding(torch.nn.Module):
 
 
 def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                         fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                         fused: bool = False, impl=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q and k by their positions (rotate-half convention, same as HF Llama).
 
     Args:
@@ -287,6 +287,8 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
         fused: use the C++/CUDA custom op ``megatron_lite.ops.fused_rope`` (falls back to the
             reference with one warning if the extension is not built); False (``--no-fused-rope``)
             runs the PyTorch reference ``megatron_lite.ops.rope.rope_reference``.
+        impl: a library's ``(q, k, cos, sin) -> (q, k)`` (``--fused-kernels``,
+            ``megatron_lite.ops.kernels.FusedKernels.rope``), used instead of both when given.
 
     Returns:
         (q, k) rotated, in their input dtypes; the rotation itself is computed in fp32.
@@ -294,5 +296,7 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
     if q.shape[-1] != cos.shape[-1] or cos.shape[:2] != q.shape[:2]:
         raise ValueError(f"RoPE shape mismatch: q {tuple(q.shape)} vs cos {tuple(cos.shape)} "
                          "(expected q [b, s, h, d], cos [b, s, d])")
+    if impl is not None:
+        return impl(q, k, cos, sin)
     rope = fused_rope if fused else rope_reference  # the reference lives beside the op, in ops/rope.py
     return rope(q, cos, sin), rope(k, cos, sin)

@@ -59,7 +59,9 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
         ``[.., F]`` = silu(gate) * up, equal to :func:`swiglu_reference`; the gradient w.r.t.
         ``gate_up`` is one contiguous ``[.., 2F]`` tensor.
     """
-    if not torch.is_grad_enabled() or not gate_up.requires_grad:
+    # Under torch.compile the reference: inductor fuses it and derives the backward itself, while
+    # dynamo cannot trace _SwiGLU.backward (out= into a non-contiguous slice) and would break the graph.
+    if not torch.is_grad_enabled() or not gate_up.requires_grad or torch.compiler.is_compiling():
         return swiglu_reference(gate_up)
     return _SwiGLU.apply(gate_up)
 
@@ -110,6 +112,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     Returns:
         ``[.., H]`` in the promotion of x's and the weight's dtypes.
     """
-    if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
+    # Under torch.compile the reference, which inductor fuses into one kernel each way.
+    if (not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad)
+            or torch.compiler.is_compiling()):
         return rms_norm_reference(x, weight, eps)
     return _RMSNorm.apply(x, weight, eps)

@@ -26,6 +26,7 @@ from megatron_lite.data import build_data_loader, build_train_valid_test_dataset
 from megatron_lite.data.builder import build_corpus_datasets, iter_loader
 from megatron_lite.data.tokenizer import build_tokenizer
 from megatron_lite.model.counting import flops_per_token
+from megatron_lite.model.compile import compile_transformer_blocks, use_fused_kernels
 from megatron_lite.model.llama import LlamaModel
 from megatron_lite.parallel import (destroy_model_parallel, get_data_parallel_group,
                                     get_data_parallel_rank, get_data_parallel_world_size,
@@ -150,6 +151,11 @@ def build_components(cfg, lock: RunLock,
         print(format_plan(cfg), flush=True)
     set_seeds(cfg, device)
     model = build_model(cfg, device)
+    # --fused-kernels and --compile change how the blocks run, not their parameters (names, values
+    # and the checkpoint layout stay those of the eager model).
+    use_fused_kernels(model, cfg.training.fused_kernels, device.type)
+    if cfg.training.compile:
+        compile_transformer_blocks(model, cfg.training.compile_backend)
     if model_setup is not None:
         model_setup(model, cfg)
     optimizer = build_optimizer(model, cfg, device, clip_in_optimizer(cfg))
