@@ -1,14 +1,18 @@
-// Sample-index and blend-index builders for megatron_lite.data (pybind11, 64-bit indices).
+// Sample-index, packed-index and blend-index builders for megatron_lite.data (pybind11, 64-bit indices).
 //
-// Semantics follow Megatron-LM's megatron/core/datasets/helpers.cpp (build_sample_idx and
-// build_blending_indices); this is an independent implementation. NumPy references live in
-// megatron_lite/data/helpers.py and tests prove both equal.
+// Semantics of build_sample_idx and build_blending_indices follow Megatron-LM's
+// megatron/core/datasets/helpers.cpp; build_packed_idx is the best-fit / one-document-per-sample
+// packing of megatron_lite.data.helpers (Ding et al. 2024). All are independent implementations.
+// NumPy references live in megatron_lite/data/helpers.py and tests prove both equal.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <set>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace py = pybind11;
@@ -127,10 +131,136 @@ static py::tuple build_blending_indices(py::array_t<double, py::array::c_style |
   return py::make_tuple(ds_index, ds_sample);
 }
 
+// One epoch of packed samples (the rules are in megatron_lite/data/helpers.py, build_packed_idx_numpy).
+// Pieces: a document of n tokens gives n / C pieces of C = capacity tokens and a remainder piece
+// of n % C tokens (if any). mode 0 ("none"): every piece is one bin. mode 1 ("best-fit"): per window
+// of `window` documents, pieces sorted by length descending (stable) go to the open bin with the
+// least free space that holds them (ties: the earliest bin), else to a new bin; with `fill`, the
+// window's least-filled bins then donate tails of their last segments to the fullest non-full
+// bins until at most one bin of the window is not full. Returns (segments [n_seg, 3] of
+// (document, offset, length), bin_starts [n_bins + 1] into segments).
+struct Seg {
+  int64_t doc, off, len;
+};
+
+static void fill_bins(std::vector<std::vector<Seg>>& bins, std::vector<int64_t>& used, int64_t cap) {
+  std::vector<int64_t> order;
+  for (int64_t b = 0; b < static_cast<int64_t>(bins.size()); ++b)
+    if (used[b] < cap) order.push_back(b);
+  // fullest first (ties: earlier bin); receivers from the front, donors from the back
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return used[a] > used[b]; });
+  int64_t i = 0, j = static_cast<int64_t>(order.size()) - 1;
+  while (i < j) {
+    auto& recv = bins[order[i]];
+    auto& donor = bins[order[j]];
+    Seg& last = donor.back();
+    const int64_t t = std::min(cap - used[order[i]], last.len);
+    recv.push_back(Seg{last.doc, last.off + last.len - t, t});
+    last.len -= t;
+    used[order[i]] += t;
+    used[order[j]] -= t;
+    if (last.len == 0) donor.pop_back();
+    if (used[order[i]] == cap) ++i;
+    if (donor.empty()) --j;
+  }
+}
+
+template <typename DocT>
+static void pack_window(const int32_t* sizes, int64_t n_sizes, const DocT* docs, int64_t n, int64_t cap,
+                        int64_t mode, bool fill, std::vector<Seg>& out_segs, std::vector<int64_t>& out_starts) {
+  std::vector<Seg> pieces;
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t d = static_cast<int64_t>(docs[k]);
+    if (d < 0 || d >= n_sizes) throw std::out_of_range("document id " + std::to_string(d) + " out of range of sizes");
+    const int64_t len = sizes[d];
+    int64_t off = 0;
+    for (; len - off > cap; off += cap) pieces.push_back(Seg{d, off, cap});
+    if (len - off > 0) pieces.push_back(Seg{d, off, len - off});
+  }
+  if (mode == 0) {
+    for (const Seg& p : pieces) {
+      out_segs.push_back(p);
+      out_starts.push_back(static_cast<int64_t>(out_segs.size()));
+    }
+    return;
+  }
+  std::vector<int64_t> order(pieces.size());
+  for (size_t k = 0; k < order.size(); ++k) order[k] = static_cast<int64_t>(k);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return pieces[a].len > pieces[b].len; });
+  std::vector<std::vector<Seg>> bins;
+  std::vector<int64_t> used;
+  std::set<std::pair<int64_t, int64_t>> open;  // (free space, bin): smallest fitting free, then earliest bin
+  for (int64_t k : order) {
+    const Seg& p = pieces[k];
+    auto it = open.lower_bound({p.len, -1});
+    int64_t b;
+    if (it == open.end()) {
+      b = static_cast<int64_t>(bins.size());
+      bins.emplace_back();
+      used.push_back(0);
+    } else {
+      b = it->second;
+      open.erase(it);
+    }
+    bins[b].push_back(p);
+    used[b] += p.len;
+    if (used[b] < cap) open.insert({cap - used[b], b});
+  }
+  if (fill) fill_bins(bins, used, cap);
+  for (const auto& bin : bins) {
+    if (bin.empty()) continue;  // a donor emptied by the fill
+    out_segs.insert(out_segs.end(), bin.begin(), bin.end());
+    out_starts.push_back(static_cast<int64_t>(out_segs.size()));
+  }
+}
+
+template <typename DocT>
+static py::tuple build_packed_idx_impl(const py::array_t<int32_t, py::array::c_style>& sizes_,
+                                       const py::array_t<DocT, py::array::c_style>& docs_, int64_t capacity,
+                                       int64_t mode, int64_t window, bool fill) {
+  if (capacity <= 0) throw std::invalid_argument("capacity must be positive");
+  if (mode != 0 && mode != 1) throw std::invalid_argument("mode must be 0 (none) or 1 (best-fit)");
+  if (window < 1) throw std::invalid_argument("window must be >= 1");
+  const int32_t* sizes = sizes_.data();
+  const DocT* docs = docs_.data();
+  const int64_t n_sizes = sizes_.shape(0), n_docs = docs_.shape(0);
+  std::vector<Seg> segs;
+  std::vector<int64_t> starts{0};
+  {
+    py::gil_scoped_release release;
+    for (int64_t w = 0; w < n_docs; w += window)
+      pack_window(sizes, n_sizes, docs + w, std::min(window, n_docs - w), capacity, mode, fill, segs, starts);
+  }
+  py::array_t<int64_t> seg_out({static_cast<int64_t>(segs.size()), static_cast<int64_t>(3)});
+  int64_t* so = seg_out.mutable_data();
+  for (size_t k = 0; k < segs.size(); ++k) {
+    so[3 * k] = segs[k].doc;
+    so[3 * k + 1] = segs[k].off;
+    so[3 * k + 2] = segs[k].len;
+  }
+  py::array_t<int64_t> start_out(static_cast<int64_t>(starts.size()));
+  std::copy(starts.begin(), starts.end(), start_out.mutable_data());
+  return py::make_tuple(seg_out, start_out);
+}
+
+static py::tuple build_packed_idx(py::array sizes, py::array docs, int64_t capacity, int64_t mode, int64_t window,
+                                  bool fill) {
+  auto sz = py::array_t<int32_t, py::array::c_style | py::array::forcecast>::ensure(sizes);
+  if (!sz || sz.ndim() != 1) throw std::invalid_argument("sizes must be a 1-D int32 array");
+  if (py::dtype::of<int32_t>().is(docs.dtype()))
+    return build_packed_idx_impl<int32_t>(sz, py::array_t<int32_t, py::array::c_style>::ensure(docs), capacity,
+                                          mode, window, fill);
+  auto di = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(docs);
+  if (!di || di.ndim() != 1) throw std::invalid_argument("docs must be a 1-D integer array");
+  return build_packed_idx_impl<int64_t>(sz, di, capacity, mode, window, fill);
+}
+
 PYBIND11_MODULE(_data_helpers, m) {
-  m.doc() = "megatron_lite data index builders (sample index, blending index)";
+  m.doc() = "megatron_lite data index builders (sample index, packed index, blending index)";
   m.def("build_sample_idx", &build_sample_idx, py::arg("sizes"), py::arg("doc_idx"), py::arg("seq_length"),
         py::arg("num_samples"));
   m.def("build_blending_indices", &build_blending_indices, py::arg("weights"), py::arg("size"),
         py::arg("counts"));
+  m.def("build_packed_idx", &build_packed_idx, py::arg("sizes"), py::arg("docs"), py::arg("capacity"),
+        py::arg("mode"), py::arg("window"), py::arg("fill"));
 }

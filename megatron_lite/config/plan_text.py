@@ -34,6 +34,7 @@ def plan_lines(cfg) -> list[str]:
             + ("" if tr.device != "auto" else
                f"; resolved for this machine, --device auto = {train_device_type(tr)}")),
         f"seq length L_ctx        : {m.seq_length} tokens",
+        *packing_lines(cfg),
         f"micro batch             : {tr.micro_batch_size} samples = mu_tok {d.micro_batch_tokens} "
         f"tokens per rank",
         f"grad accumulation A     : {d.num_micro_batches}  (= GB_tok / (mu_tok x D))",
@@ -54,6 +55,22 @@ def plan_lines(cfg) -> list[str]:
               f"FLOPs total             : {fpt * d.train_tokens:.4g}",
               "-----------------------------------------------"]
     return lines
+
+
+def packing_lines(cfg) -> list[str]:
+    """One plan line for a packing mode other than the default ``concat`` (none for concat, so a
+    default run's plan is unchanged)."""
+    dc = cfg.data
+    if dc.packing == "concat":
+        return []
+    if dc.packing == "none":
+        how = "one document (or L_ctx+1 piece) per sample, padded with loss mask 0"
+    elif dc.packing_fill:
+        how = f"best-fit decreasing over {dc.packing_window} documents, free space filled by fragments"
+    else:
+        how = (f"best-fit decreasing over {dc.packing_window} documents, documents <= L_ctx+1 tokens "
+               "never split, free space padded with loss mask 0")
+    return [f"packing                 : {dc.packing}  ({how})"]
 
 
 def cross_entropy_line(cfg) -> str:

@@ -56,7 +56,8 @@ class _SourceFactory:
         return GPTDataset(self.indexed[j], self.ranges[j], self.seq_length, n, self.seed, self.eod_id,
                           shuffle=not cfg.no_shuffle, reset_position_ids=cfg.reset_position_ids,
                           reset_attention_mask=cfg.reset_attention_mask, eod_mask_loss=cfg.eod_mask_loss,
-                          cache_dir=cfg.data_cache_path, name=self.split)
+                          cache_dir=cfg.data_cache_path, name=self.split, packing=cfg.packing,
+                          packing_window=cfg.packing_window, packing_fill=cfg.packing_fill)
 
 
 def build_split_dataset(cfg: DataConfig, split: str, prefixes: Sequence[str], weights: Optional[Sequence[float]],

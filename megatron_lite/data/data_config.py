@@ -50,11 +50,30 @@ class DataConfig:
         None, "Labels of the validation corpora, one per prefix of the validation blend "
         "(--valid-data-path, else --data-path), in order: per-corpus validation logs val_loss/<label> "
         "(default: each prefix's basename)", nargs="+")
+    # Packing (issue 18 item 1); see megatron_lite/data/gpt_dataset.py and helpers.build_packed_idx_numpy.
+    packing: str = arg(
+        "concat", "How documents become samples of seq_length + 1 tokens: concat = Megatron's "
+        "concatenate-and-split (documents cut at sample boundaries); best-fit = documents of at most "
+        "seq_length + 1 tokens are never split, longer ones are cut into seq_length + 1 pieces, and "
+        "pieces are packed by best-fit decreasing over --packing-window documents (Ding et al. 2024), "
+        "the rest of a sample is padding (loss mask 0); none = one document (or piece) per sample, padded",
+        choices=["concat", "best-fit", "none"])
+    packing_window: int = arg(
+        2000, "Documents per best-fit window (--packing best-fit): larger = less padding, more "
+        "reordering of documents within the epoch")
+    packing_fill: bool = arg(
+        False, "With --packing best-fit: fill each window's free sample space with fragments (tail "
+        "pieces moved from the least-filled samples to the fullest), leaving at most one padded "
+        "sample per window; only documents in the emptied samples are split")
 
     def __post_init__(self):
         split_weights(self.split)
         if self.data_temperature <= 0:
             raise ValueError(f"--data-temperature must be > 0, got {self.data_temperature}")
+        if self.packing not in ("concat", "best-fit", "none"):
+            raise ValueError(f"--packing must be concat, best-fit or none, got {self.packing!r}")
+        if self.packing_window < 1:
+            raise ValueError(f"--packing-window must be >= 1 documents, got {self.packing_window}")
         if self.num_workers < 0:
             raise ValueError(f"--num-workers must be >= 0, got {self.num_workers}")
         if self.data_names is not None:
