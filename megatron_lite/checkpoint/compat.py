@@ -12,6 +12,7 @@ MODEL_FIELDS_ALLOWED_TO_CHANGE = frozenset({
     "yarn_attention_factor", "yarn_mscale", "yarn_mscale_all_dim", "yarn_truncate",
     "llama3_low_freq_factor", "llama3_high_freq_factor",
     "cross_entropy_impl", "cross_entropy_chunk_size",  # how the loss is computed, not the weights
+    "sequence_parallel",  # changes no shape or value: a checkpoint saved with SP loads without it
 })
 
 

@@ -10,9 +10,7 @@ the fix.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import shutil
 import tempfile
 
 import torch
@@ -25,7 +23,6 @@ from megatron_lite.data.tokenizer import build_tokenizer
 from megatron_lite.config.sections import parse_rank_list
 from megatron_lite.errors import ConfigError
 from megatron_lite.model.attention import flash_attn_available, flex_attention_available
-from megatron_lite.ops.kernels import fused_kernels_unavailable
 
 OPTIMIZERS = ("adamw", "lion", "adafactor", "paged_adamw", "cpu_adam")
 
@@ -206,26 +203,23 @@ def check_attention_backend(cfg) -> None:
                               "install flash-attn); or use --attention-backend sdpa (or auto)")
 
 
-def check_compile_and_kernels(cfg) -> None:
-    """``--fused-kernels`` and ``--compile`` against the device the run trains on.
+def check_sequence_parallel(cfg) -> None:
+    """``--sequence-parallel`` against the layout (after the model section is resolved).
 
     Raises:
-        ConfigError: liger/apex on CPU or not importable (with the install command); ``--compile``
-            with the inductor backend and no C++ compiler (CPU) or no Triton (CUDA) to build its
-            kernels.
+        ConfigError: TP = 1 (nothing to split over), or a sequence that does not split evenly
+            over the TP ranks.
     """
-    tr = cfg.training
-    dev = train_device_type(tr)
-    reason = fused_kernels_unavailable(tr.fused_kernels, dev)
-    if reason is not None:
-        raise ConfigError(reason)
-    if tr.compile and tr.compile_backend == "inductor":
-        if dev == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
-            raise ConfigError("--compile (inductor backend) needs a C++ compiler on CPU and none is "
-                              "on PATH (install g++), or use --compile-backend aot_eager")
-        if dev == "cuda" and importlib.util.find_spec("triton") is None:
-            raise ConfigError("--compile (inductor backend) needs Triton on CUDA (pip install "
-                              "triton), or use --compile-backend aot_eager")
+    par = cfg.parallel
+    if not par.sequence_parallel:
+        return
+    tp, s = par.tensor_model_parallel_size, cfg.model.seq_length
+    if tp == 1:
+        raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    if s % tp:
+        raise ConfigError(f"--sequence-parallel: --seq-length {s} is not divisible by "
+                          f"--tensor-model-parallel-size {tp} (each TP rank holds seq-length / {tp} "
+                          f"tokens); use a multiple of {tp}")
 
 
 def tokenizer_vocab_size(dc) -> int:
@@ -583,9 +577,8 @@ def check_runtime(cfg) -> None:
 
     Raises:
         ConfigError: --device cuda without a GPU, --fp16 on CPU, an optimizer that cannot run here
-            (:func:`check_optimizer_runtime`), an attention backend that cannot train on this
-            device (:func:`check_attention_backend`), fused kernels or a compile backend that
-            cannot run here (:func:`check_compile_and_kernels`).
+            (:func:`check_optimizer_runtime`) or an attention backend that cannot train on this
+            device (:func:`check_attention_backend`).
     """
     tr = cfg.training
     if tr.device == "cuda" and not torch.cuda.is_available():
@@ -596,5 +589,4 @@ def check_runtime(cfg) -> None:
                           "fp32 (default, fastest on CPU) or --bf16")
     check_optimizer_runtime(cfg, on_cpu)
     check_attention_backend(cfg)
-    check_compile_and_kernels(cfg)
     check_memory_snapshot_device(cfg, on_cpu)

@@ -20,10 +20,10 @@ from typing import Optional
 
 import torch
 
-from megatron_lite.config.checks import (check_attention_backend, check_compile_and_kernels, check_intervals,
+from megatron_lite.config.checks import (check_attention_backend, check_intervals,
                                          check_noise_scale, check_optimizer,
                                          check_optimizer_runtime, check_output_paths,
-                                         check_profiling,
+                                         check_profiling, check_sequence_parallel,
                                          check_sections, check_spike_guard,
                                          check_tokenizer_vocab, checks_this_machine,
                                          missing_deepspeed_config,
@@ -57,11 +57,11 @@ def finalize(cfg, world_size: int | None = None):
         reconcile_user_json(cfg)
     derive_parallel(cfg, world_size)
     derive_model(cfg)
+    check_sequence_parallel(cfg)
     ramp = derive_batch(cfg)
     derive_precision(cfg)
     if checks_this_machine(cfg):
         check_attention_backend(cfg)
-        check_compile_and_kernels(cfg)
     check_tokenizer_vocab(cfg)
     derive_schedule(cfg, ramp)
     derive_optimizer(cfg)
@@ -114,6 +114,7 @@ def derive_model(cfg) -> None:
             checks (heads divisible by TP, ...).
     """
     m, dc = cfg.model, cfg.data
+    m.sequence_parallel = cfg.parallel.sequence_parallel  # the layers read it from the model section
     if m.vocab_size is None and dc.tokenizer_model:
         m.vocab_size = tokenizer_vocab_size(dc)
     if m.kv_channels is not None and m.kv_channels < 1:

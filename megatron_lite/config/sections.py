@@ -42,6 +42,13 @@ class ParallelConfig:
               "and scheduler blocks are ignored (--optimizer and the LR schedule flags decide).")
     distributed_timeout_minutes: int = arg(
         10, "Timeout of collective operations (minutes) before the process group reports a hang.")
+    # Sequence parallelism (issue 16): megatron_lite/parallel/mappings.py, layers/linear.py.
+    sequence_parallel: bool = arg(
+        False, "Sequence parallelism (Megatron-LM's flag; Korthikanti et al. 2022): norms, residual "
+               "adds and dropout work on s/TP tokens per TP rank (the linear layers all-gather / "
+               "reduce-scatter along the sequence instead of all-reducing), cutting the activations "
+               "TP replicates. Needs --tensor-model-parallel-size > 1 and --seq-length divisible "
+               "by TP. Same losses and checkpoints as without it.")
 
 
 @dataclasses.dataclass
@@ -204,21 +211,6 @@ class TrainingConfig:
     noise_scale_ema: float = arg(
         0.95, "Gradient noise scale: EMA decay applied to |G|^2 and tr(Sigma) before the ratio "
               "(per measurement).")
-    # Speed (issue 17): torch.compile per block (megatron_lite/model/compile.py) and the library
-    # that runs RMSNorm/SwiGLU/RoPE (megatron_lite/ops/kernels.py).
-    compile: bool = arg(
-        False, "torch.compile each transformer block (torchtitan's per-block scheme): one compile "
-               "at the first step, no recompilation for new packed-document layouts; attention "
-               "with packed documents and the TP collectives run eagerly between graphs.")
-    compile_backend: str = arg(
-        "inductor", "torch.compile backend with --compile: inductor (generated C++/Triton "
-                    "kernels), aot_eager (traced, no code generation) or eager (dynamo only).",
-        choices=["inductor", "aot_eager", "eager"])
-    fused_kernels: str = arg(
-        "torch", "Implementation of RMSNorm, SwiGLU and RoPE: torch (ours; the only one on CPU), "
-                 "liger (Liger-Kernel's Triton kernels, CUDA; pip install liger-kernel) or apex "
-                 "(NVIDIA apex's fused RMSNorm, CUDA; SwiGLU and RoPE stay torch).",
-        choices=["torch", "liger", "apex"])
 
 
 @dataclasses.dataclass

@@ -100,6 +100,10 @@ class ModelConfig:
     attention_dropout: float = arg(0.0, "dropout on attention probabilities (must be 0: the attention "
                                    "kernels take no dropout)")
     hidden_dropout: float = arg(0.0, "dropout on attention/MLP outputs before the residual add")
+    # Not a model flag: copied from the parallel section's --sequence-parallel by config/derive.py
+    # (the layers read it from here, like every other model setting). No effect at TP = 1.
+    sequence_parallel: bool = arg(False, "split norms/residual/dropout activations along the sequence "
+                                  "over TP (from --sequence-parallel)", cli=False)
     cross_entropy_impl: str = arg("fused", "LM head + loss: fused (one head GEMM, fp32 logits [b*s, V/TP] "
                                   "then the vocab-parallel cross entropy) or chunked (--cross-entropy-"
                                   "chunk-size tokens at a time; no full-size logits)",

@@ -1,21 +1,38 @@
 """Autograd-aware collectives over the tensor-parallel group (after Megatron-LM ``mappings.py``).
 
-Each function is the identity when TP = 1. All split/gather along the LAST dimension.
+Each function is the identity when TP = 1. The tensor-parallel (TP) ones split/gather along the
+LAST dimension; the sequence-parallel (SP) ones along the SEQUENCE dimension, which is dim 1 of
+our ``[b, s, H]`` activations (Megatron's ``[s, b, h]`` uses dim 0).
 
-=================================  ==========================  ==========================
-function                           forward                      backward
-=================================  ==========================  ==========================
-copy_to_tensor_model_parallel      identity                     all-reduce (sum) of grad
-reduce_from_tensor_model_parallel  all-reduce (sum)             identity
-scatter_to_tensor_model_parallel   keep this rank's last-dim    all-gather last dim
-                                   slice [..., h/TP]
-gather_from_tensor_model_parallel  all-gather last dim          keep this rank's slice
-=================================  ==========================  ==========================
+=======================================  ==========================  ==============================
+function                                 forward                     backward
+=======================================  ==========================  ==============================
+copy_to_tensor_model_parallel            identity                    all-reduce (sum) of grad
+reduce_from_tensor_model_parallel        all-reduce (sum)            identity
+scatter_to_tensor_model_parallel         keep this rank's last-dim   all-gather last dim
+                                         slice [..., h/TP]
+gather_from_tensor_model_parallel        all-gather last dim         keep this rank's slice
+scatter_to_sequence_parallel             keep this rank's slice      all-gather along s
+                                         [b, s/TP, ...]
+gather_from_sequence_parallel            all-gather along s          reduce-scatter along s (the
+                                         [b, s/TP] -> [b, s]         consumer is TP-parallel:
+                                                                     partial grads), or keep
+                                                                     this rank's slice
+reduce_scatter_to_sequence_parallel      reduce-scatter along s      all-gather along s
+                                         [b, s] -> [b, s/TP]
+=======================================  ==========================  ==============================
 
 ``copy``/``reduce`` are conjugate: a column-parallel layer copies its replicated input into the TP
 region (each rank's backward contributes a partial input gradient, summed by the all-reduce); a
 row-parallel layer sums the partial outputs of its shards in forward and passes the (replicated)
-output gradient straight through.
+output gradient straight through. With sequence parallelism (Korthikanti et al. 2022, sec. 4.2.2)
+the pair becomes all-gather / reduce-scatter along s: an all-reduce is a reduce-scatter followed
+by an all-gather, so the communication volume is unchanged while the regions between them
+(norms, residual adds, dropout) hold only ``s/TP`` tokens.
+
+gloo has no reduce-scatter: there it is an all-reduce followed by taking this rank's slice (the
+same values, TP times the traffic); NCCL uses ``reduce_scatter_tensor``. Every collective here is
+timed as :data:`comm_timer.TP`.
 """
 
 from __future__ import annotations
@@ -63,6 +80,61 @@ def _gather_last(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
+SEQUENCE_DIM = 1  # [b, s, H]: the dimension sequence parallelism splits
+
+
+def _split_seq(x: torch.Tensor) -> torch.Tensor:
+    tp = get_tensor_model_parallel_world_size()
+    if tp == 1:
+        return x
+    if x.shape[SEQUENCE_DIM] % tp:
+        raise ValueError(f"sequence length {x.shape[SEQUENCE_DIM]} is not divisible by tensor-parallel "
+                         f"size {tp} (sequence parallelism)")
+    return x.chunk(tp, dim=SEQUENCE_DIM)[get_tensor_model_parallel_rank()].contiguous()
+
+
+def gather_along_sequence(x: torch.Tensor) -> torch.Tensor:
+    """All-gather ``[b, s/TP, ...]`` from every TP rank into ``[b, s, ...]`` (rank order), no autograd."""
+    tp = get_tensor_model_parallel_world_size()
+    if tp == 1:
+        return x
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(tp)]
+    t0 = comm_timer.begin()
+    try:
+        dist.all_gather(parts, x, group=get_tensor_model_parallel_group())
+    finally:
+        comm_timer.end(comm_timer.TP, t0)
+    return torch.cat(parts, dim=SEQUENCE_DIM)
+
+
+def reduce_scatter_along_sequence(x: torch.Tensor) -> torch.Tensor:
+    """Sum ``[b, s, ...]`` over the TP group and keep this rank's ``[b, s/TP, ...]``, no autograd.
+
+    NCCL: ``reduce_scatter_tensor`` on the sequence-major copy (it splits dim 0). gloo implements
+    no reduce-scatter: all-reduce a copy, then take the slice (same values).
+    """
+    tp = get_tensor_model_parallel_world_size()
+    if tp == 1:
+        return x
+    if x.shape[SEQUENCE_DIM] % tp:
+        raise ValueError(f"sequence length {x.shape[SEQUENCE_DIM]} is not divisible by tensor-parallel "
+                         f"size {tp} (sequence parallelism)")
+    group = get_tensor_model_parallel_group()
+    t0 = comm_timer.begin()
+    try:
+        if dist.get_backend(group) == "nccl":
+            seq_major = x.transpose(0, SEQUENCE_DIM).contiguous()
+            out = seq_major.new_empty((seq_major.shape[0] // tp, *seq_major.shape[1:]))
+            dist.reduce_scatter_tensor(out, seq_major, group=group)
+            return out.transpose(0, SEQUENCE_DIM).contiguous()
+        summed = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(summed, group=group)
+    finally:
+        comm_timer.end(comm_timer.TP, t0)
+    return summed.chunk(tp, dim=SEQUENCE_DIM)[get_tensor_model_parallel_rank()].contiguous()
+
+
 class _Copy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
@@ -104,6 +176,39 @@ class _Gather(torch.autograd.Function):
         return _split_last(g)
 
 
+class _ScatterToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return _split_seq(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return gather_along_sequence(g)
+
+
+class _GatherFromSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, tensor_parallel_output_grad):
+        ctx.tensor_parallel_output_grad = tensor_parallel_output_grad
+        return gather_along_sequence(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.tensor_parallel_output_grad:
+            return reduce_scatter_along_sequence(g), None
+        return _split_seq(g), None
+
+
+class _ReduceScatterToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return reduce_scatter_along_sequence(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return gather_along_sequence(g)
+
+
 def copy_to_tensor_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
     """Forward identity; backward all-reduce(sum) over TP. x: any shape, replicated across TP."""
     return x if get_tensor_model_parallel_world_size() == 1 else _Copy.apply(x)
@@ -122,3 +227,38 @@ def scatter_to_tensor_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
 def gather_from_tensor_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
     """[..., h/TP] per rank -> [..., h] (rank order); backward keeps this rank's gradient slice."""
     return x if get_tensor_model_parallel_world_size() == 1 else _Gather.apply(x)
+
+
+def scatter_to_sequence_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    """``[b, s, ...]`` replicated over TP -> this rank's ``[b, s/TP, ...]`` (contiguous block
+    ``rank*s/TP .. (rank+1)*s/TP``); backward all-gathers the gradient along s.
+
+    Raises:
+        ValueError: s is not divisible by TP.
+    """
+    return x if get_tensor_model_parallel_world_size() == 1 else _ScatterToSequence.apply(x)
+
+
+def gather_from_sequence_parallel_region(x: torch.Tensor, tensor_parallel_output_grad: bool = True) -> torch.Tensor:
+    """This rank's ``[b, s/TP, ...]`` -> ``[b, s, ...]`` (all-gather along s, rank order).
+
+    Args:
+        x: the sequence shard.
+        tensor_parallel_output_grad: the consumer is tensor-parallel (a column-parallel GEMM, the
+            vocab-parallel LM head), so each rank's output gradient is a partial sum: backward
+            reduce-scatters it (Megatron's default). False: the gradient is already complete and
+            replicated; backward keeps this rank's slice.
+    """
+    if get_tensor_model_parallel_world_size() == 1:
+        return x
+    return _GatherFromSequence.apply(x, bool(tensor_parallel_output_grad))
+
+
+def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    """Partial sums ``[b, s, ...]`` (a row-parallel GEMM's output) -> this rank's slice of their sum
+    ``[b, s/TP, ...]``; backward all-gathers the gradient along s.
+
+    Raises:
+        ValueError: s is not divisible by TP.
+    """
+    return x if get_tensor_model_parallel_world_size() == 1 else _ReduceScatterToSequence.apply(x)

@@ -7,7 +7,12 @@ Two streams per process:
   master weights everywhere;
 - the *model-parallel* stream, seeded with ``seed + 2718 + tp_rank`` (Megatron's offset), entered
   with ``get_rng_tracker().fork()`` around dropout on TP-sharded activations (attention heads),
-  so each shard drops different elements.
+  so each shard drops different elements. With sequence parallelism the hidden dropout also runs
+  on this stream (each TP rank holds a different slice of the sequence, Megatron's rule).
+
+Activation recomputation (``torch.utils.checkpoint``) restores only the default generators before
+it re-runs a block; :func:`recompute_rng_context` is the ``context_fn`` that also replays the
+model-parallel stream, so a recomputed block draws the masks of its first forward.
 """
 
 from __future__ import annotations
@@ -113,3 +118,29 @@ def model_parallel_manual_seed(seed: int) -> None:
 def model_parallel_rng_ready() -> bool:
     """True when the model-parallel stream has been seeded."""
     return MODEL_PARALLEL_RNG in _TRACKER.states
+
+
+def recompute_rng_context():
+    """``context_fn`` for ``torch.utils.checkpoint(..., use_reentrant=False)``.
+
+    Called when the checkpointed block first runs; it snapshots the tracker's named states. The
+    returned recompute context installs that snapshot while the block is re-run in backward and
+    puts the states of that moment back afterwards, so dropout forked from the model-parallel
+    stream (sequence-parallel hidden dropout) draws the same masks in the recomputation as in the
+    forward (Megatron's ``CheckpointFunction`` does the same with ``get_states``/``set_states``).
+
+    Returns:
+        (forward context, recompute context).
+    """
+    snapshot = _TRACKER.get_states()
+
+    @contextlib.contextmanager
+    def replay():
+        current = _TRACKER.get_states()
+        _TRACKER.set_states(snapshot)
+        try:
+            yield
+        finally:
+            _TRACKER.set_states(current)
+
+    return contextlib.nullcontext(), replay()
