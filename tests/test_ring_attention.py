@@ -33,9 +33,23 @@ def _case(seed: int, b=2, s=16, hq=4, hk=2, d=8, docs=True):
     return q, k, v, w, cu
 
 
+def _full_attention(q, k, v, cu):
+    """softmax(QK^T / sqrt(d) + document-causal mask) V written out (HF repeat_kv for GQA)."""
+    b, s, hq, d = q.shape
+    rep = hq // k.shape[2]
+    k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / d ** 0.5
+    allowed = torch.ones(s, s, dtype=torch.bool).tril().expand(b, s, s)
+    if cu is not None:
+        doc = torch.bucketize(torch.arange(b * s), cu[1:].long(), right=True).view(b, s)
+        allowed = allowed & (doc[:, :, None] == doc[:, None, :])
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores, dim=-1), v)
+
+
 def _reference(q, k, v, w, cu):
     q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
-    out = attention_forward(q, k, v, cu, None, "eager")
+    out = _full_attention(q, k, v, cu)
     (out * w).sum().backward()
     return out.detach(), q.grad, k.grad, v.grad
 
@@ -73,6 +87,12 @@ def test_layout_and_split_single_process():
     # bytes: (CP-1) * 2 b (s/CP) hk d * bytes forward; + CP * 2 b (s/CP) hk d * 4 backward
     assert ring_bytes_per_layer(1, 32768, 4, 1, 128, 2) == {
         "forward": 3 * 2 * 8192 * 128 * 2, "backward": 3 * 2 * 8192 * 128 * 2 + 4 * 2 * 8192 * 128 * 4}
+
+
+def test_reference_is_the_models_eager_attention():
+    for seed, docs in ((0, True), (1, False)):
+        q, k, v, _, cu = _case(seed, docs=docs)
+        torch.testing.assert_close(_full_attention(q, k, v, cu), attention_forward(q, k, v, cu, None, "eager"))
 
 
 def test_ring_cp1_equals_full_attention():

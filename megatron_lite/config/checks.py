@@ -222,6 +222,40 @@ def check_sequence_parallel(cfg) -> None:
                           f"tokens); use a multiple of {tp}")
 
 
+# Backends whose setting context parallelism honours: ring attention computes every block with
+# torch ops (layers/ring_attention.py), so these pick nothing kernel-specific; flash and flex would
+# silently not run.
+CP_ATTENTION_BACKENDS = ("auto", "sdpa", "eager")
+
+
+def check_context_parallel(cfg) -> None:
+    """``--context-parallel-size`` against the sequence, the attention backend and the features
+    that read one rank's gradient of whole samples (after the model section is resolved).
+
+    Raises:
+        ConfigError: CP < 1, ``--seq-length`` not divisible by 2 CP (the load-balanced causal
+            layout cuts each sample in 2 CP chunks), a backend that cannot run ring attention,
+            ``--noise-scale-interval`` (its small-batch gradient is one rank's whole samples).
+    """
+    cp, s = cfg.parallel.context_parallel_size, cfg.model.seq_length
+    if cp < 1:
+        raise ConfigError(f"--context-parallel-size must be >= 1 (got {cp})")
+    if cp == 1:
+        return
+    if s % (2 * cp):
+        raise ConfigError(f"--context-parallel-size {cp}: --seq-length {s} is not divisible by 2 x CP = "
+                          f"{2 * cp} (each sample is cut in 2 CP equal chunks); use a multiple of {2 * cp}")
+    backend = cfg.model.attention_backend
+    if backend not in CP_ATTENTION_BACKENDS:
+        raise ConfigError(f"--attention-backend {backend} cannot run with --context-parallel-size {cp}: "
+                          f"ring attention computes its blocks with torch ops; use --attention-backend "
+                          f"{', '.join(CP_ATTENTION_BACKENDS)}")
+    if cfg.training.noise_scale_interval:
+        raise ConfigError(f"--noise-scale-interval is not supported with --context-parallel-size {cp} "
+                          "(a rank's micro-batch gradient covers only its chunks of each sample); "
+                          "measure the noise scale in a run with CP = 1")
+
+
 def tokenizer_vocab_size(dc) -> int:
     """Vocabulary size of the data section's ``--tokenizer-model``.
 

@@ -7,7 +7,7 @@ derive nothing (:mod:`megatron_lite.config.checks`). Batch arithmetic follows th
 (Megatron-LM's ``megatron/training/arguments.py`` does the same checks for
 ``--global-batch-size``):
 
-    D      = world_size / TP                          data-parallel degree
+    D      = world_size / (TP x CP)                   data-parallel degree (CP ranks share samples)
     mu_tok = micro_batch_size * seq_length            tokens per rank per micro-batch
     GB     = GB_tok / seq_length                      samples per step
     A      = GB / (micro_batch_size * D)              accumulated micro-batches per step
@@ -29,6 +29,7 @@ from megatron_lite.config.checks import (check_attention_backend, check_interval
                                          missing_deepspeed_config,
                                          tokenizer_vocab_size, train_device_type)
 from megatron_lite.config.batch_ramp import BatchRamp, make_ramp
+from megatron_lite.config.checks import check_context_parallel
 from megatron_lite.config.deepspeed_json import reconcile_user_json
 from megatron_lite.config.lr_scaling import resolve_peak_lr
 from megatron_lite.errors import ConfigError
@@ -57,6 +58,7 @@ def finalize(cfg, world_size: int | None = None):
         reconcile_user_json(cfg)
     derive_parallel(cfg, world_size)
     derive_model(cfg)
+    check_context_parallel(cfg)
     check_sequence_parallel(cfg)
     ramp = derive_batch(cfg)
     derive_precision(cfg)
@@ -76,10 +78,10 @@ def finalize(cfg, world_size: int | None = None):
 
 # ----------------------------------------------------------------------------- layout and model
 def derive_parallel(cfg, world_size: int) -> None:
-    """World size and D = world_size / TP; ZeRO/offload/pipeline combinations.
+    """World size and D = world_size / (TP x CP); ZeRO/offload/pipeline combinations.
 
     Raises:
-        ConfigError: TP not dividing the world, PP != 1, offload without its ZeRO stage, a missing
+        ConfigError: TP or TP x CP not dividing the world, PP != 1, offload without its ZeRO stage, a missing
             ``--deepspeed-config`` file.
     """
     par = cfg.parallel
@@ -101,8 +103,13 @@ def derive_parallel(cfg, world_size: int) -> None:
         raise ConfigError("--offload-optimizer needs --zero-stage 1, 2 or 3")
     if par.deepspeed_config and not os.path.isfile(par.deepspeed_config):
         raise ConfigError(missing_deepspeed_config(par.deepspeed_config))
+    cp = par.context_parallel_size
+    if cp < 1 or world_size % (tp * cp):
+        raise ConfigError(f"--context-parallel-size {cp} x --tensor-model-parallel-size {tp} must divide "
+                          f"the world size {world_size} (world = TP x CP x D); choose CP in "
+                          f"{[c for c in range(1, world_size // tp + 1) if (world_size // tp) % c == 0]}")
     cfg.derived.world_size = world_size
-    cfg.derived.data_parallel_size = world_size // tp
+    cfg.derived.data_parallel_size = world_size // (tp * cp)
 
 
 def derive_model(cfg) -> None:

@@ -42,6 +42,14 @@ class ParallelConfig:
               "and scheduler blocks are ignored (--optimizer and the LR schedule flags decide).")
     distributed_timeout_minutes: int = arg(
         10, "Timeout of collective operations (minutes) before the process group reports a hang.")
+    # Context parallelism (issue 16): each sample's sequence split over CP ranks, ring attention
+    # (megatron_lite/layers/ring_attention.py); world = TP x CP x D.
+    context_parallel_size: int = arg(
+        1, "Context-parallel degree CP: every sample's sequence is cut in 2 CP chunks and CP rank i "
+           "keeps chunks i and 2CP-1-i (load-balanced causal layout); attention is ring attention "
+           "over the CP group. world_size = TP x CP x D; gradients are averaged and ZeRO partitions "
+           "over the D x CP ranks. Needs --seq-length divisible by 2 CP.",
+        flags=["--context-parallel-size"])
     # Sequence parallelism (issue 16): megatron_lite/parallel/mappings.py, layers/linear.py.
     sequence_parallel: bool = arg(
         False, "Sequence parallelism (Megatron-LM's flag; Korthikanti et al. 2022): norms, residual "

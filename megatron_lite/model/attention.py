@@ -26,6 +26,9 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from megatron_lite.layers.ring_attention import ring_attention
+from megatron_lite.parallel.state import get_context_parallel_group, get_context_parallel_world_size
+
 ATTENTION_BACKENDS = ("auto", "flash", "sdpa", "flex", "eager")
 
 # A per-document SDPA loop is used while documents average at least this many tokens; below it the
@@ -264,6 +267,13 @@ def _attention_outside_graph(q, k, v, cu_seqlens, max_seqlen, backend, softmax_s
     return attention_forward(q, k, v, cu_seqlens, max_seqlen, backend, softmax_scale)
 
 
+@torch.compiler.disable
+def _context_parallel_attention(q, k, v, cu_seqlens, softmax_scale):
+    """Ring attention over the CP group (``layers/ring_attention.py``), always eager: its
+    point-to-point transfers cannot sit inside a compiled graph."""
+    return ring_attention(q, k, v, cu_seqlens, softmax_scale, group=get_context_parallel_group())
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None,
                       max_seqlen: int | None, backend: str, softmax_scale: float | None = None) -> torch.Tensor:
     """Causal, document-masked attention with GQA.
@@ -283,7 +293,13 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     Raises:
         ValueError: bad shapes, malformed cu_seqlens, unknown backend.
         RuntimeError: flex with gradients on CPU.
+
+    With context parallelism (``--context-parallel-size`` > 1) q/k/v are this CP rank's chunks
+    (load-balanced layout), ``cu_seqlens`` the WHOLE sequence's boundaries, and the call is ring
+    attention whatever ``backend`` says (``config/checks.py`` admits auto, sdpa, eager).
     """
+    if get_context_parallel_world_size() > 1:
+        return _context_parallel_attention(q, k, v, cu_seqlens, softmax_scale)
     if torch.compiler.is_compiling() and (cu_seqlens is not None or backend not in _IN_GRAPH_BACKENDS):
         return _attention_outside_graph(q, k, v, cu_seqlens, max_seqlen, backend, softmax_scale)
     bounds = _check_inputs(q, k, v, cu_seqlens)

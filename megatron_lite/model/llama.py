@@ -28,6 +28,7 @@ from megatron_lite.layers.init import resolve_device, set_tensor_model_parallel_
 from megatron_lite.layers.linear import ColumnParallelLinear
 from megatron_lite.layers.lm_head_loss import lm_head_cross_entropy
 from megatron_lite.model.transformer import RMSNorm, TransformerLayer
+from megatron_lite.parallel.context_parallel import local_token_positions
 from megatron_lite.parallel.mappings import gather_from_sequence_parallel_region
 from megatron_lite.parallel.random import get_rng_tracker, recompute_rng_context
 from megatron_lite.parallel.state import get_tensor_model_parallel_world_size
@@ -130,6 +131,10 @@ class LlamaModel(torch.nn.Module):
             max_seqlen: longest segment in tokens (flash backend), or None.
             labels: ``[b, s]`` int64 targets (``-100`` ignored), or None.
 
+        With context parallelism tokens, position_ids and labels are this CP rank's ``s / CP``
+        tokens (``parallel.context_parallel.split_batch_for_context_parallel``) and cu_seqlens
+        the whole sequence's boundaries; attention is ring attention over the CP group.
+
         Returns:
             Without labels: fp32 logits ``[b, s, V_pad/TP]`` (padded columns at the fp32 minimum).
             With labels: fp32 per-token loss ``[b, s]`` (0 where the label is -100).
@@ -147,8 +152,8 @@ class LlamaModel(torch.nn.Module):
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [b, s], got shape {tuple(tokens.shape)}")
         b, s = tokens.shape
-        if position_ids is None:
-            position_ids = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
+        if position_ids is None:  # with CP the global positions of this rank's chunks
+            position_ids = local_token_positions(s, device=tokens.device).unsqueeze(0).expand(b, s)
         elif position_ids.shape != tokens.shape:
             raise ValueError(f"position_ids {tuple(position_ids.shape)} must match tokens {tuple(tokens.shape)}")
         sp = self.sequence_parallel

@@ -81,3 +81,12 @@ def split_batch_for_context_parallel(batch: dict[str, Any], cp_size: int | None 
         if out.get(key) is not None:
             out[key] = out[key].index_select(1, idx)
     return out
+
+
+def local_token_positions(local_length: int, device=None) -> torch.Tensor:
+    """Global positions of this process's ``local_length`` tokens: ``0..s-1`` with CP = 1, else
+    :func:`context_parallel_positions` of the whole sequence ``local_length x CP``."""
+    cp = get_context_parallel_world_size()
+    if cp == 1:
+        return torch.arange(local_length, device=device)
+    return context_parallel_positions(local_length * cp, cp, get_context_parallel_rank(), device=device)

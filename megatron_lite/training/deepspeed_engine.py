@@ -18,7 +18,7 @@ import warnings
 from typing import Any
 
 from megatron_lite.config.deepspeed_json import read_json_with_comments
-from megatron_lite.parallel import mpu
+from megatron_lite.parallel import get_context_parallel_world_size, mpu
 
 # Batch/precision/clipping fields: ours are the source of truth; the JSON may say "auto" or agree.
 _AUTO_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
@@ -60,6 +60,9 @@ def build_ds_config(cfg) -> dict:
     _fill(ds, "train_micro_batch_size_per_gpu", tr.micro_batch_size, "")
     _fill(ds, "gradient_accumulation_steps", d.num_micro_batches, "")
     _fill(ds, "train_batch_size", d.global_batch_size, "")
+    # DeepSpeed's data-parallel group is D x CP (parallel/mpu.py) and it checks train_batch_size =
+    # micro x A x (its group size): in its count each CP rank reads its own micro-batches.
+    ds["train_batch_size"] = d.global_batch_size * par.context_parallel_size
     clip = cfg.optimizer.clip_grad
     _fill(ds, "gradient_clipping", clip, "")
     if clip_in_optimizer(cfg):
@@ -170,10 +173,15 @@ def set_step_batch(engine, global_batch: int) -> int:
     (used for nothing else) is restarted at each step: the step's last micro-batch is then the
     boundary whatever the previous steps' A were. Called only at a step boundary.
 
+    Args:
+        global_batch: samples of the step (over the D data-parallel replicas); DeepSpeed counts
+            them once per context-parallel rank (see :func:`build_ds_config`).
+
     Raises:
         ValueError: ``global_batch`` not a multiple of micro_batch_size x D (DeepSpeed's check).
     """
-    if engine.train_batch_size() != global_batch:
-        engine.set_train_batch_size(int(global_batch))
+    ds_batch = int(global_batch) * get_context_parallel_world_size()
+    if engine.train_batch_size() != ds_batch:
+        engine.set_train_batch_size(ds_batch)
     engine.micro_steps = 0
     return engine.gradient_accumulation_steps()

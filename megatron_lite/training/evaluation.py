@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite import parallel
+from megatron_lite.parallel.context_parallel import split_batch_for_context_parallel
 
 
 def _default_forward(model: Any, batch: dict[str, Any]) -> torch.Tensor:
@@ -38,7 +39,8 @@ def evaluate(model: Any, data_iterator: Iterator[dict[str, Any]], eval_iters: in
     ``[b, s]`` and optionally ``position_ids``, ``cu_seqlens``, ``max_seqlen``. The loss of a
     token is weighted by ``loss_mask``; sums of loss and of weights are all-reduced (fp64) over
     the data-parallel group once at the end, so the result equals the loss of the concatenation
-    of every rank's micro-batches. TP needs nothing here: the model's vocab-parallel loss is
+    of every rank's micro-batches. With context parallelism each CP rank evaluates its chunks of
+    the samples and the sums run over the D x CP group. TP needs nothing here: the model's vocab-parallel loss is
     already complete on every TP rank. The model is put in eval mode and restored afterwards.
 
     Args:
@@ -77,8 +79,8 @@ def evaluate(model: Any, data_iterator: Iterator[dict[str, Any]], eval_iters: in
                 warnings.warn(f"evaluate: the validation iterator ran out after {done} of "
                               f"{eval_iters} micro-batches (--eval-iters); the loss covers those")
                 break
-            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-                     for k, v in batch.items()}
+            batch = split_batch_for_context_parallel(  # this CP rank's chunks (CP = 1: all)
+                {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()})
             losses = forward_fn(model, batch).double()
             mask = batch["loss_mask"].to(losses.dtype) if "loss_mask" in batch else \
                 (batch["labels"] != -100).to(losses.dtype)
@@ -90,7 +92,8 @@ def evaluate(model: Any, data_iterator: Iterator[dict[str, Any]], eval_iters: in
             model.train()
     totals = torch.stack([loss_sum, weight_sum])
     if dist.is_available() and dist.is_initialized():
-        group = dp_group if dp_group is not None else parallel.get_data_parallel_group()
+        group = dp_group if dp_group is not None else \
+            parallel.get_data_parallel_group(with_context_parallel=True)
         dist.all_reduce(totals, group=group)
     loss_total, tokens = float(totals[0]), float(totals[1])
     if tokens <= 0:

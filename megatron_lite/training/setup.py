@@ -73,7 +73,8 @@ def init_distributed(cfg, device: torch.device) -> None:
                            f"job has {dist.get_world_size()} processes")
     if model_parallel_is_initialized():  # pretrain() called again in the same process
         destroy_model_parallel()
-    initialize_model_parallel(cfg.parallel.tensor_model_parallel_size)
+    initialize_model_parallel(cfg.parallel.tensor_model_parallel_size,
+                              context_parallel_size=cfg.parallel.context_parallel_size)
 
 
 def _deterministic_env() -> None:
@@ -109,7 +110,8 @@ def build_model(cfg, device: torch.device):
     # only what zero.Init reads (ZeRO/offload settings, parameter dtype).
     init_cfg = {k: ds[k] for k in ("zero_optimization", "bf16", "fp16") if k in ds}
     init_cfg["train_micro_batch_size_per_gpu"] = ds["train_micro_batch_size_per_gpu"]
-    with deepspeed.zero.Init(data_parallel_group=get_data_parallel_group(),
+    # ZeRO partitions over D x CP (the ranks holding the same parameters), as the engine does.
+    with deepspeed.zero.Init(data_parallel_group=get_data_parallel_group(with_context_parallel=True),
                              config_dict_or_path=init_cfg):
         return LlamaModel(cfg.model, device=device)
 

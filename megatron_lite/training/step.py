@@ -11,6 +11,11 @@ equals the one of the concatenated batch (the "per-token loss" of Megatron-LM's
 ``--calculate-per-token-loss``). DeepSpeed averages gradients over the D data-parallel ranks, so
 each rank back-propagates ``D / N * sum_t m * l`` per micro-batch with ``scale_wrt_gas=False``.
 
+Context parallelism (``--context-parallel-size CP``): the CP ranks of a replica read the same
+micro-batches and each keeps its chunks of every sample (``parallel/context_parallel.py``), so the
+sums above run over the D x CP group (``N`` counts every loss token once) and DeepSpeed averages
+over those D x CP ranks: each rank back-propagates ``D CP / N * sum_t m * l`` of its own tokens.
+
 Skipping. If the global loss sum is non-finite on any rank, every rank tells the optimizer to skip
 (:class:`~megatron_lite.training.optimizer.GuardedAdamW`); a non-finite gradient found by the
 optimizer, or an fp16 overflow found by DeepSpeed, skips too. A skipped step leaves parameters,
@@ -33,7 +38,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite.errors import TooManySkippedSteps
-from megatron_lite.parallel import comm_timer, get_data_parallel_group
+from megatron_lite.parallel import (comm_timer, get_context_parallel_group, get_context_parallel_world_size,
+                                    get_data_parallel_group)
+from megatron_lite.parallel.context_parallel import split_batch_for_context_parallel
 from megatron_lite.training.callbacks.base import Callback, CallbackList
 from megatron_lite.training.train_state import StepResult, TrainState
 
@@ -54,6 +61,8 @@ def micro_batch_losses(engine, batch: dict[str, Any], per_sample: bool = True):
 
     The per-sample sums (nats, fp32, detached) and loss-token counts feed the spike capture and
     the noise scale; with ``per_sample=False`` they are None (not computed).
+    With context parallelism ``batch`` is this rank's share (its chunks of each sample); the
+    per-sample sums and counts are then summed over the CP group, so they are whole samples'.
     """
     per_token = engine(batch["tokens"], position_ids=batch.get("position_ids"),
                        cu_seqlens=batch.get("cu_seqlens"), max_seqlen=batch.get("max_seqlen"),
@@ -61,7 +70,12 @@ def micro_batch_losses(engine, batch: dict[str, Any], per_sample: bool = True):
     masked = per_token.float() * batch["loss_mask"].float()
     if not per_sample:
         return masked.sum(), None, None
-    return masked.sum(), masked.detach().sum(dim=1), batch["loss_mask"].detach().sum(dim=1)
+    sums, tokens = masked.detach().sum(dim=1), batch["loss_mask"].detach().sum(dim=1)
+    if get_context_parallel_world_size() > 1:
+        both = torch.stack([sums, tokens.to(sums.dtype)])
+        dist.all_reduce(both, group=get_context_parallel_group())
+        sums, tokens = both[0], both[1].to(tokens.dtype)
+    return masked.sum(), sums, tokens
 
 
 def train_step(engine, optimizer, scheduler, micro_batches: Sequence[dict[str, Any]],
@@ -94,14 +108,16 @@ def train_step(engine, optimizer, scheduler, micro_batches: Sequence[dict[str, A
     lr = cb.on_lr(step, optimizer, scheduler.apply())
     want_per_sample = cb.wants_per_sample(step)
     batches = [move_batch(b, device) for b in micro_batches]
-    group = get_data_parallel_group()
+    # Each CP rank's chunks of the samples (the batch itself with CP = 1); callbacks see whole samples.
+    shares = [split_batch_for_context_parallel(b) for b in batches]
+    group = get_data_parallel_group(with_context_parallel=True)
     dp = dist.get_world_size(group) if dist.is_initialized() else 1
-    n_tokens = _global_loss_tokens(batches, group, step)
+    n_tokens = _global_loss_tokens(shares, group, step)
     local_sum = torch.zeros((), dtype=torch.float64, device=device)
     _timer(timers, "forward-backward", "start")
     for j, b in enumerate(batches):
         _timer(timers, "forward", "start")
-        s, ps_sum, ps_tok = micro_batch_losses(engine, b, want_per_sample)
+        s, ps_sum, ps_tok = micro_batch_losses(engine, shares[j], want_per_sample)
         _timer(timers, "forward", "stop")
         s, per_sample = cb.on_micro_batch_loss(step, j, b, s, (ps_sum, ps_tok)
                                                if want_per_sample else None)
@@ -135,7 +151,7 @@ def _timer(timers, name: str, what: str) -> None:
 
 
 def _global_loss_tokens(batches: list[dict], group, step: int) -> int:
-    """N: loss tokens of the global batch (all-reduced over DP before the first backward)."""
+    """N: loss tokens of the global batch (all-reduced over D x CP before the first backward)."""
     n = torch.stack([b["loss_mask"].float().sum() for b in batches]).sum().double()
     if dist.is_initialized():
         with comm_timer.timed(comm_timer.DP):

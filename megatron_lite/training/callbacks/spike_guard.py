@@ -71,7 +71,8 @@ import torch.distributed as dist
 
 from megatron_lite.checkpoint import engine_state
 from megatron_lite.data.tokenizer import build_tokenizer
-from megatron_lite.parallel import get_data_parallel_rank, get_tensor_model_parallel_rank
+from megatron_lite.parallel import (get_context_parallel_rank, get_data_parallel_rank,
+                                    get_tensor_model_parallel_rank)
 from megatron_lite.training.callbacks.base import Callback
 from megatron_lite.training.optimizer import tp_aware_grad_norm
 from megatron_lite.utils import atomic_write_text, get_rank
@@ -320,7 +321,8 @@ class SpikeGuard(Callback):
         """
         dp_rank = get_data_parallel_rank()
         mine = []
-        if get_tensor_model_parallel_rank() == 0:  # TP ranks hold the same batch
+        # TP ranks, and the CP ranks of a replica, hold the same batch (whole-sample sums).
+        if get_tensor_model_parallel_rank() == 0 and get_context_parallel_rank() == 0:
             for r in samples:
                 r = dict(r, dp_rank=dp_rank)
                 r["loss"] = r["loss_sum"] / r["loss_tokens"] if r["loss_tokens"] else None
