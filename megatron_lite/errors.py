@@ -24,8 +24,15 @@ class CheckpointSaveError(RuntimeError):
     """
 
 
+class CheckpointLoadError(ValueError):
+    """``--load`` found checkpoints but none it may resume from (a damaged or truncated file,
+    a missing manifest), or the newest is damaged and ``--no-checkpoint-fallback`` is set; the
+    message names the folder and the file (a ValueError: exit status 2, one line)."""
+
+
 class TooManySkippedSteps(RuntimeError):
     """Raised on every rank when ``--max-skipped-steps`` consecutive steps were skipped."""
 
 
-__all__ = ["CheckpointSaveError", "ConfigError", "RunLockedError", "TooManySkippedSteps"]
+__all__ = ["CheckpointLoadError", "CheckpointSaveError", "ConfigError", "RunLockedError",
+           "TooManySkippedSteps"]

@@ -76,11 +76,18 @@ def find_checkpoint(load_dir: str) -> str | None:
     return None
 
 
-def write_manifest(path: str) -> None:
+def write_manifest(path: str, checksums: dict[str, str] | None = None,
+                   algorithm: str | None = None) -> None:
     """Write ``path/manifest.json`` (atomically): ``{"files": {relative path: size}}`` of every
-    file under ``path`` (:func:`list_files`). A folder is complete once it holds its manifest."""
-    atomic_write_text(os.path.join(path, MANIFEST),
-                       json.dumps({"files": list_files(path)}, indent=1))
+    file under ``path`` (:func:`list_files`), and with ``checksums`` (``{relative path: hex
+    digest}`` of every file, made with ``algorithm``) ``"checksums"`` and
+    ``"checksum_algorithm"`` (:mod:`megatron_lite.checkpoint.verify`). A folder is complete once
+    it holds its manifest."""
+    man: dict = {"files": list_files(path)}
+    if checksums is not None:
+        man["checksum_algorithm"] = algorithm
+        man["checksums"] = {rel: checksums[rel] for rel in sorted(man["files"])}
+    atomic_write_text(os.path.join(path, MANIFEST), json.dumps(man, indent=1))
 
 
 def library_versions() -> dict:

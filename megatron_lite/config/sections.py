@@ -42,14 +42,6 @@ class ParallelConfig:
               "and scheduler blocks are ignored (--optimizer and the LR schedule flags decide).")
     distributed_timeout_minutes: int = arg(
         10, "Timeout of collective operations (minutes) before the process group reports a hang.")
-    # Context parallelism (issue 16): each sample's sequence split over CP ranks, ring attention
-    # (megatron_lite/layers/ring_attention.py); world = TP x CP x D.
-    context_parallel_size: int = arg(
-        1, "Context-parallel degree CP: every sample's sequence is cut in 2 CP chunks and CP rank i "
-           "keeps chunks i and 2CP-1-i (load-balanced causal layout); attention is ring attention "
-           "over the CP group. world_size = TP x CP x D; gradients are averaged and ZeRO partitions "
-           "over the D x CP ranks. Needs --seq-length divisible by 2 CP.",
-        flags=["--context-parallel-size"])
     # Sequence parallelism (issue 16): megatron_lite/parallel/mappings.py, layers/linear.py.
     sequence_parallel: bool = arg(
         False, "Sequence parallelism (Megatron-LM's flag; Korthikanti et al. 2022): norms, residual "
@@ -237,6 +229,18 @@ class CheckpointConfig:
         False, "Load only the model weights and start at step 0 with fresh optimizer, schedule, "
                "RNG and data position.")
     save_on_exit: bool = arg(True, "Save a final checkpoint at the end of training (needs --save).")
+    # Verified checkpoints and asynchronous saves (checkpoint/verify.py, checkpoint/async_save.py).
+    no_verify_checkpoint: bool = arg(
+        False, "Do not compare the checkpoint's files with the checksums in its manifest at --load "
+               "(sizes are still checked); saves record checksums either way.")
+    no_checkpoint_fallback: bool = arg(
+        False, "When the newest checkpoint in --load is damaged or incomplete, stop with an error "
+               "naming the file instead of resuming from the previous valid one.")
+    async_save: bool = arg(
+        False, "Copy the state to host memory at the step boundary and write the checkpoint in a "
+               "background thread while training continues (needs host memory for one more copy "
+               "of this rank's checkpoint files); a save waits for the previous one, the end of "
+               "training and an exit signal wait for the pending write.")
 
 
 @dataclasses.dataclass

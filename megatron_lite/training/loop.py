@@ -107,7 +107,7 @@ class Trainer:
                                       self.device, valid_corpora, test_corpora)
         self.saver = CheckpointSaver(cfg, self.engine, self.scheduler, self.logger, train_ds,
                                      lambda: extras_state(self.guard, self.noise),
-                                     self.callbacks.on_save_point)
+                                     self.callbacks.on_save_point, self.device)
         self.exit_check = ExitCheck(cfg, self.device)
         self.ramp, self.A = ramp_from_config(cfg), cfg.derived.num_micro_batches
 
@@ -136,8 +136,12 @@ class Trainer:
                 if stop is not None:
                     self._print(f"[exit] {stop}: stopping after step {state.iteration}")
                     break
+            self.saver.finish()   # --async-save: the end of training waits for the pending write
             if state.iteration >= cfg.derived.train_iters:
                 self.evaluator.test(state.iteration)
+        except BaseException:
+            self.saver.abandon()  # no collective after a failure: only let the thread end
+            raise
         finally:
             self.logger.close()
         cb.on_train_end(self)
