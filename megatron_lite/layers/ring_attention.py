@@ -218,16 +218,20 @@ class RingAttention(torch.autograd.Function):
         ring = _Ring(group, b, s_loc, cu_seqlens, q.device)
         q5 = q.float().view(b, s_loc, hk, hq // hk, d)
         out5, lse = _forward(ring, q5, k.contiguous(), v.contiguous(), scale)
-        ctx.save_for_backward(q, k, v, out5, lse)
+        out = out5.reshape(b, s_loc, hq, d).to(q.dtype)
+        # The output is saved as returned (as flash-attn does): o_proj keeps it anyway, so the
+        # backward's rowsum(dO * O) costs no extra activation memory.
+        ctx.save_for_backward(q, k, v, out, lse)
         ctx.ring, ctx.scale = ring, scale
-        return out5.reshape(b, s_loc, hq, d).to(q.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out5, lse = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors
         b, s_loc, hq, d = q.shape
         hk = k.shape[2]
         q5 = q.float().view(b, s_loc, hk, hq // hk, d)
+        out5 = out.float().view(b, s_loc, hk, hq // hk, d)
         do5 = grad_out.float().reshape(b, s_loc, hk, hq // hk, d)
         dq, dk, dv = _backward(ctx.ring, q5, k.contiguous(), v.contiguous(), out5, lse, do5, ctx.scale)
         return (dq.reshape(b, s_loc, hq, d).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
