@@ -10,7 +10,10 @@ Exit status (what a cluster script or an auto-resubmitting scheduler can act on)
   are ``ValueError``/``FileNotFoundError`` raised on purpose with the fix in the message, printed
   as one line; ``MEGATRON_LITE_TRACEBACK=1`` re-raises them with the traceback;
 * 1 - training aborted: too many consecutive skipped steps, or a checkpoint save failed (the
-  previous checkpoint is intact and still ``latest``, so a restart resumes from it).
+  previous checkpoint is intact and still ``latest``, so a restart resumes from it), or another
+  rank's process or node went away (one line naming the lost ranks and their host:
+  :mod:`megatron_lite.parallel.peers`), or the stall watchdog found no progress
+  (``--stall-timeout-seconds``; stacks in ``<save>/hang/``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import torch
 from megatron_lite.config import ConfigError, format_plan
 from megatron_lite.config.checks import check_input_paths
 from megatron_lite.errors import CheckpointSaveError, TooManySkippedSteps
+from megatron_lite.parallel import comm_timer
+from megatron_lite.parallel.peers import lost_peer_message
 from megatron_lite.planning.run_config import memory_verdict
 from megatron_lite.planning.time_cost import GPU_SPECS
 from megatron_lite.testing import faults
@@ -93,6 +98,14 @@ def run_entrypoint(name: str, resolve: Callable[[], object], train: Callable[...
         return 1
     except CheckpointSaveError as e:
         print(f"{name}: checkpoint save failed: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        # a peer's process or node went away: one line naming it instead of this rank's traceback
+        lost = lost_peer_message(e, comm_timer.last_collective()["name"])
+        if lost is None or os.environ.get("MEGATRON_LITE_TRACEBACK") == "1":
+            raise
+        print(f"{name}: error: rank {os.environ.get('RANK', '0')}: {lost}", file=sys.stderr,
+              flush=True)
         return 1
     except (ValueError, FileNotFoundError) as e:
         if os.environ.get("MEGATRON_LITE_TRACEBACK") == "1":

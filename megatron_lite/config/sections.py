@@ -42,6 +42,12 @@ class ParallelConfig:
               "and scheduler blocks are ignored (--optimizer and the LR schedule flags decide).")
     distributed_timeout_minutes: int = arg(
         10, "Timeout of collective operations (minutes) before the process group reports a hang.")
+    # Hang watchdog (issue 20): megatron_lite/training/callbacks/stall_watchdog.py.
+    stall_timeout_seconds: Optional[float] = arg(
+        None, "Stall watchdog: a rank with no finished step for this many seconds writes its "
+              "Python stacks and last collective to <save>/hang/rank_<r>.txt, rank 0 prints "
+              "which rank was stuck where, and every rank exits 1. Default: max(600, 10 x the "
+              "longest step so far, save and eval included); 0 = off.")
     # Sequence parallelism (issue 16): megatron_lite/parallel/mappings.py, layers/linear.py.
     sequence_parallel: bool = arg(
         False, "Sequence parallelism (Megatron-LM's flag; Korthikanti et al. 2022): norms, residual "

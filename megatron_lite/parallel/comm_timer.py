@@ -9,13 +9,21 @@ never reset each other.
 The host clock measures a collective exactly on gloo (CPU collectives block). NCCL collectives are
 asynchronous: unless :func:`set_synchronize` is on (``--timing-log-level 2``), a CUDA collective
 counts only the host time to launch it.
+
+The same two calls keep a hang tracker: :func:`last_collective` is the collective this process
+entered last (its name, kind, sequence number, and whether it returned), which the stall watchdog
+(``training/callbacks/stall_watchdog.py``) writes into ``<save>/hang/rank_<r>.txt`` when a rank
+stops making progress. A caller that passes no name is named after its function
+(``mappings._all_reduce``), one frame lookup per collective.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import time
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -25,6 +33,9 @@ DP = "dp"   # DeepSpeed's collectives in the step (ZeRO gradient reduction, para
 _totals = {TP: 0.0, DP: 0.0}
 _synchronize = False
 _depth = 0   # nesting of timed collectives: an inner one is counted by the outer one only
+_seq = 0     # collectives entered so far by this process
+# the last collective entered: (seq, name, kind or None until it returns, entered at, returned at)
+_last: tuple = (0, "", None, 0.0, None)
 
 
 def set_synchronize(flag: bool) -> None:
@@ -43,21 +54,44 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def begin() -> float:
-    """Mark the start of a collective; returns the start time for :func:`end`."""
-    global _depth
+def begin(name: Optional[str] = None) -> float:
+    """Mark the start of a collective; returns the start time for :func:`end`.
+
+    ``name`` is what the hang tracker records (default: the calling function, ``module.func``).
+    """
+    global _depth, _seq, _last
+    if name is None:
+        code = sys._getframe(1).f_code
+        name = f"{os.path.splitext(os.path.basename(code.co_filename))[0]}.{code.co_name}"
+    _seq += 1
     _depth += 1
     _sync()
-    return time.perf_counter()
+    t = time.perf_counter()
+    _last = (_seq, name, None, time.time(), None)
+    return t
 
 
 def end(kind: str, started: float) -> None:
     """Mark the end of the collective begun at ``started`` and add its seconds to ``kind``."""
-    global _depth
+    global _depth, _last
     _sync()
     _depth -= 1
     if _depth == 0:
         _totals[kind] += time.perf_counter() - started
+    seq, name, _, entered, _ = _last
+    _last = (seq, name, kind, entered, time.time())
+
+
+def last_collective() -> dict:
+    """The collective entered last by this process (read by the stall watchdog's thread).
+
+    Returns:
+        ``{"seq": n-th collective of the process (0: none yet), "name", "kind": "tp"/"dp"
+        (None while inside it), "entered": wall-clock time, "returned": wall-clock time or None
+        while inside it}``.
+    """
+    seq, name, kind, entered, returned = _last
+    return {"seq": seq, "name": name, "kind": kind, "entered": entered, "returned": returned}
 
 
 def add(kind: str, seconds: float) -> None:
@@ -66,13 +100,18 @@ def add(kind: str, seconds: float) -> None:
 
 
 @contextlib.contextmanager
-def timed(kind: str) -> Iterator[None]:
-    """Count the body (one collective) as ``kind`` communication."""
-    started = begin()
+def timed(kind: str, name: Optional[str] = None) -> Iterator[None]:
+    """Count the body (one collective, called ``name`` in the hang tracker; default: the
+    calling function) as ``kind`` communication."""
+    if name is None:
+        code = sys._getframe(2).f_code   # 2: past contextlib's __enter__
+        name = f"{os.path.splitext(os.path.basename(code.co_filename))[0]}.{code.co_name}"
+    started = begin(f"{name} [{kind}]")
     try:
         yield
     finally:
         end(kind, started)
 
 
-__all__ = ["DP", "TP", "add", "begin", "end", "set_synchronize", "timed", "totals"]
+__all__ = ["DP", "TP", "add", "begin", "end", "last_collective", "set_synchronize", "timed",
+           "totals"]

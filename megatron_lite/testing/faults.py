@@ -14,12 +14,15 @@ Production modules never read these variables. Each is off unless set:
   global sample indices of the step, micro-batch order) to ``PATH.rank<R>`` before the step.
 * ``MEGATRON_LITE_INJECT_RAISE="step:rank,..."``: raise RuntimeError on that rank before that step
   (a crashing rank; the others must not hang in a collective).
+* ``MEGATRON_LITE_INJECT_SLEEP="step:rank:seconds,..."``: that rank sleeps before that step's
+  first collective (a hung rank; the stall watchdog, ``--stall-timeout-seconds``, must report it).
 * ``MEGATRON_LITE_DUMP_PARAMS=DIR``: each rank saves its module's parameters at the end of training
   to ``DIR/rank_<R>.pt`` (cross-rank divergence checks; ZeRO <= 2).
 * ``MEGATRON_LITE_INJECT_SAVE_KILL="iteration:rank:point,..."``: SIGKILL this rank at ``point`` of
   the save after ``iteration`` steps: ``engine`` (DeepSpeed's files written, RNG file not yet),
   ``manifest`` (rank 0: manifest written, folder not yet renamed), ``rename`` (rank 0: folder
-  renamed, ``latest`` not yet updated).
+  renamed, ``latest`` not yet updated), ``async_write`` (``--async-save``: in the background
+  writer thread after its first file, while training goes on).
 * ``MEGATRON_LITE_DUMP_OPTIM_STATE=DIR``: after a resume that loaded the optimizer (ZeRO >= 1), the
   full optimizer state is written by
   :func:`megatron_lite.checkpoint.zero_reshard.dump_full_state` to ``DIR/<tag>_tp<tp>.pt``.
@@ -30,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from typing import Optional
 
 import torch
@@ -108,6 +112,19 @@ class InjectRaise(Callback):
                                f"before step {step}")
 
 
+class InjectSleep(Callback):
+    """Sleeps ``seconds`` on ``rank`` before ``step`` (``step:rank:seconds`` items): the step's
+    first collective (the loss-token all-reduce) then waits for this rank on every other."""
+
+    def __init__(self, spec: str):
+        self.points = {(int(s), int(r)): float(t) for s, r, t in _pairs(spec)}
+
+    def on_step_begin(self, trainer, step, micro_batches):
+        seconds = self.points.get((step, get_rank()))
+        if seconds:
+            time.sleep(seconds)
+
+
 class DumpParams(Callback):
     """Saves this rank's module parameters to ``DIR/rank_<R>.pt`` at the end of training."""
 
@@ -151,11 +168,12 @@ def callbacks_from_env(env: Optional[dict] = None) -> list[Callback]:
     env = os.environ if env is None else env
     makers = (("MEGATRON_LITE_INJECT_NAN", InjectNaN), ("MEGATRON_LITE_INJECT_SPIKE", InjectSpike),
               ("MEGATRON_LITE_LOG_SAMPLES", LogSamples), ("MEGATRON_LITE_INJECT_RAISE", InjectRaise),
+              ("MEGATRON_LITE_INJECT_SLEEP", InjectSleep),
               ("MEGATRON_LITE_DUMP_PARAMS", DumpParams),
               ("MEGATRON_LITE_INJECT_SAVE_KILL", SaveKill),
               ("MEGATRON_LITE_DUMP_OPTIM_STATE", DumpOptimState))
     return [make(env[name]) for name, make in makers if env.get(name)]
 
 
-__all__ = ["DumpOptimState", "DumpParams", "InjectNaN", "InjectRaise", "InjectSpike",
+__all__ = ["DumpOptimState", "DumpParams", "InjectNaN", "InjectRaise", "InjectSleep", "InjectSpike",
            "LogSamples", "SaveKill", "callbacks_from_env"]

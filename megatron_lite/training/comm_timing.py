@@ -26,10 +26,13 @@ DEEPSPEED_COLLECTIVES = (
 )
 
 
-def _timed(fn):
+def _timed(fn, attr: str):
+    # the hang tracker's name (attr: fn itself may be DeepSpeed's decorator, named log_wrapper)
+    name = f"deepspeed.comm.{attr} [dp]"
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        t0 = comm_timer.begin()
+        t0 = comm_timer.begin(name)
         try:
             return fn(*args, **kwargs)
         finally:
@@ -50,7 +53,7 @@ def install_deepspeed_comm_timing() -> list[str]:
         fn = getattr(ds_comm, name, None)
         if fn is None or getattr(fn, "megatron_lite_timed", False):
             continue
-        setattr(ds_comm, name, _timed(fn))
+        setattr(ds_comm, name, _timed(fn, name))
         done.append(name)
     return done
 

@@ -20,6 +20,7 @@ from megatron_lite.training.callbacks.extras import extras_state, setup_extras
 from megatron_lite.training.callbacks.periodic_eval import PeriodicEval
 from megatron_lite.training.callbacks.profiler import ProfilerCallback
 from megatron_lite.training.callbacks.signals import ExitCheck, worker_signals
+from megatron_lite.training.callbacks.stall_watchdog import StallWatchdog
 from megatron_lite.training.callbacks.summary import TrainingSummary
 from megatron_lite.training.comm_timing import install_deepspeed_comm_timing
 from megatron_lite.training.deepspeed_engine import set_step_batch
@@ -53,6 +54,7 @@ class Trainer:
         self.resumed: Optional[str] = None
         self.step_batch = cfg.derived.global_batch_size   # samples of the current step (ramp-up)
         self.guard = self.noise = None
+        self.watchdog: Optional[StallWatchdog] = None
 
     def resume(self, fallback: Optional[ResumeFallback] = None) -> None:
         """Load ``--load``'s newest checkpoint (else ``fallback(engine, cfg)``), then build the
@@ -72,8 +74,9 @@ class Trainer:
             cfg, self.optimizer, self.engine, self.state.extras,
             self.resumed is not None and not cfg.checkpoint.finetune, run_folder(cfg))
         profiler = ProfilerCallback.from_config(cfg, self.rank, self.device, run_folder(cfg))
+        self.watchdog = StallWatchdog.from_config(cfg, self.rank, cfg.derived.world_size)
         self.callbacks = CallbackList([*self.callbacks, self.guard, self.noise, profiler,
-                                       TrainingSummary(self.rank)])
+                                       TrainingSummary(self.rank), self.watchdog])
 
     def finished(self) -> bool:
         """A requeued job restarting after its final save: nothing left to do (and no data to
@@ -143,6 +146,8 @@ class Trainer:
             self.saver.abandon()  # no collective after a failure: only let the thread end
             raise
         finally:
+            if self.watchdog is not None:   # a failed step: no stall report while it unwinds
+                self.watchdog.stop()
             self.logger.close()
         cb.on_train_end(self)
         return state

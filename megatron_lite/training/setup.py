@@ -32,6 +32,7 @@ from megatron_lite.parallel import (destroy_model_parallel, get_data_parallel_gr
                                     get_data_parallel_rank, get_data_parallel_world_size,
                                     initialize_model_parallel, model_parallel_is_initialized,
                                     model_parallel_manual_seed)
+from megatron_lite.parallel.peers import record_peers
 from megatron_lite.training.callbacks.signals import worker_signals
 from megatron_lite.training.callbacks.spike_guard import rollback_headroom_samples
 from megatron_lite.training.deepspeed_engine import (build_ds_config, clip_in_optimizer,
@@ -68,6 +69,7 @@ def init_distributed(cfg, device: torch.device) -> None:
                               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=timedelta(minutes=cfg.parallel.distributed_timeout_minutes))
+        record_peers()   # host and address of every rank, to name a lost peer in one line
     if dist.get_world_size() != cfg.derived.world_size:
         raise RuntimeError(f"config was finalized for world size {cfg.derived.world_size} but the "
                            f"job has {dist.get_world_size()} processes")
