@@ -10,7 +10,9 @@ the fix.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
 import tempfile
 
 import torch
@@ -23,6 +25,7 @@ from megatron_lite.data.tokenizer import build_tokenizer
 from megatron_lite.config.sections import parse_rank_list
 from megatron_lite.errors import ConfigError
 from megatron_lite.model.attention import flash_attn_available, flex_attention_available
+from megatron_lite.ops.kernels import fused_kernels_unavailable
 
 OPTIMIZERS = ("adamw", "lion", "adafactor", "paged_adamw", "cpu_adam")
 
@@ -64,9 +67,6 @@ def check_intervals(cfg) -> None:
     for name, v in (("eval_interval", cfg.eval.eval_interval), ("eval_iters", cfg.eval.eval_iters)):
         if v is not None and v < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (got {v})")
-    stall = cfg.parallel.stall_timeout_seconds
-    if stall is not None and not stall >= 0:
-        raise ConfigError(f"--stall-timeout-seconds must be >= 0 seconds (0 = off; got {stall})")
 
 
 # ----------------------------------------------------------------------------- output paths
@@ -204,6 +204,28 @@ def check_attention_backend(cfg) -> None:
         if torch.cuda.is_available() and not flash_attn_available():
             raise ConfigError("--attention-backend flash: flash_attn does not import here (pip "
                               "install flash-attn); or use --attention-backend sdpa (or auto)")
+
+
+def check_compile_and_kernels(cfg) -> None:
+    """``--fused-kernels`` and ``--compile`` against the device the run trains on.
+
+    Raises:
+        ConfigError: liger/apex on CPU or not importable (with the install command); ``--compile``
+            with the inductor backend and no C++ compiler (CPU) or no Triton (CUDA) to build its
+            kernels.
+    """
+    tr = cfg.training
+    dev = train_device_type(tr)
+    reason = fused_kernels_unavailable(tr.fused_kernels, dev)
+    if reason is not None:
+        raise ConfigError(reason)
+    if tr.compile and tr.compile_backend == "inductor":
+        if dev == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+            raise ConfigError("--compile (inductor backend) needs a C++ compiler on CPU and none is "
+                              "on PATH (install g++), or use --compile-backend aot_eager")
+        if dev == "cuda" and importlib.util.find_spec("triton") is None:
+            raise ConfigError("--compile (inductor backend) needs Triton on CUDA (pip install "
+                              "triton), or use --compile-backend aot_eager")
 
 
 def check_sequence_parallel(cfg) -> None:
@@ -614,8 +636,9 @@ def check_runtime(cfg) -> None:
 
     Raises:
         ConfigError: --device cuda without a GPU, --fp16 on CPU, an optimizer that cannot run here
-            (:func:`check_optimizer_runtime`) or an attention backend that cannot train on this
-            device (:func:`check_attention_backend`).
+            (:func:`check_optimizer_runtime`), an attention backend that cannot train on this
+            device (:func:`check_attention_backend`), fused kernels or a compile backend that
+            cannot run here (:func:`check_compile_and_kernels`).
     """
     tr = cfg.training
     if tr.device == "cuda" and not torch.cuda.is_available():
@@ -626,4 +649,5 @@ def check_runtime(cfg) -> None:
                           "fp32 (default, fastest on CPU) or --bf16")
     check_optimizer_runtime(cfg, on_cpu)
     check_attention_backend(cfg)
+    check_compile_and_kernels(cfg)
     check_memory_snapshot_device(cfg, on_cpu)

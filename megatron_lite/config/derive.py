@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from megatron_lite.config.checks import (check_attention_backend, check_intervals,
+from megatron_lite.config.checks import (check_attention_backend, check_compile_and_kernels, check_intervals,
                                          check_noise_scale, check_optimizer,
                                          check_optimizer_runtime, check_output_paths,
                                          check_profiling, check_sequence_parallel,
@@ -64,6 +64,7 @@ def finalize(cfg, world_size: int | None = None):
     derive_precision(cfg)
     if checks_this_machine(cfg):
         check_attention_backend(cfg)
+        check_compile_and_kernels(cfg)
     check_tokenizer_vocab(cfg)
     derive_schedule(cfg, ramp)
     derive_optimizer(cfg)

@@ -48,6 +48,14 @@ class ParallelConfig:
               "Python stacks and last collective to <save>/hang/rank_<r>.txt, rank 0 prints "
               "which rank was stuck where, and every rank exits 1. Default: max(600, 10 x the "
               "longest step so far, save and eval included); 0 = off.")
+    # Context parallelism (issue 16): each sample's sequence split over CP ranks, ring attention
+    # (megatron_lite/layers/ring_attention.py); world = TP x CP x D.
+    context_parallel_size: int = arg(
+        1, "Context-parallel degree CP: every sample's sequence is cut in 2 CP chunks and CP rank i "
+           "keeps chunks i and 2CP-1-i (load-balanced causal layout); attention is ring attention "
+           "over the CP group. world_size = TP x CP x D; gradients are averaged and ZeRO partitions "
+           "over the D x CP ranks. Needs --seq-length divisible by 2 CP.",
+        flags=["--context-parallel-size"])
     # Sequence parallelism (issue 16): megatron_lite/parallel/mappings.py, layers/linear.py.
     sequence_parallel: bool = arg(
         False, "Sequence parallelism (Megatron-LM's flag; Korthikanti et al. 2022): norms, residual "
@@ -217,6 +225,21 @@ class TrainingConfig:
     noise_scale_ema: float = arg(
         0.95, "Gradient noise scale: EMA decay applied to |G|^2 and tr(Sigma) before the ratio "
               "(per measurement).")
+    # Speed (issue 17): torch.compile per block (megatron_lite/model/compile.py) and the library
+    # that runs RMSNorm/SwiGLU/RoPE (megatron_lite/ops/kernels.py).
+    compile: bool = arg(
+        False, "torch.compile each transformer block (torchtitan's per-block scheme): one compile "
+               "at the first step, no recompilation for new packed-document layouts; attention "
+               "with packed documents and the TP collectives run eagerly between graphs.")
+    compile_backend: str = arg(
+        "inductor", "torch.compile backend with --compile: inductor (generated C++/Triton "
+                    "kernels), aot_eager (traced, no code generation) or eager (dynamo only).",
+        choices=["inductor", "aot_eager", "eager"])
+    fused_kernels: str = arg(
+        "torch", "Implementation of RMSNorm, SwiGLU and RoPE: torch (ours; the only one on CPU), "
+                 "liger (Liger-Kernel's Triton kernels, CUDA; pip install liger-kernel) or apex "
+                 "(NVIDIA apex's fused RMSNorm, CUDA; SwiGLU and RoPE stay torch).",
+        choices=["torch", "liger", "apex"])
 
 
 @dataclasses.dataclass
