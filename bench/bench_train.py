@@ -56,6 +56,12 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=3, help="timed steps per model per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
     p.add_argument("--profile", action="store_true", help="print each model's top ops")
+    p.add_argument("--no-compile", action="store_true",
+                   help="skip the torch.compile variants (ours: --compile's per-block compile, "
+                        "megatron_lite/model/compile.py; HF: each LlamaDecoderLayer compiled the same way)")
+    p.add_argument("--row-cu-seqlens", action="store_true",
+                   help="pass ours the per-row cu_seqlens that training's collate always gives (under "
+                        "--compile attention then runs between two graphs); default: none (in-graph SDPA)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="wall: elapsed seconds; cpu: this process's CPU seconds (user + system, "
                         "page faults included), far less sensitive to other jobs on a shared "
@@ -89,7 +95,22 @@ def build_models(args):
     return cfg, ours, hf
 
 
-def make_step(model, kind, tokens, labels):
+def compiled_copies(ours, hf):
+    """Copies of both models with every block compiled (inductor), weights equal to the eager ones:
+    ours by ``compile_transformer_blocks`` (what ``--compile`` does), HF's decoder layers by
+    ``nn.Module.compile`` one by one (torchtitan's per-block scheme, the same for both)."""
+    import copy
+
+    from megatron_lite.model.compile import compile_transformer_blocks
+
+    ours_c, hf_c = copy.deepcopy(ours), copy.deepcopy(hf)
+    compile_transformer_blocks(ours_c, "inductor")
+    for layer in hf_c.model.layers:
+        layer.compile(backend="inductor")
+    return ours_c, hf_c
+
+
+def make_step(model, kind, tokens, labels, cu_seqlens=None):
     import torch
 
     # fused=True for both: what --optimizer adamw builds, and HF Trainer's default optim
@@ -99,7 +120,7 @@ def make_step(model, kind, tokens, labels):
 
     def step():
         if kind == "ours":
-            loss = model(tokens, labels=labels).mean()
+            loss = model(tokens, cu_seqlens=cu_seqlens, labels=labels).mean()
         else:
             # HF shifts labels inside; pass the unshifted tokens so both score s - 1 targets.
             loss = model(input_ids=tokens, labels=tokens).loss
@@ -146,8 +167,13 @@ def main(argv=None):
     tokens = torch.randint(0, args.vocab_size, (b, s), generator=g)
     labels = torch.roll(tokens, -1, 1)
     labels[:, -1] = -100
-    steps = {"ours": make_step(ours.train(), "ours", tokens, labels),
+    cu = torch.arange(0, b * s + 1, s, dtype=torch.int32) if args.row_cu_seqlens else None
+    steps = {"ours": make_step(ours.train(), "ours", tokens, labels, cu),
              "hf": make_step(hf.train(), "hf", tokens, labels)}
+    if not args.no_compile:
+        ours_c, hf_c = compiled_copies(ours, hf)
+        steps["ours_compiled"] = make_step(ours_c.train(), "ours", tokens, labels, cu)
+        steps["hf_compiled"] = make_step(hf_c.train(), "hf", tokens, labels)
     n_ours = sum(p.numel() for p in ours.parameters())
     n_hf = sum(p.numel() for p in hf.parameters())
     backend = ours._attention_backend(torch.zeros(1, dtype=cfg.torch_dtype))
@@ -158,15 +184,18 @@ def main(argv=None):
     print(f"parameters: ours {n_ours:,}  HF {n_hf:,}; our attention backend: {backend}; "
           f"torch {torch.__version__}")
     for name, step in steps.items():
+        t0 = time.perf_counter()
         for _ in range(args.warmup):
             step()
+        if name.endswith("compiled"):
+            print(f"{name}: compile + {args.warmup} warm-up steps {time.perf_counter() - t0:.1f} s", flush=True)
     if args.clock == "cpu" and torch.get_num_threads() != 1:
         print("warning: --clock cpu with more than one thread counts spinning OpenMP threads; "
               "use --threads 1", flush=True)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     print(f"clock: {args.clock}; load average at start {os.getloadavg()[0]:.1f} on "
           f"{os.cpu_count()} CPUs", flush=True)
-    rates = {"ours": [], "hf": []}
+    rates = {name: [] for name in steps}
     for r in range(args.rounds):
         for name, step in steps.items():
             t0 = clock()
@@ -175,14 +204,24 @@ def main(argv=None):
             dt = clock() - t0
             rates[name].append(b * s * args.steps / dt)
         per = "tok/s" if args.clock == "wall" else "tok/CPU-s"
-        print(f"round {r + 1}: ours {rates['ours'][-1]:8.1f} {per}   HF {rates['hf'][-1]:8.1f} "
-              f"{per}   ratio {rates['ours'][-1] / rates['hf'][-1]:.3f}", flush=True)
-    mo, mh = statistics.median(rates["ours"]), statistics.median(rates["hf"])
+        print(f"round {r + 1}: " + "   ".join(f"{name} {rates[name][-1]:8.1f} {per}" for name in steps)
+              + f"   ratio ours/HF {rates['ours'][-1] / rates['hf'][-1]:.3f}", flush=True)
+    med = {name: statistics.median(r) for name, r in rates.items()}
+    mo, mh = med["ours"], med["hf"]
     paired = statistics.median(o / h for o, h in zip(rates["ours"], rates["hf"]))
     unit = "tokens/s" if args.clock == "wall" else "tokens per CPU-second"
     print(f"median {unit}: ours {mo:.1f}  HF LlamaForCausalLM {mh:.1f}  ratio ours/HF "
           f"{mo / mh:.3f}; median of per-round ratios {paired:.3f} (aim >= 1.2); load average "
           f"now {os.getloadavg()[0]:.1f}")
+    if not args.no_compile:
+        def paired_of(x, y):
+            return statistics.median(a / b for a, b in zip(rates[x], rates[y]))
+        print(f"compiled (median {unit}): ours {med['ours_compiled']:.1f}  HF {med['hf_compiled']:.1f}; "
+              f"ours compiled/eager {med['ours_compiled'] / mo:.3f} (per round "
+              f"{paired_of('ours_compiled', 'ours'):.3f}), HF compiled/eager {med['hf_compiled'] / mh:.3f} "
+              f"(per round {paired_of('hf_compiled', 'hf'):.3f}), ours/HF both compiled "
+              f"{med['ours_compiled'] / med['hf_compiled']:.3f} (per round "
+              f"{paired_of('ours_compiled', 'hf_compiled'):.3f})")
     from megatron_lite.model.counting import flops_per_token
     from megatron_lite.training.metrics import measure_cpu_matmul_tflops
 
@@ -203,7 +242,7 @@ def main(argv=None):
     # Where the step's time goes, and what that allows: both models run the same GEMMs (MKL) and
     # the same SDPA kernel, so even with every other op of ours free the ratio cannot exceed
     # HF's step time / (our GEMM + attention time).
-    parts = {name: step_breakdown(step) for name, step in steps.items()}
+    parts = {name: step_breakdown(steps[name]) for name in ("ours", "hf")}
     for name, p in parts.items():
         print(f"profiled step, {name}: GEMM {p['gemm'] * 1e3:.0f} ms, attention (SDPA fwd+bwd) "
               f"{p['attention'] * 1e3:.0f} ms, everything else {p['other'] * 1e3:.0f} ms "
@@ -221,7 +260,7 @@ def main(argv=None):
             print(f"\n== {name}: top ops by self CPU time (one step)")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     return {"ours_tokens_per_sec": mo, "hf_tokens_per_sec": mh, "ratio": mo / mh,
-            "paired_ratio": paired}
+            "paired_ratio": paired, "median_tokens_per_sec": med}
 
 
 if __name__ == "__main__":

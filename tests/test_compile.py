@@ -15,6 +15,9 @@ autograd, no code generation: inductor's C++ builds would cost minutes on 2 core
 from __future__ import annotations
 
 import copy
+import json
+import os
+import sys
 
 import pytest
 import torch
@@ -25,7 +28,8 @@ from megatron_lite import parallel as ps
 from megatron_lite.model.compile import compile_transformer_blocks
 from megatron_lite.model.llama import LlamaModel
 from megatron_lite.model.model_config import ModelConfig
-from tests.dist_utils import spawn
+from megatron_lite.training.callbacks.base import Callback
+from tests.dist_utils import read_metrics, run_torchrun, spawn
 
 V, S, B, STEPS = 96, 32, 2, 5
 
@@ -110,3 +114,68 @@ def _tp2_worker(rank, world):
 
 def test_compiled_blocks_match_eager_tp2_recompute():
     spawn(_tp2_worker, 2)
+
+
+# ----------------------------------------------------------------------------- through pretrain
+# ZeRO 1 and 2 partition only the optimizer state and gradients (the forward and backward the
+# compiled blocks run are ZeRO-0's); ZeRO-3 adds the parameter-gathering hooks around every module.
+ZERO_STAGES = (0, 3)
+
+
+class _RecompileGuard(Callback):
+    """After step 1 any recompilation raises; records the compiled-frame counts."""
+
+    def __init__(self, out: dict):
+        self.out = out
+
+    def on_step_end(self, trainer, step, result):
+        if step == 1:
+            self.out["frames_after_1"] = counters["frames"]["total"]
+            torch._dynamo.config.error_on_recompile = True
+
+    def on_train_end(self, trainer):
+        torch._dynamo.config.error_on_recompile = False
+        self.out["frames_at_end"] = counters["frames"]["total"]
+
+
+def _driver(root: str) -> None:
+    """torchrun body (2 ranks, D=2): eager ZeRO-0, then --compile at ZeRO 0 and 3, 5 steps each."""
+    from megatron_lite.config import parse_args
+    from megatron_lite.training.loop import pretrain
+    from tests.test_training import COMMON
+
+    results = {}
+    base = COMMON + ["--data-path", os.path.join(root, "data"), "--train-iters", "5"]
+    runs = [("eager", ["--zero-stage", "0"])] + [
+        (f"z{z}", ["--zero-stage", str(z), "--compile", "--compile-backend", "aot_eager"]) for z in ZERO_STAGES]
+    for name, extra in runs:
+        torch._dynamo.reset()
+        counters.clear()
+        out = results[name] = {}
+        cfg = parse_args(base + extra + ["--metrics-file", os.path.join(root, name + ".jsonl")])
+        pretrain(cfg, callbacks=[_RecompileGuard(out)])
+    if torch.distributed.get_rank() == 0:
+        with open(os.path.join(root, "results.json"), "w") as f:
+            json.dump(results, f)
+
+
+@pytest.mark.slow
+def test_compile_through_pretrain_zero_0_and_3(tmp_path):
+    from tests.test_training import make_dataset
+
+    make_dataset(str(tmp_path / "data"))
+    run_torchrun(__file__, str(tmp_path))
+    results = json.loads((tmp_path / "results.json").read_text())
+    want = read_metrics(str(tmp_path / "eager.jsonl"))
+    assert results["eager"]["frames_at_end"] == 0          # nothing compiled without --compile
+    for z in ZERO_STAGES:
+        r = results[f"z{z}"]
+        assert r["frames_after_1"] > 0 and r["frames_at_end"] == r["frames_after_1"], (z, r)
+        got = read_metrics(str(tmp_path / f"z{z}.jsonl"))
+        for step in range(1, 6):
+            assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5), (z, step)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    _driver(sys.argv[1])

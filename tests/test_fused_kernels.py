@@ -185,3 +185,12 @@ def test_liger_model_loss_matches_torch_path_bf16():
     tokens = torch.randint(0, 512, (2, 128), device="cuda")
     losses = [m(tokens, labels=torch.roll(tokens, -1, 1)).mean() for m in (ref, model)]
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-2, atol=0)
+
+
+def test_plan_names_compile_and_kernels_only_when_asked():
+    from megatron_lite.config.plan_text import format_plan
+
+    assert "kernels   " not in format_plan(parse_args(BASE, world_size=1))   # default plan unchanged
+    plan = format_plan(parse_args(BASE + ["--compile", "--compile-backend", "aot_eager"], world_size=1))
+    assert ("kernels                 : torch.compile per block (aot_eager; packed-document attention "
+            "and TP collectives eager between graphs); --fused-kernels torch (ours)") in plan.splitlines()

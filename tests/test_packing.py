@@ -244,3 +244,28 @@ def test_packing_report_and_index_guard(tmp_path, capsys):
     assert tool.main(far) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--index 1000000000 lies" in err and "give an --index below" in err
+
+
+
+def test_other_ranks_read_rank0_packed_index(tmp_path, monkeypatch):
+    """Rank 0 builds and writes; a rank != 0 (after the barrier) only reads, or builds for itself
+    when the entry it needs is missing (e.g. a node-local cache). torch.distributed is simulated
+    (a gloo launch costs ~10 s; the barrier itself is the concat path's, tested in test_gpt_dataset)."""
+    import megatron_lite.data.gpt_dataset as gd
+
+    prefix, _ = unique_corpus(str(tmp_path / "u"), n_docs=30)
+    kw = dict(seed=2, eod_id=0, packing="best-fit", packing_window=7, cache_dir=str(tmp_path / "cache"))
+    rank0 = GPTDataset(prefix, (0, 30), 6, 40, **kw)
+    barriers = []
+    monkeypatch.setattr(gd, "_dist_rank", lambda: (1, True))
+    monkeypatch.setattr(gd.torch.distributed, "barrier", lambda: barriers.append(1))
+    rank1 = GPTDataset(prefix, (0, 30), 6, 40, **kw)
+    assert not rank0.cache_hit and rank1.cache_hit and barriers == [1]
+    assert [rank0[i]["tokens"].tolist() for i in range(len(rank0))] == \
+        [rank1[i]["tokens"].tolist() for i in range(len(rank1))]
+    alone = GPTDataset(prefix, (0, 30), 6, 40, **dict(kw, cache_dir=str(tmp_path / "elsewhere")))
+    assert not alone.cache_hit and len(alone) == len(rank0)
+    (tmp_path / "file").write_text("")  # a cache below a regular file cannot be written: in memory
+    with pytest.warns(UserWarning, match="cannot write the index cache"):
+        mem = GPTDataset(prefix, (0, 30), 6, 40, **dict(kw, cache_dir=str(tmp_path / "file" / "sub")))
+    assert np.array_equal(mem[len(mem) - 1]["tokens"], rank0[len(rank0) - 1]["tokens"])

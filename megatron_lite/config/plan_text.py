@@ -47,6 +47,7 @@ def plan_lines(cfg) -> list[str]:
         *training_dynamics_lines(cfg),
         f"padded vocab / head_dim : {d.padded_vocab_size} / {d.head_dim}",
         cross_entropy_line(cfg),
+        *speed_lines(cfg),
     ]
     non_emb, total = num_parameters(m)
     fpt = flops_per_token(m, m.seq_length)
@@ -86,6 +87,19 @@ def cross_entropy_line(cfg) -> str:
     return (f"LM head + loss          : chunked, {m.cross_entropy_chunk_size} tokens per chunk  "
             f"(fp32 logits {c} x {local_vocab} = {c * local_vocab * 4 / 2 ** 20:.1f} MiB per rank "
             f"instead of {full:.1f} MiB)")
+
+
+def speed_lines(cfg) -> list[str]:
+    """One plan line with ``--compile`` or ``--fused-kernels`` other than torch (none otherwise, so
+    a default run's plan is unchanged)."""
+    tr = cfg.training
+    if not tr.compile and tr.fused_kernels == "torch":
+        return []
+    kernels = {"torch": "ours", "liger": "Liger-Kernel RMSNorm/SwiGLU/RoPE",
+               "apex": "apex RMSNorm, ours SwiGLU/RoPE"}[tr.fused_kernels]
+    compiled = (f"torch.compile per block ({tr.compile_backend}; packed-document attention and TP "
+                "collectives eager between graphs)" if tr.compile else "eager")
+    return [f"kernels                 : {compiled}; --fused-kernels {tr.fused_kernels} ({kernels})"]
 
 
 def training_dynamics_lines(cfg) -> list[str]:

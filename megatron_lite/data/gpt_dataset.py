@@ -348,6 +348,7 @@ class GPTDataset(torch.utils.data.Dataset):
         counts = self._cached_epochs(desc_path, num_samples) if mem is None else None
         if mem is None and counts is None:  # e.g. a node-local cache, or a cache that is not writable
             mem = self._packed_build_and_save(desc_path, num_samples)
+            counts = self._cached_epochs(desc_path, num_samples) if mem is None else None
         self.cache_hit = not self._built
         if mem is not None:
             arrays, counts = mem
