@@ -67,6 +67,9 @@ def check_intervals(cfg) -> None:
     for name, v in (("eval_interval", cfg.eval.eval_interval), ("eval_iters", cfg.eval.eval_iters)):
         if v is not None and v < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (got {v})")
+    stall = cfg.parallel.stall_timeout_seconds
+    if stall is not None and not stall >= 0:
+        raise ConfigError(f"--stall-timeout-seconds must be >= 0 seconds (0 = off; got {stall})")
 
 
 # ----------------------------------------------------------------------------- output paths
