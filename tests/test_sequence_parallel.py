@@ -249,6 +249,7 @@ def _cfg(*extra: str):
 
 
 def test_flag_errors_and_plan_line():
+    from megatron_lite.config.plan_text import format_plan
     from megatron_lite.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"^--sequence-parallel needs --tensor-model-parallel-size > 1$"):
@@ -258,8 +259,10 @@ def test_flag_errors_and_plan_line():
         _cfg("--sequence-parallel", "--tp", "4", "--seq-length", "250")
     cfg = _cfg("--sequence-parallel", "--tp", "2", "--seq-length", "64")
     assert cfg.model.sequence_parallel is True
+    assert "sequence parallel       : on  (norms, residuals, dropout on 32 of" in format_plan(cfg)
     plain = _cfg("--tp", "2", "--seq-length", "64")
     assert plain.model.sequence_parallel is False
+    assert "sequence parallel" not in format_plan(plain)
 
 
 def test_checkpoint_compatible_across_the_flag():

@@ -25,6 +25,7 @@ def plan_lines(cfg) -> list[str]:
         "---------------- resolved plan ----------------",
         f"world size              : {d.world_size}  (TP {cfg.parallel.tensor_model_parallel_size}"
         f" x D {d.data_parallel_size}, PP 1)",
+        *sequence_parallel_lines(cfg),
         f"ZeRO stage              : {cfg.parallel.zero_stage}"
         + (" +offload-optimizer" if cfg.parallel.offload_optimizer else "")
         + (" +offload-params" if cfg.parallel.offload_params else ""),
@@ -56,6 +57,18 @@ def plan_lines(cfg) -> list[str]:
               f"FLOPs total             : {fpt * d.train_tokens:.4g}",
               "-----------------------------------------------"]
     return lines
+
+
+def sequence_parallel_lines(cfg) -> list[str]:
+    """One plan line with ``--sequence-parallel`` (none without it: a default plan is unchanged)."""
+    par = cfg.parallel
+    if not par.sequence_parallel:
+        return []
+    tp, s = par.tensor_model_parallel_size, cfg.model.seq_length
+    per_rank = s // (tp * par.context_parallel_size)
+    return [f"sequence parallel       : on  (norms, residuals, dropout on {per_rank} of the sample's "
+            f"tokens per TP rank; all-gather / reduce-scatter along the sequence replace the TP "
+            f"all-reduces)"]
 
 
 def packing_lines(cfg) -> list[str]:
