@@ -244,5 +244,13 @@ def test_failed_background_write_marks_nothing_complete(tmp_path):
 def test_flags():
     ck = _cfg().checkpoint
     assert (ck.async_save, ck.no_verify_checkpoint, ck.no_checkpoint_fallback) == (False,) * 3
-    ck = _cfg("--async-save", "--no-verify-checkpoint", "--no-checkpoint-fallback").checkpoint
+    cfg = _cfg("--async-save", "--no-verify-checkpoint", "--no-checkpoint-fallback", "--save",
+               "/tmp/x", "--save-interval", "5")
+    ck = cfg.checkpoint
     assert (ck.async_save, ck.no_verify_checkpoint, ck.no_checkpoint_fallback) == (True,) * 3
+    from megatron_lite.config import format_plan
+
+    assert ("checkpoints             : every 5 steps, after the last step, async (host copy at the "
+            "step boundary, written by a background thread); --load checks sizes only "
+            "(--no-verify-checkpoint), damaged newest -> error") in format_plan(cfg).splitlines()
+    assert "checkpoints  " not in format_plan(_cfg())                 # no --save: no line

@@ -10,12 +10,16 @@ Layout of ``--save DIR``::
         rng/rank_NNNNN.pt           python/numpy/torch/cuda/TP-tracker RNG states of each rank
         trainer_state.json          iteration, consumed samples, skipped counters, LR schedule
         run_config.json             the resolved RunConfig (to_dict), versions
-        manifest.json               every file above with its size; written last inside the folder
+        manifest.json               every file above with its size and checksum; written last
 
 Atomicity: everything is written into ``DIR/.tmp_iter_0000100``; after a barrier rank 0 writes the
 manifest, renames the folder to ``iter_0000100`` and only then replaces ``latest``. A kill at any
 moment leaves the previous complete checkpoint: ``--load`` only accepts a folder whose manifest
-exists and whose files all exist with the recorded sizes, falling back to the newest complete one.
+exists and whose files all exist with the recorded sizes and checksums, falling back to the newest
+valid one (:mod:`megatron_lite.checkpoint.verify`). With ``--async-save`` the files are written by
+a background thread from a host copy (:mod:`megatron_lite.checkpoint.async_save`) and the same
+commit (manifest, rename, ``latest``) happens at a later step boundary (:func:`start_save`,
+:func:`commit_save`).
 Folder names, the manifest, completeness and pruning live in
 :mod:`megatron_lite.checkpoint.layout`; the model/frozen-set checks in
 :mod:`megatron_lite.checkpoint.compat`; module weights (ZeRO-3 gather, weights-only loads,

@@ -25,7 +25,6 @@ def plan_lines(cfg) -> list[str]:
         "---------------- resolved plan ----------------",
         f"world size              : {d.world_size}  (TP {cfg.parallel.tensor_model_parallel_size}"
         f" x D {d.data_parallel_size}, PP 1)",
-        *sequence_parallel_lines(cfg),
         f"ZeRO stage              : {cfg.parallel.zero_stage}"
         + (" +offload-optimizer" if cfg.parallel.offload_optimizer else "")
         + (" +offload-params" if cfg.parallel.offload_params else ""),
@@ -49,6 +48,7 @@ def plan_lines(cfg) -> list[str]:
         f"padded vocab / head_dim : {d.padded_vocab_size} / {d.head_dim}",
         cross_entropy_line(cfg),
         *speed_lines(cfg),
+        *checkpoint_lines(cfg),
     ]
     non_emb, total = num_parameters(m)
     fpt = flops_per_token(m, m.seq_length)
@@ -57,18 +57,6 @@ def plan_lines(cfg) -> list[str]:
               f"FLOPs total             : {fpt * d.train_tokens:.4g}",
               "-----------------------------------------------"]
     return lines
-
-
-def sequence_parallel_lines(cfg) -> list[str]:
-    """One plan line with ``--sequence-parallel`` (none without it: a default plan is unchanged)."""
-    par = cfg.parallel
-    if not par.sequence_parallel:
-        return []
-    tp, s = par.tensor_model_parallel_size, cfg.model.seq_length
-    per_rank = s // (tp * par.context_parallel_size)
-    return [f"sequence parallel       : on  (norms, residuals, dropout on {per_rank} of the sample's "
-            f"tokens per TP rank; all-gather / reduce-scatter along the sequence replace the TP "
-            f"all-reduces)"]
 
 
 def packing_lines(cfg) -> list[str]:
@@ -152,3 +140,21 @@ def describe_optimizer(cfg) -> str:
             "paged_adamw": "paged_adamw (bitsandbytes PagedAdamW)",
             "cpu_adam": "cpu_adam (DeepSpeedCPUAdam, ZeRO-Offload)"}[o.optimizer]
     return f"{name} betas ({o.adam_beta1:g}, {o.adam_beta2:g}), eps {o.adam_eps:g}, {wd}"
+
+
+def checkpoint_lines(cfg) -> list[str]:
+    """The plan line of checkpointing (with ``--save``): interval, synchronous or
+    ``--async-save``, and how ``--load`` checks what it resumes."""
+    ck = cfg.checkpoint
+    if not ck.save:
+        return []
+    when = ", ".join(([f"every {ck.save_interval} steps"] if ck.save_interval else [])
+                     + (["after the last step"] if ck.save_on_exit else [])) \
+        or "only at --exit-interval or an exit signal"
+    how = ("async (host copy at the step boundary, written by a background thread)"
+           if ck.async_save else "sync")
+    load = ("sizes only (--no-verify-checkpoint)" if ck.no_verify_checkpoint
+            else "sizes + checksums")
+    fallback = "error" if ck.no_checkpoint_fallback else "previous valid one"
+    return [f"checkpoints             : {when}, {how}; --load checks {load}, "
+            f"damaged newest -> {fallback}"]
