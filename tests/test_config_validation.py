@@ -21,18 +21,19 @@ BASE = ["--model-size", "tiny", "--vocab-size", "256", "--seq-length", "64",
 
 # (extra flags, world size, the exact message); tiny = hidden 128, 4 heads, 2 KV groups.
 CASES = {
+    # TP = 8 > 2 groups is fine (each group replicated on 4 ranks); 4 heads over 8 ranks is not.
     "heads % TP": (["--tp", "8"], 8,
                    "--num-attention-heads 4 is not divisible by --tensor-model-parallel-size 8; "
-                   "use TP in [1, 2, 4]; --num-query-groups 2 is not divisible by "
-                   "--tensor-model-parallel-size 8: each TP rank must own whole KV groups (KV "
-                   "replication across ranks is not supported); use TP in [1, 2] or more groups"),
+                   "use TP in [1, 2, 4]"),
     "hidden % heads": (["--hidden-size", "130"], 1,
                        "--hidden-size 130 is not divisible by --num-attention-heads 4; pick a head "
                        "count dividing 130 or set --kv-channels"),
-    "groups % TP": (["--tp", "4"], 4,
-                    "--num-query-groups 2 is not divisible by --tensor-model-parallel-size 4: each "
-                    "TP rank must own whole KV groups (KV replication across ranks is not "
-                    "supported); use TP in [1, 2] or more groups"),
+    # g < TP needs TP % g == 0 (TP/g ranks share a group), g >= TP needs g % TP == 0.
+    "groups vs TP": (["--num-attention-heads", "12", "--num-query-groups", "3", "--kv-channels", "16",
+                      "--tp", "4"], 4,
+                     "--num-query-groups 3 and --tensor-model-parallel-size (--tp) 4: one must divide "
+                     "the other (TP ranks own whole KV groups, or TP/g ranks share one); use TP in "
+                     "[1, 3, 6, 12]"),
     "heads % groups": (["--num-query-groups", "3"], 1,
                        "--num-attention-heads 4 is not divisible by --num-query-groups 3; use a "
                        "group count dividing 4"),

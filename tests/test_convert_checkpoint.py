@@ -254,14 +254,35 @@ def test_pytorch_model_bin_folder_reads_like_safetensors(tmp_path):
         assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_gqa_groups_below_tp_is_a_clear_error_and_writes_nothing(tmp_path, capsys):
-    _hf_model(tmp_path / "hf0", heads=4, groups=2)
-    with pytest.raises(SystemExit):
-        _convert("--load-format", "hf", "--save-format", "megatron_lite", "--load", tmp_path / "hf0",
-                 "--save", tmp_path / "ours4", "--target-tp", 4)
-    err = capsys.readouterr().err
-    assert "--num-query-groups 2 is not divisible by --tensor-model-parallel-size 4" in err
-    assert sorted(os.listdir(tmp_path)) == ["hf0"]
+@pytest.mark.parametrize("groups", [2, 1])
+def test_gqa_groups_below_tp_convert_and_reshard_exactly(tmp_path, groups):
+    """Fewer KV groups than TP ranks (issue 16): HF -> ours at TP=4 (each group's K/V replicated on
+    the 4/g ranks that read it), back to HF, and TP=4 -> 2 -> HF and 4 -> 1 -> HF, all bitwise; the
+    TP=4 checkpoint loads at TP=1 with HF's logits."""
+    ref = _hf_model(tmp_path / "hf0", heads=4, groups=groups)
+    _convert("--load-format", "hf", "--save-format", "megatron_lite", "--load", tmp_path / "hf0",
+             "--save", tmp_path / "ours4", "--target-tp", 4)
+    a = _hf_tensors(tmp_path / "hf0")
+    d, share = 16, 4 // groups
+    q, k, v = (a[f"model.layers.1.self_attn.{n}_proj.weight"] for n in "qkv")
+    for r in range(4):   # rank r: query head r alone, the K/V rows of group r // (4/g)
+        sd = torch.load(tmp_path / "ours4" / "iter_0000000" / f"mp_rank_{r:02d}_model_states.pt",
+                        weights_only=False)["module"]
+        j = r // share
+        assert torch.equal(sd["layers.1.self_attn.qkv_proj.weight"], q[d * r:d * (r + 1)])
+        assert torch.equal(sd["layers.1.self_attn.qkv_proj.kv_weight"],
+                           torch.cat([k[d * j:d * (j + 1)], v[d * j:d * (j + 1)]]))
+    for tp in (2, 1):
+        _convert("--load-format", "megatron_lite", "--save-format", "megatron_lite", "--load",
+                 tmp_path / "ours4", "--save", tmp_path / f"ours{tp}", "--target-tp", tp)
+    for src in ("ours4", "ours2", "ours1"):
+        _convert("--load-format", "megatron_lite", "--save-format", "hf", "--load", tmp_path / src,
+                 "--save", tmp_path / f"hf_{src}")
+        b = _hf_tensors(tmp_path / f"hf_{src}")
+        assert sorted(a) == sorted(b) and all(torch.equal(a[key], b[key]) for key in a), src
+    tokens = _tokens()
+    logits, _ = _ours_logits(tmp_path / "ours4", tokens)      # resharded 4 -> 1 in memory
+    torch.testing.assert_close(logits, ref(input_ids=tokens).logits.float().detach(), rtol=0, atol=1e-5)
 
 
 def test_tokenizer_files_and_eval_ppl(tmp_path, tiny_corpus_and_tokenizer):

@@ -92,6 +92,46 @@ def sharded_normal_weight(full_shape: tuple[int, int], partition_dim: int, std: 
     return param
 
 
+def kv_group_replicated_weight(block_rows: list[int], cols: int, groups: int, group_index: int,
+                               first_replica: bool, std: float, *, dtype: torch.dtype,
+                               device=None) -> torch.nn.Parameter:
+    """The rows of KV group ``group_index`` of fused blocks (e.g. [K; V]), replicated on the TP
+    ranks that share that group (GQA with fewer KV groups than TP ranks, ``parallel/kv_groups``).
+
+    Each block ``[rows, cols]`` is drawn as its own master exactly as :func:`sharded_normal_weight`
+    draws a fused block (one seed from the default stream per block), so the values equal the TP = 1
+    model's; the parameter is ``[B1_j; B2_j; ...]`` with ``B_j = B.chunk(groups)[group_index]``.
+
+    Attributes set: ``tensor_model_parallel = first_replica`` (the marker DeepSpeed's and our grad
+    norms read: the copies count once, on the first rank of each sharing group, never on a rank
+    that is not the group's first, and TP rank 0 is always a first), ``partition_dim = None``,
+    ``partition_sizes`` = the per-group block rows.
+
+    Raises:
+        ValueError: a block's rows not divisible by ``groups``.
+    """
+    device = resolve_device(device)
+    pieces = []
+    for rows in block_rows:
+        if rows % groups:
+            raise ValueError(f"KV block of {rows} rows is not divisible by {groups} groups")
+        seed = int(torch.randint(0, 2 ** 62, (1,), device="cpu").item())  # one draw per block, as above
+        shape = (rows // groups, cols)
+        if device.type == "meta":
+            pieces.append(torch.empty(shape, dtype=dtype, device=device))
+            continue
+        gen_device = device if device.type in ("cuda", "cpu") else torch.device("cpu")
+        gen = torch.Generator(device=gen_device).manual_seed(seed)
+        master = torch.zeros((rows, cols), dtype=torch.float32, device=gen_device).normal_(0.0, std, generator=gen)
+        pieces.append(master.chunk(groups, dim=0)[group_index].to(device=device, dtype=dtype))
+    param = torch.nn.Parameter(torch.cat(pieces, dim=0).contiguous())
+    param.tensor_model_parallel = bool(first_replica)
+    param.partition_dim = None
+    param.partition_stride = 1
+    param.partition_sizes = [rows // groups for rows in block_rows]
+    return param
+
+
 def replicated_parameter(shape: tuple[int, ...], fill: float, *, dtype: torch.dtype, device=None) -> torch.nn.Parameter:
     """A TP-replicated parameter (norm weight, row-parallel bias) filled with ``fill``."""
     device = resolve_device(device)

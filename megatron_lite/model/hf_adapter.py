@@ -9,6 +9,9 @@ Name map (HF -> ours; ``i`` = layer): ``model.embed_tokens.weight`` -> ``embeddi
 ``model.norm.weight`` -> ``final_norm.weight``; ``lm_head.weight`` -> ``output_layer.weight``
 (absent when tied). Sharding: embedding/lm_head/q/k/v/gate/up split by rows (dim 0; a fused shard
 stacks its blocks' row slices, ``[Q_r; K_r; V_r]``), o/down by columns (dim 1), norms replicated.
+With fewer KV groups g than TP ranks t, q alone -> ``qkv_proj.weight`` and k, v ->
+``layers.i.self_attn.qkv_proj.kv_weight`` = ``[K_j; V_j]`` of the group j = r // (t/g) rank r's
+query heads read (replicated on the t/g ranks sharing it).
 Vocab rows are zero-padded to ``V_pad`` before splitting and stripped on the way back. The command-line converter (``tools/convert_checkpoint.py``) builds on this.
 """
 
@@ -174,18 +177,31 @@ def config_to_hf(config: ModelConfig):
                        attention_bias=False, mlp_bias=False, rope_parameters=rope)
 
 
-def _spec(c: ModelConfig) -> list[tuple[str, list[tuple[str, tuple[int, ...]]], int | None]]:
-    """(our name, [(HF name, HF full shape), ...], TP partition dim or None) for every parameter.
-    Several HF tensors for one of ours = a fused weight whose blocks are split over TP separately."""
+# Partition marker of a K/V weight replicated per KV group (g < TP): rank r holds group r // (TP/g)
+# of each block (``layers/qkv_linear.py``).
+KV_GROUP = "kv_group"
+
+
+def _spec(c: ModelConfig, tp: int = 1) -> list[tuple[str, list[tuple[str, tuple[int, ...]]], int | str | None]]:
+    """(our name, [(HF name, HF full shape), ...], TP partition dim, ``KV_GROUP`` or None) for every
+    parameter at TP degree ``tp``. Several HF tensors for one of ours = a fused weight whose blocks
+    are split over TP separately. With fewer KV groups than ``tp``, q goes alone into
+    ``qkv_proj.weight`` and k, v into ``qkv_proj.kv_weight`` (one group's rows per rank)."""
     h, d, f, v = c.hidden_size, c.head_dim, c.ffn_hidden_size, c.vocab_size
+    q = (c.num_attention_heads * d, h)
+    kv = [(f"model.layers.{{i}}.self_attn.{n}_proj.weight", (c.num_query_groups * d, h)) for n in "kv"]
     spec = [("embedding.weight", [("model.embed_tokens.weight", (v, h))], 0)]
     for i in range(c.num_layers):
         hf, ours = f"model.layers.{i}.", f"layers.{i}."
+        kv_i = [(name.format(i=i), shape) for name, shape in kv]
+        if c.num_query_groups >= tp:
+            attn = [(ours + "self_attn.qkv_proj.weight", [(hf + "self_attn.q_proj.weight", q)] + kv_i, 0)]
+        else:
+            attn = [(ours + "self_attn.qkv_proj.weight", [(hf + "self_attn.q_proj.weight", q)], 0),
+                    (ours + "self_attn.qkv_proj.kv_weight", kv_i, KV_GROUP)]
         spec += [
             (ours + "input_layernorm.weight", [(hf + "input_layernorm.weight", (h,))], None),
-            (ours + "self_attn.qkv_proj.weight", [(hf + "self_attn.q_proj.weight", (c.num_attention_heads * d, h)),
-                                                  (hf + "self_attn.k_proj.weight", (c.num_query_groups * d, h)),
-                                                  (hf + "self_attn.v_proj.weight", (c.num_query_groups * d, h))], 0),
+            *attn,
             (ours + "self_attn.o_proj.weight", [(hf + "self_attn.o_proj.weight", (h, c.num_attention_heads * d))], 1),
             (ours + "post_attention_layernorm.weight", [(hf + "post_attention_layernorm.weight", (h,))], None),
             (ours + "mlp.gate_up_proj.weight", [(hf + "mlp.gate_proj.weight", (f, h)),
@@ -255,7 +271,9 @@ def hf_to_megatron_lite(hf_state_dict: dict, config: ModelConfig, tp_rank: int, 
 
     Returns:
         Our names -> shard tensors: vocab rows zero-padded to ``V_pad(tp_size)`` before splitting;
-        q/k/v (gate/up) each split over TP and stacked as ``[Q_r; K_r; V_r]`` (``[G_r; U_r]``).
+        q/k/v (gate/up) each split over TP and stacked as ``[Q_r; K_r; V_r]`` (``[G_r; U_r]``); with
+        fewer KV groups g than ``tp_size``, ``qkv_proj.weight`` = ``Q_r`` and ``qkv_proj.kv_weight``
+        = ``[K_j; V_j]`` of group ``j = tp_rank // (tp_size/g)``.
 
     Raises:
         ValueError: missing key, wrong shape, unexpected key, or ``config`` invalid for ``tp_size``.
@@ -266,7 +284,9 @@ def hf_to_megatron_lite(hf_state_dict: dict, config: ModelConfig, tp_rank: int, 
     if not 0 <= tp_rank < tp_size:
         raise ValueError(f"tp_rank {tp_rank} outside [0, {tp_size})")
     v_pad = c.padded_vocab_size(tp_size)
-    spec = _spec(c)
+    spec = _spec(c, tp_size)
+    g = c.num_query_groups
+    kv_group = tp_rank // (tp_size // g) if g < tp_size else None
     known = {k for _, parts, _ in spec for k, _ in parts} | {"lm_head.weight"}
     extra = [k for k in hf_state_dict if k not in known and not k.endswith("rotary_emb.inv_freq")]
     if extra:
@@ -286,15 +306,41 @@ def hf_to_megatron_lite(hf_state_dict: dict, config: ModelConfig, tp_rank: int, 
                                  "does not match the checkpoint")
             if name in _VOCAB and v_pad > shape[0]:
                 t = torch.cat([t, t.new_zeros(v_pad - shape[0], shape[1])], dim=0)
-            blocks.append(t.chunk(tp_size, dim=dim)[tp_rank] if dim is not None else t)
+            if dim == KV_GROUP:
+                blocks.append(t.chunk(g, dim=0)[kv_group])
+            else:
+                blocks.append(t.chunk(tp_size, dim=dim)[tp_rank] if dim is not None else t)
         out[name] = torch.cat(blocks, dim=0).clone() if len(blocks) > 1 else blocks[0].clone()
     return out
+
+
+def _assemble_kv_groups(name: str, parts: list, shards: list, groups: int, out: dict) -> None:
+    """HF k/v weights from the ``kv_weight`` shards of all TP ranks (g < TP): group j is the copy
+    of the first rank sharing it; the other copies must be equal to it."""
+    replicas = len(shards) // groups
+    rows = [shape[0] // groups for _, shape in parts]
+    for r, t in enumerate(shards):
+        if t.shape[0] != sum(rows):
+            raise ValueError(f"{name} shard {r} has {t.shape[0]} rows, expected {sum(rows)} (one KV group)")
+        first = (r // replicas) * replicas
+        if not torch.equal(t, shards[first]):
+            raise ValueError(f"{name}: TP ranks {first} and {r} hold different copies of KV group "
+                             f"{r // replicas}: the shards are not from one consistent checkpoint (or the "
+                             "replicas diverged during training)")
+    per_group = [shards[j * replicas].split(rows, dim=0) for j in range(groups)]  # [group][block]
+    for b, (key, shape) in enumerate(parts):
+        t = torch.cat([per_group[j][b] for j in range(groups)], dim=0)
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} -> {key}: assembled shape {tuple(t.shape)} != expected {shape}")
+        out[key] = t.clone()
 
 
 def megatron_lite_to_hf(shard_state_dicts: list, config: ModelConfig) -> dict:
     """Full HF ``LlamaForCausalLM`` state dict from the TP shards (rank order) of ``LlamaModel``.
 
-    Vocab padding is stripped; fused q/k/v and gate/up shards are split back into HF's weights.
+    Vocab padding is stripped; fused q/k/v and gate/up shards are split back into HF's weights; with
+    fewer KV groups than shards, k/v come from the ``kv_weight`` copies (one per group, all copies
+    of a group checked equal).
     When tied, ``lm_head.weight`` is the very tensor of ``model.embed_tokens.weight`` (HF ties them
     the same way; deduplicate before writing safetensors).
 
@@ -307,11 +353,14 @@ def megatron_lite_to_hf(shard_state_dicts: list, config: ModelConfig) -> dict:
         raise ValueError("megatron_lite_to_hf needs at least one shard")
     c = config.validate(tp)
     out = {}
-    for name, parts, dim in _spec(c):
+    for name, parts, dim in _spec(c, tp):
         missing = [r for r, sd in enumerate(shard_state_dicts) if name not in sd]
         if missing:
             raise ValueError(f"shard(s) {missing} lack {name}")
         shards = [sd[name] for sd in shard_state_dicts]
+        if dim == KV_GROUP:
+            _assemble_kv_groups(name, parts, shards, c.num_query_groups, out)
+            continue
         if dim is None:
             if not all(torch.equal(shards[0], q) for q in shards[1:]):
                 raise ValueError(f"replicated parameter {name} differs between TP shards: the shards are not "

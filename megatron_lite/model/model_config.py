@@ -168,8 +168,9 @@ class ModelConfig:
 
         Raises:
             ValueError: naming the offending flag(s) and the fix, for: missing width/depth/heads,
-                hidden % heads (without --kv-channels), heads % TP, heads % groups, groups % TP
-                (GQA with fewer KV groups than TP ranks is not supported), ffn % TP, odd head dim,
+                hidden % heads (without --kv-channels), heads % TP, heads % groups, neither of
+                groups and TP dividing the other (g < TP is allowed when TP % g == 0: each KV group
+                is replicated on TP/g ranks), ffn % TP, odd head dim,
                 seq_length > max_position_embeddings without RoPE scaling, ntk/dynamic RoPE
                 scaling with head dim 2, bad recompute settings,
                 attention dropout, non-positive sizes, --cross-entropy-chunk-size < 1.
@@ -202,10 +203,14 @@ class ModelConfig:
         if nh % g:
             errors.append(f"--num-attention-heads {nh} is not divisible by --num-query-groups {g}; "
                           f"use a group count dividing {nh}")
-        if g % tp:
-            errors.append(f"--num-query-groups {g} is not divisible by --tensor-model-parallel-size {tp}: "
-                          "each TP rank must own whole KV groups (KV replication across ranks is not "
-                          f"supported); use TP in {[t for t in range(1, g + 1) if g % t == 0]} or more groups")
+        if g % tp and tp % g:
+            # g >= TP: each rank owns g/TP whole groups; g < TP: each group is replicated on TP/g
+            # ranks (Megatron-core's layout). Anything else would split a group's query heads
+            # unevenly between ranks holding different KV heads.
+            ok = [t for t in range(1, nh + 1) if nh % t == 0 and (g % t == 0 or t % g == 0)]
+            errors.append(f"--num-query-groups {g} and --tensor-model-parallel-size (--tp) {tp}: one must "
+                          f"divide the other (TP ranks own whole KV groups, or TP/g ranks share one); "
+                          f"use TP in {ok}")
         if ffn % tp:
             errors.append(f"--ffn-hidden-size {ffn} is not divisible by --tensor-model-parallel-size {tp}; "
                           f"round it to a multiple of {tp}")

@@ -6,10 +6,14 @@ column-parallel GEMM, Megatron-core's ``linear_qkv``), o_proj ``[H, nh*d/t]`` (r
 gate_up_proj ``[2 H'/t, H]`` = ``[Gate_r; Up_r]`` (fused, ``linear_fc1``), down_proj ``[H, H'/t]``.
 Fusing reads the activation once instead of three (two) times and returns one input gradient
 instead of summing several; HF's separate q/k/v and gate/up weights map onto the blocks in
-``hf_adapter``. Rank r owns query heads ``[r*nh/t, (r+1)*nh/t)`` and exactly the KV groups they use
-(``validate`` requires g % t == 0), so attention needs no communication; each block does one
-all-reduce after o_proj and one after down_proj in forward (and one per column-parallel input in
-backward).
+``hf_adapter``. Rank r owns query heads ``[r*nh/t, (r+1)*nh/t)`` and exactly the KV groups they use,
+so attention needs no communication: with g >= t (``validate``: g % t == 0) the g/t groups
+``[r*g/t, (r+1)*g/t)``; with g < t (``validate``: t % g == 0; MQA is g = 1) the one group
+``r // (t/g)``, whose K/V weights ``qkv_proj.kv_weight`` ``[2d, H]`` are replicated on the t/g ranks
+sharing it and whose gradients are summed over those ranks in backward (``layers/qkv_linear.py``;
+``qkv_proj.weight`` then holds the query rows ``[nh*d/t, H]`` only). Each block does one all-reduce
+after o_proj and one after down_proj in forward (and one per column-parallel input in backward,
+plus, for g < t, one small all-reduce of the ``[2d, H]`` K/V weight gradient over the sharing ranks).
 
 With sequence parallelism (``config.sequence_parallel``, TP > 1; Korthikanti et al. 2022, sec.
 4.2.2) the block's input and output, its norms, residual adds and dropout are this rank's
@@ -28,7 +32,8 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron_lite.layers.init import replicated_parameter
 from megatron_lite.layers.linear import ColumnParallelLinear, RowParallelLinear
-from megatron_lite.ops.kernels import TORCH_KERNELS
+from megatron_lite.layers.qkv_linear import KVReplicatedQKVLinear
+from megatron_lite.ops.swiglu_rmsnorm import rms_norm, swiglu
 from megatron_lite.parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron_lite.parallel.random import get_rng_tracker
 from megatron_lite.parallel.state import get_tensor_model_parallel_world_size
@@ -47,10 +52,7 @@ class RMSNorm(torch.nn.Module):
     identical on every TP rank, complete, and nothing is left for the optimizer, DeepSpeed's ZeRO
     stages or gradient accumulation to do (Megatron sums these gradients in
     ``finalize_model_grads`` instead; the result is the same).
-    ``kernels``: the ``--fused-kernels`` implementation (``model.compile.use_fused_kernels``).
     """
-
-    kernels = TORCH_KERNELS
 
     def __init__(self, hidden_size: int, eps: float, *, params_dtype=torch.float32, device=None,
                  sequence_parallel: bool = False):
@@ -64,7 +66,7 @@ class RMSNorm(torch.nn.Module):
         """x ``[b, s, H]`` (``[b, s/TP, H]`` with SP) -> same shape in x's dtype (times the weight's
         promotion); backward by hand (``megatron_lite.ops.swiglu_rmsnorm.rms_norm``)."""
         weight = copy_to_tensor_model_parallel_region(self.weight) if self.sequence_parallel else self.weight
-        return self.kernels.rms_norm(x, weight, self.eps)
+        return rms_norm(x, weight, self.eps)
 
 
 class SelfAttention(torch.nn.Module):
@@ -75,22 +77,27 @@ class SelfAttention(torch.nn.Module):
         device: parameter device.
     """
 
-    kernels = TORCH_KERNELS  # --fused-kernels: RoPE from a library when it has one
-
     def __init__(self, config, *, device=None):
         super().__init__()
         tp = get_tensor_model_parallel_world_size()
         h, d = config.hidden_size, config.head_dim
         self.config = config
         self.heads = config.num_attention_heads // tp
-        self.kv_heads = config.num_query_groups // tp
         self.head_dim = d
         dtype, std = config.torch_dtype, config.init_method_std
         out_std = std / math.sqrt(2.0 * config.num_layers)
-        sizes = [config.num_attention_heads * d, config.num_query_groups * d, config.num_query_groups * d]
-        self.qkv_proj = ColumnParallelLinear(h, sum(sizes), output_sizes=sizes, params_dtype=dtype, device=device,
-                                             init_std=std, sequence_parallel=config.sequence_parallel)
-        self.local_sizes = [n // tp for n in sizes]
+        nh, g = config.num_attention_heads, config.num_query_groups
+        if g >= tp:   # each rank owns g/tp whole KV groups
+            self.kv_heads = g // tp
+            sizes = [nh * d, g * d, g * d]
+            self.qkv_proj = ColumnParallelLinear(h, sum(sizes), output_sizes=sizes, params_dtype=dtype,
+                                                 device=device, init_std=std, sequence_parallel=config.sequence_parallel)
+            self.local_sizes = [n // tp for n in sizes]
+        else:         # g < tp: one KV group per rank, replicated on the tp/g ranks that read it
+            self.kv_heads = 1
+            self.qkv_proj = KVReplicatedQKVLinear(h, nh, g, d, params_dtype=dtype, device=device, init_std=std,
+                                                  sequence_parallel=config.sequence_parallel)
+            self.local_sizes = self.qkv_proj.local_sizes
         self.o_proj = RowParallelLinear(config.num_attention_heads * d, h, input_is_parallel=True,
                                         init_std=out_std, params_dtype=dtype, device=device,
                                         sequence_parallel=config.sequence_parallel)
@@ -106,7 +113,7 @@ class SelfAttention(torch.nn.Module):
         q = q.view(b, s, self.heads, self.head_dim)  # views of the fused output; RoPE copies q, k
         k = k.view(b, s, self.kv_heads, self.head_dim)
         v = v.view(b, s, self.kv_heads, self.head_dim)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin, fused=not self.config.no_fused_rope, impl=self.kernels.rope)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin, fused=not self.config.no_fused_rope)
         if self.config.recompute_granularity == "selective" and self.training and torch.is_grad_enabled():
             # Korthikanti et al. 2022 ("Reducing Activation Recomputation"), sec. 5: keep the cheap
             # linear layers' activations, recompute only the O(s^2) core attention in backward.
@@ -119,8 +126,6 @@ class SelfAttention(torch.nn.Module):
 class SwiGLUMLP(torch.nn.Module):
     """down(silu(gate(x)) * up(x)) (Shazeer 2020, "GLU Variants Improve Transformer", eq. 6);
     gate and up fused in one column-parallel GEMM, down row-parallel with init std / sqrt(2 L)."""
-
-    kernels = TORCH_KERNELS  # --fused-kernels
 
     def __init__(self, config, *, device=None):
         super().__init__()
@@ -136,7 +141,7 @@ class SwiGLUMLP(torch.nn.Module):
         """x ``[b, s, H]`` -> ``[b, s, H]`` (``[b, s/TP, H]`` in and out with SP); the
         ``[b, s, H'/TP]`` intermediate stays on this rank."""
         # swiglu: gate/up gradients written into one buffer (no cat in backward), see ops/.
-        return self.down_proj(self.kernels.swiglu(self.gate_up_proj(x)))
+        return self.down_proj(swiglu(self.gate_up_proj(x)))
 
 
 class TransformerLayer(torch.nn.Module):

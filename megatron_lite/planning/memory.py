@@ -149,7 +149,9 @@ def activation_bytes_per_layer(seq_length: int, micro_batch_size: int, hidden_si
       computed in fp32: + 2 norms × 4·sbh unless ``fused_norm`` (a fused kernel keeps only the
       input and the per-token rstd).
     - GQA: K and V are h·g/a wide, so Q + K + V saved for the score and value matmuls cost
-      p·sbh·(1 + 2g/a) instead of GPT's 3·p·sbh (MHA, g = a, gives the GPT term back).
+      p·sbh·(1 + 2g/a) instead of GPT's 3·p·sbh (MHA, g = a, gives the GPT term back). With
+      fewer groups than TP ranks (g < t) every rank computes the K and V of its one group, so
+      their per-rank share is 2·p·sbh/a, not 2·p·sbh·g/(a·t): g is replaced by max(g, t) below.
     - SwiGLU with an eager (unfused) implementation: the MLP input (p·sbh, shared by gate and up
       projections), the gate output (SiLU input), the SiLU output, the up output and their product
       (down-projection input): 4·p·sbf, replacing GPT's 16·p·sbh GeLU MLP.
@@ -200,7 +202,8 @@ def activation_bytes_per_layer(seq_length: int, micro_batch_size: int, hidden_si
     replicated = 4 * p * sbh                                   # 2 norm inputs, QKV input, MLP input
     if not fused_norm:
         replicated += 2 * 4 * sbh                              # eager norms: fp32 normalized x
-    split = p * sbh * (2 + 2 * g / a) + 4 * p * s * b * f      # Q, K, V, attn out; SwiGLU tensors
+    # Q, K, V, attn out; SwiGLU tensors. K/V: g < t ranks each hold one whole group (max(g, t)).
+    split = p * sbh * (2 + 2 * max(g, t) / a) + 4 * p * s * b * f
     if recompute == "selective":
         scores = 0                                             # core attention recomputed
     elif flash_attention:

@@ -41,6 +41,7 @@ class PlanInputs:
     global_batch_tokens: int
     train_tokens: float
     n_params_padded: int | None = None  # total incl. vocab padding (allocated); None: total
+    head_dim: int | None = None  # d (--kv-channels); None: hidden_size / num_attention_heads
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
@@ -66,14 +67,27 @@ class PlanInputs:
     cost_other: float = 0.0
 
 
-def params_per_tp_rank(n_total: int, hidden_size: int, num_layers: int, tp: int) -> int:
-    """Parameters one TP rank holds: all matrices split by TP, the 2L + 1 RMSNorm weights replicated.
+def params_per_tp_rank(n_total: int, hidden_size: int, num_layers: int, tp: int,
+                       num_query_groups: int | None = None, head_dim: int | None = None) -> int:
+    """Parameters one TP rank holds: all matrices split by TP, the 2L + 1 RMSNorm weights replicated,
+    and, with fewer KV groups g than TP ranks t, one whole KV group per rank.
+
+    With g < t each rank keeps its group's K and V rows (``layers/qkv_linear.py``), 2·d·H per layer,
+    replicated on the t/g ranks sharing the group, instead of a 1/t share of the 2·g·d·H K/V rows:
+    Ψ = ceil((N − (2L+1)H − 2LgdH) / t) + (2L+1)H + 2LdH. For g >= t (or g not given) the K/V rows
+    split evenly and Ψ = ceil((N − (2L+1)H) / t) + (2L+1)H.
 
     Args:
         n_total: total parameters (counting.num_parameters), padded vocab included.
+        num_query_groups: g (None: no KV replication considered).
+        head_dim: d (needed with ``num_query_groups``).
     """
     replicated = (2 * num_layers + 1) * hidden_size
-    return -(-(n_total - replicated) // tp) + replicated
+    if num_query_groups is None or num_query_groups >= tp:
+        return -(-(n_total - replicated) // tp) + replicated
+    kv_total = num_layers * 2 * num_query_groups * head_dim * hidden_size
+    kv_rank = num_layers * 2 * head_dim * hidden_size
+    return -(-(n_total - replicated - kv_total) // tp) + replicated + kv_rank
 
 
 def batch_arithmetic(num_gpus: int, tp: int, pp: int, micro_batch_size: int, seq_length: int,
@@ -202,13 +216,15 @@ def _memory_section(inp: PlanInputs) -> dict:
     """Per-device bytes: states (ZeRO), activations (chosen + all variants), verdict."""
     t = inp.tensor_model_parallel_size
     dp = inp.num_gpus // (t * inp.pipeline_model_parallel_size)
+    head_dim = inp.head_dim or inp.hidden_size // inp.num_attention_heads
     psi = params_per_tp_rank(inp.n_params_padded or inp.n_params_total, inp.hidden_size,
-                             inp.num_layers, t)
+                             inp.num_layers, t, inp.num_query_groups, head_dim)
     states = memory.model_state_memory(psi, dp, inp.zero_stage, inp.precision,
                                        inp.offload_optimizer, inp.offload_params)
     # one decoder layer (non-embedding minus the final norm, over L); its 2 norms are replicated
     layer_params = (inp.n_params_non_embedding - inp.hidden_size) // inp.num_layers
-    layer_rank = -(-(layer_params - 2 * inp.hidden_size) // t) + 2 * inp.hidden_size
+    layer_rank = params_per_tp_rank(layer_params + inp.hidden_size, inp.hidden_size, 1, t,
+                                    inp.num_query_groups, head_dim) - inp.hidden_size
     working = memory.zero3_working_bytes(layer_rank, inp.precision) if inp.zero_stage == 3 else 0
     fixed = working + inp.memory_overhead_bytes
     # ZeRO-0: DeepSpeed's engine sets param.grad = None after each step, so gradients exist only

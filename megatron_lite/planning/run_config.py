@@ -108,7 +108,7 @@ def inputs_from_config(cfg, args) -> tuple[PlanInputs, list[str]]:
     groups = m.num_query_groups or m.num_attention_heads
     inp = PlanInputs(
         hidden_size=m.hidden_size, num_layers=m.num_layers,
-        num_attention_heads=m.num_attention_heads, num_query_groups=groups,
+        num_attention_heads=m.num_attention_heads, num_query_groups=groups, head_dim=m.head_dim,
         ffn_hidden_size=m.ffn_hidden_size, padded_vocab_size=d.padded_vocab_size,
         seq_length=m.seq_length, n_params_total=total, n_params_non_embedding=non_emb,
         n_params_padded=padded,
