@@ -48,7 +48,8 @@ def test_yaml_loads_validates_and_plans(path, monkeypatch):
     name = os.path.basename(path)[:-5]
     cfg = load_config(os.path.relpath(path, ROOT), world_size=64)
     d = cfg.derived
-    assert d.data_parallel_size == 64 // cfg.parallel.tensor_model_parallel_size == 8
+    cp = cfg.parallel.context_parallel_size  # D = 64 / (TP x CP): 8, or 2 for the 32k CP example
+    assert d.data_parallel_size == 64 // (cfg.parallel.tensor_model_parallel_size * cp) == (8 if cp == 1 else 2)
     assert d.precision == "bf16"
     # the recipe's shared values
     assert cfg.optimizer.min_lr == pytest.approx(0.1 * cfg.optimizer.lr)
@@ -75,8 +76,33 @@ def test_yaml_loads_validates_and_plans(path, monkeypatch):
     assert plan["grad_accum_steps"] == d.num_micro_batches
     assert plan["steps"] == d.train_iters
     # the recipe's table reading (all 64 GPUs as D) is flagged when it differs
-    assert plan["recipe_table_grad_accum_steps"] == d.num_micro_batches / 8
+    assert plan["recipe_table_grad_accum_steps"] == d.num_micro_batches * d.data_parallel_size / 64
     assert any("chapter-11 table" in n for n in plan["notes"])
+
+
+def test_long_context_configs_dry_run(monkeypatch, capsys):
+    """Issue 16 #4: the 13B 8k YaRN config trains with sequence parallelism; the 32k CPT example
+    (7B, TP=8, CP=4, SP) validates its layout with --dry-run and fits 64 x H100."""
+    import pretrain_llama
+
+    monkeypatch.chdir(ROOT)
+    cfg = load_config("configs/pretrain_13b_8k_yarn.yaml", world_size=64)
+    assert cfg.parallel.sequence_parallel and cfg.parallel.tensor_model_parallel_size == 8
+    monkeypatch.setenv("WORLD_SIZE", "64")
+    monkeypatch.setenv("RANK", "0")
+    assert pretrain_llama.main(["--config", "configs/cpt_7b_32k_cp.yaml", "--dry-run", "--gpu", "h100"]) == 0
+    out = capsys.readouterr().out
+    assert "world size              : 64  (TP 8 x CP 4 x D 2, PP 1)" in out
+    assert "context parallel CP     : 4  (8192 of each sample's 32768 tokens per rank" in out
+    assert "grad accumulation A     : 64" in out
+    cp_cfg = load_config("configs/cpt_7b_32k_cp.yaml", world_size=64)
+    assert cp_cfg.parallel.sequence_parallel and cp_cfg.parallel.context_parallel_size == 4
+    assert out.rstrip().splitlines()[-1].split(": ")[-1].startswith("FITS")
+    # the layout is validated: 64 GPUs do not split into TP 8 x CP 3
+    assert pretrain_llama.main(["--config", "configs/cpt_7b_32k_cp.yaml", "--dry-run",
+                                "--context-parallel-size", "3"]) == 2
+    assert "--context-parallel-size 3 x --tensor-model-parallel-size 8 must divide the world size 64" \
+        in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("size,groups,want", [

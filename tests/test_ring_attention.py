@@ -125,3 +125,66 @@ def _dist_body(rank, world):
 
 def test_ring_attention_cp2_cp4_equals_full_attention():
     spawn(_dist_body, 4)
+
+
+def _cfg(*extra: str, world: int = 4):
+    from megatron_lite.config import parse_args
+
+    return parse_args(["--model-size", "tiny", "--vocab-size", "256", "--train-iters", "2", "--device", "cpu",
+                       "--micro-batch-size", "1", "--seq-length", "64", *extra], world_size=world)
+
+
+def test_flag_errors_plan_lines_and_planner():
+    import pytest
+
+    from megatron_lite.config.plan_text import format_plan
+    from megatron_lite.errors import ConfigError
+    from megatron_lite.planning import memory
+    from megatron_lite.planning.plan import PlanInputs, make_plan
+
+    for extra, world, message in (
+            (["--context-parallel-size", "3"], 4, r"^--context-parallel-size 3 x --tensor-model-parallel-size 1 "
+                                                   r"must divide the world size 4 \(world = TP x CP x D\)"),
+            (["--context-parallel-size", "4", "--seq-length", "60"], 4,
+             r"^--context-parallel-size 4: --seq-length 60 is not divisible by 2 x CP = 8"),
+            (["--context-parallel-size", "2", "--attention-backend", "flex"], 2,
+             r"^--attention-backend flex cannot run with --context-parallel-size 2: .* use --attention-backend "
+             r"auto, sdpa, eager$"),
+            (["--context-parallel-size", "2", "--noise-scale-interval", "1"], 2,
+             r"^--noise-scale-interval is not supported with --context-parallel-size 2")):
+        with pytest.raises(ConfigError, match=message):
+            _cfg(*extra, world=world)
+    cfg = _cfg("--context-parallel-size", "2", "--tp", "2", "--global-batch-size", "4", "--fp32", world=8)
+    assert (cfg.derived.data_parallel_size, cfg.derived.num_micro_batches) == (2, 2)
+    text = format_plan(cfg)
+    assert "world size              : 8  (TP 2 x CP 2 x D 2, PP 1)" in text
+    assert "context parallel CP     : 2  (32 of each sample's 64 tokens per rank: chunks i and 3-i of 4" in text
+    # tiny: 2 KV groups / TP 2 = 1 head of 32 per rank; fp32: (2-1)*2*1*32*1*32*4 B forward
+    fwd, bwd = 1 * 2 * 32 * 32 * 4, 1 * 2 * 32 * 32 * 4 + 2 * 2 * 32 * 32 * 4
+    assert (f"{fwd / 2 ** 20:.1f} MiB forward, {bwd / 2 ** 20:.1f} MiB backward") in text
+    assert "context parallel" not in format_plan(_cfg("--tp", "2"))
+    # planner: activations are those of s/CP tokens with the flash score term, plus the ring's
+    # working set (tiles 4*4*b*(a/t)*c^2, K/V 2*b*(s/CP)*(g/t)*d*(2p+12), Q side 4*4*b*(s/CP)*(a/t)*d)
+    kw = dict(micro_batch_size=1, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
+              ffn_hidden_size=11008, num_layers=32, padded_vocab_size=32768, tensor_parallel_size=8)
+    cp4 = memory.activation_memory(32768, context_parallel_size=4, flash_attention=False, **kw)
+    local = memory.activation_memory(8192, flash_attention=True, **kw)
+    ring = 4 * 4 * 1 * 4 * 4096 ** 2 + 2 * 1 * 8192 * 1 * 128 * (2 * 2 + 12) + 4 * 4 * 1 * 8192 * 4 * 128
+    assert cp4.attention_working == ring and cp4.total == local.total + ring
+    inp = PlanInputs(hidden_size=4096, num_layers=32, num_attention_heads=32, num_query_groups=8,
+                     ffn_hidden_size=11008, padded_vocab_size=32768, seq_length=32768,
+                     n_params_total=5_933_109_248, n_params_non_embedding=5_670_965_248, flops_per_token=8.6e10,
+                     num_gpus=64, micro_batch_size=1, global_batch_tokens=4194304, train_tokens=4194304 * 10,
+                     tensor_model_parallel_size=8, context_parallel_size=4, zero_stage=1, recompute="full",
+                     peak_flops=989e12, mfu=0.45)
+    plan = make_plan(inp)
+    kv_block = 2 * 1 * 8192 * 1 * 128  # elements of one K+V block per rank
+    assert (plan["dp"], plan["cp"], plan["grad_accum_steps"]) == (2, 4, 64)
+    assert plan["ring_bytes_per_layer_forward"] == 3 * kv_block * 2
+    assert plan["ring_bytes_per_layer_backward"] == 3 * kv_block * 2 + 4 * kv_block * 4
+    assert plan["ring_bytes_per_step"] == 32 * 64 * (2 * 3 * kv_block * 2 + 3 * kv_block * 2 + 4 * kv_block * 4)
+    no_cp = make_plan(PlanInputs(**{**inp.__dict__, "context_parallel_size": 1}))
+    assert no_cp["dp"] == 8 and no_cp["ring_bytes_per_step"] == 0
+    # ZeRO-1 partitions over D x CP = 8 either way: the same optimizer bytes
+    assert plan["memory_optimizer_bytes"] == no_cp["memory_optimizer_bytes"]
+    assert plan["memory_activations_bytes"] < no_cp["memory_activations_bytes"] / 2

@@ -116,6 +116,17 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s"
 
 
+def _ring_rows(p: dict) -> list:
+    """Context parallelism's ring traffic per rank (none at CP = 1)."""
+    if p.get("cp", 1) == 1:
+        return []
+    mib = 2 ** 20
+    return [("ring K/V sent per layer", f"{p['ring_bytes_per_layer_forward'] / mib:,.1f} MiB forward, "
+                                        f"{p['ring_bytes_per_layer_backward'] / mib:,.1f} MiB backward "
+                                        f"(per rank and micro-batch; sequence / CP per rank)"),
+            ("ring sent per step", f"{p['ring_bytes_per_step'] / 2 ** 30:,.2f} GiB per rank")]
+
+
 def format_table(p: dict) -> str:
     """Human-readable plan (the same numbers as the JSON)."""
     rows = [
@@ -126,7 +137,10 @@ def format_table(p: dict) -> str:
         ("T_tokens", f"{p['tokens_train']:.4g} ({p['tokens_per_param']:.0f} tokens/param; "
                      f"Chinchilla L(N, T) = {p['chinchilla_predicted_loss']:.3f})"),
         ("FLOPs_train exact (6·N·T)", f"{p['flops_train_exact']:.4g} ({p['flops_train']:.4g})"),
-        ("GPUs = D x TP x PP", f"{p['num_gpus']} = {p['dp']} x {p['tp']} x {p['pp']}"),
+        ("GPUs = D x TP x PP", f"{p['num_gpus']} = {p['dp']} x {p['tp']} x {p['pp']}")
+        if p.get("cp", 1) == 1 else
+        ("GPUs = D x CP x TP x PP", f"{p['num_gpus']} = {p['dp']} x {p['cp']} x {p['tp']} x {p['pp']}"),
+        *_ring_rows(p),
         ("μ_batch / μ_tok", f"{p['micro_batch_size']} samples / {p['micro_batch_tokens']:,} tokens"),
         ("A = GB_tok/(μ_tok·D)", f"{p['grad_accum_steps']}"),
         ("GB_tok (samples)", f"{p['global_batch_tokens']:,} ({p['global_batch_size']})"),

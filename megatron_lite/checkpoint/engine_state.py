@@ -346,10 +346,12 @@ def _save_zero3_shard(engine, tmp: str, save: Callable[[dict, str], None]) -> No
     opt = getattr(engine, "optimizer", None)
     if hasattr(opt, "checkpoint_event_prologue"):
         opt.checkpoint_event_prologue()
-    sd = zero3_gathered_state_dict(engine.module, keep=get_data_parallel_rank() == 0)
+    # One writer per TP rank: DP rank 0 of the D x CP group ZeRO-3 partitions over.
+    writer = get_data_parallel_rank(with_context_parallel=True) == 0
+    sd = zero3_gathered_state_dict(engine.module, keep=writer)
     if hasattr(opt, "checkpoint_event_epilogue"):
         opt.checkpoint_event_epilogue()
-    if get_data_parallel_rank() != 0:
+    if not writer:
         return
     assert sd is not None, "ZeRO-3 gather returned no state dict on DP rank 0"
     save(sd, os.path.join(tmp, f"model_tp_{get_tensor_model_parallel_rank():02d}.pt"))
@@ -366,6 +368,7 @@ def _run_files(cfg, state, scheduler) -> dict[str, str]:
                      "world_size": cfg.derived.world_size,
                      "data_parallel_size": cfg.derived.data_parallel_size,
                      "tensor_model_parallel_size": cfg.parallel.tensor_model_parallel_size,
+                     "context_parallel_size": cfg.parallel.context_parallel_size,
                      "zero_stage": cfg.parallel.zero_stage}
     return {"trainer_state.json": json.dumps(trainer_state, indent=1),
             "run_config.json": json.dumps({"config": cfg.to_dict(),
@@ -461,6 +464,13 @@ def _check_optimizer_state(cfg, path: str, ts: dict, load_optim: bool) -> bool:
     another D goes through zero_reshard (full per-parameter state, re-partitioned)."""
     reshard = load_optim and ts["zero_stage"] >= 1 and ts["data_parallel_size"] != \
         cfg.derived.data_parallel_size
+    cp_then, cp_now = ts.get("context_parallel_size", 1), cfg.parallel.context_parallel_size
+    if load_optim and ts["zero_stage"] >= 1 and (cp_then != cp_now or (reshard and cp_now > 1)):
+        # ZeRO partitions over D x CP; zero_reshard re-partitions over D only.
+        raise ValueError(f"{path}: saved with D={ts['data_parallel_size']}, CP={cp_then} at ZeRO-"
+                         f"{ts['zero_stage']}; its optimizer partitions load only at the same D and "
+                         f"--context-parallel-size (now D={cfg.derived.data_parallel_size}, CP={cp_now}); "
+                         f"resume with those or with --no-load-optim")
     if reshard:
         zero_reshard.check_supported(path, ts, cfg)
     if load_optim and ts["zero_stage"] != cfg.parallel.zero_stage:

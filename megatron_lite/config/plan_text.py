@@ -8,6 +8,7 @@ from __future__ import annotations
 from megatron_lite.config.batch_ramp import ramp_from_config
 from megatron_lite.config.checks import train_device_type
 from megatron_lite.config.lr_scaling import derivation_line, parse_reference
+from megatron_lite.layers.ring_attention import ring_bytes_per_layer
 from megatron_lite.model.counting import flops_per_token, num_parameters
 
 MAX_RAMP_LINES = 12  # a longer ramp shows its first and last five stretches
@@ -24,7 +25,9 @@ def plan_lines(cfg) -> list[str]:
     lines = [
         "---------------- resolved plan ----------------",
         f"world size              : {d.world_size}  (TP {cfg.parallel.tensor_model_parallel_size}"
-        f" x D {d.data_parallel_size}, PP 1)",
+        + (f" x CP {cp}" if (cp := cfg.parallel.context_parallel_size) > 1 else "")
+        + f" x D {d.data_parallel_size}, PP 1)",
+        *context_parallel_lines(cfg),
         f"ZeRO stage              : {cfg.parallel.zero_stage}"
         + (" +offload-optimizer" if cfg.parallel.offload_optimizer else "")
         + (" +offload-params" if cfg.parallel.offload_params else ""),
@@ -101,6 +104,26 @@ def speed_lines(cfg) -> list[str]:
     compiled = (f"torch.compile per block ({tr.compile_backend}; packed-document attention and TP "
                 "collectives eager between graphs)" if tr.compile else "eager")
     return [f"kernels                 : {compiled}; --fused-kernels {tr.fused_kernels} ({kernels})"]
+
+
+def context_parallel_lines(cfg) -> list[str]:
+    """Two plan lines with ``--context-parallel-size`` > 1 (none at CP = 1: a default plan is
+    unchanged): the chunks each rank holds, and the bytes its ring sends per layer and
+    micro-batch (``layers.ring_attention.ring_bytes_per_layer``)."""
+    par, m, d = cfg.parallel, cfg.model, cfg.derived
+    cp, tp = par.context_parallel_size, par.tensor_model_parallel_size
+    if cp == 1:
+        return []
+    s = m.seq_length
+    kv_heads = max(1, (m.num_query_groups or m.num_attention_heads) // tp)
+    ring = ring_bytes_per_layer(cfg.training.micro_batch_size, s, cp, kv_heads, d.head_dim,
+                                4 if d.precision == "fp32" else 2)
+    return [f"context parallel CP     : {cp}  ({s // cp} of each sample's {s} tokens per rank: chunks "
+            f"i and {2 * cp - 1}-i of {2 * cp} (load-balanced causal); activations / CP; gradients "
+            f"and ZeRO over D x CP = {d.data_parallel_size * cp} ranks)",
+            f"ring attention          : K/V sent per layer and micro-batch per rank "
+            f"{ring['forward'] / 2 ** 20:.1f} MiB forward, {ring['backward'] / 2 ** 20:.1f} MiB "
+            f"backward (incl. fp32 dK/dV)"]
 
 
 def training_dynamics_lines(cfg) -> list[str]:
