@@ -226,6 +226,8 @@ class ActivationMemory:
         loss_logits: the part of ``output_layer`` that is logits buffers (all copies alive at
             the loss's peak); with the chunked loss, one chunk's plus the gradient buffers that
             path forms in the forward (see :func:`activation_memory`).
+        attention_working: context parallelism: one layer's ring-attention working set at its
+            backward peak (:func:`ring_attention_working_bytes`); 0 without CP.
         total: sum of the above.
     """
 
@@ -234,11 +236,40 @@ class ActivationMemory:
     recompute_working: int
     output_layer: int
     loss_logits: int = 0
+    attention_working: int = 0
 
     @property
     def total(self) -> int:
         """Sum of all terms, bytes."""
-        return self.layers + self.recompute_working + self.output_layer
+        return self.layers + self.recompute_working + self.output_layer + self.attention_working
+
+
+def ring_attention_working_bytes(seq_length: int, micro_batch_size: int, hidden_size: int,
+                                 num_attention_heads: int, num_query_groups: int,
+                                 tensor_parallel_size: int, context_parallel_size: int,
+                                 bytes_per_element: int = 2) -> int:
+    """Bytes the ring attention of ``layers/ring_attention.py`` allocates while one layer runs its
+    backward (its peak; the forward needs less), on one rank. Freed after the layer.
+
+    With s = seq_length, b, h, a, g, t = TP, CP, p = ``bytes_per_element``, d = h/a, the local
+    sequence s/CP and the chunk c = s/(2 CP): one block tile's fp32 scores, probabilities, dP and
+    dS, 4 x 4·b·(a/t)·c²; the K/V block and its receive buffer in p bytes, their fp32 copy and
+    the fp32 dK/dV accumulator with its receive buffer, 2·b·(s/CP)·(g/t)·d·(2p + 3·4); the fp32
+    Q, dQ, dO and O, 4 x 4·b·(s/CP)·(a/t)·d.
+
+    Returns:
+        bytes (int); 0 when CP = 1.
+    """
+    cp, t = context_parallel_size, tensor_parallel_size
+    if cp <= 1:
+        return 0
+    b, d = micro_batch_size, hidden_size // num_attention_heads
+    local, c = seq_length // cp, seq_length // (2 * cp)
+    a_t, g_t = num_attention_heads // t, max(1, num_query_groups // t)
+    tiles = 4 * 4 * b * a_t * c * c
+    kv = 2 * b * local * g_t * d * (2 * bytes_per_element + 3 * 4)
+    q_side = 4 * 4 * b * local * a_t * d
+    return tiles + kv + q_side
 
 
 def activation_memory(seq_length: int, micro_batch_size: int, hidden_size: int,
@@ -248,7 +279,8 @@ def activation_memory(seq_length: int, micro_batch_size: int, hidden_size: int,
                       recompute: str = "none", bytes_per_element: int = 2,
                       recompute_num_layers: int | None = None,
                       fused_norm: bool = False,
-                      cross_entropy_chunk_tokens: int | None = None) -> ActivationMemory:
+                      cross_entropy_chunk_tokens: int | None = None,
+                      context_parallel_size: int = 1) -> ActivationMemory:
     """Activation memory of the whole model for one micro-batch on one TP rank.
 
     Layers as in :func:`activation_bytes_per_layer`. With full recompute the layer being
@@ -271,17 +303,29 @@ def activation_memory(seq_length: int, micro_batch_size: int, hidden_size: int,
     With ``recompute="full"`` and ``recompute_num_layers`` = N < L (Megatron's "block" method, the
     first N blocks checkpointed), the other L - N blocks keep their full activations.
 
+    With context parallelism (``context_parallel_size`` CP > 1) every rank holds s/CP tokens of each
+    sample, so every term above is taken at s/CP (activation memory divided by CP); ring
+    attention saves only its output and the fp32 log-sum-exp and recomputes each block's scores
+    in backward, so the score term is the flash one whatever ``flash_attention`` says; one
+    layer's ring working set (:func:`ring_attention_working_bytes`) is added once.
+
     Args:
         num_layers: L.
         padded_vocab_size: V (padded, whole model).
         recompute_num_layers: blocks recomputed under full recompute (None: all).
         cross_entropy_chunk_tokens: tokens per chunk of ``--cross-entropy-impl chunked``; None:
             the default ``fused`` loss over full logits.
+        context_parallel_size: CP (``--context-parallel-size``).
         Others: as in :func:`activation_bytes_per_layer`.
 
     Returns:
         :class:`ActivationMemory` in bytes.
     """
+    cp = context_parallel_size
+    ring = ring_attention_working_bytes(seq_length, micro_batch_size, hidden_size, num_attention_heads,
+                                        num_query_groups, tensor_parallel_size, cp, bytes_per_element)
+    if cp > 1:
+        seq_length, flash_attention = seq_length // cp, True
     kw = dict(seq_length=seq_length, micro_batch_size=micro_batch_size, hidden_size=hidden_size,
               num_attention_heads=num_attention_heads, num_query_groups=num_query_groups,
               ffn_hidden_size=ffn_hidden_size, tensor_parallel_size=tensor_parallel_size,
@@ -307,7 +351,7 @@ def activation_memory(seq_length: int, micro_batch_size: int, hidden_size: int,
         logits = ((4 + upcast_from) * min(cross_entropy_chunk_tokens, sb) * local_vocab
                   + bytes_per_element * sb * hidden_size
                   + (4 + bytes_per_element) * local_vocab * hidden_size * (upcast_from > 0))
-    return ActivationMemory(per_layer, layers, working, head_inputs + logits, logits)
+    return ActivationMemory(per_layer, layers, working, head_inputs + logits, logits, ring)
 
 
 def optimizer_step_working_bytes(largest_param_numel: int, fused: bool,

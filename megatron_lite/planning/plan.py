@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from megatron_lite.layers.ring_attention import ring_bytes_per_layer
 from megatron_lite.planning import chinchilla, memory, time_cost
 
 
@@ -45,6 +46,7 @@ class PlanInputs:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
+    context_parallel_size: int = 1  # CP (--context-parallel-size): GPUs = D x CP x TP x PP
     zero_stage: int = 3
     offload_optimizer: bool = False
     offload_params: bool = False
@@ -91,11 +93,12 @@ def params_per_tp_rank(n_total: int, hidden_size: int, num_layers: int, tp: int,
 
 
 def batch_arithmetic(num_gpus: int, tp: int, pp: int, micro_batch_size: int, seq_length: int,
-                     global_batch_tokens: int) -> dict:
-    """D, μ_tok, A and the global batch in samples, by the recipe's definitions.
+                     global_batch_tokens: int, cp: int = 1) -> dict:
+    """D, μ_tok, A and the global batch in samples, by the recipe's definitions; with context
+    parallelism the CP ranks of a replica share its samples, so D = GPUs/(TP·PP·CP).
 
     Returns:
-        dict with ``dp`` (D = GPUs/(TP·PP)), ``micro_batch_tokens`` (μ_tok),
+        dict with ``dp`` (D = GPUs/(TP·PP·CP)), ``micro_batch_tokens`` (μ_tok),
         ``grad_accum_steps`` (A = GB_tok/(μ_tok·D)), ``global_batch_size`` (samples) and
         ``recipe_table_grad_accum_steps`` (GB_tok/(μ_tok·GPUs), the chapter-11 table's reading).
 
@@ -103,12 +106,12 @@ def batch_arithmetic(num_gpus: int, tp: int, pp: int, micro_batch_size: int, seq
         ValueError: GPUs not divisible by TP·PP, or GB_tok not a multiple of μ_tok·D (the message
             gives the nearest valid GB_tok).
     """
-    if min(num_gpus, tp, pp, micro_batch_size, seq_length, global_batch_tokens) <= 0:
-        raise ValueError("GPUs, TP, PP, micro batch, seq length and GB_tok must be positive")
-    if num_gpus % (tp * pp):
-        raise ValueError(f"--gpus {num_gpus} is not divisible by TP·PP = {tp}·{pp}; "
-                         f"use a multiple of {tp * pp} GPUs")
-    dp = num_gpus // (tp * pp)
+    if min(num_gpus, tp, pp, cp, micro_batch_size, seq_length, global_batch_tokens) <= 0:
+        raise ValueError("GPUs, TP, PP, CP, micro batch, seq length and GB_tok must be positive")
+    if num_gpus % (tp * pp * cp):
+        raise ValueError(f"--gpus {num_gpus} is not divisible by TP·PP·CP = {tp}·{pp}·{cp}; "
+                         f"use a multiple of {tp * pp * cp} GPUs")
+    dp = num_gpus // (tp * pp * cp)
     mu_tok = micro_batch_size * seq_length
     per_step = mu_tok * dp
     if global_batch_tokens % per_step:
@@ -130,7 +133,30 @@ def _activations(inp: PlanInputs, micro_batch: int, recompute: str, flash: bool)
         inp.tensor_model_parallel_size, inp.sequence_parallel, flash, recompute,
         2 if inp.precision in ("bf16", "fp16") else 4, inp.recompute_num_layers,
         fused_norm=True,  # our RMSNorm saves x and rstd only (ops/swiglu_rmsnorm.py)
-        cross_entropy_chunk_tokens=inp.cross_entropy_chunk_tokens)
+        cross_entropy_chunk_tokens=inp.cross_entropy_chunk_tokens,
+        context_parallel_size=inp.context_parallel_size)
+
+
+def ring_communication(inp: PlanInputs, grad_accum_steps: int) -> dict:
+    """Bytes one rank sends around the context-parallel ring (``layers/ring_attention.py``).
+
+    Per layer and micro-batch (Liu et al. 2023, ring attention: CP - 1 hops of each K/V block;
+    the backward of Megatron-core / TransformerEngine's causal CP also passes dK/dV): forward
+    (CP-1)·2·b·(s/CP)·(g'/TP)·d·p, backward the same K/V hops plus CP hops of the fp32 dK/dV,
+    CP·2·b·(s/CP)·(g'/TP)·d·4, with g'/TP = max(1, g/TP) KV heads per rank. Per step: L·A times
+    (forward + backward), plus one more forward with recomputation (full or selective re-runs
+    the ring's forward).
+    """
+    cp, t = inp.context_parallel_size, inp.tensor_model_parallel_size
+    d = inp.head_dim or inp.hidden_size // inp.num_attention_heads
+    per_layer = ring_bytes_per_layer(inp.micro_batch_size, inp.seq_length, cp,
+                                     max(1, inp.num_query_groups // t), d,
+                                     2 if inp.precision in ("bf16", "fp16") else 4)
+    forwards = 2 if inp.recompute in ("full", "selective") else 1
+    return {"cp": cp, "ring_bytes_per_layer_forward": per_layer["forward"],
+            "ring_bytes_per_layer_backward": per_layer["backward"],
+            "ring_bytes_per_step": inp.num_layers * grad_accum_steps
+            * (forwards * per_layer["forward"] + per_layer["backward"])}
 
 
 def make_plan(inp: PlanInputs) -> dict:
@@ -149,7 +175,9 @@ def make_plan(inp: PlanInputs) -> dict:
     ``memory_activations_variants_bytes`` (recompute × flash), ``memory_overhead_bytes``,
     ``memory_gradients_persist`` (see ``memory.peak_training_bytes``),
     ``memory_per_gpu_bytes``, ``memory_host_offload_bytes``, ``device_memory_bytes``, ``fits``,
-    ``max_micro_batch_size``; ``notes`` (list of sentences).
+    ``max_micro_batch_size``; context parallelism ``cp``, ``ring_bytes_per_layer_forward``,
+    ``ring_bytes_per_layer_backward``, ``ring_bytes_per_step`` (:func:`ring_communication`; 0 at
+    CP = 1); ``notes`` (list of sentences).
 
     Raises:
         ValueError: inconsistent batch arithmetic, ZeRO/offload combination or cost inputs.
@@ -162,13 +190,15 @@ def make_plan(inp: PlanInputs) -> dict:
                  "flops_per_token_6n": 6.0 * inp.n_params_non_embedding,
                  "seq_length": inp.seq_length, "micro_batch_size": inp.micro_batch_size}
     out.update(batch_arithmetic(inp.num_gpus, t, pp, inp.micro_batch_size, inp.seq_length,
-                                inp.global_batch_tokens))
+                                inp.global_batch_tokens, inp.context_parallel_size))
+    out.update(ring_communication(inp, out["grad_accum_steps"]))
     out["global_batch_tokens"] = inp.global_batch_tokens
     notes = []
     if out["recipe_table_grad_accum_steps"] != out["grad_accum_steps"]:
         notes.append(
             f"A = GB_tok/(μ_tok·D) = {inp.global_batch_tokens}/({out['micro_batch_tokens']}·"
-            f"{out['dp']}) = {out['grad_accum_steps']} with D = GPUs/(TP·PP) = {out['dp']}; the "
+            f"{out['dp']}) = {out['grad_accum_steps']} with D = GPUs/(TP·PP"
+            f"{'·CP' if inp.context_parallel_size > 1 else ''}) = {out['dp']}; the "
             f"recipe's chapter-11 table divides by all {inp.num_gpus} GPUs and would give "
             f"{out['recipe_table_grad_accum_steps']:g}. This plan uses the definition.")
     steps = math.ceil(inp.train_tokens / inp.global_batch_tokens)

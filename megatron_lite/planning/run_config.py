@@ -116,6 +116,7 @@ def inputs_from_config(cfg, args) -> tuple[PlanInputs, list[str]]:
         micro_batch_size=cfg.training.micro_batch_size,
         global_batch_tokens=d.global_batch_tokens, train_tokens=d.train_tokens,
         tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
+        context_parallel_size=par.context_parallel_size,
         pipeline_model_parallel_size=cfg.parallel.pipeline_model_parallel_size,
         zero_stage=par.zero_stage, offload_optimizer=par.offload_optimizer,
         offload_params=par.offload_params,
