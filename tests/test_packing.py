@@ -78,6 +78,16 @@ def test_packed_index_by_hand_and_cpp_equals_numpy():
             f(three, np.arange(3), 5, "best-fit", 0, False)
 
 
+def test_old_extension_falls_back_to_the_reference(monkeypatch):
+    sizes = np.array([3, 4, 2, 1, 12, 2], np.int32)
+    expect = both(sizes, np.arange(6), 5, "best-fit", 6, True)
+    monkeypatch.setattr(helpers, "_ext", object())  # an extension built before build_packed_idx
+    monkeypatch.setattr(helpers, "_warned_packed", False)
+    with pytest.warns(UserWarning, match="predates build_packed_idx"):
+        got = helpers.build_packed_idx(sizes, np.arange(6), 5, "best-fit", 6, True)
+    assert rows(*got) == expect
+
+
 def real_text(s):
     """The data tokens of a padded sample (labels -100 mark padding) and its padding slots."""
     r = int((s["labels"] != -100).sum()) + 1

@@ -38,6 +38,7 @@ except ImportError as _e:  # pragma: no cover - depends on the build
     _ext = None
     _IMPORT_ERROR = _e
 _warned = False
+_warned_packed = False
 
 
 def _warn_fallback() -> None:
@@ -307,7 +308,13 @@ def build_packed_idx_cpp(sizes, docs, capacity: int, mode: str = "best-fit", win
 def build_packed_idx(sizes, docs, capacity: int, mode: str = "best-fit", window: int = 1000,
                      fill: bool = False) -> Tuple[np.ndarray, np.ndarray]:
     """Packed index, C++ when built else the NumPy reference (see :func:`build_packed_idx_numpy`)."""
+    global _warned_packed
     if _ext is not None and hasattr(_ext, "build_packed_idx"):
         return build_packed_idx_cpp(sizes, docs, capacity, mode, window, fill)
-    _warn_fallback()
+    if _ext is None:
+        _warn_fallback()
+    elif not _warned_packed:  # an extension built before the packed builder existed
+        warnings.warn("megatron_lite._data_helpers predates build_packed_idx (rebuild it: `python setup.py "
+                      "build_ext --inplace`); using the NumPy reference packed index builder")
+        _warned_packed = True
     return build_packed_idx_numpy(sizes, docs, capacity, mode, window, fill)
