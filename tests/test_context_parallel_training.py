@@ -1,8 +1,7 @@
-"""Context parallelism end to end (issue 16 item 3): CP=2 (x D=2) and CP=2 x TP=2 (x D=1) train
-the CP=1 run's steps (losses and global grad norms, fp32, relative 1e-5) on packed documents whose
+"""Context parallelism end to end (issue 16 item 3): CP=2 (x D=2), CP=2 x TP=2 (x D=1) and the
+same with sequence parallelism (the layout of configs/cpt_7b_32k_cp.yaml) train the CP=1 run's steps (losses and global grad norms, fp32, relative 1e-5) on packed documents whose
 boundaries cross the CP chunk boundaries, with ZeRO-1 (partitioned over D x CP), gradient
-accumulation (A = 1, 2, 4 for the same global batch) and an evaluation; plus the flag's one-line
-errors. One torchrun launch of 4 gloo processes runs the three trainings.
+accumulation (A = 1, 2, 4 for the same global batch) and an evaluation. One torchrun launch of 4 gloo processes runs the four trainings.
 """
 
 from __future__ import annotations
@@ -59,7 +58,8 @@ def runs_spec(root: str) -> list[tuple[str, list[str]]]:
                                "--metrics-file", os.path.join(root, name + ".jsonl"), *extra]
 
     return [r("cp1"), r("cp2", "--context-parallel-size", "2"),
-            r("cp2_tp2", "--context-parallel-size", "2", "--tp", "2")]
+            r("cp2_tp2", "--context-parallel-size", "2", "--tp", "2"),
+            r("cp2_tp2_sp", "--context-parallel-size", "2", "--tp", "2", "--sequence-parallel")]
 
 
 def _driver(root: str) -> None:
@@ -94,17 +94,17 @@ def launch(tmp_path_factory):
 def test_context_parallel_trains_like_cp1(launch):
     root, layouts = launch
     assert layouts == {"cp1": {"iteration": 4, "cp": 1, "dp": 4}, "cp2": {"iteration": 4, "cp": 2, "dp": 2},
-                       "cp2_tp2": {"iteration": 4, "cp": 2, "dp": 1}}
+                       "cp2_tp2": {"iteration": 4, "cp": 2, "dp": 1}, "cp2_tp2_sp": {"iteration": 4, "cp": 2, "dp": 1}}
     ref = read_metrics(os.path.join(root, "cp1.jsonl"))
     assert sorted(ref) == [1, 2, 3, 4]
-    for name in ("cp2", "cp2_tp2"):
+    for name in ("cp2", "cp2_tp2", "cp2_tp2_sp"):
         got = read_metrics(os.path.join(root, name + ".jsonl"))
         assert sorted(got) == [1, 2, 3, 4], name
         for step in ref:
             for key in ("loss", "grad_norm"):
                 assert got[step][key] == pytest.approx(ref[step][key], rel=RTOL), f"{name} step {step} {key}"
     assert ref[4]["loss"] < ref[1]["loss"]
-    for name in ("cp1", "cp2", "cp2_tp2"):  # the evaluation runs under CP (other D: other samples)
+    for name in ("cp1", "cp2", "cp2_tp2", "cp2_tp2_sp"):  # the evaluation runs under CP (other D: other samples)
         with open(os.path.join(root, name + ".jsonl")) as f:
             evals = [json.loads(line) for line in f if '"val_loss"' in line]
         assert evals and all(np.isfinite(e["val_loss"]) for e in evals), name
