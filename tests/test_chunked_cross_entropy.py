@@ -7,6 +7,7 @@ and untied heads; and at model level: a few AdamW steps give the same losses."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -20,7 +21,7 @@ from megatron_lite import parallel as ps  # noqa: E402
 from megatron_lite.layers.lm_head_loss import lm_head_cross_entropy  # noqa: E402
 from megatron_lite.model.llama import LlamaModel  # noqa: E402
 from megatron_lite.model.model_config import ModelConfig  # noqa: E402
-from tests.dist_utils import spawn  # noqa: E402
+from tests.dist_utils import read_metrics, run_torchrun, spawn  # noqa: E402
 
 H, V, V_PAD, B, S = 24, 61, 64, 3, 11  # 33 tokens; V_pad = 64 splits 64/32/16 over TP = 1/2/4
 
@@ -169,3 +170,52 @@ def test_flags_plan_line_and_one_line_errors():
         parse_args(base + ["--cross-entropy-chunk-size", "0"])
     with pytest.raises(ConfigError, match="--cross-entropy-impl: invalid choice: 'liger'"):
         parse_args(base + ["--cross-entropy-impl", "liger"])
+
+
+# ----------------------------------------------------------------------------- end to end
+def e2e_runs(root: str) -> dict:
+    """name -> argv: the training loop (DeepSpeed, 2 gloo ranks) fused vs chunked at TP=2 ZeRO-1
+    and at D=2 ZeRO-3, with loss-masked EOD tokens and a periodic evaluation (the no-grad path)."""
+    from tests.test_training import COMMON
+
+    base = COMMON + ["--data-path", os.path.join(root, "data"), "--train-iters", "4",
+                     "--eod-mask-loss", "--split", "90,10,0", "--eval-interval", "2", "--eval-iters", "1"]
+    runs = {}
+    for layout in (["--tp", "2", "--zero-stage", "1"], ["--zero-stage", "3"]):
+        for impl in ("fused", "chunked"):
+            name = f"{'tp2' if '--tp' in layout else 'z3'}_{impl}"
+            runs[name] = base + layout + ["--cross-entropy-impl", impl, "--cross-entropy-chunk-size", "48",
+                                          "--metrics-file", os.path.join(root, name + ".jsonl")]
+    return runs
+
+
+def _e2e_driver(root: str) -> None:
+    from megatron_lite.config import parse_args
+    from megatron_lite.training.loop import pretrain
+
+    for argv in e2e_runs(root).values():
+        pretrain(parse_args(argv))
+
+
+@pytest.mark.slow
+def test_training_loop_chunked_equals_fused(tmp_path):
+    from tests.test_training import make_dataset
+
+    make_dataset(str(tmp_path / "data"))
+    run_torchrun(__file__, str(tmp_path))
+    for layout in ("tp2", "z3"):
+        a = read_metrics(str(tmp_path / f"{layout}_fused.jsonl"))
+        b = read_metrics(str(tmp_path / f"{layout}_chunked.jsonl"))
+        assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+        for s in a:
+            assert b[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-6, abs=0), (layout, s)
+            assert b[s]["grad_norm"] == pytest.approx(a[s]["grad_norm"], rel=1e-5), (layout, s)
+        with open(tmp_path / f"{layout}_fused.jsonl") as f:
+            va = [r["val_loss"] for r in map(json.loads, f) if "val_loss" in r]
+        with open(tmp_path / f"{layout}_chunked.jsonl") as f:
+            vb = [r["val_loss"] for r in map(json.loads, f) if "val_loss" in r]
+        assert len(va) == len(vb) >= 2 and vb == pytest.approx(va, rel=1e-6)
+
+
+if __name__ == "__main__":
+    _e2e_driver(sys.argv[1])
