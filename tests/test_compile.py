@@ -110,9 +110,10 @@ def _tp2_worker(rank, world):
     ps.initialize_model_parallel(2)
     for recompute in (None, "full", "selective"):
         _compare(_config(recompute_granularity=recompute), "aot_eager")
+    _compare(_config(sequence_parallel=True), "aot_eager")   # SP's all-gather/reduce-scatter break the graph too
 
 
-def test_compiled_blocks_match_eager_tp2_recompute():
+def test_compiled_blocks_match_eager_tp2_recompute_sp():
     spawn(_tp2_worker, 2)
 
 
