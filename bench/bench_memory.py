@@ -145,9 +145,9 @@ def run_case(spec: str, steps: int, vocab: int, device: str, chunk_size: int = 1
     t0 = time.perf_counter()
     model = LlamaModel(cfg, device=dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as --optimizer adamw builds it
-    step_times = []
+    step_times, step_cpu = [], []
     for _ in range(steps):
-        t_step = time.perf_counter()
+        t_step, c_step = time.perf_counter(), time.process_time()
         opt.zero_grad(set_to_none=True)
         loss = model(tokens, labels=labels).mean()
         loss.backward()
@@ -155,6 +155,7 @@ def run_case(spec: str, steps: int, vocab: int, device: str, chunk_size: int = 1
         if dev.type == "cuda":
             torch.cuda.synchronize()
         step_times.append(time.perf_counter() - t_step)
+        step_cpu.append(time.process_time() - c_step)  # CPU seconds: robust on a shared machine
     extra = {}
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -170,10 +171,11 @@ def run_case(spec: str, steps: int, vocab: int, device: str, chunk_size: int = 1
     est = estimate(cfg, seq, mbs, recompute, backend != "eager", model.padded_vocab_size)
     del model, opt
     # step time: the steps after the first (the first also builds the optimizer states)
-    later = step_times[1:] or step_times
+    later, later_cpu = step_times[1:] or step_times, step_cpu[1:] or step_cpu
     return {"case": spec, "device": device, "steps": steps, "seconds": seconds,
             "cross_entropy_impl": ce, "cross_entropy_chunk_size": chunk_size, "vocab_size": vocab,
             "step_seconds": step_times, "step_seconds_mean": sum(later) / len(later),
+            "step_cpu_seconds": step_cpu, "step_cpu_seconds_mean": sum(later_cpu) / len(later_cpu),
             "measured_bytes": measured, **est, **extra,
             "estimate_over_measured": est["total_bytes"] / measured}
 
@@ -206,7 +208,9 @@ def print_cross_entropy_comparison(results: list[dict]) -> None:
               f"{(f['total_bytes'] - c['total_bytes']) / mib:.1f}; logits terms "
               f"{f['loss_logits_bytes'] / mib:.1f} -> {c['loss_logits_bytes'] / mib:.1f}); step time "
               f"{f['step_seconds_mean']:.2f} -> {c['step_seconds_mean']:.2f} s "
-              f"(x{c['step_seconds_mean'] / f['step_seconds_mean']:.3f})", flush=True)
+              f"(x{c['step_seconds_mean'] / f['step_seconds_mean']:.3f}), CPU time "
+              f"{f['step_cpu_seconds_mean']:.2f} -> {c['step_cpu_seconds_mean']:.2f} s "
+              f"(x{c['step_cpu_seconds_mean'] / f['step_cpu_seconds_mean']:.3f})", flush=True)
 
 
 def main(argv=None) -> int:
