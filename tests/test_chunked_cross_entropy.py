@@ -104,6 +104,35 @@ def test_chunked_single_process_edges():
         loss.backward()
 
 
+def test_bf16_within_the_fused_paths_rounding():
+    """16-bit head: both impls are at bf16 rounding of an fp64 reference, chunked no worse than
+    1.5x fused (its weight gradient is accumulated over chunks in fp32, then rounded once)."""
+    ps.destroy_model_parallel()
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(4, 50, H, generator=g).bfloat16()
+    weight = (torch.randn(V_PAD, H, generator=g) * 0.1).bfloat16()
+    labels = torch.randint(0, V, (4, 50), generator=g)
+    labels[0, :5] = -100
+    upstream = torch.full((4, 50), 0.01)
+    upstream[1, 3] = 0.0
+
+    def run(impl, dtype=None, precompute=True):
+        h = (hidden if dtype is None else hidden.to(dtype)).clone().requires_grad_()
+        w = (weight if dtype is None else weight.to(dtype)).clone().requires_grad_()
+        loss = lm_head_cross_entropy(h, w, labels, vocab_size=V, impl=impl, chunk_size=33,
+                                     precompute_grads=precompute)
+        (loss * upstream).sum().backward()
+        assert h.grad.dtype == h.dtype and w.grad.dtype == w.dtype
+        return loss.detach(), h.grad, w.grad
+
+    ref = run("fused", torch.float64)
+    err = {k: [_rel(a, b) for a, b in zip(out, ref)] for k, out in
+           (("fused", run("fused")), ("chunked", run("chunked")), ("recompute", run("chunked", None, False)))}
+    for k in ("chunked", "recompute"):
+        for e, f in zip(err[k], err["fused"]):
+            assert e <= 1.5 * f + 1e-6, (k, err)
+
+
 def _train(impl: str, tie: bool, steps: int = 3) -> list[float]:
     torch.manual_seed(11)
     cfg = ModelConfig(model_size="tiny", num_layers=2, vocab_size=301, seq_length=24,
