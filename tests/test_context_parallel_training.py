@@ -1,7 +1,9 @@
 """Context parallelism end to end (issue 16 item 3): CP=2 (x D=2), CP=2 x TP=2 (x D=1) and the
-same with sequence parallelism (the layout of configs/cpt_7b_32k_cp.yaml) train the CP=1 run's steps (losses and global grad norms, fp32, relative 1e-5) on packed documents whose
-boundaries cross the CP chunk boundaries, with ZeRO-1 (partitioned over D x CP), gradient
-accumulation (A = 1, 2, 4 for the same global batch) and an evaluation. One torchrun launch of 4 gloo processes runs the four trainings.
+same with sequence parallelism (the layout of configs/cpt_7b_32k_cp.yaml) train the CP=1 run's
+steps (losses and global grad norms, fp32, relative 1e-5) on packed documents whose boundaries
+cross the CP chunk boundaries, with ZeRO-1 (partitioned over D x CP), gradient accumulation
+(A = 1, 2, 4 for the same global batch), selective and full recomputation, a checkpoint saved at
+CP=2 and resumed, and an evaluation. One torchrun launch of 4 gloo processes runs them all.
 """
 
 from __future__ import annotations
@@ -57,9 +59,16 @@ def runs_spec(root: str) -> list[tuple[str, list[str]]]:
                                "--tokenizer-model", os.path.join(root, "tokenizer.json"),
                                "--metrics-file", os.path.join(root, name + ".jsonl"), *extra]
 
-    return [r("cp1"), r("cp2", "--context-parallel-size", "2"),
+    ck = os.path.join(root, "ck_cp2")
+    return [r("cp1"),
+            # CP=2 stopped after step 2 with a checkpoint, then resumed from it
+            r("cp2_part", "--context-parallel-size", "2", "--recompute-granularity", "selective",
+              "--save", ck, "--exit-interval", "2"),
+            r("cp2", "--context-parallel-size", "2", "--recompute-granularity", "selective",
+              "--save", ck, "--load", ck),
             r("cp2_tp2", "--context-parallel-size", "2", "--tp", "2"),
-            r("cp2_tp2_sp", "--context-parallel-size", "2", "--tp", "2", "--sequence-parallel")]
+            r("cp2_tp2_sp", "--context-parallel-size", "2", "--tp", "2", "--sequence-parallel",
+              "--recompute-granularity", "full")]
 
 
 def _driver(root: str) -> None:
@@ -93,12 +102,15 @@ def launch(tmp_path_factory):
 @pytest.mark.slow
 def test_context_parallel_trains_like_cp1(launch):
     root, layouts = launch
-    assert layouts == {"cp1": {"iteration": 4, "cp": 1, "dp": 4}, "cp2": {"iteration": 4, "cp": 2, "dp": 2},
+    assert layouts == {"cp1": {"iteration": 4, "cp": 1, "dp": 4}, "cp2_part": {"iteration": 2, "cp": 2, "dp": 2},
+                       "cp2": {"iteration": 4, "cp": 2, "dp": 2},
                        "cp2_tp2": {"iteration": 4, "cp": 2, "dp": 1}, "cp2_tp2_sp": {"iteration": 4, "cp": 2, "dp": 1}}
     ref = read_metrics(os.path.join(root, "cp1.jsonl"))
     assert sorted(ref) == [1, 2, 3, 4]
     for name in ("cp2", "cp2_tp2", "cp2_tp2_sp"):
         got = read_metrics(os.path.join(root, name + ".jsonl"))
+        if name == "cp2":  # steps 1-2 before the checkpoint, 3-4 after the resume
+            got.update(read_metrics(os.path.join(root, "cp2_part.jsonl")))
         assert sorted(got) == [1, 2, 3, 4], name
         for step in ref:
             for key in ("loss", "grad_norm"):
