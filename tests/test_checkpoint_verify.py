@@ -254,3 +254,59 @@ def test_flags():
             "step boundary, written by a background thread); --load checks sizes only "
             "(--no-verify-checkpoint), damaged newest -> error") in format_plan(cfg).splitlines()
     assert "checkpoints  " not in format_plan(_cfg())                 # no --save: no line
+
+
+class _Logger:
+    """The TrainingLogger surface CheckpointSaver uses."""
+
+    class timers:  # noqa: N801 - mimics the attribute
+        @staticmethod
+        def time(name):
+            import contextlib
+
+            return contextlib.nullcontext()
+
+    @staticmethod
+    def exclude_time():
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def test_saver_commits_when_written_waits_before_the_next_save_and_on_exit(tmp_path):
+    """--async-save through the Trainer's CheckpointSaver: a save is committed at the first step
+    boundary after its thread finished, a second save first commits the pending one, and a save
+    on an exit signal (stopping) is complete when maybe_save returns."""
+    import threading
+
+    from megatron_lite.training.callbacks.checkpoint_saver import CheckpointSaver
+    from megatron_lite.training.train_state import TrainState
+
+    gate = threading.Event()
+
+    class _SlowCE(_CE):
+        def save(self, state_dict, path):
+            gate.wait(30)                            # the write lasts until the test opens it
+            super().save(state_dict, path)
+
+    engine = _Engine()
+    engine.checkpoint_engine = _SlowCE()
+    cfg = _cfg("--save", str(tmp_path), "--save-interval", "2", "--async-save")
+    saver = CheckpointSaver(cfg, engine, _sched(), _Logger(), None, lambda: None)
+    st = TrainState(iteration=2)
+    saver.maybe_save(st, stopping=False)
+    assert saver.pending is not None and layout.find_checkpoint(str(tmp_path)) is None
+    st.iteration = 3
+    saver.maybe_save(st, stopping=False)             # still writing: nothing committed
+    assert saver.pending is not None and not os.path.exists(tmp_path / "latest")
+    gate.set()
+    saver.pending.background.thread.join()
+    st.iteration = 4
+    saver.maybe_save(st, stopping=False)             # commits step 2, then starts step 4
+    assert (tmp_path / "latest").read_text() == "iter_0000002\n"
+    assert saver.pending is not None and saver.pending.iteration == 4
+    st.iteration = 5
+    saver.maybe_save(st, stopping=True)              # exit signal: 4 and 5 complete on return
+    assert saver.pending is None and (tmp_path / "latest").read_text() == "iter_0000005\n"
+    assert verify.choose_checkpoint(str(tmp_path)) == str(tmp_path / "iter_0000005")
+    assert layout.is_complete(str(tmp_path / "iter_0000004"))
