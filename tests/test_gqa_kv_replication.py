@@ -6,27 +6,39 @@ replicated K/V rows are the TP = 1 model's), logits / per-token loss / every gra
 ``LlamaForCausalLM`` (fp32, 1e-5), the replicated K/V gradient arrives complete on every replica,
 the global grad norm (ours, and DeepSpeed's counting rule with our ``mpu``) equals HF's, the
 HF round trip of the gathered shards, and a few SGD steps with gradient accumulation give the
-TP = 1 losses and weights (replicas stay bitwise equal). Conversion (``tools/convert_checkpoint.py``)
-and the planner's exact per-rank counts run in-process.
+TP = 1 losses and weights (replicas stay bitwise equal). The planner's exact per-rank counts run in-process
+(conversion: tests/test_convert_checkpoint.py).
+
+Training through DeepSpeed (slow; one torchrun launch of this file, 4 gloo processes, fp32): the
+tiny preset (2 KV groups) at TP = 4 with ZeRO-3 and sequence parallelism (D = 1, accumulation
+A = 4) gives the TP = 1 run's (ZeRO-1, D = 4) per-step losses and global grad norms (DeepSpeed's
+own norm, which counts each replicated KV group once).
 """
 
 from __future__ import annotations
 
-import pytest
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from deepspeed.runtime.utils import is_model_parallel_parameter  # imported before forking (slow import)
-from transformers import LlamaForCausalLM  # noqa: F401 - imported before forking so the workers share it
+import json
+import os
+import sys
 
-from megatron_lite import parallel as ps
-from megatron_lite.model.hf_adapter import config_to_hf, hf_to_megatron_lite, megatron_lite_to_hf
-from megatron_lite.model.counting import num_parameters
-from megatron_lite.model.llama import LlamaModel
-from megatron_lite.model.model_config import ModelConfig
-from megatron_lite.parallel import mpu
-from megatron_lite.planning.plan import params_per_tp_rank
-from tests.dist_utils import spawn
+if __name__ == "__main__":  # torchrun launch: make `tests` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from deepspeed.runtime.utils import is_model_parallel_parameter  # noqa: E402 - before forking (slow import)
+from transformers import LlamaForCausalLM  # noqa: E402 - imported before forking so the workers share it
+
+from megatron_lite import parallel as ps  # noqa: E402
+from megatron_lite.model.hf_adapter import config_to_hf, hf_to_megatron_lite, megatron_lite_to_hf  # noqa: E402
+from megatron_lite.model.counting import num_parameters  # noqa: E402
+from megatron_lite.model.llama import LlamaModel  # noqa: E402
+from megatron_lite.model.model_config import ModelConfig  # noqa: E402
+from megatron_lite.parallel import mpu  # noqa: E402
+from megatron_lite.planning.plan import params_per_tp_rank  # noqa: E402
+from tests.dist_utils import read_metrics, run_torchrun, spawn  # noqa: E402
 
 TOL = 1e-5
 V = 300
@@ -226,3 +238,57 @@ def test_planner_counts_one_kv_group_per_rank(preset, tp, dims):
     if preset == "1b":
         assert psi == 140_863_488   # 8388608 * 2 + 22 * 5640192 + 2048
     assert p["memory_weights_bytes"] == 2 * psi and p["memory_optimizer_bytes"] == 12 * -(-psi // 2)
+
+
+def test_plan_line_and_dry_run_layout_checks():
+    """The printed plan names the replication (1b preset: 4 groups at TP 8, the extra K/V rows
+    L·2dH·(1 - g/t) = 22·2·64·2048/2 by hand); none at TP 4; TP 64 is refused for the 32 heads."""
+    from megatron_lite.config import ConfigError, parse_args
+    from megatron_lite.config.plan_text import format_plan
+
+    def cfg(tp):
+        return parse_args(["--model-size", "1b", "--vocab-size", "32000", "--tp", str(tp), "--micro-batch-size",
+                           "1", "--train-iters", "10", "--device", "cpu"], world_size=tp)
+
+    assert ("KV groups               : 4 < TP 8: each group's K/V weights replicated on 2 TP ranks, "
+            "gradients summed over them (+2,883,584 params per rank)") in format_plan(cfg(8)).splitlines()
+    assert "KV groups" not in format_plan(cfg(4))
+    with pytest.raises(ConfigError, match="--num-attention-heads 32 is not divisible by --tensor-model-parallel-size 64"):
+        cfg(64)
+
+
+# ----------------------------------------------------------------------------- DeepSpeed training
+TRAIN = ["--model-size", "tiny", "--vocab-size", "256", "--seq-length", "64", "--micro-batch-size", "1",
+         "--global-batch-size", "4", "--train-iters", "3", "--lr", "3e-3", "--min-lr", "3e-4",
+         "--lr-warmup-iters", "1", "--split", "100,0,0", "--num-workers", "0", "--log-interval", "1",
+         "--eval-interval", "0", "--seed", "7", "--device", "cpu", "--fp32"]
+RUNS = {"tp1": ["--tp", "1", "--zero-stage", "1"],                                # D = 4, A = 1
+        "tp4_z3_sp": ["--tp", "4", "--zero-stage", "3", "--sequence-parallel"]}   # D = 1, A = 4
+
+
+def _driver(root: str) -> None:
+    """Body of the torchrun launch: every run of ``RUNS`` in one process group."""
+    from megatron_lite.config import parse_args
+    from megatron_lite.training.loop import pretrain
+
+    for name, extra in RUNS.items():
+        pretrain(parse_args(TRAIN + extra + ["--data-path", os.path.join(root, "data"),
+                                             "--metrics-file", os.path.join(root, name + ".jsonl")]))
+
+
+@pytest.mark.slow
+def test_deepspeed_training_at_tp4_with_two_kv_groups_equals_tp1(tmp_path):
+    from tests.test_training import make_dataset
+
+    make_dataset(str(tmp_path / "data"))
+    run_torchrun(__file__, str(tmp_path), nproc=4)
+    ref = read_metrics(str(tmp_path / "tp1.jsonl"))
+    assert sorted(ref) == [1, 2, 3] and ref[3]["loss"] < ref[1]["loss"]
+    m = read_metrics(str(tmp_path / "tp4_z3_sp.jsonl"))
+    for step in ref:
+        for key in ("loss", "grad_norm"):
+            assert m[step][key] == pytest.approx(ref[step][key], rel=1e-5), (step, key)
+
+
+if __name__ == "__main__":
+    _driver(sys.argv[1])

@@ -201,7 +201,7 @@ def _worker(rank, world, tp):
     dropout_tp1 = _dropout_loss(0, 1)[0] if tp == 2 else None
     ps.initialize_model_parallel(tp)
     for name in CASES:
-        if not _tp_ok(name, tp):  # 2 KV groups cannot be split over 4 ranks (validate() rejects it)
+        if not _tp_ok(name, tp):  # 2 KV groups over 4 ranks: tests/test_gqa_kv_replication.py
             continue
         model, c = _check_case(name, rank, tp, refs[name])
         if tp == 2 and name in ("mha_untied_sdpa", "gqa_tied_eager"):

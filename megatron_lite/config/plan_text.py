@@ -28,6 +28,7 @@ def plan_lines(cfg) -> list[str]:
         + (f" x CP {cp}" if (cp := cfg.parallel.context_parallel_size) > 1 else "")
         + f" x D {d.data_parallel_size}, PP 1)",
         *context_parallel_lines(cfg),
+        *kv_replication_lines(cfg),
         f"ZeRO stage              : {cfg.parallel.zero_stage}"
         + (" +offload-optimizer" if cfg.parallel.offload_optimizer else "")
         + (" +offload-params" if cfg.parallel.offload_params else ""),
@@ -60,6 +61,19 @@ def plan_lines(cfg) -> list[str]:
               f"FLOPs total             : {fpt * d.train_tokens:.4g}",
               "-----------------------------------------------"]
     return lines
+
+
+def kv_replication_lines(cfg) -> list[str]:
+    """One plan line when there are fewer KV groups g than TP ranks t (none otherwise): each group's
+    K/V weights live on the t/g ranks that read it (``layers/qkv_linear.py``), L·2dH·(1 − g/t) more
+    parameters per rank than an even split."""
+    m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
+    g = m.num_query_groups or m.num_attention_heads
+    if g >= tp:
+        return []
+    extra = m.num_layers * 2 * m.head_dim * m.hidden_size * (tp - g) // tp
+    return [f"KV groups               : {g} < TP {tp}: each group's K/V weights replicated on {tp // g} "
+            f"TP ranks, gradients summed over them (+{extra:,} params per rank)"]
 
 
 def packing_lines(cfg) -> list[str]:
