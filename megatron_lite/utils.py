@@ -7,10 +7,12 @@ use it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
 import uuid
+from typing import BinaryIO, Iterator
 
 
 def get_rank() -> int:
@@ -103,16 +105,17 @@ def follow_umask(path: str) -> None:
     os.chmod(path, umask_file_mode())
 
 
-def atomic_write_bytes(path: str, data: bytes, *, fsync: bool = True) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``.
-
-    A reader sees the old file or the whole new one, never a part. The file's mode follows the
-    process umask like any ``open(path, "w")`` (0o666 & ~umask), so outputs others must read
-    (checkpoints, caches, metrics) stay group/world readable under the usual 022.
+@contextlib.contextmanager
+def atomic_output(path: str, *, fsync: bool = True) -> Iterator[BinaryIO]:
+    """Stream a file into place: yields a binary file object on a temporary file in ``path``'s
+    folder, renamed over ``path`` (``os.replace``) when the block ends without an exception and
+    removed when it raises. A reader sees the old file or the whole new one, never a part. The
+    mode follows the process umask like any ``open(path, "w")`` (0o666 & ~umask), so outputs
+    others must read (checkpoints, caches, metrics, data shards) stay group/world readable under
+    the usual 022.
 
     Args:
         path: destination; its folder is created when missing.
-        data: the whole content.
         fsync: flush the file to stable storage before the rename (the default).
 
     Raises:
@@ -124,7 +127,7 @@ def atomic_write_bytes(path: str, data: bytes, *, fsync: bool = True) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             if fsync:
                 os.fsync(f.fileno())
@@ -135,10 +138,21 @@ def atomic_write_bytes(path: str, data: bytes, *, fsync: bool = True) -> None:
         raise
 
 
+def atomic_write_bytes(path: str, data: bytes, *, fsync: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_output`: temporary file in the same
+    folder, then ``os.replace``; mode from the umask).
+
+    Raises:
+        OSError: the folder cannot be written (the temporary file is removed).
+    """
+    with atomic_output(path, fsync=fsync) as f:
+        f.write(data)
+
+
 def atomic_write_text(path: str, text: str, *, fsync: bool = True) -> None:
     """:func:`atomic_write_bytes` of ``text`` encoded as UTF-8."""
     atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
 
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "barrier", "follow_umask", "fsync_path",
+__all__ = ["atomic_output", "atomic_write_bytes", "atomic_write_text", "barrier", "follow_umask", "fsync_path",
            "get_rank", "is_rank_0", "print_rank_0", "umask_file_mode", "use_project_venv"]

@@ -46,7 +46,6 @@ rates, and document-length percentiles in tokens (nearest-rank: ``p`` is the
 from __future__ import annotations
 
 import argparse
-import math
 import multiprocessing
 import os
 import sys
@@ -63,6 +62,7 @@ import numpy as np  # noqa: E402
 
 from megatron_lite.data.text_readers import (BadRecordError, RawRecord, expand_inputs,  # noqa: E402
                                              iter_raw_records, parse_record)
+from megatron_lite.data.corpus_stats import length_percentiles  # noqa: E402
 from megatron_lite.data.tokenizer import TOKENIZER_TYPES, build_tokenizer  # noqa: E402
 
 _BAD, _EMPTY, _BLANK = -2, -1, -3  # length codes in a chunk result (_BLANK: whitespace-only text)
@@ -220,19 +220,6 @@ def _missing_folders(folder: str) -> list[str]:
     return missing[::-1]
 
 
-def _percentiles(lengths: np.ndarray) -> dict:
-    if lengths.size == 0:
-        return {"p50": None, "p90": None, "p99": None, "max": None, "mean": None}
-    s = np.sort(lengths)
-    n = s.size
-
-    def rank(p: float) -> int:  # nearest-rank percentile
-        return int(s[max(1, math.ceil(p / 100 * n)) - 1])
-
-    return {"p50": rank(50), "p90": rank(90), "p99": rank(99), "max": int(s[-1]),
-            "mean": float(s.mean())}
-
-
 def preprocess(args: argparse.Namespace) -> dict:
     """Run the preprocessing described by ``args``; returns the stats dict (also written).
 
@@ -366,7 +353,7 @@ def preprocess(args: argparse.Namespace) -> dict:
         lengths = np.concatenate(st.pop("lengths")) if st["lengths"] else np.zeros(0, np.int64)
         all_lengths.append(lengths)
         key_stats[key] = dict(st, output_prefix=out_prefix[key],
-                              length_tokens=_percentiles(lengths))
+                              length_tokens=length_percentiles(lengths))
     docs = sum(s["docs"] for s in key_stats.values())
     tokens = sum(s["tokens"] for s in key_stats.values())
     empty = sum(s["empty"] for s in key_stats.values())
@@ -385,7 +372,7 @@ def preprocess(args: argparse.Namespace) -> dict:
         "docs_per_second": docs / seconds if seconds > 0 else None,
         "tokens_per_second": tokens / seconds if seconds > 0 else None,
         "mb_per_second": counts["bytes"] / 1e6 / seconds if seconds > 0 else None,
-        "length_tokens": _percentiles(np.concatenate(all_lengths)),
+        "length_tokens": length_percentiles(np.concatenate(all_lengths)),
         "per_key": key_stats,
         "append_eod": bool(args.append_eod),
         "workers": args.workers,
