@@ -111,11 +111,70 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str, rtol: float = 1e-5, atol
         raise AssertionError(f"{what}: max abs diff {(a - b).abs().max().item():.3g}")
 
 
+def saved_activation_bytes(sp: bool) -> int:
+    """Bytes of the distinct storages autograd saves in the plain case's forward (no parameters)."""
+    from megatron_lite.model.llama import LlamaModel
+
+    torch.manual_seed(0)
+    model = LlamaModel(case_config("plain", sp)).train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    b = case_batch("plain")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(b["tokens"], labels=b["labels"])
+    return sum(seen.values())
+
+
+def planner_sp_saving(tp: int) -> float:
+    """The planner's activation bytes without SP minus with SP for the plain case (fp32, fused norm)."""
+    from megatron_lite.planning import memory
+
+    cfg = case_config("plain", False).validate(tp)
+    est = [memory.activation_memory(SEQ, 2, cfg.hidden_size, cfg.num_attention_heads, cfg.num_query_groups,
+                                    cfg.ffn_hidden_size, cfg.num_layers, cfg.padded_vocab_size(tp), tp, sp,
+                                    bytes_per_element=4, fused_norm=True).total for sp in (False, True)]
+    return est[0] - est[1]
+
+
+def nccl_reduce_scatter_path(tp: int) -> None:
+    """The NCCL branch of ``reduce_scatter_along_sequence`` (sequence-major copy, dim-0
+    ``reduce_scatter_tensor``) gives gloo's values; gloo has no reduce_scatter_tensor, so a stand-in
+    built from all_reduce plays NCCL's part (the layout logic is what is tested)."""
+    import torch.distributed as dist
+
+    from megatron_lite.parallel import mappings
+    from megatron_lite.parallel.state import get_tensor_model_parallel_group, get_tensor_model_parallel_rank
+
+    x = torch.randn(3, 4 * tp, 5, generator=torch.Generator().manual_seed(get_tensor_model_parallel_rank()))
+    want = mappings.reduce_scatter_along_sequence(x)
+
+    def reduce_scatter_tensor(out, inp, group=None):
+        full = inp.clone()
+        dist.all_reduce(full, group=group)
+        out.copy_(full.chunk(dist.get_world_size(group), dim=0)[dist.get_rank(group)])
+
+    saved = mappings.dist.get_backend, mappings.dist.reduce_scatter_tensor
+    mappings.dist.get_backend, mappings.dist.reduce_scatter_tensor = lambda group=None: "nccl", reduce_scatter_tensor
+    try:
+        got = mappings.reduce_scatter_along_sequence(x)
+    finally:
+        mappings.dist.get_backend, mappings.dist.reduce_scatter_tensor = saved
+    assert get_tensor_model_parallel_group() is not None
+    _close(got, want, f"tp{tp} NCCL-path reduce-scatter layout", rtol=0, atol=1e-6)
+
+
 def model_checks(ref: dict, tp: int) -> list[str]:
     """Run at TP = ``tp`` (groups built by the caller); returns the names of the checks passed."""
     from megatron_lite.parallel.random import model_parallel_manual_seed
 
-    done = []
+    nccl_reduce_scatter_path(tp)
+    done = [f"tp{tp}:nccl_path"]
     for name in CASES:
         got = run_case(name, True)
         _close(got["loss"], ref[name]["loss"], f"tp{tp} {name} per-token loss with SP")
@@ -124,6 +183,13 @@ def model_checks(ref: dict, tp: int) -> list[str]:
         done.append(f"tp{tp}:{name}")
     _close(odd_length_logits(True), ref["odd_logits"], f"tp{tp} odd-length logits with SP")
     done.append(f"tp{tp}:odd_length")
+    # The planner's SP saving is what SP saves: (4 L + 1) p s b h (1 - 1/t) (norm inputs, QKV and MLP
+    # inputs of every layer, the final norm's input); measured, the norms' [b, s, 1] rstd shrink too.
+    measured = saved_activation_bytes(False) - saved_activation_bytes(True)
+    planned = planner_sp_saving(tp)
+    if abs(measured - planned) > 0.02 * planned:
+        raise AssertionError(f"tp{tp}: SP saves {measured} activation bytes, the planner says {planned}")
+    done.append(f"tp{tp}:planner_saving")
     # SP hidden dropout under full recompute: the recompute must replay the per-rank masks.
     from megatron_lite.model.llama import LlamaModel
 
@@ -235,7 +301,8 @@ def test_sequence_parallel_matches_without(launch):
 def test_sequence_parallel_model_level(launch):
     _, res = launch
     expected = [f"tp{tp}:{n}" for tp in (2, 4) for n in CASES]
-    expected += [f"tp{tp}:{k}" for tp in (2, 4) for k in ("odd_length", "dropout_recompute")]
+    expected += [f"tp{tp}:{k}" for tp in (2, 4) for k in ("nccl_path", "odd_length", "planner_saving",
+                                                             "dropout_recompute")]
     assert sorted(res["model_checks"]) == sorted(expected)
 
 
@@ -280,6 +347,19 @@ def test_tp1_ignores_the_model_field():
     ref = run_case("plain", False)
     got = run_case("plain", True)
     assert torch.equal(got["loss"], ref["loss"])
+
+
+def test_planner_output_layer_with_sequence_parallel():
+    """The final norm's input is split over TP with SP; the LM head's (gathered) input is not."""
+    from megatron_lite.planning import memory
+
+    s, b, h, a, g, f, L, V, t, p = 64, 2, 32, 4, 4, 96, 2, 256, 2, 4
+    off, on = (memory.activation_memory(s, b, h, a, g, f, L, V, t, sp, bytes_per_element=p, fused_norm=True)
+               for sp in (False, True))
+    assert off.output_layer - off.loss_logits == 2 * p * s * b * h
+    assert on.output_layer - on.loss_logits == p * s * b * h // t + p * s * b * h
+    assert off.loss_logits == on.loss_logits
+    assert off.per_layer - on.per_layer == 4 * p * s * b * h // t   # norm, QKV, MLP inputs: / t
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ def plan_lines(cfg) -> list[str]:
         f"world size              : {d.world_size}  (TP {cfg.parallel.tensor_model_parallel_size}"
         + (f" x CP {cp}" if (cp := cfg.parallel.context_parallel_size) > 1 else "")
         + f" x D {d.data_parallel_size}, PP 1)",
+        *sequence_parallel_lines(cfg),
         *context_parallel_lines(cfg),
         *kv_replication_lines(cfg),
         f"ZeRO stage              : {cfg.parallel.zero_stage}"
@@ -74,6 +75,18 @@ def kv_replication_lines(cfg) -> list[str]:
     extra = m.num_layers * 2 * m.head_dim * m.hidden_size * (tp - g) // tp
     return [f"KV groups               : {g} < TP {tp}: each group's K/V weights replicated on {tp // g} "
             f"TP ranks, gradients summed over them (+{extra:,} params per rank)"]
+
+
+def sequence_parallel_lines(cfg) -> list[str]:
+    """One plan line with ``--sequence-parallel`` (none without it: a default plan is unchanged)."""
+    par = cfg.parallel
+    if not par.sequence_parallel:
+        return []
+    tp, s = par.tensor_model_parallel_size, cfg.model.seq_length
+    per_rank = s // (tp * par.context_parallel_size)
+    return [f"sequence parallel       : on  (norms, residuals, dropout on {per_rank} of the sample's "
+            f"tokens per TP rank; all-gather / reduce-scatter along the sequence replace the TP "
+            f"all-reduces)"]
 
 
 def packing_lines(cfg) -> list[str]:

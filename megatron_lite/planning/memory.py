@@ -287,7 +287,11 @@ def activation_memory(seq_length: int, micro_batch_size: int, hidden_size: int,
     recomputed holds its no-recompute activations once (Korthikanti et al. 2022, section 4:
     "2sbhL" stored plus one layer's working set). The output layer (Korthikanti section 4.3,
     adapted): final RMSNorm input and LM-head input, p·sbh each (+ 4·sbh for an eager norm's
-    normalized copy; replicated unless SP), plus the logits at their peak: the LM head's fp32
+    normalized copy). With sequence parallelism the final norm's input (and copy) is /t, but the
+    LM head's input stays p·sbh: the final norm's output is all-gathered to the whole sequence
+    before the head (``model/llama.py``), and the head's GEMM saves that gathered input (Megatron
+    keeps the s/t slice and gathers again in backward; we keep the full one so the chunked loss
+    can cut the gathered tokens). Then the logits at their peak: the LM head's fp32
     logits, which the vocab-parallel loss turns into its softmax/gradient buffer in place
     (megatron_lite/layers/cross_entropy.py, ``inplace=True``), 4·s·b·V/t bytes, and with 16-bit
     activations the head's 16-bit output beside its fp32 upcast (and the 16-bit gradient beside
@@ -341,8 +345,8 @@ def activation_memory(seq_length: int, micro_batch_size: int, hidden_size: int,
         layers = per_layer * n + full_layer * (num_layers - n)
     t = tensor_parallel_size
     sb = seq_length * micro_batch_size
-    head = 2 * bytes_per_element + (0 if fused_norm else 4)
-    head_inputs = head * sb * hidden_size // (t if sequence_parallel else 1)
+    norm_input = (bytes_per_element + (0 if fused_norm else 4)) * sb * hidden_size
+    head_inputs = norm_input // (t if sequence_parallel else 1) + bytes_per_element * sb * hidden_size
     upcast_from = bytes_per_element if bytes_per_element < 4 else 0  # fp32: .float() is a no-op
     local_vocab = -(-padded_vocab_size // t)
     if cross_entropy_chunk_tokens is None:
