@@ -140,9 +140,8 @@ class StallWatchdog(Callback):
     # ---- hooks -----------------------------------------------------------------------------------
     def on_train_start(self, trainer) -> None:
         self.state, self.started = trainer.state, time.time()
-        if self.folder:
-            os.makedirs(self.folder, exist_ok=True)
-            try:   # a report of an earlier attempt must not be read as this one's
+        if self.folder:   # a report of an earlier attempt must not be read as this one's
+            try:
                 os.remove(os.path.join(self.folder, f"rank_{self.rank}.txt"))
             except FileNotFoundError:
                 pass
@@ -204,6 +203,7 @@ class StallWatchdog(Callback):
         renamed, so a reader never sees half of it."""
         if not self.folder:
             return None
+        os.makedirs(self.folder, exist_ok=True)
         path = os.path.join(self.folder, f"rank_{self.rank}.txt")
         tmp = f"{path}.tmp{os.getpid()}"
         with open(tmp, "w") as f:
