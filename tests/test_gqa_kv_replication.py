@@ -10,8 +10,8 @@ TP = 1 losses and weights (replicas stay bitwise equal). The planner's exact per
 (conversion: tests/test_convert_checkpoint.py).
 
 Training through DeepSpeed (slow; one torchrun launch of this file, 4 gloo processes, fp32): the
-tiny preset (2 KV groups) at TP = 4 with ZeRO-3 and sequence parallelism (D = 1, accumulation
-A = 4) gives the TP = 1 run's (ZeRO-1, D = 4) per-step losses and global grad norms (DeepSpeed's
+tiny preset (2 KV groups) at TP = 4 with ZeRO-3, sequence parallelism and full recompute (D = 1,
+accumulation A = 4) gives the TP = 1 run's (ZeRO-1, D = 4) per-step losses and global grad norms (DeepSpeed's
 own norm, which counts each replicated KV group once).
 """
 
@@ -263,7 +263,8 @@ TRAIN = ["--model-size", "tiny", "--vocab-size", "256", "--seq-length", "64", "-
          "--lr-warmup-iters", "1", "--split", "100,0,0", "--num-workers", "0", "--log-interval", "1",
          "--eval-interval", "0", "--seed", "7", "--device", "cpu", "--fp32"]
 RUNS = {"tp1": ["--tp", "1", "--zero-stage", "1"],                                # D = 4, A = 1
-        "tp4_z3_sp": ["--tp", "4", "--zero-stage", "3", "--sequence-parallel"]}   # D = 1, A = 4
+        "tp4_z3_sp": ["--tp", "4", "--zero-stage", "3", "--sequence-parallel",   # D = 1, A = 4
+                      "--recompute-granularity", "full"]}
 
 
 def _driver(root: str) -> None:
