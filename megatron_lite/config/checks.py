@@ -236,18 +236,19 @@ def check_sequence_parallel(cfg) -> None:
 
     Raises:
         ConfigError: TP = 1 (nothing to split over), or a sequence that does not split evenly
-            over the TP ranks.
+            over the TP ranks (s / CP tokens per context-parallel rank, divisible by TP).
     """
     par = cfg.parallel
     if not par.sequence_parallel:
         return
-    tp, s = par.tensor_model_parallel_size, cfg.model.seq_length
+    tp, cp, s = par.tensor_model_parallel_size, par.context_parallel_size, cfg.model.seq_length
     if tp == 1:
         raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
-    if s % tp:
+    if s % (tp * cp):
+        per_rank = "" if cp == 1 else f" x --context-parallel-size {cp}"
         raise ConfigError(f"--sequence-parallel: --seq-length {s} is not divisible by "
-                          f"--tensor-model-parallel-size {tp} (each TP rank holds seq-length / {tp} "
-                          f"tokens); use a multiple of {tp}")
+                          f"--tensor-model-parallel-size {tp}{per_rank} (each TP rank holds "
+                          f"seq-length / {tp * cp} tokens); use a multiple of {tp * cp}")
 
 
 # Backends whose setting context parallelism honours: ring attention computes every block with

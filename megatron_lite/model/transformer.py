@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from megatron_lite.layers.init import replicated_parameter
 from megatron_lite.layers.linear import ColumnParallelLinear, RowParallelLinear
 from megatron_lite.layers.qkv_linear import KVReplicatedQKVLinear
-from megatron_lite.ops.swiglu_rmsnorm import rms_norm, swiglu
+from megatron_lite.ops.kernels import TORCH_KERNELS
 from megatron_lite.parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron_lite.parallel.random import get_rng_tracker
 from megatron_lite.parallel.state import get_tensor_model_parallel_world_size
@@ -52,7 +52,10 @@ class RMSNorm(torch.nn.Module):
     identical on every TP rank, complete, and nothing is left for the optimizer, DeepSpeed's ZeRO
     stages or gradient accumulation to do (Megatron sums these gradients in
     ``finalize_model_grads`` instead; the result is the same).
+    ``kernels``: the ``--fused-kernels`` implementation (``model.compile.use_fused_kernels``).
     """
+
+    kernels = TORCH_KERNELS
 
     def __init__(self, hidden_size: int, eps: float, *, params_dtype=torch.float32, device=None,
                  sequence_parallel: bool = False):
@@ -66,7 +69,7 @@ class RMSNorm(torch.nn.Module):
         """x ``[b, s, H]`` (``[b, s/TP, H]`` with SP) -> same shape in x's dtype (times the weight's
         promotion); backward by hand (``megatron_lite.ops.swiglu_rmsnorm.rms_norm``)."""
         weight = copy_to_tensor_model_parallel_region(self.weight) if self.sequence_parallel else self.weight
-        return rms_norm(x, weight, self.eps)
+        return self.kernels.rms_norm(x, weight, self.eps)
 
 
 class SelfAttention(torch.nn.Module):
@@ -76,6 +79,8 @@ class SelfAttention(torch.nn.Module):
         config: ``ModelConfig`` (validated for this TP degree).
         device: parameter device.
     """
+
+    kernels = TORCH_KERNELS  # --fused-kernels: RoPE from a library when it has one
 
     def __init__(self, config, *, device=None):
         super().__init__()
@@ -113,7 +118,7 @@ class SelfAttention(torch.nn.Module):
         q = q.view(b, s, self.heads, self.head_dim)  # views of the fused output; RoPE copies q, k
         k = k.view(b, s, self.kv_heads, self.head_dim)
         v = v.view(b, s, self.kv_heads, self.head_dim)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin, fused=not self.config.no_fused_rope)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin, fused=not self.config.no_fused_rope, impl=self.kernels.rope)
         if self.config.recompute_granularity == "selective" and self.training and torch.is_grad_enabled():
             # Korthikanti et al. 2022 ("Reducing Activation Recomputation"), sec. 5: keep the cheap
             # linear layers' activations, recompute only the O(s^2) core attention in backward.
@@ -126,6 +131,8 @@ class SelfAttention(torch.nn.Module):
 class SwiGLUMLP(torch.nn.Module):
     """down(silu(gate(x)) * up(x)) (Shazeer 2020, "GLU Variants Improve Transformer", eq. 6);
     gate and up fused in one column-parallel GEMM, down row-parallel with init std / sqrt(2 L)."""
+
+    kernels = TORCH_KERNELS  # --fused-kernels
 
     def __init__(self, config, *, device=None):
         super().__init__()
@@ -141,7 +148,7 @@ class SwiGLUMLP(torch.nn.Module):
         """x ``[b, s, H]`` -> ``[b, s, H]`` (``[b, s/TP, H]`` in and out with SP); the
         ``[b, s, H'/TP]`` intermediate stays on this rank."""
         # swiglu: gate/up gradients written into one buffer (no cat in backward), see ops/.
-        return self.down_proj(swiglu(self.gate_up_proj(x)))
+        return self.down_proj(self.kernels.swiglu(self.gate_up_proj(x)))
 
 
 class TransformerLayer(torch.nn.Module):
