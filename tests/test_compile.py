@@ -61,11 +61,18 @@ def _packed_batch(step: int):
     return tokens, pos, torch.tensor(cu, dtype=torch.int32), max(lengths)
 
 
-def _train(model, steps=STEPS, after_first=None) -> list[float]:
+def _unpacked_batch(step: int):
+    """The batch without --reset-attention-mask: cu_seqlens = the row starts only."""
+    tokens = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(200 + step))
+    pos = torch.arange(S).expand(B, S)
+    return tokens, pos, torch.arange(0, B * S + 1, S, dtype=torch.int32), S
+
+
+def _train(model, steps=STEPS, after_first=None, batch=_packed_batch) -> list[float]:
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     losses = []
     for step in range(steps):
-        tokens, pos, cu, max_len = _packed_batch(step)
+        tokens, pos, cu, max_len = batch(step)
         labels = torch.roll(tokens, -1, dims=1)
         loss = model(tokens, position_ids=pos, cu_seqlens=cu, max_seqlen=max_len, labels=labels).mean()
         opt.zero_grad()
@@ -77,14 +84,14 @@ def _train(model, steps=STEPS, after_first=None) -> list[float]:
     return losses
 
 
-def _compare(config: ModelConfig, backend: str) -> None:
+def _compare(config: ModelConfig, backend: str, batch=_packed_batch, packed_documents=True) -> None:
     """Eager vs compiled losses for 5 steps; no compilation after step 1 (asserted exactly)."""
     torch.manual_seed(0)
     eager = LlamaModel(config)
     compiled = copy.deepcopy(eager)
     torch._dynamo.reset()
     counters.clear()
-    compile_transformer_blocks(compiled, backend)
+    compile_transformer_blocks(compiled, backend, packed_documents=packed_documents)
     frames_after_first = []
 
     def freeze():
@@ -92,10 +99,10 @@ def _compare(config: ModelConfig, backend: str) -> None:
         torch._dynamo.config.error_on_recompile = True
 
     try:
-        got = _train(compiled, after_first=freeze)
+        got = _train(compiled, after_first=freeze, batch=batch)
     finally:
         torch._dynamo.config.error_on_recompile = False
-    want = _train(eager)
+    want = _train(eager, batch=batch)
     assert frames_after_first[0] > 0, "nothing was compiled"
     assert counters["frames"]["total"] == frames_after_first[0], dict(counters["frames"])
     for step, (a, b) in enumerate(zip(got, want)):
@@ -104,6 +111,13 @@ def _compare(config: ModelConfig, backend: str) -> None:
 
 def test_compiled_blocks_match_eager_inductor_tp1():
     _compare(_config(), "inductor")
+
+
+def test_row_starts_only_keep_attention_in_the_graph():
+    """Without --reset-attention-mask (packed_documents=False) the row-start cu_seqlens is dropped
+    before the blocks: no graph break at all at TP=1, same losses, no recompile."""
+    _compare(_config(), "aot_eager", batch=_unpacked_batch, packed_documents=False)
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
 
 
 def _tp2_worker(rank, world):

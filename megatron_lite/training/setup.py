@@ -159,7 +159,8 @@ def build_components(cfg, lock: RunLock,
     # and the checkpoint layout stay those of the eager model).
     use_fused_kernels(model, cfg.training.fused_kernels, device.type)
     if cfg.training.compile:
-        compile_transformer_blocks(model, cfg.training.compile_backend)
+        compile_transformer_blocks(model, cfg.training.compile_backend,
+                                   packed_documents=cfg.data.reset_attention_mask)
     if model_setup is not None:
         model_setup(model, cfg)
     optimizer = build_optimizer(model, cfg, device, clip_in_optimizer(cfg))
