@@ -253,7 +253,8 @@ def test_plan_line_and_dry_run_layout_checks():
     assert ("KV groups               : 4 < TP 8: each group's K/V weights replicated on 2 TP ranks, "
             "gradients summed over them (+2,883,584 params per rank)") in format_plan(cfg(8)).splitlines()
     assert "KV groups" not in format_plan(cfg(4))
-    with pytest.raises(ConfigError, match="--num-attention-heads 32 is not divisible by --tensor-model-parallel-size 64"):
+    with pytest.raises(ConfigError,
+                       match="--num-attention-heads 32 is not divisible by --tensor-model-parallel-size 64"):
         cfg(64)
 
 
