@@ -194,3 +194,14 @@ def test_plan_names_compile_and_kernels_only_when_asked():
     plan = format_plan(parse_args(BASE + ["--compile", "--compile-backend", "aot_eager"], world_size=1))
     assert ("kernels                 : torch.compile per block (aot_eager; packed-document attention "
             "and TP collectives eager between graphs); --fused-kernels torch (ours)") in plan.splitlines()
+
+
+def test_compile_with_inductor_refused_without_a_cxx_compiler(monkeypatch):
+    from megatron_lite.config import checks
+
+    monkeypatch.setattr(checks.shutil, "which", lambda name: None)
+    with pytest.raises(ConfigError) as e:
+        parse_args(BASE + ["--compile"], world_size=1)
+    assert str(e.value) == ("--compile (inductor backend) needs a C++ compiler on CPU and none is on PATH "
+                            "(install g++), or use --compile-backend aot_eager")
+    parse_args(BASE + ["--compile", "--compile-backend", "aot_eager"], world_size=1)   # no compiler needed
