@@ -14,9 +14,21 @@ Prints (no assertions; figures depend on the machine):
    one random read of ``sizes`` per shuffled document, so their ratio stays at a few x; the
    loop ratio is what compiling the scalar algorithm buys.
 
+3. With ``--vs-megatron-core``: the loader against Megatron-core's (pip ``megatron-core``, its
+   prebuilt C++ helpers; installed with ``--no-deps`` into the work folder when not importable).
+   The same blend is built by both: 3 synthetic corpora (``--blend-corpus-tokens`` each, uint16,
+   lognormal document lengths), weights 0.5/0.3/0.2, ``--seq-length`` 4096, enough train samples
+   for ``--blend-index-tokens`` (1e9) tokens, seed 1234, cold caches. Printed side by side: index
+   build time (ours: GPTDatasets + blend; theirs: ``BlendedMegatronDatasetBuilder.build()``), and
+   samples/s read through a ``torch.utils.data.DataLoader`` with 2 workers (micro-batch 8,
+   ``--loader-samples`` samples; Megatron-core without its dense attention mask, as runs with
+   flash attention use it); then whether the two yield the same token sequences for the same
+   sample indices, per corpus (GPTDataset alone) and for the blend.
+
 MB are 10^6 bytes of the JSONL input. Usage::
 
     python bench/bench_data.py [--max-mb 16] [--vocab-size 8000] [--index-tokens 1e10]
+    python bench/bench_data.py --skip-preprocess --skip-index --vs-megatron-core
 """
 
 from __future__ import annotations
@@ -251,6 +263,146 @@ def bench_sample_index(args) -> dict[str, float]:
     return times
 
 
+MCORE_VERSION = "0.14.0"
+BLEND_WEIGHTS = (0.5, 0.3, 0.2)
+
+
+def _import_megatron_core(work: str, path: str | None):
+    """``megatron.core.datasets`` modules, installing megatron-core (no deps) into ``work`` when
+    it is not importable (its wheel ships the compiled helpers)."""
+    import importlib
+    import subprocess
+
+    for extra in ([path] if path else []) + [os.path.join(work, "mcore")]:
+        if extra not in sys.path and os.path.isdir(extra):
+            sys.path.insert(0, extra)
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")  # unused here
+    try:
+        importlib.import_module("megatron.core.datasets.gpt_dataset")
+    except ImportError:
+        target = os.path.join(work, "mcore")
+        print(f"installing megatron-core=={MCORE_VERSION} (--no-deps) into {target}", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", target,
+                        f"megatron-core=={MCORE_VERSION}"], check=True)
+        sys.path.insert(0, target)
+    gpt = importlib.import_module("megatron.core.datasets.gpt_dataset")
+    builder = importlib.import_module("megatron.core.datasets.blended_megatron_dataset_builder")
+    return gpt, builder
+
+
+def make_blend_corpora(work: str, tokens: int, mean_doc: int) -> list[str]:
+    """Three synthetic corpora of ``tokens`` tokens each (ids in [1, 32000), EOD 0 ending each
+    document, lognormal lengths with mean ``mean_doc``); returns their prefixes."""
+    from megatron_lite.data.indexed import IndexedDatasetBuilder
+
+    prefixes = []
+    for c in range(3):
+        rng = np.random.default_rng(100 + c)
+        prefix = os.path.join(work, f"corpus{c}_text_document")
+        lengths = np.maximum(rng.lognormal(np.log(mean_doc) - 0.5, 1.0, size=2 * tokens // mean_doc).astype(np.int64), 2)
+        lengths = lengths[:np.searchsorted(np.cumsum(lengths), tokens) + 1]
+        b = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+        flat = rng.integers(1, 32000, size=int(lengths.sum()), dtype=np.uint16)
+        ends = np.cumsum(lengths)
+        flat[ends - 1] = 0
+        starts = ends - lengths
+        for a, e in zip(starts.tolist(), ends.tolist()):
+            b.add_document(flat[a:e])
+        b.finalize(prefix + ".idx")
+        prefixes.append(prefix)
+    return prefixes
+
+
+class _Tok:
+    """What Megatron-core's GPTDataset reads from a tokenizer (ids, and the identity it hashes
+    into its cache key)."""
+    eod, pad = 0, -1
+    unique_identifiers = {"class": "bench_data.synthetic", "eod": 0}
+
+
+def _loader_rate(loader, n_batches: int, batch: int) -> float:
+    it = iter(loader)
+    next(it)  # the workers' start-up is not the loader's steady rate
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+        next(it)
+    return n_batches * batch / (time.perf_counter() - t0)
+
+
+def bench_vs_megatron_core(args, work: str) -> dict:
+    """Section 3 of the module docstring."""
+    import torch
+
+    from megatron_lite.data.builder import build_data_loader, build_train_valid_test_datasets
+    from megatron_lite.data.data_config import DataConfig
+
+    gpt_mod, builder_mod = _import_megatron_core(work, args.megatron_core_path)
+    if not torch.distributed.is_initialized():  # Megatron-core's BlendedDataset asks for the rank
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    seq = args.seq_length
+    n_samples = int(float(args.blend_index_tokens)) // seq
+    t0 = time.perf_counter()
+    prefixes = make_blend_corpora(work, int(float(args.blend_corpus_tokens)), args.mean_doc_tokens)
+    print(f"\n3. loader vs Megatron-core {MCORE_VERSION}: 3 corpora x {float(args.blend_corpus_tokens):.3g} "
+          f"tokens (made in {time.perf_counter() - t0:.1f} s), weights {BLEND_WEIGHTS}, seq {seq}, "
+          f"{n_samples} train samples ({n_samples * seq:.3g} tokens)")
+    blend_arg = [x for w, p in zip(BLEND_WEIGHTS, prefixes) for x in (str(w), p)]
+    ours_cfg = DataConfig(data_path=blend_arg, split="100,0,0", data_cache_path=os.path.join(work, "cache_ours"))
+    t0 = time.perf_counter()
+    ours, _, _ = build_train_valid_test_datasets(ours_cfg, seq, (n_samples, 0, 0), seed=1234, eod_id=0)
+    t_ours = time.perf_counter() - t0
+    mc_cfg = gpt_mod.GPTDatasetConfig(
+        random_seed=1234, sequence_length=seq, blend=(prefixes, list(BLEND_WEIGHTS)), split="100,0,0",
+        path_to_cache=os.path.join(work, "cache_mcore"), tokenizer=_Tok(), reset_position_ids=False,
+        reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False)
+    t0 = time.perf_counter()
+    theirs = builder_mod.BlendedMegatronDatasetBuilder(gpt_mod.GPTDataset, [n_samples, 0, 0],
+                                                       lambda: True, mc_cfg).build()[0]
+    t_theirs = time.perf_counter() - t0
+    print(f"   index build (cold cache): ours {fmt_seconds(t_ours)}, Megatron-core {fmt_seconds(t_theirs)}, "
+          f"Megatron-core / ours {fmt_ratio(t_theirs, t_ours)}")
+    mb, batches = 8, max(1, args.loader_samples // 8)
+    torch.set_num_threads(1)
+    ours_loader = build_data_loader(ours, 0, mb, 0, 1, num_workers=2)
+    theirs_loader = torch.utils.data.DataLoader(theirs, batch_size=mb, num_workers=2, shuffle=False)
+    r_ours, r_theirs = _loader_rate(ours_loader, batches, mb), _loader_rate(theirs_loader, batches, mb)
+    print(f"   DataLoader, 2 workers, micro-batch {mb}, {batches * mb} samples: ours {r_ours:.0f} samples/s, "
+          f"Megatron-core {r_theirs:.0f} samples/s, ours / Megatron-core {fmt_ratio(r_ours, r_theirs)}")
+    same = _same_samples(ours, theirs, prefixes, seq, gpt_mod, mc_cfg, work)
+    return {"build_s": (t_ours, t_theirs), "samples_per_s": (r_ours, r_theirs), "same": same}
+
+
+def _same_samples(ours, theirs, prefixes, seq, gpt_mod, mc_cfg, work) -> dict:
+    """Where the two algorithms coincide, do they give the same result? The blend's source of
+    every position (both use Megatron's greedy interleave, ``build_blending_indices``) and the
+    position within that source; and, per corpus, the samples per epoch ((T - 1) // L in both).
+    The samples' contents differ by design: ours shuffles documents per epoch and samples per
+    epoch block from ``(seed, e)`` (so a blended source can grow on resume without reordering,
+    ``data/gpt_dataset.py``), Megatron-core shuffles with one ``RandomState(seed)`` over all epochs."""
+    m = min(len(ours.dataset_index), len(theirs.dataset_index))
+    src_same = bool(np.array_equal(np.asarray(ours.dataset_index[:m]), np.asarray(theirs.dataset_index[:m])))
+    pos_same = bool(np.array_equal(np.asarray(ours.dataset_sample_index[:m]),
+                                   np.asarray(theirs.dataset_sample_index[:m])))
+    per_epoch = []
+    for j, p in enumerate(prefixes):
+        mine = ours.datasets[j]
+        other = theirs.datasets[j]
+        theirs_b = (other._get_num_tokens_per_epoch() - 1) // seq  # their own epoch arithmetic
+        per_epoch.append((int(mine.samples_per_epoch), theirs_b))
+    print(f"   same result where the algorithms coincide: blend source of each of {m} positions "
+          f"{'identical' if src_same else 'DIFFERENT'}, position within the source "
+          f"{'identical' if pos_same else 'DIFFERENT'}; samples per epoch (ours, Megatron-core): {per_epoch}")
+    print("   sample contents differ by design (document/sample shuffles; see data/gpt_dataset.py)")
+    return {"blend_sources": src_same, "blend_positions": pos_same, "samples_per_epoch": per_epoch}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--max-mb", type=float, default=16.0, help="JSONL corpus size, MB")
@@ -264,6 +416,11 @@ def main(argv=None) -> int:
     p.add_argument("--skip-loop", action="store_true", help="do not time the Python-loop walk")
     p.add_argument("--skip-index", action="store_true", help="only the preprocess benchmark")
     p.add_argument("--work-dir", default=None, help="scratch folder (default: a temp dir)")
+    p.add_argument("--vs-megatron-core", action="store_true", help="section 3: ours vs Megatron-core's loader")
+    p.add_argument("--megatron-core-path", default=None, help="folder holding an installed megatron-core")
+    p.add_argument("--blend-corpus-tokens", default="5e7", help="tokens per corpus of the section-3 blend")
+    p.add_argument("--blend-index-tokens", default="1e9", help="train tokens the section-3 index covers")
+    p.add_argument("--loader-samples", type=int, default=2000, help="samples read per loader in section 3")
     args = p.parse_args(argv)
     import sentencepiece
 
@@ -276,6 +433,8 @@ def main(argv=None) -> int:
             bench_preprocess(args, work)
         if not args.skip_index:
             bench_sample_index(args)
+        if args.vs_megatron_core:
+            bench_vs_megatron_core(args, work)
     return 0
 
 
