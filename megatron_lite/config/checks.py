@@ -19,8 +19,9 @@ import torch
 import yaml
 
 from megatron_lite.config.batch_ramp import ramp_from_config
-from megatron_lite.data.blended import load_stages
-from megatron_lite.data.data_config import parse_data_path
+from megatron_lite.data.blended import load_stage_bounds, load_stages
+from megatron_lite.data.data_config import parse_data_path, train_corpus_names
+from megatron_lite.data.mixing import load_reference_losses, parse_share_bounds
 from megatron_lite.data.tokenizer import build_tokenizer
 from megatron_lite.config.sections import parse_rank_list
 from megatron_lite.errors import ConfigError
@@ -528,6 +529,7 @@ def check_input_paths(cfg) -> None:
                 raise ConfigError(f"{flag} {prefix}: {problem}")
     if dc.data_stages:
         check_data_stages(dc)
+    check_data_mixing(cfg)
     if dc.tokenizer_model and not os.path.exists(dc.tokenizer_model):
         raise ConfigError(missing_tokenizer(dc.tokenizer_model))
     check_load_path(cfg.checkpoint.load, cfg.checkpoint.save)
@@ -612,6 +614,42 @@ def check_data_stages(dc) -> None:
         load_stages(dc.data_stages, prefixes)
     except (ValueError, TypeError, OSError, yaml.YAMLError) as e:
         raise ConfigError(f"--data-stages {' '.join(str(e).split())}") from None
+
+
+def check_data_mixing(cfg) -> None:
+    """Mixing controls of the train blend (issue 18): ``--data-share-bounds`` (and the stages'
+    ``bounds``) name train corpora and are feasible; online mixing has per-corpus validation on an
+    interval it can use and a readable ``--mixing-reference``. Feasibility against
+    ``--data-max-epochs`` needs the corpora's sizes and is checked when the data is built
+    (:func:`megatron_lite.data.builder.check_caps_feasible`).
+
+    Raises:
+        ConfigError: one line naming the flag.
+    """
+    dc, ev = cfg.data, cfg.eval
+    names = train_corpus_names(dc)
+    try:
+        parse_share_bounds(dc.data_share_bounds, names)
+        if dc.data_stages and os.path.isfile(dc.data_stages):
+            load_stage_bounds(dc.data_stages, names)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if dc.mixing_update != "online":
+        return
+    if len(names) < 2:
+        raise ConfigError("--mixing-update online needs a blend of at least two train corpora (--data-path)")
+    if not ev.eval_interval:
+        raise ConfigError("--mixing-update online reads the per-corpus validation losses: set --eval-interval")
+    k = dc.mixing_update_interval
+    if k is not None and k % ev.eval_interval:
+        raise ConfigError(f"--mixing-update-interval {k} must be a multiple of --eval-interval "
+                          f"{ev.eval_interval} (the update reads that step's validation losses)")
+    if dc.mixing_reference:
+        try:
+            load_reference_losses(dc.mixing_reference, names)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--mixing-reference {dc.mixing_reference}: {' '.join(str(e).split())}"
+                              if not str(e).startswith("--mixing-reference") else str(e)) from None
 
 
 def check_load_path(load: str | None, save: str | None) -> None:

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from megatron_lite.data.helpers import build_blending_indices
+from megatron_lite.data.mixing import effective_weights, parse_share_bounds
 
 
 def normalize_weights(weights: Sequence[float]) -> np.ndarray:
@@ -61,7 +62,8 @@ def temperature_weights(token_counts: Sequence[int], temperature: float) -> np.n
 def load_stages(path: str, prefixes: Sequence[str]) -> List[Tuple[int, np.ndarray]]:
     """Read a ``--data-stages`` YAML file into ``[(until_tokens, weights), ...]``.
 
-    Each entry is ``{until_tokens: int, weights: [w per --data-path source] | {prefix: w}}``.
+    Each entry is ``{until_tokens: int, weights: [w per --data-path source] | {prefix: w}}``, with
+    an optional ``bounds: {corpus name: [lo, hi]}`` read by :func:`load_stage_bounds`.
 
     Raises:
         ValueError: naming the file and entry when a stage is malformed or not increasing.
@@ -77,8 +79,10 @@ def load_stages(path: str, prefixes: Sequence[str]) -> List[Tuple[int, np.ndarra
     stages, prev = [], -1
     for k, st in enumerate(raw):
         where = f"{path}: stage {k}"
-        if not isinstance(st, dict) or set(st) != {"until_tokens", "weights"}:
-            raise ValueError(f"{where}: needs exactly the keys until_tokens and weights, got {st!r}")
+        if not isinstance(st, dict) or not {"until_tokens", "weights"} <= set(st) <= \
+                {"until_tokens", "weights", "bounds"}:
+            raise ValueError(f"{where}: needs exactly the keys until_tokens and weights (bounds "
+                             f"optional), got {st!r}")
         until = int(float(st["until_tokens"]))
         if until <= prev:
             raise ValueError(f"{where}: until_tokens {until} must exceed the previous stage's {prev}")
@@ -95,6 +99,117 @@ def load_stages(path: str, prefixes: Sequence[str]) -> List[Tuple[int, np.ndarra
     return stages
 
 
+def load_stage_bounds(path: str, names: Sequence[str]) -> List[Optional[Tuple[np.ndarray, np.ndarray]]]:
+    """Per-stage share bounds from a ``--data-stages`` file's optional ``bounds`` keys.
+
+    ``bounds: {corpus name: [lo, hi]}`` (names as in per-corpus validation, see
+    :func:`~megatron_lite.data.data_config.corpus_names`; a prefix is accepted too); a stage without
+    the key gets None (the ``--data-share-bounds`` apply there).
+
+    Raises:
+        ValueError: naming the file and stage (see :func:`~megatron_lite.data.mixing.parse_share_bounds`).
+    """
+    import yaml  # why: yaml is only needed when a stage file is given
+
+    with open(path) as f:
+        raw = yaml.safe_load(f)
+    if isinstance(raw, dict) and "stages" in raw:
+        raw = raw["stages"]
+    out: List[Optional[Tuple[np.ndarray, np.ndarray]]] = []
+    for k, st in enumerate(raw):
+        b = st.get("bounds") if isinstance(st, dict) else None
+        if b is None:
+            out.append(None)
+            continue
+        if not isinstance(b, dict) or not all(isinstance(v, (list, tuple)) and len(v) == 2 for v in b.values()):
+            raise ValueError(f"{path}: stage {k}: bounds must map corpus names to [lo, hi], got {b!r}")
+        specs = [f"{name}:{'' if v[0] is None else v[0]}:{'' if v[1] is None else v[1]}" for name, v in b.items()]
+        out.append(parse_share_bounds(specs, names, flag=f"--data-stages {path}: stage {k}: bounds"))
+    return out
+
+
+def stage_starts(stages: List[Tuple[int, np.ndarray]], tokens_per_sample: int) -> List[int]:
+    """First blended position of each stage: ``[0, ceil(N_0/L), ceil(N_1/L), ...]``."""
+    return [0] + [-(-until // tokens_per_sample) for until, _ in stages[:-1]]
+
+
+def _segments(stages, tokens_per_sample: int, history) -> List[Tuple[int, np.ndarray, int]]:
+    """``[(start, weights, stage)]`` sorted by start: each stage's start with its weights, and each
+    online weight change ``(position, weights)`` (after a stage start at the same position)."""
+    starts = stage_starts(stages, tokens_per_sample)
+    segs = [(starts[k], w, k, 0) for k, (_, w) in enumerate(stages)]
+    for pos, w in history:
+        k = max(i for i, s in enumerate(starts) if s <= pos)
+        segs.append((int(pos), np.asarray(w, np.float64), k, 1))
+    segs.sort(key=lambda x: (x[0], x[3]))
+    return [(a, w, k) for a, w, k, _ in segs]
+
+
+def _walk(w, bounds, a: int, b: int, counts: np.ndarray, caps: Optional[np.ndarray], out: list) -> None:
+    """Greedy interleave of positions ``[a, b)`` with weights ``w``, restarted (with the exhausted
+    corpus' weight redistributed) each time a corpus reaches its cap; appends
+    ``(start, effective weights, di, dsi)`` pieces to ``out`` and advances ``counts``."""
+    pos = a
+    while pos < b:
+        exhausted = counts >= caps if caps is not None else np.zeros(len(w), bool)
+        # No bounds and no exhausted corpus: the stage's weights as given (bitwise today's blend).
+        we = effective_weights(w, exhausted, bounds) if bounds is not None or exhausted.any() else w
+        di, dsi = build_blending_indices(we, b - pos, counts)
+        cut = b - pos
+        if caps is not None:
+            for j in np.flatnonzero(we > 0):
+                hits = np.flatnonzero(di == j)
+                room = int(caps[j] - counts[j])
+                if len(hits) >= room:   # its cap-th sample: the next position is drawn without it
+                    cut = min(cut, int(hits[room - 1]) + 1)
+        di, dsi = di[:cut], dsi[:cut]
+        counts += np.bincount(di, minlength=len(w)).astype(np.int64)
+        out.append((pos, np.asarray(we, np.float64), di, dsi))
+        pos += cut
+
+
+def compute_mixed_blend(stages: List[Tuple[int, np.ndarray]], size: int, tokens_per_sample: int,
+                        start: int = 0, counts: Optional[np.ndarray] = None,
+                        caps: Optional[np.ndarray] = None, bounds: Optional[list] = None,
+                        history: Sequence[Tuple[int, Sequence[float]]] = ()):
+    """Source and source-sample index for positions ``[start, size)`` with the mixing controls.
+
+    Segments start at every stage start and every online weight change ``history`` (a change at
+    position ``P`` holds until the next change or stage start). In each segment the greedy
+    interleave runs with the segment's weights projected onto its stage's share bounds; when a
+    corpus reaches its cap (``caps[j]`` samples: ``--data-max-epochs`` epochs) the interleave
+    restarts at the next position with that corpus' weight redistributed
+    (:func:`~megatron_lite.data.mixing.effective_weights`). A ``start`` inside a segment restarts
+    the interleave there (a resume with a changed schedule).
+
+    Args:
+        stages, size, tokens_per_sample, start, counts: as :func:`compute_blend`.
+        caps: int64 ``[n]`` most samples each source may give (None: no cap).
+        bounds: per stage ``(lo, hi)`` or None (None: no bounds).
+        history: ``[(position, weights)]`` online weight changes.
+
+    Returns:
+        ``(dataset_index int16 [size-start], dataset_sample_index int64 [size-start],
+        [(position, effective weights)])``.
+
+    Raises:
+        ValueError: every corpus with a positive weight reached its cap before ``size``.
+    """
+    n = len(stages[0][1])
+    counts = np.zeros(n, np.int64) if counts is None else np.asarray(counts, np.int64).copy()
+    segs = _segments(stages, tokens_per_sample, history)
+    ends = [s[0] for s in segs[1:]] + [max(size, start)]
+    out: list = []
+    for (lo, w, k), hi in zip(segs, ends):
+        a, b = max(lo, start), min(hi, size)
+        if b > a:
+            _walk(w, None if bounds is None else bounds[k], a, b, counts, caps, out)
+    if not out:
+        return np.zeros(0, np.int16), np.zeros(0, np.int64), []
+    return (np.concatenate([o[2] for o in out]), np.concatenate([o[3] for o in out]),
+            [(o[0], o[1]) for o in out])
+
+
 def compute_blend(stages: List[Tuple[int, np.ndarray]], size: int, tokens_per_sample: int,
                   start: int = 0, counts: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Source and source-sample index for positions ``[start, size)`` of the blended stream.
@@ -109,22 +224,8 @@ def compute_blend(stages: List[Tuple[int, np.ndarray]], size: int, tokens_per_sa
     Returns:
         ``(dataset_index int16 [size - start], dataset_sample_index int64 [size - start])``.
     """
-    n = len(stages[0][1])
-    counts = np.zeros(n, np.int64) if counts is None else np.asarray(counts, np.int64).copy()
-    bounds = [-(-until // tokens_per_sample) for until, _ in stages[:-1]] + [max(size, start)]
-    di_parts, dsi_parts, lo = [], [], 0
-    for (until, w), hi in zip(stages, bounds):
-        a, b = max(lo, start), min(hi, size)
-        lo = max(lo, hi)
-        if b <= a:
-            continue
-        di, dsi = build_blending_indices(w, b - a, counts)
-        counts += np.bincount(di, minlength=n)
-        di_parts.append(di)
-        dsi_parts.append(dsi)
-    if not di_parts:
-        return np.zeros(0, np.int16), np.zeros(0, np.int64)
-    return np.concatenate(di_parts), np.concatenate(dsi_parts)
+    di, dsi, _ = compute_mixed_blend(stages, size, tokens_per_sample, start, counts)
+    return di, dsi
 
 
 class BlendedDataset(torch.utils.data.Dataset):
@@ -138,26 +239,59 @@ class BlendedDataset(torch.utils.data.Dataset):
         factory: ``factory(source, num_samples) -> dataset``; used to (re)build a source that
             must hold at least ``num_samples`` samples. Required when ``datasets`` is None.
         names: per-source labels (prefixes) for messages and inspection.
+        labels: corpus names (as per-corpus validation names them) for logs and the plan lines.
+        caps: int64 ``[n]`` most samples per source (``--data-max-epochs``), or None.
+        bounds: per stage ``(lo, hi)`` share bounds or None.
+        online: weights may change during the run (:meth:`apply_weights`): every source is built
+            up front for the most it may give (``min(size, cap)``), and the train loader resolves
+            positions to ``(position, source, source sample)`` in the main process
+            (:meth:`resolve`), so DataLoader workers never need the changing index.
 
     Raises:
-        ValueError: a source is too small for the samples the blend takes from it.
+        ValueError: a source is too small for the samples the blend takes from it, or every
+            corpus reaches its cap before ``size``.
     """
 
     def __init__(self, datasets: Optional[List], stages: List[Tuple[int, np.ndarray]], size: int,
                  tokens_per_sample: int, factory: Optional[Callable] = None,
-                 names: Optional[Sequence[str]] = None):
+                 names: Optional[Sequence[str]] = None, caps: Optional[np.ndarray] = None,
+                 bounds: Optional[list] = None, online: bool = False,
+                 labels: Optional[Sequence[str]] = None):
         self.stages, self.size, self.L, self.factory = stages, int(size), int(tokens_per_sample), factory
         self.num_sources = len(stages[0][1])
         self.names = list(names) if names else [str(i) for i in range(self.num_sources)]
-        self.dataset_index, self.dataset_sample_index = compute_blend(stages, self.size, self.L)
-        self._seg_start, self._seg_counts = 0, np.zeros(self.num_sources, np.int64)
+        self.labels = list(labels) if labels else self.names
+        self.caps = None if caps is None else np.asarray(caps, np.int64)
+        self.bounds, self.online = bounds, bool(online)
+        self.history: List[Tuple[int, np.ndarray]] = []   # online weight changes (position, weights)
+        self.mixing_state: dict = {}     # the online mixer's own state, saved with the data state
+        self.resolved_upto = 0           # positions below this were handed to the loader (online)
         self.datasets = list(datasets) if datasets is not None else [None] * self.num_sources
+        self._recompute(0, np.zeros(self.num_sources, np.int64))
+
+    def _recompute(self, start: int, counts: np.ndarray) -> None:
+        """Positions ``>= start`` re-derived from the per-source ``counts`` at ``start``."""
+        di, dsi, eff = compute_mixed_blend(self.stages, self.size, self.L, start, counts, self.caps,
+                                           self.bounds, self.history)
+        if start == 0:
+            self.dataset_index, self.dataset_sample_index, self.effective = di, dsi, eff
+            self._seg_start, self._seg_counts = 0, np.zeros(self.num_sources, np.int64)
+        else:
+            self.dataset_index = np.concatenate([self.dataset_index[:start], di])
+            self.dataset_sample_index = np.concatenate([self.dataset_sample_index[:start], dsi])
+            self.effective = [e for e in self.effective if e[0] < start] + eff
         self._ensure_sizes()
 
     def _needed(self) -> np.ndarray:
         need = np.zeros(self.num_sources, np.int64)
         if len(self.dataset_index):
             np.maximum.at(need, self.dataset_index.astype(np.int64), self.dataset_sample_index + 1)
+        if self.online:
+            # Workers hold copies of the sources made before any weight change: build each for the
+            # most any weight history can take from it.
+            cap = np.full(self.num_sources, self.size, np.int64) if self.caps is None else \
+                np.minimum(self.caps, self.size)
+            need = np.maximum(need, cap)
         return need
 
     def _ensure_sizes(self) -> None:
@@ -173,16 +307,74 @@ class BlendedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.size
 
-    def __getitem__(self, idx: int) -> dict:
-        if not 0 <= idx < self.size:
-            raise IndexError(f"sample {idx} out of range for blended dataset of {self.size} samples")
-        j = int(self.dataset_index[idx])
-        sample = dict(self.datasets[j][int(self.dataset_sample_index[idx])])
+    def resolve(self, indices: Sequence[int]) -> List[Tuple[int, int, int]]:
+        """``[(position, source, source sample)]`` for loader positions (main process); records
+        how far the loader has read ahead so that :meth:`apply_weights` can refuse a change behind it."""
+        out = [(int(i), int(self.dataset_index[i]), int(self.dataset_sample_index[i])) for i in indices]
+        if out:
+            self.resolved_upto = max(self.resolved_upto, max(i for i, _, _ in out) + 1)
+        return out
+
+    def __getitem__(self, idx) -> dict:
+        if isinstance(idx, tuple):   # resolved by the main process (online mixing)
+            idx, j, sj = idx
+        else:
+            if not 0 <= idx < self.size:
+                raise IndexError(f"sample {idx} out of range for blended dataset of {self.size} samples")
+            j, sj = int(self.dataset_index[idx]), int(self.dataset_sample_index[idx])
+        sample = dict(self.datasets[j][sj])
         sample["dataset_id"], sample["sample_id"] = j, int(idx)
         return sample
 
+    def weights_at(self, position: int) -> np.ndarray:
+        """Effective weights (after caps and bounds) that drew position ``position``."""
+        w = self.effective[0][1]
+        for start, we in self.effective:
+            if start > position:
+                break
+            w = we
+        return w
+
+    def base_weights_at(self, position: int) -> np.ndarray:
+        """The schedule's weights at ``position`` (stage or last online change, before caps/bounds):
+        what the online update multiplies."""
+        w = self.stages[0][1]
+        for start, we, _ in _segments(self.stages, self.L, self.history):
+            if start > position:
+                break
+            w = we
+        return np.asarray(w, np.float64)
+
+    def stage_bounds_at(self, position: int):
+        """The share bounds ``(lo, hi)`` of the stage holding ``position`` (None: unbounded)."""
+        if self.bounds is None:
+            return None
+        k = max(i for i, s in enumerate(stage_starts(self.stages, self.L)) if s <= position)
+        return self.bounds[k]
+
+    def apply_weights(self, position: int, weights: Sequence[float]) -> None:
+        """Online change: positions ``>= position`` are drawn with ``weights`` (until the next stage
+        start), continuing each source's sample counter; recorded in :attr:`history`.
+
+        Raises:
+            RuntimeError: the loader has already read position ``position`` or later (the change
+                would apply to samples prefetched under the old weights).
+        """
+        position = int(position)
+        if position < self.resolved_upto:
+            raise RuntimeError(f"online mixing: weights for position {position} arrive after the loader "
+                               f"read up to {self.resolved_upto}; the look-ahead is too short")
+        if position >= self.size:
+            return
+        self.history.append((position, np.asarray(weights, np.float64)))
+        self._recompute(position, self.source_consumed(position))
+
     def _fingerprint(self) -> str:
         desc = [[int(u), [float(x) for x in w]] for u, w in self.stages] + [self.L]
+        if self.caps is not None or self.bounds is not None:   # absent: today's fingerprint
+            desc.append(None if self.caps is None else self.caps.tolist())
+            desc.append(None if self.bounds is None else
+                        [None if b is None else [b[0].tolist(), b[1].tolist()] for b in self.bounds])
         return hashlib.sha256(json.dumps(desc).encode()).hexdigest()[:16]
 
     def source_consumed(self, consumed_samples: int) -> np.ndarray:
@@ -193,14 +385,36 @@ class BlendedDataset(torch.utils.data.Dataset):
         seg = self.dataset_index[self._seg_start:c].astype(np.int64)
         return self._seg_counts + np.bincount(seg, minlength=self.num_sources)
 
+    def plan_lines(self) -> List[str]:
+        """One line per source: tokens (samples x L) the run takes, epochs (with ``epoch_samples``
+        from the sources' ``samples_per_epoch``) and share of the blend, for the start-up print."""
+        taken = self.source_consumed(self.size)
+        lines = []
+        for j, name in enumerate(self.labels):
+            ds = self.datasets[j]
+            per_epoch = getattr(ds, "samples_per_epoch", 0) or 0
+            epochs = f"{taken[j] / per_epoch:.3f} epochs" if per_epoch else "? epochs"
+            cap = "" if self.caps is None or self.caps[j] >= self.size else f", cap {int(self.caps[j])} samples"
+            lines.append(f"data corpus {name:<14}: {int(taken[j]) * self.L:,} tokens ({int(taken[j])} samples, "
+                         f"{epochs}{cap}), share {taken[j] / max(self.size, 1):.4f}")
+        return lines
+
     def state_dict(self, consumed_samples: int) -> dict:
-        """Resume state after ``consumed_samples`` blended samples (JSON-serialisable)."""
-        return {"consumed_samples": int(consumed_samples),
-                "source_consumed": self.source_consumed(consumed_samples).tolist(),
-                "fingerprint": self._fingerprint(), "names": self.names}
+        """Resume state after ``consumed_samples`` blended samples (JSON-serialisable); holds the
+        online weight history (changes at positions past ``consumed_samples`` included: they were
+        fixed before the save) and the mixer's state."""
+        out = {"consumed_samples": int(consumed_samples),
+               "source_consumed": self.source_consumed(consumed_samples).tolist(),
+               "fingerprint": self._fingerprint(), "names": self.names}
+        if self.history or self.mixing_state:
+            out["history"] = [[int(p), [float(x) for x in w]] for p, w in self.history]
+            out["mixing"] = self.mixing_state
+        return out
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue after a saved state; re-derive positions ``>= consumed_samples`` if the schedule changed.
+        """Continue after a saved state: the saved weight history is replayed (the index is then
+        the one the saving run had); if the schedule differs, positions ``>= consumed_samples``
+        are re-derived from the saved per-source counts.
 
         Raises:
             ValueError: the saved state has a different number of sources.
@@ -210,10 +424,12 @@ class BlendedDataset(torch.utils.data.Dataset):
             raise ValueError(f"saved blend state has {len(counts)} sources, this run has {self.num_sources} "
                              f"({self.names}); the --data-path sources must stay the same")
         c = int(state["consumed_samples"])
+        self.mixing_state = dict(state.get("mixing") or {})
+        history = [(int(p), np.asarray(w, np.float64)) for p, w in state.get("history") or []]
+        if history:
+            self.history = history
+            self._recompute(0, np.zeros(self.num_sources, np.int64))
         if state.get("fingerprint") == self._fingerprint() and np.array_equal(self.source_consumed(c), counts):
             return  # same schedule: the mapping is already identical
-        di, dsi = compute_blend(self.stages, self.size, self.L, start=c, counts=counts)
-        self.dataset_index = np.concatenate([self.dataset_index[:c], di])
-        self.dataset_sample_index = np.concatenate([self.dataset_sample_index[:c], dsi])
+        self._recompute(c, counts)
         self._seg_start, self._seg_counts = c, counts
-        self._ensure_sizes()

@@ -12,9 +12,13 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from megatron_lite.data.blended import BlendedDataset, load_stages, normalize_weights, temperature_weights
+from megatron_lite.data.blended import (BlendedDataset, load_stage_bounds, load_stages, normalize_weights,
+                                        stage_starts, temperature_weights)
 from megatron_lite.data.collate import collate_samples
-from megatron_lite.data.data_config import DataConfig, corpus_names, parse_data_path, split_weights
+from megatron_lite.data.data_config import (DataConfig, corpus_names, parse_data_path, split_weights,
+                                            train_corpus_names)
+from megatron_lite.data.mixing import parse_share_bounds
+from megatron_lite.errors import ConfigError
 from megatron_lite.data.gpt_dataset import GPTDataset, split_document_ranges
 from megatron_lite.data.indexed import IndexedDataset
 from megatron_lite.data.sampler import MegatronPretrainingRandomSampler, MegatronPretrainingSampler
@@ -80,7 +84,8 @@ def build_split_dataset(cfg: DataConfig, split: str, prefixes: Sequence[str], we
 
     make = _SourceFactory(cfg, split, indexed, ranges, seq_length, seed, eod_id)
     stages_on = use_stages and cfg.data_stages
-    if len(prefixes) == 1 and not stages_on:
+    mixing_on = use_stages and mixing_controls_on(cfg)
+    if len(prefixes) == 1 and not (stages_on or mixing_on):
         return make(0, num_samples)
     tokens = np.array([int(ix.sizes[a:b].astype(np.int64).sum()) for ix, (a, b) in zip(indexed, ranges)])
     if stages_on:
@@ -97,7 +102,83 @@ def build_split_dataset(cfg: DataConfig, split: str, prefixes: Sequence[str], we
             raise ValueError(f"split '{split}': no source in {list(prefixes)} holds seq_length + 1 = "
                              f"{seq_length + 1} tokens (tokens per source: {tokens.tolist()})")
         stages = [(u, normalize_weights(np.where(usable, w, 0.0))) for u, w in stages]
-    return BlendedDataset(None, stages, num_samples, seq_length, factory=make, names=list(prefixes))
+    if not mixing_on:
+        return BlendedDataset(None, stages, num_samples, seq_length, factory=make, names=list(prefixes))
+    labels = train_corpus_names(cfg)
+    bounds = stage_bounds(cfg, labels, len(stages))
+    caps = epoch_caps(make, len(prefixes), cfg.data_max_epochs) if cfg.data_max_epochs else None
+    check_caps_feasible(cfg, labels, caps, bounds, num_samples, seq_length)
+    return BlendedDataset(None, stages, num_samples, seq_length, factory=make, names=list(prefixes),
+                          caps=caps, bounds=bounds, online=cfg.mixing_update == "online", labels=labels)
+
+
+def mixing_controls_on(cfg: DataConfig) -> bool:
+    """Any of --data-max-epochs, --data-share-bounds (or stage bounds), --mixing-update online."""
+    return bool(cfg.data_max_epochs or cfg.data_share_bounds or cfg.mixing_update == "online" or
+                (cfg.data_stages and any(b is not None for b in _stage_bounds_raw(cfg))))
+
+
+def _stage_bounds_raw(cfg: DataConfig) -> list:
+    return load_stage_bounds(cfg.data_stages, train_corpus_names(cfg)) if cfg.data_stages else []
+
+
+def stage_bounds(cfg: DataConfig, labels: Sequence[str], num_stages: int):
+    """Per-stage ``(lo, hi)``: a stage's own ``bounds`` key, else ``--data-share-bounds``; None
+    when no stage is bounded.
+
+    Raises:
+        ValueError: naming the flag or the stage file (see :func:`parse_share_bounds`).
+    """
+    flag_bounds = parse_share_bounds(cfg.data_share_bounds, labels)
+    per_stage = _stage_bounds_raw(cfg) or [None] * num_stages
+    out = [b if b is not None else flag_bounds for b in per_stage]
+    return None if all(b is None for b in out) else out
+
+
+def epoch_caps(make, num_sources: int, epochs: int) -> np.ndarray:
+    """Samples in the first ``epochs`` epochs of each source (``--data-max-epochs``): ``epochs x
+    samples_per_epoch`` for concat packing; the sum of the first epochs' sample counts for
+    best-fit/none packing, whose epochs differ in length (built epoch by epoch)."""
+    caps = []
+    for j in range(num_sources):
+        ds = make(j, 1)
+        if getattr(ds, "packing", "concat") == "concat":
+            caps.append(int(epochs) * int(ds.samples_per_epoch))
+            continue
+        while len(ds.epoch_samples) < epochs:
+            ds = make(j, len(ds) + 1)
+        caps.append(int(sum(ds.epoch_samples[:epochs])))
+    return np.asarray(caps, np.int64)
+
+
+def check_caps_feasible(cfg: DataConfig, labels: Sequence[str], caps: Optional[np.ndarray], bounds,
+                        num_samples: int, seq_length: int) -> None:
+    """The run can be filled under the caps and bounds.
+
+    Raises:
+        ConfigError: a corpus' lower bound needs more samples than ``--data-max-epochs`` gives it,
+            or the corpora's capped samples (also capped by their upper bounds) cannot fill the run.
+    """
+    if caps is None:
+        return
+    n = len(caps)
+    bounds = bounds or [None]
+    starts = stage_starts(load_stages(cfg.data_stages, parse_data_path(cfg.train_data_path or cfg.data_path)[0]),
+                          seq_length) if cfg.data_stages else [0]
+    ends = [min(s, num_samples) for s in starts[1:]] + [num_samples]
+    for b, a, e in zip(bounds, starts, ends):
+        lo = np.zeros(n) if b is None else b[0]
+        for j, name in enumerate(labels):
+            if lo[j] * (e - a) > caps[j]:
+                raise ConfigError(f"--data-share-bounds {name}: lower bound {lo[j]:g} needs "
+                                  f"{int(np.ceil(lo[j] * (e - a)))} of {e - a} samples but "
+                                  f"--data-max-epochs {cfg.data_max_epochs} gives it {int(caps[j])}")
+    hi = np.max([np.ones(n) if b is None else b[1] for b in bounds], axis=0)
+    room = int(np.minimum(caps, np.ceil(hi * num_samples)).sum())
+    if room < num_samples:
+        raise ConfigError(f"--data-max-epochs {cfg.data_max_epochs}: the corpora give {room} samples "
+                          f"within their caps and upper bounds, the run reads {num_samples}; raise "
+                          "--data-max-epochs or loosen --data-share-bounds")
 
 
 def _split_tokens(cfg: DataConfig, prefixes: Sequence[str], slot: Optional[int], cache: dict) -> int:
@@ -231,13 +312,45 @@ def build_data_loader(dataset, consumed_samples: int, micro_batch_size: int, dp_
                                                    dp_size, seed=seed)
     else:
         sampler = MegatronPretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
+    if getattr(dataset, "online", False):
+        sampler = ResolvedBatches(sampler, dataset)
     collate = collate_samples if vocab_size is None else \
         functools.partial(collate_samples, vocab_size=int(vocab_size))
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                        num_workers=num_workers, pin_memory=torch.cuda.is_available(),
                                        persistent_workers=num_workers > 0,
+                                       prefetch_factor=PREFETCH_FACTOR if num_workers > 0 else None,
                                        worker_init_fn=worker_init_fn,
                                        generator=torch.Generator().manual_seed(int(seed)))
+
+
+#: Batches a DataLoader with workers keeps requested ahead per worker (torch's default).
+PREFETCH_FACTOR = 2
+
+
+def loader_lookahead_samples(num_workers: int, micro_batch_size: int, dp_size: int) -> int:
+    """Global positions a train loader may have handed to its workers beyond the samples consumed
+    at a step boundary: ``PREFETCH_FACTOR x num_workers`` micro-batches per DP rank, each
+    ``micro_batch_size x dp_size`` global positions (0 without workers: indices are drawn on
+    demand). An online weight change takes effect this many positions after the step's consumed
+    samples, so no prefetched sample was drawn under other weights than the recorded ones."""
+    return PREFETCH_FACTOR * int(num_workers) * int(micro_batch_size) * int(dp_size)
+
+
+class ResolvedBatches:
+    """Batch sampler of an online-mixed :class:`BlendedDataset`: turns each batch of positions into
+    ``(position, source, source sample)`` keys in the main process, where the blend's index is
+    current (the DataLoader's workers hold copies made when they started)."""
+
+    def __init__(self, sampler, dataset):
+        self.sampler, self.dataset = sampler, dataset
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        for batch in self.sampler:
+            yield self.dataset.resolve(batch)
 
 
 class PreemptionSafeWorkerInit:

@@ -65,6 +65,30 @@ class DataConfig:
         False, "With --packing best-fit: fill each window's free sample space with fragments (tail "
         "pieces moved from the least-filled samples to the fullest), leaving at most one padded "
         "sample per window; only documents in the emptied samples are split")
+    # Mixing controls (issue 18 item 2); see megatron_lite/data/mixing.py and data/blended.py.
+    data_max_epochs: Optional[int] = arg(
+        None, "Read no train corpus more than N epochs over the run: when a corpus has given N epochs "
+        "of samples its weight is redistributed over the others in proportion to their weights")
+    data_share_bounds: Optional[List[str]] = arg(
+        None, "Share bounds of train corpora, 'NAME:LO:HI ...' (NAME as in per-corpus validation: "
+        "--data-names or the prefix's basename; LO or HI may be empty): every stage's weights, and "
+        "every online update, are projected onto {LO <= w <= HI, sum w = 1}; a --data-stages "
+        "entry's 'bounds: {NAME: [LO, HI]}' replaces them for that stage", nargs="+")
+    mixing_update: str = arg(
+        "static", "static = the weights of --data-path/--data-temperature/--data-stages; online = every "
+        "--mixing-update-interval steps move them toward the corpora whose per-corpus validation "
+        "loss is furthest above the reference (DoReMi's exponentiated-gradient step)",
+        choices=["static", "online"])
+    mixing_update_interval: Optional[int] = arg(
+        None, "Steps between online weight updates (a multiple of --eval-interval; default "
+        "--eval-interval); new weights take effect a fixed look-ahead of samples later")
+    mixing_eta: float = arg(1.0, "Step size of the online update: w_i <- w_i exp(eta * excess_i)")
+    mixing_smoothing: float = arg(
+        1e-3, "Online update's smoothing with the uniform mix: w <- (1 - c) w + c / n (DoReMi's c)")
+    mixing_reference: Optional[str] = arg(
+        None, "Reference per-corpus losses for the online update: JSON {name: loss}, or a reference "
+        "run's metrics.jsonl (val_loss/<name> of its latest eval at or before the step); default: "
+        "each corpus' own running minimum of earlier validation losses")
 
     def __post_init__(self):
         split_weights(self.split)
@@ -78,6 +102,16 @@ class DataConfig:
             raise ValueError(f"--num-workers must be >= 0, got {self.num_workers}")
         if self.data_names is not None:
             corpus_names(parse_data_path(self.valid_data_path or self.data_path)[0], self.data_names)
+        if self.data_max_epochs is not None and self.data_max_epochs < 1:
+            raise ValueError(f"--data-max-epochs must be >= 1, got {self.data_max_epochs}")
+        if self.mixing_update not in ("static", "online"):
+            raise ValueError(f"--mixing-update must be static or online, got {self.mixing_update!r}")
+        if self.mixing_update_interval is not None and self.mixing_update_interval < 1:
+            raise ValueError(f"--mixing-update-interval must be >= 1 steps, got {self.mixing_update_interval}")
+        if not self.mixing_eta > 0:
+            raise ValueError(f"--mixing-eta must be > 0, got {self.mixing_eta}")
+        if not 0 <= self.mixing_smoothing <= 1:
+            raise ValueError(f"--mixing-smoothing must be in [0, 1], got {self.mixing_smoothing}")
 
 
 def corpus_names(prefixes: List[str], labels: Optional[List[str]] = None) -> List[str]:
@@ -105,6 +139,15 @@ def corpus_names(prefixes: List[str], labels: Optional[List[str]] = None) -> Lis
         if len(set(names)) == len(names):
             return names
     return [f"{i}:{n}" for i, n in enumerate(names)]  # the same prefix twice: numbered
+
+
+def train_corpus_names(cfg: "DataConfig") -> List[str]:
+    """Names of the train blend's corpora for --data-share-bounds, stage bounds, logs and online
+    mixing: the --data-names labels when they give one per train prefix (they label the validation
+    prefixes, which are the same corpora under --data-path), else :func:`corpus_names`."""
+    prefixes = parse_data_path(cfg.train_data_path or cfg.data_path)[0]
+    labels = cfg.data_names if cfg.data_names is not None and len(cfg.data_names) == len(prefixes) else None
+    return corpus_names(prefixes, labels)
 
 
 def split_weights(split: str) -> Tuple[float, float, float]:

@@ -16,6 +16,7 @@ from megatron_lite.errors import ConfigError
 from megatron_lite.checkpoint import engine_state
 from megatron_lite.training.callbacks.base import Callback, CallbackList
 from megatron_lite.training.callbacks.checkpoint_saver import CheckpointSaver
+from megatron_lite.training.callbacks.data_mixing import DataMixing
 from megatron_lite.training.callbacks.extras import extras_state, setup_extras
 from megatron_lite.training.callbacks.periodic_eval import PeriodicEval
 from megatron_lite.training.callbacks.profiler import ProfilerCallback
@@ -108,6 +109,11 @@ class Trainer:
         install_deepspeed_comm_timing()   # DP communication in the step-time breakdown
         self.evaluator = PeriodicEval(cfg, self.engine, valid_loader, test_loader, self.logger,
                                       self.device, valid_corpora, test_corpora)
+        mixing = DataMixing.from_config(cfg, train_ds, self.logger, self.rank, self.device,
+                                        [name for name, _ in valid_corpora])
+        if mixing is not None:   # per-corpus weights/tokens in the record; online re-weighting
+            self.callbacks = CallbackList([*self.callbacks, mixing])
+            self.evaluator.listeners.append(mixing.on_validation)
         self.saver = CheckpointSaver(cfg, self.engine, self.scheduler, self.logger, train_ds,
                                      lambda: extras_state(self.guard, self.noise),
                                      self.callbacks.on_save_point, self.device)

@@ -339,6 +339,12 @@ class TrainingLogger:
             print(f"[logging] {path} existed at a fresh start; moved it to {old}", flush=True)
         self._jsonl = open(path, "a", buffering=1)
 
+    def log_event(self, record: dict[str, Any], tb_prefix: str) -> None:
+        """Write a record of another kind (``record["type"]``, ``record["step"]``; e.g. an online
+        mixing update) to metrics.jsonl and TensorBoard under ``tb_prefix/`` (the writer rank only)."""
+        if self.is_writer:
+            self._write(record, tb_prefix)
+
     def _write(self, record: dict[str, Any], tb_prefix: str) -> None:
         if self._jsonl is not None:
             clean = {k: _finite_or_none(v) for k, v in record.items()}

@@ -42,7 +42,7 @@ from megatron_lite.training.optimizer import build_optimizer
 from megatron_lite.training.run_info import write_run_info
 from megatron_lite.training.run_lock import RunLock, acquire_for_run
 from megatron_lite.training.schedules import LRScheduler
-from megatron_lite.utils import atomic_write_text
+from megatron_lite.utils import atomic_write_text, get_rank
 
 
 def _free_port() -> int:
@@ -211,6 +211,8 @@ def build_data(cfg, consumed_samples: int, data_state: dict | None = None) -> Da
         # Per-source consumed counts from the checkpoint: with a changed stage schedule or
         # weights, positions from here on are re-derived so no source repeats or skips samples.
         train_ds.load_state_dict(data_state)
+    if train_ds is not None and hasattr(train_ds, "plan_lines") and get_rank() == 0:
+        print("\n".join(train_ds.plan_lines()), flush=True)   # tokens, epochs, share per corpus
     dp_rank, dp = get_data_parallel_rank(), get_data_parallel_world_size()
     mbs, seed, vocab = cfg.training.micro_batch_size, cfg.training.seed, cfg.model.vocab_size
     train = build_data_loader(train_ds, consumed_samples, mbs, dp_rank, dp, num_workers=dc.num_workers,

@@ -28,6 +28,8 @@ class PeriodicEval:
         self.cfg, self.engine, self.logger, self.device = cfg, engine, logger, device
         self.valid_loader, self.test_loader = valid_loader, test_loader
         self.valid_corpora, self.test_corpora = list(valid_corpora), list(test_corpora)
+        # fn(iteration, per_corpus) after each validation (online data mixing reads the losses).
+        self.listeners: list = []
 
     def maybe_validate(self, iteration: int) -> None:
         """Validate after step ``iteration`` if it is an eval step or the last step."""
@@ -40,6 +42,8 @@ class PeriodicEval:
         per_corpus = {name: self._evaluate(loader) for name, loader in self.valid_corpora}
         self.logger.log_eval(iteration, res["val_loss"], tokens=res.get("tokens"),
                              per_corpus=per_corpus)
+        for fn in self.listeners:
+            fn(iteration, per_corpus)
 
     def test(self, iteration: int) -> None:
         """Evaluate the test split once after the last step (Megatron's ``do_test``):
