@@ -20,6 +20,19 @@ indices rise 0, 1, 2, ... so no source sample is used twice and none is skipped.
       - {until_tokens: 2.0e9, weights: [0.8, 0.2]}
       - {until_tokens: 1.0e11, weights: {data/new_text_document: 0.3, data/old_text_document: 0.7}}
 
+* Mixing controls (:func:`compute_mixed_blend`): a stage's weights are projected onto its share
+  bounds (``--data-share-bounds NAME:LO:HI`` or the stage's ``bounds: {NAME: [LO, HI]}``); a corpus
+  that has given its ``--data-max-epochs`` epochs of samples drops out and the interleave restarts
+  at the next position with its weight redistributed over the others in proportion to theirs.
+  Example stage file with bounds::
+
+      - {until_tokens: 2.0e9, weights: [0.8, 0.2], bounds: {code_text_document: [0.1, 0.3]}}
+      - {until_tokens: 1.0e11, weights: [0.5, 0.5]}
+
+* Online changes (``--mixing-update online``, :meth:`BlendedDataset.apply_weights`): new weights
+  from position ``P`` start a new segment (until the next change or stage start), continuing each
+  source's sample counter. The mapping is a function of (stages, bounds, caps, the history of
+  ``(P, weights)``), so replaying the saved history rebuilds it exactly.
 * Resume: :meth:`BlendedDataset.state_dict` records ``consumed_samples`` and per-source consumed
   counts. If on :meth:`BlendedDataset.load_state_dict` the schedule differs from the saved one,
   positions ``>= consumed_samples`` are re-derived from the saved per-source counts (a new
