@@ -108,6 +108,10 @@ def _dist_body(rank, world):
     assert ps.get_data_parallel_world_size() == 1 and ps.get_data_parallel_world_size(with_context_parallel=True) == 2
     assert dist.get_process_group_ranks(ps.get_data_parallel_group(with_context_parallel=True)) == [rank % 2, rank % 2 + 2]
     ps.destroy_model_parallel()
+    ps.initialize_model_parallel(2)  # CP = 1: the DP x CP group is the DP group itself
+    assert ps.get_data_parallel_group(with_context_parallel=True) is ps.get_data_parallel_group()
+    assert ps.get_context_parallel_world_size() == 1 and ps.get_data_parallel_world_size() == 2
+    ps.destroy_model_parallel()
     # TP=1 x CP=2 x DP=2: the CP group is adjacent ranks, DP strides over CP.
     ps.initialize_model_parallel(1, context_parallel_size=2)
     assert dist.get_process_group_ranks(ps.get_data_parallel_group()) == [rank % 2, rank % 2 + 2]

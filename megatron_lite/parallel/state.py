@@ -76,6 +76,8 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
                 _DP_GROUP = group
             else:
                 _DP_CP_GROUP = group
+    if cp == 1:  # the same ranks: one communicator, not two
+        _DP_CP_GROUP = _DP_GROUP
     _TP_SIZE, _CP_SIZE = tp, cp
     _INITIALIZED = True
 
@@ -91,8 +93,9 @@ def _group_ranks(world: int, tp: int, cp: int):
     for c in range(cp):
         for t in range(tp):
             yield "dp", [(d * cp + c) * tp + t for d in range(dp)]
-    for t in range(tp):
-        yield "dp_cp", list(range(t, world, tp))
+    if cp > 1:
+        for t in range(tp):
+            yield "dp_cp", list(range(t, world, tp))
 
 
 def model_parallel_is_initialized() -> bool:
