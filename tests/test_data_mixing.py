@@ -107,6 +107,43 @@ def test_online_change_applies_from_its_position_and_replays_from_state():
     assert fresh.dataset_sample_index.tolist() == ds.dataset_sample_index.tolist()
 
 
+def test_callback_running_minimum_reference_and_stage_bounds(tmp_path):
+    from types import SimpleNamespace as NS
+
+    from megatron_lite.data.blended import load_stage_bounds
+    from megatron_lite.training.callbacks.data_mixing import DataMixing
+
+    cfg = NS(data=NS(mixing_update="online", mixing_update_interval=None, mixing_eta=2.0,
+                     mixing_smoothing=0.0, mixing_reference=None, num_workers=0),
+             eval=NS(eval_interval=2), model=NS(seq_length=4), training=NS(micro_batch_size=1))
+    events = []
+    logger = NS(log_event=lambda rec, prefix: events.append(rec))
+    ds = BlendedDataset([_Src(100), _Src(100)], [(0, np.array([0.5, 0.5]))], 40, 4, online=True,
+                        labels=["web", "code"])
+    cb = DataMixing(cfg, ds, logger, 1, "cpu", ["web", "code"])
+    cb.on_train_start(NS(state=NS(consumed_samples=8), step_batch=4))
+    cb.on_validation(0, {"web": {"val_loss": 3.0}, "code": {"val_loss": 3.0}})   # step 0: no update
+    assert ds.history == [] and ds.mixing_state["running_min"] == [3.0, 3.0]
+    cb.on_validation(2, {"web": {"val_loss": 2.5}, "code": {"val_loss": 3.4}})
+    # excess over each corpus' earlier minimum: (-0.5, 0.4) -> clipped (0, 0.4); no workers: P = 8.
+    a = np.array([0.5, 0.5 * np.exp(2.0 * 0.4)])
+    np.testing.assert_allclose(ds.weights_at(8), a / a.sum(), rtol=1e-15)
+    assert ds.history[0][0] == 8 and ds.mixing_state["running_min"] == [2.5, 3.0]
+    assert events[0]["from_sample"] == 8 and events[0]["excess_loss/code"] == pytest.approx(0.4)
+    scalars = cb.log_scalars()   # the step [4, 8) was drawn with the initial weights
+    assert scalars["data_weight/web"] == 0.5 and \
+        scalars["consumed_tokens/web"] + scalars["consumed_tokens/code"] == 8 * 4
+    # Stage bounds by corpus name, and an unknown name refused naming the file and the stage.
+    y = tmp_path / "stages.yaml"
+    y.write_text("- {until_tokens: 64, weights: [0.9, 0.1], bounds: {code: [0.3, 1]}}\n"
+                 "- {until_tokens: 128, weights: [0.9, 0.1]}\n")
+    b = load_stage_bounds(str(y), ["web", "code"])
+    assert b[1] is None and b[0][0].tolist() == [0.0, 0.3]
+    y.write_text("- {until_tokens: 64, weights: [0.9, 0.1], bounds: {wiki: [0.3, 1]}}\n")
+    with pytest.raises(ValueError, match="stage 0: bounds 'wiki:0.3:1': unknown corpus 'wiki'"):
+        load_stage_bounds(str(y), ["web", "code"])
+
+
 # ----------------------------------------------------------------------------- unit: errors
 def _parse(extra, tmp_path):
     from megatron_lite.config import parse_args
