@@ -161,6 +161,8 @@ def test_rank_that_raises_ends_the_job(faults):
     assert rc != 0
     assert "RuntimeError: MEGATRON_LITE_INJECT_RAISE: injected failure on rank 1 before step 3" \
         in log
+    # the other rank: one line naming the lost peer (parallel/peers.py), not a traceback
+    assert "pretrain_llama.py: error: rank 0: lost rank 1 (host " in log
     assert max(h.read_metrics(os.path.join(faults["root"], "raise.jsonl"))) == 2
 
 
