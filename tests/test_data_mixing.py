@@ -277,7 +277,7 @@ def test_online_mixing_resume_reads_the_same_samples_bitwise(e2e):
     for r in train_full:   # bounds hold for every weight used; tokens add up
         assert 0.1 - 1e-12 <= r["data_weight/code"] <= 0.9 + 1e-12
         assert r["consumed_tokens/web"] + r["consumed_tokens/code"] == r["consumed_tokens"]
-    assert "data corpus web" in stdout and "[mixing] step 2:" in stdout
+    assert "data plan (train split, " in stdout and "[mixing] step 2:" in stdout
 
 
 if __name__ == "__main__":

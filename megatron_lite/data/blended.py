@@ -399,16 +399,21 @@ class BlendedDataset(torch.utils.data.Dataset):
         return self._seg_counts + np.bincount(seg, minlength=self.num_sources)
 
     def plan_lines(self) -> List[str]:
-        """One line per source: tokens (samples x L) the run takes, epochs (with ``epoch_samples``
-        from the sources' ``samples_per_epoch``) and share of the blend, for the start-up print."""
+        """The start-up data plan: per source the tokens the run takes (samples x L), the tokens of
+        one epoch of its split, the epochs that makes (samples / the source's
+        ``samples_per_epoch``; epoch 0's count for packed modes), its cap and its share."""
         taken = self.source_consumed(self.size)
-        lines = []
+        how = "" if not self.online else f", --mixing-update online: the {len(self.history)} weight " \
+            "changes so far, then the current weights"
+        lines = [f"data plan (train split, {self.size} samples{how}):"]
         for j, name in enumerate(self.labels):
             ds = self.datasets[j]
             per_epoch = getattr(ds, "samples_per_epoch", 0) or 0
-            epochs = f"{taken[j] / per_epoch:.3f} epochs" if per_epoch else "? epochs"
+            epoch_tokens = getattr(ds, "tokens_per_epoch", None)
+            of = f" of {epoch_tokens:,} per epoch" if epoch_tokens is not None else ""
+            epochs = f" = {taken[j] / per_epoch:.3f} epochs" if per_epoch else ""
             cap = "" if self.caps is None or self.caps[j] >= self.size else f", cap {int(self.caps[j])} samples"
-            lines.append(f"data corpus {name:<14}: {int(taken[j]) * self.L:,} tokens ({int(taken[j])} samples, "
+            lines.append(f"  corpus {name:<16}: {int(taken[j]) * self.L:,} tokens{of} ({int(taken[j])} samples"
                          f"{epochs}{cap}), share {taken[j] / max(self.size, 1):.4f}")
         return lines
 
