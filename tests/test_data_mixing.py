@@ -149,6 +149,7 @@ def _parse(extra, tmp_path):
     from megatron_lite.config import parse_args
     from megatron_lite.config.checks import check_input_paths
 
+    extra = [str(tmp_path / "web") if x == "V" else x for x in extra]
     for name in ("web", "code"):
         p = tmp_path / f"{name}"
         if not (tmp_path / f"{name}.bin").exists():
@@ -169,6 +170,7 @@ def _parse(extra, tmp_path):
     (["--data-max-epochs", "0"], r"--data-max-epochs must be >= 1"),
     (["--mixing-update", "online", "--mixing-update-interval", "3"], r"^--mixing-update-interval 3"),
     (["--mixing-update", "online", "--mixing-reference", "/nonexistent.json"], r"^--mixing-reference"),
+    (["--mixing-update", "online", "--valid-data-path", "V"], r"^--mixing-update online: train corpora"),
 ])
 def test_one_line_config_errors(tmp_path, extra, match):
     from megatron_lite.errors import ConfigError

@@ -20,7 +20,7 @@ import yaml
 
 from megatron_lite.config.batch_ramp import ramp_from_config
 from megatron_lite.data.blended import load_stage_bounds, load_stages
-from megatron_lite.data.data_config import parse_data_path, train_corpus_names
+from megatron_lite.data.data_config import corpus_names, parse_data_path, train_corpus_names
 from megatron_lite.data.mixing import load_reference_losses, parse_share_bounds
 from megatron_lite.data.tokenizer import build_tokenizer
 from megatron_lite.config.sections import parse_rank_list
@@ -640,6 +640,13 @@ def check_data_mixing(cfg) -> None:
         raise ConfigError("--mixing-update online needs a blend of at least two train corpora (--data-path)")
     if not ev.eval_interval:
         raise ConfigError("--mixing-update online reads the per-corpus validation losses: set --eval-interval")
+    valid = parse_data_path(dc.valid_data_path or dc.data_path)[0]
+    valid_names = corpus_names(valid, dc.data_names) if len(valid) > 1 else []
+    missing = [n for n in names if n not in valid_names]
+    if missing:
+        raise ConfigError(f"--mixing-update online: train corpora {missing} have no per-corpus validation "
+                          f"loss (validation corpora: {valid_names}); validate on the same corpora "
+                          "(--data-path, or --valid-data-path with --data-names naming them)")
     k = dc.mixing_update_interval
     if k is not None and k % ev.eval_interval:
         raise ConfigError(f"--mixing-update-interval {k} must be a multiple of --eval-interval "
