@@ -194,6 +194,27 @@ def test_bound_infeasible_with_max_epochs(tmp_path):
         build_train_valid_test_datasets(cfg.data, 32, (2000, 0, 0), 1, None)
 
 
+def test_max_epochs_on_real_corpora_concat_and_best_fit(tmp_path):
+    from megatron_lite.data.builder import build_train_valid_test_datasets
+
+    cfg = _parse(["--data-max-epochs", "1"], tmp_path)
+    dc = cfg.data
+    dc.data_path = ["0.9", str(tmp_path / "web"), "0.1", str(tmp_path / "code")]
+    dc.data_cache_path = str(tmp_path / "cache")
+    for packing in ("concat", "best-fit"):
+        dc.packing = packing
+        train, _, _ = build_train_valid_test_datasets(dc, 32, (500, 0, 0), 1, None)
+        web = train.datasets[0]
+        epoch = web.samples_per_epoch if packing == "concat" else web.epoch_samples[0]
+        assert train.caps[0] == epoch < 450      # 0.9 x 500 would need more than one epoch of web
+        di, dsi = train.dataset_index, train.dataset_sample_index
+        assert (di == 0).sum() == epoch and (di == 1).sum() == 500 - epoch
+        assert sorted(dsi[di == 0].tolist()) == list(range(epoch))   # each web sample once
+        # After web's last sample only code is drawn (its weight took web's share).
+        assert (di[int(np.flatnonzero(di == 0)[-1]) + 1:] == 1).all()
+        assert "= 1.000 epochs" in train.plan_lines()[1]
+
+
 # ----------------------------------------------------------------------------- end to end
 ARGS = ["--model-size", "tiny", "--vocab-size", "256", "--seq-length", "32",
         "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "10",
