@@ -40,7 +40,8 @@ class DataConfig:
         "large T = uniform); must stay 1.0 when explicit weights are given")
     data_stages: Optional[str] = arg(
         None, "YAML file: list of {until_tokens, weights} stages (train split only); sample i belongs to "
-        "the first stage with i*seq_length < until_tokens, the last stage continues")
+        "the first stage with i*seq_length < until_tokens, the last stage continues; an optional "
+        "'bounds: {NAME: [LO, HI]}' per stage sets that stage's share bounds (see --data-share-bounds)")
     no_shuffle: bool = arg(False, "Keep document and sample order as on disk (debugging)")
     data_cache_path: Optional[str] = arg(
         None, "Directory for cached index arrays (default: <prefix dir>/index_cache)")
