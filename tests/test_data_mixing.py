@@ -105,6 +105,12 @@ def test_online_change_applies_from_its_position_and_replays_from_state():
     fresh.load_state_dict(state)
     assert fresh.dataset_index.tolist() == ds.dataset_index.tolist()
     assert fresh.dataset_sample_index.tolist() == ds.dataset_sample_index.tolist()
+    # With stages an online change holds until the next stage start, which brings its own weights.
+    staged = [(16 * 4, np.array([0.5, 0.5])), (10 ** 6, np.array([0.25, 0.75]))]
+    st = BlendedDataset([_Src(100), _Src(100)], staged, 40, 4, online=True)
+    st.apply_weights(8, [1.0, 0.0])
+    assert st.dataset_index[8:16].tolist() == [0] * 8 and st.weights_at(16).tolist() == [0.25, 0.75]
+    assert np.bincount(st.dataset_index[16:], minlength=2).tolist() == [6, 18]
 
 
 def test_callback_running_minimum_reference_and_stage_bounds(tmp_path):
