@@ -1,13 +1,14 @@
 """Context parallelism end to end (issue 16 item 3): CP=2 (x D=2), CP=2 x TP=2 (x D=1) and the
 same with sequence parallelism (the layout of configs/cpt_7b_32k_cp.yaml) train the CP=1 run's
 steps (losses and global grad norms, fp32, relative 1e-5) on packed documents whose boundaries
-cross the CP chunk boundaries, with ZeRO-1 (partitioned over D x CP), gradient accumulation
+cross the CP chunk boundaries, with ZeRO-1 (partitioned over D x CP; ZeRO-3 in the SP run), gradient accumulation
 (A = 1, 2, 4 for the same global batch), selective and full recomputation, a checkpoint saved at
 CP=2 and resumed, and an evaluation. One torchrun launch of 4 gloo processes runs them all.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import sys
@@ -67,8 +68,10 @@ def runs_spec(root: str) -> list[tuple[str, list[str]]]:
             r("cp2", "--context-parallel-size", "2", "--recompute-granularity", "selective",
               "--save", ck, "--load", ck),
             r("cp2_tp2", "--context-parallel-size", "2", "--tp", "2"),
+            # ZeRO-3 partitions over D x CP; its save writes one module file per TP rank
             r("cp2_tp2_sp", "--context-parallel-size", "2", "--tp", "2", "--sequence-parallel",
-              "--recompute-granularity", "full")]
+              "--recompute-granularity", "full", "--zero-stage", "3",
+              "--save", os.path.join(root, "ck_z3"), "--save-interval", "4")]
 
 
 def _driver(root: str) -> None:
@@ -116,6 +119,8 @@ def test_context_parallel_trains_like_cp1(launch):
             for key in ("loss", "grad_norm"):
                 assert got[step][key] == pytest.approx(ref[step][key], rel=RTOL), f"{name} step {step} {key}"
     assert ref[4]["loss"] < ref[1]["loss"]
+    z3 = sorted(os.path.basename(p) for p in glob.glob(os.path.join(root, "ck_z3", "iter_*", "model_tp_*.pt")))
+    assert z3 == ["model_tp_00.pt", "model_tp_01.pt"], z3
     for name in ("cp1", "cp2", "cp2_tp2", "cp2_tp2_sp"):  # the evaluation runs under CP (other D: other samples)
         with open(os.path.join(root, name + ".jsonl")) as f:
             evals = [json.loads(line) for line in f if '"val_loss"' in line]
