@@ -95,6 +95,7 @@ def test_long_context_configs_dry_run(monkeypatch, capsys):
     assert "world size              : 64  (TP 8 x CP 4 x D 2, PP 1)" in out
     assert "context parallel CP     : 4  (8192 of each sample's 32768 tokens per rank" in out
     assert "grad accumulation A     : 64" in out
+    assert "fp32 logits 8192 x 4096 = 128.0 MiB per rank" in out  # the LM head sees s/CP tokens
     cp_cfg = load_config("configs/cpt_7b_32k_cp.yaml", world_size=64)
     assert cp_cfg.parallel.sequence_parallel and cp_cfg.parallel.context_parallel_size == 4
     assert out.rstrip().splitlines()[-1].split(": ")[-1].startswith("FITS")

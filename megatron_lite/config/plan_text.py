@@ -110,11 +110,12 @@ def cross_entropy_line(cfg) -> str:
     micro-batch): ``fused`` mu_tok x V_pad/TP, ``chunked`` --cross-entropy-chunk-size x V_pad/TP."""
     m, d = cfg.model, cfg.derived
     local_vocab = d.padded_vocab_size // cfg.parallel.tensor_model_parallel_size
-    full = d.micro_batch_tokens * local_vocab * 4 / 2 ** 20
+    tokens = d.micro_batch_tokens // cfg.parallel.context_parallel_size  # CP: a rank's s/CP tokens
+    full = tokens * local_vocab * 4 / 2 ** 20
     if m.cross_entropy_impl != "chunked":
-        return (f"LM head + loss          : fused  (fp32 logits {d.micro_batch_tokens} x {local_vocab}"
+        return (f"LM head + loss          : fused  (fp32 logits {tokens} x {local_vocab}"
                 f" = {full:.1f} MiB per rank; --cross-entropy-impl chunked avoids them)")
-    c = min(m.cross_entropy_chunk_size, d.micro_batch_tokens)
+    c = min(m.cross_entropy_chunk_size, tokens)
     return (f"LM head + loss          : chunked, {m.cross_entropy_chunk_size} tokens per chunk  "
             f"(fp32 logits {c} x {local_vocab} = {c * local_vocab * 4 / 2 ** 20:.1f} MiB per rank "
             f"instead of {full:.1f} MiB)")
