@@ -322,9 +322,12 @@ class _Tok:
     unique_identifiers = {"class": "bench_data.synthetic", "eod": 0}
 
 
-def _loader_rate(loader, n_batches: int, batch: int) -> float:
+def _loader_rate(loader, n_batches: int, batch: int, warmup: int = 4) -> float:
+    """Samples/s of ``n_batches`` batches after ``warmup`` (one per worker at least: each worker's
+    first batch carries its start-up, which is not the loader's steady rate)."""
     it = iter(loader)
-    next(it)  # the workers' start-up is not the loader's steady rate
+    for _ in range(warmup):
+        next(it)
     t0 = time.perf_counter()
     for _ in range(n_batches):
         next(it)
@@ -354,29 +357,47 @@ def bench_vs_megatron_core(args, work: str) -> dict:
           f"tokens (made in {time.perf_counter() - t0:.1f} s), weights {BLEND_WEIGHTS}, seq {seq}, "
           f"{n_samples} train samples ({n_samples * seq:.3g} tokens)")
     blend_arg = [x for w, p in zip(BLEND_WEIGHTS, prefixes) for x in (str(w), p)]
-    ours_cfg = DataConfig(data_path=blend_arg, split="100,0,0", data_cache_path=os.path.join(work, "cache_ours"))
-    t0 = time.perf_counter()
-    ours, _, _ = build_train_valid_test_datasets(ours_cfg, seq, (n_samples, 0, 0), seed=1234, eod_id=0)
-    t_ours = time.perf_counter() - t0
-    mc_cfg = gpt_mod.GPTDatasetConfig(
-        random_seed=1234, sequence_length=seq, blend=(prefixes, list(BLEND_WEIGHTS)), split="100,0,0",
-        path_to_cache=os.path.join(work, "cache_mcore"), tokenizer=_Tok(), reset_position_ids=False,
-        reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False)
-    t0 = time.perf_counter()
-    theirs = builder_mod.BlendedMegatronDatasetBuilder(gpt_mod.GPTDataset, [n_samples, 0, 0],
-                                                       lambda: True, mc_cfg).build()[0]
-    t_theirs = time.perf_counter() - t0
-    print(f"   index build (cold cache): ours {fmt_seconds(t_ours)}, Megatron-core {fmt_seconds(t_theirs)}, "
+    t_ours = t_theirs = float("inf")
+    for r in range(args.repeat):  # best of --repeat cold builds each, alternating: load hits both alike
+        ours_cfg = DataConfig(data_path=blend_arg, split="100,0,0", data_cache_path=os.path.join(work, f"cache_ours{r}"))
+        t0 = time.perf_counter()
+        ours, _, _ = build_train_valid_test_datasets(ours_cfg, seq, (n_samples, 0, 0), seed=1234, eod_id=0)
+        t_ours = min(t_ours, time.perf_counter() - t0)
+        mc_cfg = gpt_mod.GPTDatasetConfig(
+            random_seed=1234, sequence_length=seq, blend=(prefixes, list(BLEND_WEIGHTS)), split="100,0,0",
+            path_to_cache=os.path.join(work, f"cache_mcore{r}"), tokenizer=_Tok(), reset_position_ids=False,
+            reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False)
+        t0 = time.perf_counter()
+        theirs = builder_mod.BlendedMegatronDatasetBuilder(gpt_mod.GPTDataset, [n_samples, 0, 0],
+                                                           lambda: True, mc_cfg).build()[0]
+        t_theirs = min(t_theirs, time.perf_counter() - t0)
+    print(f"   index build (cold cache, best of {args.repeat}): ours {fmt_seconds(t_ours)}, Megatron-core {fmt_seconds(t_theirs)}, "
           f"Megatron-core / ours {fmt_ratio(t_theirs, t_ours)}")
     mb, batches = 8, max(1, args.loader_samples // 8)
     torch.set_num_threads(1)
-    ours_loader = build_data_loader(ours, 0, mb, 0, 1, num_workers=2)
-    theirs_loader = torch.utils.data.DataLoader(theirs, batch_size=mb, num_workers=2, shuffle=False)
-    r_ours, r_theirs = _loader_rate(ours_loader, batches, mb), _loader_rate(theirs_loader, batches, mb)
-    print(f"   DataLoader, 2 workers, micro-batch {mb}, {batches * mb} samples: ours {r_ours:.0f} samples/s, "
-          f"Megatron-core {r_theirs:.0f} samples/s, ours / Megatron-core {fmt_ratio(r_ours, r_theirs)}")
+    idx = np.random.default_rng(0).integers(0, min(len(ours), len(theirs)), args.loader_samples)
+    per_item = {"ours": [], "theirs": []}
+    rates = {"ours": [], "theirs": []}
+    for _ in range(args.repeat):  # alternating rounds; medians printed
+        for name, ds in (("ours", ours), ("theirs", theirs)):
+            t0 = time.perf_counter()
+            for i in idx:
+                ds[int(i)]
+            per_item[name].append((time.perf_counter() - t0) / len(idx))
+        rates["ours"].append(_loader_rate(build_data_loader(ours, 0, mb, 0, 1, num_workers=2), batches, mb))
+        rates["theirs"].append(_loader_rate(torch.utils.data.DataLoader(theirs, batch_size=mb, num_workers=2,
+                                                                        shuffle=False), batches, mb))
+    med = {k: float(np.median(v)) for k, v in per_item.items()}
+    r_ours, r_theirs = float(np.median(rates["ours"])), float(np.median(rates["theirs"]))
+    print(f"   one sample in process (__getitem__, {len(idx)} random indices, median of {args.repeat}): ours "
+          f"{fmt_seconds(med['ours'])}, Megatron-core {fmt_seconds(med['theirs'])}, Megatron-core / ours "
+          f"{fmt_ratio(med['theirs'], med['ours'])}")
+    print(f"   DataLoader, 2 workers, micro-batch {mb}, {batches * mb} samples (median of {args.repeat}): ours "
+          f"{r_ours:.0f} samples/s, Megatron-core {r_theirs:.0f} samples/s, ours / Megatron-core "
+          f"{fmt_ratio(r_ours, r_theirs)}")
     same = _same_samples(ours, theirs, prefixes, seq, gpt_mod, mc_cfg, work)
-    return {"build_s": (t_ours, t_theirs), "samples_per_s": (r_ours, r_theirs), "same": same}
+    return {"build_s": (t_ours, t_theirs), "getitem_s": (med["ours"], med["theirs"]),
+            "samples_per_s": (r_ours, r_theirs), "same": same}
 
 
 def _same_samples(ours, theirs, prefixes, seq, gpt_mod, mc_cfg, work) -> dict:
