@@ -18,10 +18,11 @@ from megatron_lite.utils import is_rank_0
 
 
 class CheckpointSaver:
-    """Saves through :func:`megatron_lite.checkpoint.engine_state.start_save` /
+    """Saves through :func:`megatron_lite.checkpoint.engine_state.save_checkpoint`, or with
+    ``--async-save`` its two halves :func:`~megatron_lite.checkpoint.engine_state.start_save` /
     :func:`~megatron_lite.checkpoint.engine_state.commit_save` (collective).
 
-    Synchronous (default): both halves at the step boundary. ``--async-save``: the step boundary
+    Synchronous (default): the whole save at the step boundary. ``--async-save``: the step boundary
     pays only for copying the state to host memory; the files are written by a background
     thread, and the save is committed (manifest, rename, ``latest``) at the first step boundary
     at which every rank's thread has finished (:meth:`poll`, one all-reduce per step while a save
@@ -65,12 +66,18 @@ class CheckpointSaver:
         if self.train_ds is not None and hasattr(self.train_ds, "state_dict"):
             state.data_state = self.train_ds.state_dict(state.consumed_samples)
         state.extras = self.extras()
+        ck, start = self.cfg.checkpoint, time.perf_counter()
         with self.logger.exclude_time(), self.logger.timers.time(CHECKPOINT):
-            self.pending = engine_state.start_save(
-                self.engine, self.cfg, state, self.scheduler, self.cfg.checkpoint.save,
-                fault_point=self.fault_point, background=self.cfg.checkpoint.async_save)
-        if not self.cfg.checkpoint.async_save or stopping or \
-                state.iteration >= self.cfg.derived.train_iters:
+            if ck.async_save:
+                self.pending = engine_state.start_save(
+                    self.engine, self.cfg, state, self.scheduler, ck.save,
+                    fault_point=self.fault_point, background=True)
+            else:
+                path = engine_state.save_checkpoint(self.engine, self.cfg, state, self.scheduler,
+                                                    ck.save, fault_point=self.fault_point)
+        if not ck.async_save:
+            self._saved(path, state.iteration, f"{time.perf_counter() - start:.1f} s")
+        elif stopping or state.iteration >= self.cfg.derived.train_iters:
             self.finish()
 
     def poll(self) -> None:
@@ -93,14 +100,17 @@ class CheckpointSaver:
         start = time.perf_counter()
         with self.logger.exclude_time(), self.logger.timers.time(CHECKPOINT):
             path = engine_state.commit_save(pending, self.cfg, fault_point=self.fault_point)
-        self.last_saved = path
-        if is_rank_0() and isinstance(path, str) and os.path.isdir(path):
-            bg = pending.background
-            took = (f"{pending.blocked_s + time.perf_counter() - start:.1f} s" if bg is None else
+        bg = pending.background
+        self._saved(path, pending.iteration,
                     f"training blocked {pending.blocked_s:.2f} s + "
                     f"{time.perf_counter() - start:.2f} s, written in the background in "
                     f"{bg.seconds:.1f} s, {bg.host_bytes / 1e6:.1f} MB host copy")
-            print(f"[checkpoint] saved iteration {pending.iteration} to {path} "
+
+    def _saved(self, path, iteration: int, took: str) -> None:
+        """Record the saved folder; rank 0 prints the save line."""
+        self.last_saved = path
+        if is_rank_0() and isinstance(path, str) and os.path.isdir(path):
+            print(f"[checkpoint] saved iteration {iteration} to {path} "
                   f"({folder_bytes(path) / 1e6:.1f} MB, {took})", flush=True)
 
     def abandon(self) -> None:
