@@ -36,21 +36,11 @@ def collate_samples(samples: List[dict], vocab_size: Optional[int] = None) -> Di
     if any(len(x["tokens"]) != s for x in samples):
         raise ValueError("samples in a micro-batch must all have seq_length tokens")
 
-    in_worker = torch.utils.data.get_worker_info() is not None
-
     def stack(key, dtype):
-        out = torch.empty((len(samples), s), dtype=dtype)
-        if in_worker:
-            # A worker's batch reaches the main process through shared memory. Stacking straight
-            # into a shared buffer (as torch's default_collate does) saves the copy into shared
-            # memory torch would make when sending it: bench/bench_data.py --vs-megatron-core
-            # measured the loader at ~0.7x Megatron-core's samples/s without this.
-            out.share_memory_()
-        np.stack([np.asarray(x[key]) for x in samples], out=out.numpy())
-        return out
+        return torch.from_numpy(np.stack([np.asarray(x[key]) for x in samples]).astype(dtype, copy=False))
 
-    tokens = stack("tokens", torch.int64)
-    labels = stack("labels", torch.int64)
+    tokens = stack("tokens", np.int64)
+    labels = stack("labels", np.int64)
     if vocab_size is not None:
         _check_ids(samples, tokens, labels, int(vocab_size))
     cu = [np.asarray(x["cu_seqlens"], dtype=np.int64)[:-1] + row * s for row, x in enumerate(samples)]
@@ -58,8 +48,8 @@ def collate_samples(samples: List[dict], vocab_size: Optional[int] = None) -> Di
     return {
         "tokens": tokens,
         "labels": labels,
-        "loss_mask": stack("loss_mask", torch.float32),
-        "position_ids": stack("position_ids", torch.int64),
+        "loss_mask": stack("loss_mask", np.float32),
+        "position_ids": stack("position_ids", np.int64),
         "cu_seqlens": torch.from_numpy(cu.astype(np.int32)),
         "max_seqlen": int(np.diff(cu).max()),
         "sample_ids": torch.tensor([int(x["sample_id"]) for x in samples], dtype=torch.int64),
