@@ -9,9 +9,10 @@ a ``--load`` folder whose checkpoints are all damaged is an error, never a silen
 
 Checksum choice, measured on this project's 2-core CPU machine: on a 256 MiB buffer in memory
 XXH3-128 (the ``xxhash`` package) 14.3 GB/s, sha256 1.51 GB/s, blake2b 0.62 GB/s; over the files
-of a 125m checkpoint (2.15 GB, ``bench/bench_checkpoint.py``, machine under load 23-30)
-0.86 / 0.18 / 0.10 GB/s, i.e. 2.5 s / 11.9 s / 21.1 s per checkpoint. XXH3-128 is the fastest by
-5-10x, so it is the default; without the package the manifest uses hashlib's sha256. The checksum
+of a 125m checkpoint (2.15 GB in the page cache, ``bench/bench_checkpoint.py``, load ~3)
+9.94 / 1.34 / 0.71 GB/s, i.e. 0.22 s / 1.60 s / 3.00 s per checkpoint (under load 25: 0.86 / 0.18
+/ 0.10 GB/s). XXH3-128 is the fastest by 5-10x, so it is the default; without the package the
+manifest uses hashlib's sha256. The checksum
 guards against damage (a flipped bit, a truncated or half-copied file), not against someone
 forging a checkpoint.
 """
