@@ -21,6 +21,14 @@ process's resident set across ``start_save`` (VmRSS from /proc).
     python bench/bench_checkpoint.py --model-size tiny --rounds 1
 
 Prints figures only; nothing here is asserted.
+
+Measured 2026-12-07 06:35 on the project's 2-core machine (load ~3 from other jobs), 125m preset
+(134.1 M parameters, checkpoint 2.15 GB), 3 rounds, medians: sync save blocks 7.82 s (2.88-8.78,
+fsync of 2.15 GB dominates), async save blocks 1.48 s (1.34-1.59: the host copy, DeepSpeed's own
+clone of the module state, the commit), background write 6.43 s, a training step 10.99 s alone /
+12.22 s while the thread writes, extra host memory 2.15 GB (the staged copy = the rank's
+checkpoint bytes; the resident set grew by the same). Checksums over the checkpoint's files:
+XXH3-128 9.94 GB/s (0.22 s), sha256 1.34 GB/s (1.60 s), blake2b 0.71 GB/s (3.00 s).
 """
 
 from __future__ import annotations
