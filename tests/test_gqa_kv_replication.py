@@ -32,12 +32,13 @@ from deepspeed.runtime.utils import is_model_parallel_parameter  # noqa: E402 - 
 from transformers import LlamaForCausalLM  # noqa: E402 - imported before forking so the workers share it
 
 from megatron_lite import parallel as ps  # noqa: E402
-from megatron_lite.model.hf_adapter import config_to_hf, hf_to_megatron_lite, megatron_lite_to_hf  # noqa: E402
+from megatron_lite.model.hf_adapter import hf_to_megatron_lite, megatron_lite_to_hf  # noqa: E402
 from megatron_lite.model.counting import num_parameters  # noqa: E402
 from megatron_lite.model.llama import LlamaModel  # noqa: E402
 from megatron_lite.model.model_config import ModelConfig  # noqa: E402
 from megatron_lite.parallel import mpu  # noqa: E402
 from megatron_lite.planning.plan import params_per_tp_rank  # noqa: E402
+from tests.hf_reference import hf_reference_model  # noqa: E402
 from tests.dist_utils import read_metrics, run_torchrun, spawn  # noqa: E402
 
 TOL = 1e-5
@@ -52,15 +53,7 @@ def _config(g: int) -> ModelConfig:
 
 
 def _hf_model(c: ModelConfig, seed: int):
-    """HF reference with O(1) logits (as tests/test_model_parity.py)."""
-    hc = config_to_hf(c)
-    hc._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(hc).float()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.2 * torch.randn_like(p)) if name.endswith("norm.weight") else p.normal_(0.0, 0.15)
-    return model
+    return hf_reference_model(c, seed)
 
 
 def _batch(seed: int, b: int = 2, s: int = 24):

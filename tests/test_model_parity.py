@@ -15,7 +15,7 @@ from transformers import LlamaForCausalLM  # imported before forking so the work
 
 from megatron_lite import parallel as ps
 from megatron_lite.model.model_config import ModelConfig
-from megatron_lite.model.hf_adapter import config_to_hf, hf_to_megatron_lite, megatron_lite_to_hf
+from megatron_lite.model.hf_adapter import hf_to_megatron_lite, megatron_lite_to_hf
 from megatron_lite.model.llama import LlamaModel
 
 TOL = 1e-5  # the issue's bar: max abs difference of fp32 logits
@@ -44,22 +44,12 @@ def _tp_ok(name: str, tp: int) -> bool:
     return _config(name).validate().num_query_groups % tp == 0
 
 
+from tests.hf_reference import hf_reference_model  # noqa: E402
 from tests.dist_utils import spawn  # noqa: E402
 
 
 def _hf_model(c: ModelConfig, seed: int):
-    """HF reference with O(1) logits (default std 0.02 would make a 1e-5 bar meaningless)."""
-    hc = config_to_hf(c)
-    hc._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(hc).float()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            elif name != "lm_head.weight" or not c.tie_word_embeddings:
-                p.normal_(0.0, 0.15)
-    return model
+    return hf_reference_model(c, seed)
 
 
 def _gather_vocab(x: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from megatron_lite.data.governance import contamination_share, ngram_hashes  # noqa: E402
-from megatron_lite.data.text_readers import expand_inputs, iter_raw_records, parse_record  # noqa: E402
+from megatron_lite.data.text_readers import expand_inputs, iter_raw_records, iter_record_chunks, parse_record  # noqa: E402
 from megatron_lite.data.text_writers import jsonl_writer, output_name, record_line  # noqa: E402
 from megatron_lite.eval.tool_cli import ToolArgumentParser, run_tool  # noqa: E402
 from megatron_lite.utils import atomic_write_text  # noqa: E402
@@ -101,17 +101,6 @@ def _train_hits(rec):
     return h[np.isin(h, _STATE["eval_hashes"], assume_unique=True)]
 
 
-def _chunks(path, key):
-    buf = []
-    for rec in iter_raw_records(path, (key,)):
-        buf.append(rec)
-        if len(buf) == CHUNK:
-            yield buf
-            buf = []
-    if buf:
-        yield buf
-
-
 def scan_train(args, files, pool) -> tuple[set, dict, int]:
     """Walk the training documents: (set of shared hashes, per file {doc index: its shared
     hashes} for the documents that share any, number of documents)."""
@@ -121,7 +110,7 @@ def scan_train(args, files, pool) -> tuple[set, dict, int]:
     total = 0
     for path in files:
         i = 0
-        for recs in _chunks(path, args.json_key):
+        for recs in iter_record_chunks(path, (args.json_key,), CHUNK):
             for hits in (pool.map(_train_hits, recs) if pool else [_train_hits(r) for r in recs]):
                 if hits.size:
                     shared.update(int(x) for x in hits)

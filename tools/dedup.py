@@ -40,7 +40,7 @@ use_project_venv()  # no torch in this Python: rerun under the checkout's .venv,
 from tqdm import tqdm  # noqa: E402
 
 from megatron_lite.data.governance import NearDuplicateIndex, exact_key, minhash_signature  # noqa: E402
-from megatron_lite.data.text_readers import expand_inputs, iter_raw_records, parse_record  # noqa: E402
+from megatron_lite.data.text_readers import expand_inputs, iter_record_chunks, parse_record  # noqa: E402
 from megatron_lite.data.text_writers import jsonl_writer, output_name, record_line  # noqa: E402
 from megatron_lite.eval.tool_cli import ToolArgumentParser, run_tool  # noqa: E402
 from megatron_lite.utils import atomic_write_text  # noqa: E402
@@ -98,17 +98,6 @@ def _signature(rec):
     return doc_id, text[:120], exact_key(text), sig, record_line(rec, texts)
 
 
-def _chunks(path, key):
-    buf = []
-    for rec in iter_raw_records(path, (key,)):
-        buf.append(rec)
-        if len(buf) == CHUNK:
-            yield buf
-            buf = []
-    if buf:
-        yield buf
-
-
 class _Walk:
     """The clustering state over all documents in input order."""
 
@@ -144,7 +133,7 @@ def _dedup_files(args, files, names, pool) -> _Walk:
     bar = tqdm(desc="dedup", unit=" docs", mininterval=1.0, disable=None)
     for path, name in zip(files, names):
         with jsonl_writer(os.path.join(args.output_dir, name)) as out:
-            for recs in _chunks(path, args.json_key):
+            for recs in iter_record_chunks(path, (args.json_key,), CHUNK):
                 results = pool.map(_signature, recs) if pool else [_signature(r) for r in recs]
                 for doc_id, opening, key, sig, line in results:
                     if walk.offer(doc_id, opening, key, sig):

@@ -200,6 +200,23 @@ def iter_raw_records(path: str, json_keys: Sequence[str] = ("text",)) -> Iterato
         yield RawRecord(path, 0, "text", data, len(data))
 
 
+def iter_record_chunks(path: str, json_keys: Sequence[str] = ("text",), size: int = 256) -> Iterator[list[RawRecord]]:
+    """:func:`iter_raw_records` of one file in lists of up to ``size`` records (the unit a tool
+    hands to its worker pool), in order.
+
+    Raises:
+        As :func:`iter_raw_records`.
+    """
+    buf: list[RawRecord] = []
+    for rec in iter_raw_records(path, json_keys):
+        buf.append(rec)
+        if len(buf) == size:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
 def parse_record(rec: RawRecord, json_keys: Sequence[str] = ("text",)) -> dict[str, str]:
     """Decode a raw record into ``{key: text}`` for every key in ``json_keys``.
 

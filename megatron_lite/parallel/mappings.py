@@ -57,16 +57,18 @@ def _all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _split_last(x: torch.Tensor) -> torch.Tensor:
+def _split(x: torch.Tensor, dim: int, what: str, why: str = "") -> torch.Tensor:
+    """This TP rank's 1/TP slice of ``x`` along ``dim`` (``what``/``why`` word the error)."""
     tp = get_tensor_model_parallel_world_size()
     if tp == 1:
         return x
-    if x.shape[-1] % tp:
-        raise ValueError(f"last dim {x.shape[-1]} is not divisible by tensor-parallel size {tp}")
-    return x.chunk(tp, dim=-1)[get_tensor_model_parallel_rank()].contiguous()
+    if x.shape[dim] % tp:
+        raise ValueError(f"{what} {x.shape[dim]} is not divisible by tensor-parallel size {tp}{why}")
+    return x.chunk(tp, dim=dim)[get_tensor_model_parallel_rank()].contiguous()
 
 
-def _gather_last(x: torch.Tensor) -> torch.Tensor:
+def _gather(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """All TP ranks' ``x`` concatenated along ``dim`` in rank order (no autograd)."""
     tp = get_tensor_model_parallel_world_size()
     if tp == 1:
         return x
@@ -77,35 +79,27 @@ def _gather_last(x: torch.Tensor) -> torch.Tensor:
         dist.all_gather(parts, x, group=get_tensor_model_parallel_group())
     finally:
         comm_timer.end(comm_timer.TP, t0)
-    return torch.cat(parts, dim=-1)
+    return torch.cat(parts, dim=dim)
+
+
+def _split_last(x: torch.Tensor) -> torch.Tensor:
+    return _split(x, -1, "last dim")
+
+
+def _gather_last(x: torch.Tensor) -> torch.Tensor:
+    return _gather(x, -1)
 
 
 SEQUENCE_DIM = 1  # [b, s, H]: the dimension sequence parallelism splits
 
 
 def _split_seq(x: torch.Tensor) -> torch.Tensor:
-    tp = get_tensor_model_parallel_world_size()
-    if tp == 1:
-        return x
-    if x.shape[SEQUENCE_DIM] % tp:
-        raise ValueError(f"sequence length {x.shape[SEQUENCE_DIM]} is not divisible by tensor-parallel "
-                         f"size {tp} (sequence parallelism)")
-    return x.chunk(tp, dim=SEQUENCE_DIM)[get_tensor_model_parallel_rank()].contiguous()
+    return _split(x, SEQUENCE_DIM, "sequence length", " (sequence parallelism)")
 
 
 def gather_along_sequence(x: torch.Tensor) -> torch.Tensor:
     """All-gather ``[b, s/TP, ...]`` from every TP rank into ``[b, s, ...]`` (rank order), no autograd."""
-    tp = get_tensor_model_parallel_world_size()
-    if tp == 1:
-        return x
-    x = x.contiguous()
-    parts = [torch.empty_like(x) for _ in range(tp)]
-    t0 = comm_timer.begin()
-    try:
-        dist.all_gather(parts, x, group=get_tensor_model_parallel_group())
-    finally:
-        comm_timer.end(comm_timer.TP, t0)
-    return torch.cat(parts, dim=SEQUENCE_DIM)
+    return _gather(x, SEQUENCE_DIM)
 
 
 def reduce_scatter_along_sequence(x: torch.Tensor) -> torch.Tensor:
