@@ -9,4 +9,5 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 # verbosity names each module as its first test starts (with -q the log stays empty during a
 # minute of collection and the first slow tests), and prints from tests are not held in a buffer.
 export PYTHONUNBUFFERED=1
-python -m pytest -ra tests "$@"
+# --durations: the slowest tests are listed at the end, to keep the suite near 20 minutes on 2 cores.
+python -m pytest -ra --durations=25 tests "$@"
