@@ -31,14 +31,16 @@ DRY=0; OUT="runs/device_check"; WHEELS=""; STEPS=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu-dry-run) DRY=1 ;;
-    --out) OUT="$2"; shift ;;
-    --wheels) WHEELS="$2"; shift ;;
-    --steps) STEPS="$2"; shift ;;
+    --out|--wheels|--steps)
+      [ $# -ge 2 ] || { echo "device_check: $1 needs a value (see --help)" >&2; exit 2; }
+      case "$1" in --out) OUT="$2" ;; --wheels) WHEELS="$2" ;; --steps) STEPS="$2" ;; esac
+      shift ;;
     -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "device_check: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
+case "$STEPS" in ""|*[!0-9]*) [ -z "$STEPS" ] || { echo "device_check: --steps $STEPS: give a whole number of steps" >&2; exit 2; } ;; esac
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 T_START=$SECONDS

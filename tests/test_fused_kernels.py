@@ -36,11 +36,11 @@ def test_torch_is_the_default_and_runs_our_ops():
     assert ks is kernels.TORCH_KERNELS and ks.rope is None   # the model's own RoPE (C++ op / reference)
 
 
-@pytest.mark.parametrize("name", ["liger", "apex"])
-def test_library_kernels_on_cpu_refused_in_one_line(name):
+@pytest.mark.parametrize("name,kind", [("liger", "Triton"), ("apex", "CUDA C++")])
+def test_library_kernels_on_cpu_refused_in_one_line(name, kind):
     with pytest.raises(ConfigError) as e:
         parse_args(BASE + ["--fused-kernels", name], world_size=1)
-    assert str(e.value) == (f"--fused-kernels {name} needs CUDA ({name}'s kernels are Triton/CUDA only); "
+    assert str(e.value) == (f"--fused-kernels {name} needs CUDA ({name}'s kernels are {kind} GPU kernels); "
                             "this run is on cpu: use --fused-kernels torch")
 
 

@@ -98,6 +98,14 @@ def test_dedup_bad_threshold_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err == ["dedup.py: error: --threshold 1.2: a Jaccard similarity threshold must be in (0, 1]"]
     assert not (tmp_path / "o").exists()
+    before = (tmp_path / "a.jsonl").read_bytes()
+    rc = run_tool("dedup.py", load_tool("dedup").main, ["--input", str(tmp_path / "a.jsonl"), "--output-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "would replace the input shard" in err[0]
+    assert (tmp_path / "a.jsonl").read_bytes() == before
+    rc = run_tool("contamination.py", load_tool("contamination").main,
+                  ["--train", str(tmp_path / "a.jsonl"), "--eval", str(tmp_path / "nope.jsonl"), "--output-dir", str(tmp_path / "c")])
+    assert rc == 2 and capsys.readouterr().err.startswith("contamination.py: error: --eval ")
 
 
 def test_contamination_shares_ids_and_decontaminated_shards(tmp_path):
@@ -117,6 +125,7 @@ def test_contamination_shares_ids_and_decontaminated_shards(tmp_path):
     assert open(out / "contaminated_ids.txt").read().splitlines() == \
         [f"{tmp_path / 'ev.jsonl'}\te_full", f"{tmp_path / 'ev.jsonl'}\te_half"]
     assert rep["offending_train_documents"] == 2 and rep["train_documents"] == 44
+    assert rep["offending"] == {str(tmp_path / "a.jsonl"): [8, 9]}  # d7 and d8: lines 8 and 9
     kept = [json.loads(ln)["id"] for ln in open(out / "train" / "a.jsonl")]
     assert "d7" not in kept and "d8" not in kept and len(kept) == 31
     # a threshold above e_half's share leaves only e_full contaminated

@@ -40,7 +40,7 @@ from tqdm import tqdm  # noqa: E402
 
 from megatron_lite.data.governance import contamination_share, ngram_hashes  # noqa: E402
 from megatron_lite.data.text_readers import expand_inputs, iter_raw_records, iter_record_chunks, parse_record  # noqa: E402
-from megatron_lite.data.text_writers import jsonl_writer, output_name, record_line  # noqa: E402
+from megatron_lite.data.text_writers import check_outputs_spare_inputs, jsonl_writer, output_name, record_line  # noqa: E402
 from megatron_lite.eval.tool_cli import ToolArgumentParser, run_tool  # noqa: E402
 from megatron_lite.utils import atomic_write_text  # noqa: E402
 
@@ -74,7 +74,7 @@ def parse_args(argv=None):
 def load_eval(args):
     """[(file, id, n-gram hashes)] of every evaluation document, in order."""
     docs = []
-    for path in expand_inputs(args.eval):
+    for path in expand_inputs(args.eval, "--eval"):
         for rec in iter_raw_records(path, (args.eval_key,)):
             text = parse_record(rec, (args.eval_key,))[args.eval_key]
             doc_id = f"{rec.path}:{rec.line}"
@@ -102,37 +102,38 @@ def _train_hits(rec):
 
 
 def scan_train(args, files, pool) -> tuple[set, dict, int]:
-    """Walk the training documents: (set of shared hashes, per file {doc index: its shared
-    hashes} for the documents that share any, number of documents)."""
+    """Walk the training documents: (set of shared hashes, per file {record line (1-based, row for
+    Parquet): its shared hashes} for the documents that share any, number of documents)."""
     shared: set[int] = set()
     hits_of: dict[str, dict[int, np.ndarray]] = {f: {} for f in files}
     bar = tqdm(desc="contamination", unit=" docs", mininterval=1.0, disable=None)
     total = 0
     for path in files:
-        i = 0
         for recs in iter_record_chunks(path, (args.json_key,), CHUNK):
-            for hits in (pool.map(_train_hits, recs) if pool else [_train_hits(r) for r in recs]):
+            for rec, hits in zip(recs, pool.map(_train_hits, recs) if pool else [_train_hits(r) for r in recs]):
                 if hits.size:
                     shared.update(int(x) for x in hits)
-                    hits_of[path][i] = hits
-                i += 1
+                    hits_of[path][rec.line] = hits
+            total += len(recs)
             bar.update(len(recs))
-        total += i
     bar.close()
     return shared, hits_of, total
 
 
 def write_decontaminated(args, path: str, offending: set[int]) -> None:
-    """Second pass over one shard: every record except the offending ones, byte for byte."""
+    """Second pass over one shard: every record except the offending ones (by line), byte for byte."""
     with jsonl_writer(os.path.join(args.output_dir, "train", output_name(path))) as out:
-        for i, rec in enumerate(iter_raw_records(path, (args.json_key,))):
-            if i not in offending:
+        for rec in iter_raw_records(path, (args.json_key,)):
+            if rec.line not in offending:
                 out.write(record_line(rec, parse_record(rec, (args.json_key,))))
 
 
 def main(argv=None):
     args = parse_args(argv)
-    train_files = expand_inputs(args.train)
+    train_files = expand_inputs(args.train, "--train")
+    if args.decontaminate:
+        check_outputs_spare_inputs([os.path.join(args.output_dir, "train", output_name(f)) for f in train_files],
+                                   train_files, "--output-dir")
     t0 = time.time()
     evals = load_eval(args)
     eval_hashes = np.unique(np.concatenate([h for _, _, h in evals])) if evals else np.empty(0, np.uint64)

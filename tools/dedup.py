@@ -41,7 +41,7 @@ from tqdm import tqdm  # noqa: E402
 
 from megatron_lite.data.governance import NearDuplicateIndex, exact_key, minhash_signature  # noqa: E402
 from megatron_lite.data.text_readers import expand_inputs, iter_record_chunks, parse_record  # noqa: E402
-from megatron_lite.data.text_writers import jsonl_writer, output_name, record_line  # noqa: E402
+from megatron_lite.data.text_writers import check_outputs_spare_inputs, jsonl_writer, output_name, record_line  # noqa: E402
 from megatron_lite.eval.tool_cli import ToolArgumentParser, run_tool  # noqa: E402
 from megatron_lite.utils import atomic_write_text  # noqa: E402
 
@@ -150,6 +150,7 @@ def main(argv=None):
     if len(set(names)) != len(names):
         raise ValueError("--input: two inputs share a file name; their filtered copies would collide in "
                          "--output-dir (dedup each folder separately)")
+    check_outputs_spare_inputs([os.path.join(args.output_dir, n) for n in names], files, "--output-dir")
     if not args.exact_only:
         import datasketch  # noqa: F401  why: fail before reading anything when it is missing
     t0 = time.time()

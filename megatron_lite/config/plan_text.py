@@ -41,7 +41,9 @@ def plan_lines(cfg) -> list[str]:
         f"seq length L_ctx        : {m.seq_length} tokens",
         *packing_lines(cfg),
         f"micro batch             : {tr.micro_batch_size} samples = mu_tok {d.micro_batch_tokens} "
-        f"tokens per rank",
+        + (f"tokens per rank" if cfg.parallel.context_parallel_size == 1 else
+           f"tokens per data-parallel replica ({d.micro_batch_tokens // cfg.parallel.context_parallel_size} "
+           f"per rank: CP {cfg.parallel.context_parallel_size})"),
         f"grad accumulation A     : {d.num_micro_batches}  (= GB_tok / (mu_tok x D))",
         f"global batch            : {d.global_batch_size} samples = GB_tok {d.global_batch_tokens}"
         f" tokens",

@@ -98,7 +98,7 @@ def detect_format(path: str) -> str:
                      f"{', '.join(SUPPORTED_SUFFIXES)}")
 
 
-def expand_inputs(patterns: Sequence[str]) -> list[str]:
+def expand_inputs(patterns: Sequence[str], flag: str = "--input") -> list[str]:
     """Expand files, directories and glob patterns into a sorted, de-duplicated file list.
 
     A pattern's matches are sorted so the document order is reproducible; patterns keep the order
@@ -120,7 +120,7 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
             # exists-and-not-a-directory (not isfile) so named pipes and /dev/fd/N work too.
             matches = [pattern] if os.path.exists(pattern) else []
         if not matches:
-            raise FileNotFoundError(f"--input {pattern!r}: no such file (or the glob matched "
+            raise FileNotFoundError(f"{flag} {pattern!r}: no such file (or the glob matched "
                                     f"nothing)")
         for path in matches:
             detect_format(path)

@@ -32,6 +32,19 @@ def output_name(input_path: str) -> str:
     return stem + ".jsonl"
 
 
+def check_outputs_spare_inputs(outputs: list[str], inputs: list[str], flag: str) -> None:
+    """Refuse a filtered copy that would land on one of its own inputs.
+
+    Raises:
+        ValueError: naming ``flag``, the output and the input it would replace.
+    """
+    ins = {os.path.realpath(p) for p in inputs}
+    for out in outputs:
+        if os.path.realpath(out) in ins:
+            raise ValueError(f"{flag}: the filtered copy {out} would replace the input shard of the same "
+                             f"name; choose another folder")
+
+
 def record_line(rec: RawRecord, texts: dict[str, str]) -> bytes:
     """The output line (with ``\\n``) for one record: the original bytes of a JSONL record, else
     the JSON object ``texts``."""

@@ -44,6 +44,7 @@ _INSTALL = {"liger": "pip install liger-kernel",
                     "git+https://github.com/NVIDIA/apex)"}
 # The module each library is probed by (importlib.util.find_spec: no import, no CUDA init).
 _PROBE_MODULE = {"liger": "liger_kernel", "apex": "apex"}
+_KERNEL_KIND = {"liger": "Triton", "apex": "CUDA C++"}  # for the CPU refusal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +87,7 @@ def fused_kernels_unavailable(name: str, device_type: str) -> Optional[str]:
     if name == "torch":
         return None
     if device_type != "cuda":
-        return (f"--fused-kernels {name} needs CUDA ({name}'s kernels are Triton/CUDA only); "
+        return (f"--fused-kernels {name} needs CUDA ({name}'s kernels are {_KERNEL_KIND[name]} GPU kernels); "
                 f"this run is on {device_type}: use --fused-kernels torch")
     if importlib.util.find_spec(_PROBE_MODULE[name]) is None:
         return f"--fused-kernels {name}: {_PROBE_MODULE[name]} is not installed ({_INSTALL[name]})"

@@ -54,14 +54,25 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+# torch.compile must not trace the timer (host clock, frame lookup): inside a compiled block it
+# would warn that it cannot trace sys._getframe / time.perf_counter; disabled, it runs eagerly at
+# the graph break the collective makes anyway.
+@torch.compiler.disable
 def begin(name: Optional[str] = None) -> float:
     """Mark the start of a collective; returns the start time for :func:`end`.
 
-    ``name`` is what the hang tracker records (default: the calling function, ``module.func``).
+    ``name`` is what the hang tracker records (default: the calling function, ``module.func``,
+    skipping torch's own frames such as torch.compile's wrapper).
     """
     global _depth, _seq, _last
     if name is None:
-        code = sys._getframe(1).f_code
+        frame = sys._getframe(1)
+        while frame.f_back is not None and frame.f_code.co_filename.startswith(_TORCH_DIR):
+            frame = frame.f_back
+        code = frame.f_code
         name = f"{os.path.splitext(os.path.basename(code.co_filename))[0]}.{code.co_name}"
     _seq += 1
     _depth += 1
@@ -71,6 +82,7 @@ def begin(name: Optional[str] = None) -> float:
     return t
 
 
+@torch.compiler.disable
 def end(kind: str, started: float) -> None:
     """Mark the end of the collective begun at ``started`` and add its seconds to ``kind``."""
     global _depth, _last
