@@ -47,7 +47,8 @@ class LlamaModel(torch.nn.Module):
     Init (TP-independent, from the caller's ``torch.manual_seed``): every weight ~ N(0, std^2) with
     std = ``--init-method-std``, output projections (o_proj, down_proj) std / sqrt(2 L), norm
     weights 1, padded vocab rows 0. Parameters: ``embedding.weight``, ``layers.i.input_layernorm``,
-    ``layers.i.self_attn.{qkv_proj,o_proj}``, ``layers.i.post_attention_layernorm``,
+    ``layers.i.self_attn.{qkv_proj,o_proj}`` (plus ``qkv_proj.kv_weight``, the replicated K/V rows
+    of one KV group, when ``num_query_groups`` < TP), ``layers.i.post_attention_layernorm``,
     ``layers.i.mlp.{gate_up_proj,down_proj}``, ``final_norm``, ``output_layer`` (``hf_adapter`` maps
     them to and from HF names).
 
